@@ -1,0 +1,340 @@
+//! The pod annotations of the migration contract (UMS-compatible names and values).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::Container;
+
+/// `dind`, `pind` (container-level) or `ff` (service-level). Set by the user.
+pub const ANNOTATION_INTERFACE: &str = "migration-interface";
+/// `active`, `passive`, `null` or `fail`. Set by the user or by a migration.
+pub const ANNOTATION_START_MODE: &str = "migration-start-mode";
+/// JSON array of the pod's original containers. Set by the webhook, read by the sidecar.
+pub const ANNOTATION_CONTAINERS: &str = "migration-containers";
+/// JSON array of volume mount points. Set by the webhook.
+pub const ANNOTATION_VOLUMES: &str = "migration-volumes";
+/// Present when the pod is already prepared: mutation is then a no-op.
+pub const ANNOTATION_BYPASS: &str = "migration-bypass";
+/// Present while a migration of the pod is in progress.
+pub const ANNOTATION_ID: &str = "migration-id";
+
+/// An annotation of the contract that cannot be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnnotationError {
+    /// `migration-interface` holds a value that is not one of the accepted ones.
+    #[error("unsupported value {value:?} for annotation {ANNOTATION_INTERFACE}: accepted values are \"dind\", \"pind\" and \"ff\"")]
+    UnknownInterface { value: String },
+    /// `migration-start-mode` holds a value that is not one of the accepted ones.
+    #[error("unsupported value {value:?} for annotation {ANNOTATION_START_MODE}: accepted values are \"active\", \"passive\", \"null\" and \"fail\"")]
+    UnknownStartMode { value: String },
+    /// `migration-containers` is not a JSON array of Kubernetes containers.
+    #[error("annotation {ANNOTATION_CONTAINERS} is not a JSON array of containers: {reason}")]
+    BadContainers { reason: String },
+    /// `migration-containers` is present but empty.
+    #[error("annotation {ANNOTATION_CONTAINERS} lists no containers")]
+    NoContainers,
+    /// `migration-volumes` is not a JSON array of strings.
+    #[error("annotation {ANNOTATION_VOLUMES} is not a JSON array of paths: {reason}")]
+    BadVolumes { reason: String },
+    /// A wrapped pod (dind/pind with `migration-bypass`) lacks its container list.
+    #[error("pod is marked {ANNOTATION_BYPASS} with {ANNOTATION_INTERFACE}={interface} but has no {ANNOTATION_CONTAINERS} annotation")]
+    MissingContainers { interface: Interface },
+    /// `migration-id` is present but empty.
+    #[error("annotation {ANNOTATION_ID} is empty")]
+    EmptyMigrationId,
+}
+
+/// How a pod is made migratable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Interface {
+    /// Docker-in-Docker: containers run nested in a Docker engine inside the runtime container.
+    Dind,
+    /// Podman-in-Podman: containers run nested in Podman inside the runtime container.
+    Pind,
+    /// Service-level ("fast-freeze"): containers run as they are, prepared for CRIU.
+    Ff,
+}
+
+impl Interface {
+    /// The annotation value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interface::Dind => "dind",
+            Interface::Pind => "pind",
+            Interface::Ff => "ff",
+        }
+    }
+
+    /// Whether the pod's containers are wrapped into a runtime container.
+    pub fn is_nested(self) -> bool {
+        matches!(self, Interface::Dind | Interface::Pind)
+    }
+}
+
+impl fmt::Display for Interface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Interface {
+    type Err = AnnotationError;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "dind" => Ok(Interface::Dind),
+            "pind" => Ok(Interface::Pind),
+            "ff" => Ok(Interface::Ff),
+            other => Err(AnnotationError::UnknownInterface {
+                value: other.to_owned(),
+            }),
+        }
+    }
+}
+
+/// What the sidecar does with the nested containers when it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StartMode {
+    /// Create and start the nested containers.
+    #[default]
+    Active,
+    /// Create only: the pod is the target of a restore.
+    Passive,
+    /// Do nothing.
+    Null,
+    /// Refuse to start.
+    Fail,
+}
+
+impl StartMode {
+    /// The annotation value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Active => "active",
+            StartMode::Passive => "passive",
+            StartMode::Null => "null",
+            StartMode::Fail => "fail",
+        }
+    }
+}
+
+impl fmt::Display for StartMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StartMode {
+    type Err = AnnotationError;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "active" => Ok(StartMode::Active),
+            "passive" => Ok(StartMode::Passive),
+            "null" => Ok(StartMode::Null),
+            "fail" => Ok(StartMode::Fail),
+            other => Err(AnnotationError::UnknownStartMode {
+                value: other.to_owned(),
+            }),
+        }
+    }
+}
+
+/// The migration annotations of one pod, parsed. Absent annotations are `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MigrationAnnotations {
+    pub interface: Option<Interface>,
+    pub start_mode: Option<StartMode>,
+    pub containers: Option<Vec<Container>>,
+    pub volumes: Option<Vec<String>>,
+    pub bypass: bool,
+    pub migration_id: Option<String>,
+}
+
+impl MigrationAnnotations {
+    /// Parses the contract's annotations out of a pod's annotation map; every value present must
+    /// be valid. Unrelated annotations are ignored.
+    pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Self, AnnotationError> {
+        let interface = annotations
+            .get(ANNOTATION_INTERFACE)
+            .map(|v| v.parse::<Interface>())
+            .transpose()?;
+        let start_mode = annotations
+            .get(ANNOTATION_START_MODE)
+            .map(|v| v.parse::<StartMode>())
+            .transpose()?;
+        let containers = annotations
+            .get(ANNOTATION_CONTAINERS)
+            .map(|v| parse_containers(v))
+            .transpose()?;
+        let volumes = annotations
+            .get(ANNOTATION_VOLUMES)
+            .map(|v| parse_volumes(v))
+            .transpose()?;
+        let migration_id = match annotations.get(ANNOTATION_ID) {
+            Some(id) if id.trim().is_empty() => return Err(AnnotationError::EmptyMigrationId),
+            Some(id) => Some(id.clone()),
+            None => None,
+        };
+        let parsed = MigrationAnnotations {
+            interface,
+            start_mode,
+            containers,
+            volumes,
+            bypass: annotations.contains_key(ANNOTATION_BYPASS),
+            migration_id,
+        };
+        if let (Some(interface), true, None) = (parsed.interface, parsed.bypass, &parsed.containers)
+        {
+            if interface.is_nested() {
+                return Err(AnnotationError::MissingContainers { interface });
+            }
+        }
+        Ok(parsed)
+    }
+
+    /// The start mode, with UMS's default (`active`) when the annotation is absent.
+    pub fn start_mode_or_default(&self) -> StartMode {
+        self.start_mode.unwrap_or_default()
+    }
+}
+
+/// Parses `migration-containers`: a non-empty JSON array of Kubernetes containers.
+pub fn parse_containers(value: &str) -> Result<Vec<Container>, AnnotationError> {
+    let containers: Vec<Container> =
+        serde_json::from_str(value).map_err(|e| AnnotationError::BadContainers {
+            reason: e.to_string(),
+        })?;
+    if containers.is_empty() {
+        return Err(AnnotationError::NoContainers);
+    }
+    Ok(containers)
+}
+
+/// Serializes the original containers for `migration-containers`.
+pub fn encode_containers(containers: &[Container]) -> String {
+    // Serializing k8s-openapi types to a string cannot fail: they hold only strings, numbers,
+    // maps and lists.
+    serde_json::to_string(containers).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Parses `migration-volumes`: a JSON array of absolute paths.
+pub fn parse_volumes(value: &str) -> Result<Vec<String>, AnnotationError> {
+    let volumes: Vec<String> =
+        serde_json::from_str(value).map_err(|e| AnnotationError::BadVolumes {
+            reason: e.to_string(),
+        })?;
+    if let Some(bad) = volumes.iter().find(|p| !p.starts_with('/')) {
+        return Err(AnnotationError::BadVolumes {
+            reason: format!("{bad:?} is not an absolute path"),
+        });
+    }
+    Ok(volumes)
+}
+
+/// Serializes mount points for `migration-volumes`.
+pub fn encode_volumes(paths: &[String]) -> String {
+    serde_json::to_string(paths).unwrap_or_else(|_| "[]".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn interface_values_round_trip() {
+        for i in [Interface::Dind, Interface::Pind, Interface::Ff] {
+            assert_eq!(i.as_str().parse::<Interface>().unwrap(), i);
+        }
+        let err = "docker".parse::<Interface>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("\"docker\""), "{msg}");
+        assert!(msg.contains("dind") && msg.contains("pind") && msg.contains("ff"));
+    }
+
+    #[test]
+    fn start_mode_values_round_trip_and_default_is_active() {
+        for m in [
+            StartMode::Active,
+            StartMode::Passive,
+            StartMode::Null,
+            StartMode::Fail,
+        ] {
+            assert_eq!(m.as_str().parse::<StartMode>().unwrap(), m);
+        }
+        assert_eq!(
+            MigrationAnnotations::default().start_mode_or_default(),
+            StartMode::Active
+        );
+        let msg = "Active".parse::<StartMode>().unwrap_err().to_string();
+        assert!(
+            msg.contains("\"Active\"") && msg.contains("passive"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn parse_reads_every_annotation() {
+        let parsed = MigrationAnnotations::parse(&map(&[
+            (ANNOTATION_INTERFACE, "pind"),
+            (ANNOTATION_START_MODE, "passive"),
+            (ANNOTATION_CONTAINERS, r#"[{"name":"a","image":"busybox"}]"#),
+            (ANNOTATION_VOLUMES, r#"["/mount/data"]"#),
+            (ANNOTATION_BYPASS, "true"),
+            (ANNOTATION_ID, "m-1"),
+            ("unrelated", "x"),
+        ]))
+        .unwrap();
+        assert_eq!(parsed.interface, Some(Interface::Pind));
+        assert_eq!(parsed.start_mode, Some(StartMode::Passive));
+        assert_eq!(parsed.containers.as_ref().unwrap()[0].name, "a");
+        assert_eq!(parsed.volumes.unwrap(), vec!["/mount/data".to_string()]);
+        assert!(parsed.bypass);
+        assert_eq!(parsed.migration_id.as_deref(), Some("m-1"));
+    }
+
+    #[test]
+    fn parse_rejects_bad_values_with_the_annotation_named() {
+        let cases = [
+            (map(&[(ANNOTATION_CONTAINERS, "{}")]), ANNOTATION_CONTAINERS),
+            (map(&[(ANNOTATION_CONTAINERS, "[]")]), ANNOTATION_CONTAINERS),
+            (
+                map(&[(ANNOTATION_CONTAINERS, r#"[{"image":"x"}]"#)]),
+                ANNOTATION_CONTAINERS,
+            ),
+            (map(&[(ANNOTATION_VOLUMES, "[1]")]), ANNOTATION_VOLUMES),
+            (
+                map(&[(ANNOTATION_VOLUMES, r#"["rel"]"#)]),
+                ANNOTATION_VOLUMES,
+            ),
+            (map(&[(ANNOTATION_ID, " ")]), ANNOTATION_ID),
+            (
+                map(&[(ANNOTATION_INTERFACE, "dind"), (ANNOTATION_BYPASS, "true")]),
+                ANNOTATION_CONTAINERS,
+            ),
+        ];
+        for (annotations, named) in cases {
+            let err = MigrationAnnotations::parse(&annotations).unwrap_err();
+            assert!(err.to_string().contains(named), "{err} should name {named}");
+        }
+    }
+
+    #[test]
+    fn containers_round_trip_through_the_annotation() {
+        let c = Container {
+            name: "memhog".into(),
+            image: Some("memhog:1".into()),
+            args: Some(vec!["--mib".into(), "256".into()]),
+            ..Default::default()
+        };
+        let encoded = encode_containers(std::slice::from_ref(&c));
+        assert_eq!(parse_containers(&encoded).unwrap(), vec![c]);
+    }
+}

@@ -1,0 +1,139 @@
+//! AdmissionReview in, AdmissionReview out: the glue between the HTTP handlers and the pure
+//! decisions in [`crate::mutate`] and [`crate::validate`].
+
+use k8s_openapi::api::core::v1::Pod;
+use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube_core::DynamicObject;
+use serde_json::Value;
+
+use crate::config::WrapConfig;
+use crate::metrics::Outcome;
+use crate::mutate::mutate_pod;
+use crate::validate::{pod_name, MigrationGuard, PodOperation};
+
+/// A request body that is not an AdmissionReview the webhook can answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReviewError {
+    /// The body is not JSON of the AdmissionReview shape.
+    #[error("request body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
+    NotAReview(String),
+    /// The review has the wrong apiVersion or kind.
+    #[error("unsupported review type {api_version}/{kind}: expected admission.k8s.io/v1 AdmissionReview")]
+    WrongType { api_version: String, kind: String },
+    /// The review carries no `request`.
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+}
+
+/// Parses a body into an admission request; anything else is a 400 for the caller.
+pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, ReviewError> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| ReviewError::NotAReview(e.to_string()))?;
+    if review.types.api_version != "admission.k8s.io/v1" || review.types.kind != "AdmissionReview" {
+        return Err(ReviewError::WrongType {
+            api_version: review.types.api_version,
+            kind: review.types.kind,
+        });
+    }
+    review.request.ok_or(ReviewError::NoRequest)
+}
+
+fn is_pod(request: &AdmissionRequest<DynamicObject>) -> bool {
+    request.kind.group.is_empty() && request.kind.kind == "Pod" && request.sub_resource.is_none()
+}
+
+/// The object as a typed Pod. Both sides of the patch go through the same type, so fields this
+/// build does not know are never touched by the patch.
+fn as_pod(object: &DynamicObject) -> Result<(Pod, Value), String> {
+    let value = serde_json::to_value(object).map_err(|e| e.to_string())?;
+    let pod: Pod =
+        serde_json::from_value(value).map_err(|e| format!("object is not a valid v1 Pod: {e}"))?;
+    let typed = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
+    Ok((pod, typed))
+}
+
+/// Answers a mutating review.
+pub fn mutate_review(
+    request: &AdmissionRequest<DynamicObject>,
+    config: &WrapConfig,
+) -> (AdmissionResponse, Outcome) {
+    let response = AdmissionResponse::from(request);
+    if !is_pod(request) || !matches!(request.operation, Operation::Create) {
+        return (response, Outcome::allowed);
+    }
+    let Some(object) = request.object.as_ref() else {
+        return (
+            response.deny("CREATE review carries no object"),
+            Outcome::denied,
+        );
+    };
+    let (pod, original) = match as_pod(object) {
+        Ok(p) => p,
+        Err(message) => return (response.deny(message), Outcome::denied),
+    };
+    let mutated = match mutate_pod(&pod, config) {
+        Ok(None) => return (response, Outcome::allowed),
+        Ok(Some(mutated)) => mutated,
+        Err(error) => {
+            let message = format!("pod {}: {error}", pod_name(&pod));
+            return (response.deny(message), Outcome::denied);
+        }
+    };
+    let mutated = match serde_json::to_value(&mutated) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                response.deny(format!("failed to serialize the pod: {e}")),
+                Outcome::denied,
+            )
+        }
+    };
+    let patch = json_patch::diff(&original, &mutated);
+    if patch.0.is_empty() {
+        return (response, Outcome::allowed);
+    }
+    match response.clone().with_patch(patch) {
+        Ok(patched) => (patched, Outcome::patched),
+        Err(e) => (
+            response.deny(format!("failed to serialize the patch: {e}")),
+            Outcome::denied,
+        ),
+    }
+}
+
+/// Answers a validating review.
+pub fn validate_review(
+    request: &AdmissionRequest<DynamicObject>,
+    guard: &MigrationGuard,
+) -> (AdmissionResponse, Outcome) {
+    let response = AdmissionResponse::from(request);
+    if !is_pod(request) {
+        return (response, Outcome::allowed);
+    }
+    let parse = |object: Option<&DynamicObject>| -> Result<Option<Pod>, String> {
+        object.map(|o| as_pod(o).map(|(pod, _)| pod)).transpose()
+    };
+    let (object, old_object) = match (
+        parse(request.object.as_ref()),
+        parse(request.old_object.as_ref()),
+    ) {
+        (Ok(o), Ok(old)) => (o, old),
+        (Err(message), _) | (_, Err(message)) => return (response.deny(message), Outcome::denied),
+    };
+    let operation = match request.operation {
+        Operation::Create => PodOperation::Create,
+        Operation::Update => PodOperation::Update,
+        Operation::Delete => PodOperation::Delete,
+        Operation::Connect => PodOperation::Connect,
+    };
+    match guard.validate(
+        operation,
+        &request.user_info.username.clone().unwrap_or_default(),
+        object.as_ref(),
+        old_object.as_ref(),
+    ) {
+        Ok(()) => (response, Outcome::allowed),
+        Err(error) => (response.deny(error.to_string()), Outcome::denied),
+    }
+}
