@@ -208,6 +208,19 @@ pub fn parse_containers(value: &str) -> Result<Vec<Container>, AnnotationError> 
     if containers.is_empty() {
         return Err(AnnotationError::NoContainers);
     }
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &containers {
+        if c.name.is_empty() {
+            return Err(AnnotationError::BadContainers {
+                reason: "a container has no name".into(),
+            });
+        }
+        if !seen.insert(c.name.as_str()) {
+            return Err(AnnotationError::BadContainers {
+                reason: format!("container name {:?} appears twice", c.name),
+            });
+        }
+    }
     Ok(containers)
 }
 
@@ -307,6 +320,10 @@ mod tests {
             (map(&[(ANNOTATION_CONTAINERS, "[]")]), ANNOTATION_CONTAINERS),
             (
                 map(&[(ANNOTATION_CONTAINERS, r#"[{"image":"x"}]"#)]),
+                ANNOTATION_CONTAINERS,
+            ),
+            (
+                map(&[(ANNOTATION_CONTAINERS, r#"[{"name":"a"},{"name":"a"}]"#)]),
                 ANNOTATION_CONTAINERS,
             ),
             (map(&[(ANNOTATION_VOLUMES, "[1]")]), ANNOTATION_VOLUMES),

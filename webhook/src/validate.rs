@@ -122,3 +122,100 @@ pub fn pod_name(pod: &Pod) -> String {
         None => name,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn guard() -> MigrationGuard {
+        MigrationGuard {
+            migration_accounts: vec!["system:serviceaccount:default:migration-coordinator".into()],
+        }
+    }
+
+    fn pod(annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": "memhog", "namespace": "default", "annotations": annotations },
+            "spec": { "containers": [{"name": "a"}] }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn create_checks_annotations_with_the_contract_parser() {
+        let bad = pod(
+            json!({"migration-interface": "dind", "migration-bypass": "true", "migration-containers": "not json"}),
+        );
+        let err = guard()
+            .validate(PodOperation::Create, "alice", Some(&bad), None)
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with("pod default/memhog:") && message.contains("migration-containers"),
+            "{message}"
+        );
+        let good = pod(json!({"migration-interface": "ff", "migration-start-mode": "null"}));
+        assert_eq!(
+            guard().validate(PodOperation::Create, "alice", Some(&good), None),
+            Ok(())
+        );
+        let bad_mode = pod(json!({"migration-start-mode": "sometimes"}));
+        assert!(guard()
+            .validate(PodOperation::Create, "alice", Some(&bad_mode), None)
+            .is_err());
+    }
+
+    #[test]
+    fn pods_under_migration_are_guarded() {
+        let old = pod(json!({"migration-interface": "dind", "migration-id": "mig-42"}));
+        let new = pod(json!({"migration-interface": "dind", "migration-id": "mig-42", "x": "y"}));
+        for (op, object) in [
+            (PodOperation::Update, Some(&new)),
+            (PodOperation::Delete, None),
+        ] {
+            let err = guard()
+                .validate(op, "alice", object, Some(&old))
+                .unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains("default/memhog")
+                    && message.contains("mig-42")
+                    && message.contains("alice"),
+                "{message}"
+            );
+            assert!(message.contains("migration-coordinator"), "{message}");
+            assert_eq!(
+                guard().validate(
+                    op,
+                    "system:serviceaccount:default:migration-coordinator",
+                    object,
+                    Some(&old)
+                ),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
+    fn pods_being_deleted_or_not_migrating_pass() {
+        let mut deleting = pod(json!({"migration-id": "mig-1"}));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_eq!(
+            guard().validate(PodOperation::Delete, "kubelet", None, Some(&deleting)),
+            Ok(())
+        );
+        let quiet = pod(json!({"migration-interface": "dind"}));
+        assert_eq!(
+            guard().validate(PodOperation::Update, "bob", Some(&quiet), Some(&quiet)),
+            Ok(())
+        );
+        assert_eq!(
+            guard().validate(PodOperation::Delete, "bob", None, Some(&quiet)),
+            Ok(())
+        );
+    }
+}

@@ -491,3 +491,7 @@ pub fn podinfo_volume_source(name: String) -> Volume {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+#[path = "wrap_tests.rs"]
+mod tests;

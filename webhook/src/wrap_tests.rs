@@ -1,0 +1,614 @@
+//! Unit tests of the pure pod rewrite over many pod shapes (fixtures in `webhook/tests/data`).
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::json;
+use ums_contract::annotations::{parse_containers, parse_volumes};
+use ums_contract::{MigrationAnnotations, StartMode, ANNOTATION_CONTAINERS};
+
+use crate::config::WrapConfig;
+use crate::mutate::{mutate_pod, MutateError};
+use crate::wrap::WrapError;
+
+fn fixture(name: &str) -> Pod {
+    let text = match name {
+        "memhog-dind" => include_str!("../tests/data/memhog-dind.json"),
+        "memhog-pind" => include_str!("../tests/data/memhog-pind.json"),
+        "web-and-worker" => include_str!("../tests/data/web-and-worker.json"),
+        other => panic!("no fixture {other}"),
+    };
+    serde_json::from_str(text).expect("fixture is a Pod")
+}
+
+fn config() -> WrapConfig {
+    WrapConfig {
+        dind_image: "ums/dind:test".into(),
+        pind_image: "ums/pind:test".into(),
+        ambassador_image: "ums/ambassador:test".into(),
+        image_pull_policy: Some("IfNotPresent".into()),
+        ..WrapConfig::default()
+    }
+}
+
+fn wrap(pod: &Pod) -> Pod {
+    mutate_pod(pod, &config())
+        .expect("mutation succeeds")
+        .expect("pod is rewritten")
+}
+
+fn container<'a>(pod: &'a Pod, name: &str) -> &'a Container {
+    pod.spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> &'a str {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .unwrap()
+        .get(key)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("no annotation {key}"))
+}
+
+fn pod_with(annotations: serde_json::Value, containers: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": { "name": "p", "namespace": "ns", "annotations": annotations },
+        "spec": { "containers": containers }
+    }))
+    .unwrap()
+}
+
+#[test]
+fn pod_without_the_annotation_is_left_alone() {
+    let pod = pod_with(json!({"other": "x"}), json!([{"name": "a", "image": "a"}]));
+    assert_eq!(mutate_pod(&pod, &config()).unwrap(), None);
+}
+
+#[test]
+fn ums_memhog_dind_example_is_wrapped() {
+    let original = fixture("memhog-dind");
+    let wrapped = wrap(&original);
+    let spec = wrapped.spec.as_ref().unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["runtime", "memhog"]);
+
+    let runtime = container(&wrapped, "runtime");
+    assert_eq!(runtime.image.as_deref(), Some("ums/dind:test"));
+    assert_eq!(runtime.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(
+        runtime.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
+    let mounts: Vec<(&str, &str)> = runtime
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("kube-api-access-7x2kq", "/mount/kube-api-access-7x2kq"),
+            ("ums-engine-storage", "/var/lib/docker"),
+            ("ums-podinfo", "/etc/podinfo"),
+        ]
+    );
+    let env: Vec<(&str, &str)> = runtime
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
+        .collect();
+    assert!(env.contains(&("UMS_ENGINE", "docker")));
+
+    let ambassador = container(&wrapped, "memhog");
+    assert_eq!(ambassador.image.as_deref(), Some("ums/ambassador:test"));
+    assert_eq!(
+        ambassador.command.as_deref().unwrap(),
+        ["/usr/local/bin/ums-sidecar", "ambassador", "memhog"]
+    );
+    let sc = ambassador.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, None);
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert!(ambassador
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|e| e.name != "MEMORY_LIMIT"));
+
+    // The original container travels complete, valueFrom included.
+    let originals = parse_containers(annotation(&wrapped, ANNOTATION_CONTAINERS)).unwrap();
+    assert_eq!(originals, original.spec.as_ref().unwrap().containers);
+    assert_eq!(annotation(&wrapped, "migration-start-mode"), "active");
+    assert_eq!(annotation(&wrapped, "migration-bypass"), "true");
+    assert_eq!(
+        parse_volumes(annotation(&wrapped, "migration-volumes")).unwrap(),
+        ["/mount/kube-api-access-7x2kq"]
+    );
+    // Every other pod field stays as it was.
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("migration-coordinator")
+    );
+    assert_eq!(
+        spec.tolerations,
+        original.spec.as_ref().unwrap().tolerations
+    );
+    assert_eq!(spec.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(wrapped.metadata.labels, original.metadata.labels);
+    let volume_names: Vec<&str> = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        volume_names,
+        ["kube-api-access-7x2kq", "ums-engine-storage", "ums-podinfo"]
+    );
+    let podinfo = spec.volumes.as_ref().unwrap()[2]
+        .downward_api
+        .as_ref()
+        .unwrap();
+    let paths: Vec<&str> = podinfo
+        .items
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|i| i.path.as_str())
+        .collect();
+    assert_eq!(paths, ["annotations", "labels", "name", "namespace", "uid"]);
+}
+
+#[test]
+fn ums_memhog_pind_example_uses_podman() {
+    let wrapped = wrap(&fixture("memhog-pind"));
+    let runtime = container(&wrapped, "runtime");
+    assert_eq!(runtime.image.as_deref(), Some("ums/pind:test"));
+    assert!(runtime
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|m| m.mount_path == "/var/lib/containers"));
+    assert!(runtime
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "UMS_ENGINE" && e.value.as_deref() == Some("podman")));
+}
+
+#[test]
+fn several_containers_share_one_runtime_with_the_union_of_ports() {
+    let original = fixture("web-and-worker");
+    let wrapped = wrap(&original);
+    let spec = wrapped.spec.as_ref().unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["runtime", "web", "worker"]);
+    let ports: Vec<(Option<&str>, i32, &str)> = container(&wrapped, "runtime")
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_deref(),
+                p.container_port,
+                p.protocol.as_deref().unwrap_or("TCP"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Some("http"), 8080, "TCP"),
+            (Some("metrics"), 9090, "TCP"),
+            (Some("dns"), 5353, "UDP"),
+            (None, 5353, "TCP"),
+        ]
+    );
+    for ambassador in ["web", "worker"] {
+        assert!(container(&wrapped, ambassador).ports.is_none());
+    }
+    // Init and ephemeral containers, node selection and hostname are untouched.
+    assert_eq!(
+        spec.init_containers,
+        original.spec.as_ref().unwrap().init_containers
+    );
+    assert_eq!(
+        spec.ephemeral_containers,
+        original.spec.as_ref().unwrap().ephemeral_containers
+    );
+    assert_eq!(
+        spec.node_selector,
+        original.spec.as_ref().unwrap().node_selector
+    );
+    assert_eq!(spec.hostname.as_deref(), Some("shop-0"));
+    assert_eq!(annotation(&wrapped, "team"), "checkout");
+    // The user's start mode is kept.
+    assert_eq!(annotation(&wrapped, "migration-start-mode"), "passive");
+}
+
+#[test]
+fn every_volume_kind_is_mounted_under_mount() {
+    let wrapped = wrap(&fixture("web-and-worker"));
+    let runtime = container(&wrapped, "runtime");
+    let expected = [
+        "data",
+        "scratch",
+        "config",
+        "secrets",
+        "host-logs",
+        "claim",
+        "meta",
+    ];
+    for name in expected {
+        assert!(
+            runtime
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.name == name && m.mount_path == format!("/mount/{name}")),
+            "{name} not mounted"
+        );
+    }
+    let volumes = parse_volumes(annotation(&wrapped, "migration-volumes")).unwrap();
+    assert_eq!(volumes, expected.map(|n| format!("/mount/{n}")));
+    // The original volumes keep their sources.
+    let spec = wrapped.spec.as_ref().unwrap();
+    let claim = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "claim")
+        .unwrap();
+    assert_eq!(
+        claim.persistent_volume_claim.as_ref().unwrap().claim_name,
+        "worker-state"
+    );
+}
+
+#[test]
+fn probes_follow_the_nested_container() {
+    let original = fixture("web-and-worker");
+    let wrapped = wrap(&original);
+    let web_original = &original.spec.as_ref().unwrap().containers[0];
+    let web = container(&wrapped, "web");
+    // HTTP and TCP probes reach the nested container through the shared network namespace.
+    assert_eq!(web.readiness_probe, web_original.readiness_probe);
+    assert_eq!(web.startup_probe, web_original.startup_probe);
+    // The exec liveness probe becomes a runtime probe with the same timings.
+    let liveness = web.liveness_probe.as_ref().unwrap();
+    assert!(liveness.exec.is_none());
+    let http = liveness.http_get.as_ref().unwrap();
+    assert_eq!(http.path.as_deref(), Some("/probe/web"));
+    assert_eq!(
+        http.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8888)
+    );
+    assert_eq!(
+        (
+            liveness.initial_delay_seconds,
+            liveness.period_seconds,
+            liveness.failure_threshold
+        ),
+        (Some(10), Some(20), Some(4))
+    );
+
+    let worker = container(&wrapped, "worker");
+    let readiness = worker.readiness_probe.as_ref().unwrap();
+    assert!(readiness.exec.is_none());
+    assert_eq!(
+        readiness.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/probe/worker")
+    );
+    assert_eq!(readiness.period_seconds, Some(7));
+    // gRPC liveness is kept as it is.
+    assert!(worker.liveness_probe.as_ref().unwrap().grpc.is_some());
+    // No startup probe in the original: the ambassador waits for the nested container.
+    let startup = worker.startup_probe.as_ref().unwrap();
+    assert_eq!(
+        startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/probe/worker")
+    );
+    assert!(startup.failure_threshold.unwrap() >= 100);
+}
+
+#[test]
+fn container_without_probes_gets_runtime_startup_and_readiness_only() {
+    let wrapped = wrap(&fixture("memhog-dind"));
+    let memhog = container(&wrapped, "memhog");
+    assert_eq!(
+        memhog
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/probe/memhog")
+    );
+    assert!(memhog.startup_probe.is_some());
+    assert!(memhog.liveness_probe.is_none());
+}
+
+#[test]
+fn resources_are_summed_with_the_overhead() {
+    let wrapped = wrap(&fixture("web-and-worker"));
+    let resources = container(&wrapped, "runtime").resources.clone().unwrap();
+    let get = |map: &Option<
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    >,
+               k: &str| { map.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone()) };
+    // cpu: 250m + 0.5 + 100m overhead; memory: 128Mi + 1Gi + 256Mi overhead.
+    assert_eq!(get(&resources.requests, "cpu").as_deref(), Some("850m"));
+    assert_eq!(
+        get(&resources.requests, "memory").as_deref(),
+        Some(((128u64 + 1024 + 256) << 20).to_string().as_str())
+    );
+    // worker has no limits, so the sum is unbounded: no limits on the runtime.
+    assert_eq!(resources.limits, None);
+}
+
+#[test]
+fn limits_only_count_as_requests_and_sum_when_all_are_bounded() {
+    let pod = pod_with(
+        json!({"migration-interface": "dind"}),
+        json!([
+            {"name": "a", "image": "a", "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
+            {"name": "b", "image": "b", "resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "200m", "memory": "512Mi"}}}
+        ]),
+    );
+    let resources = container(&wrap(&pod), "runtime").resources.clone().unwrap();
+    let requests = resources.requests.unwrap();
+    let limits = resources.limits.unwrap();
+    assert_eq!(requests["cpu"].0, "1200m");
+    assert_eq!(limits["cpu"].0, "1300m");
+    assert_eq!(
+        limits["memory"].0,
+        ((1024u64 + 512 + 256) << 20).to_string()
+    );
+    assert_eq!(requests["memory"].0, limits["memory"].0);
+}
+
+#[test]
+fn no_resources_anywhere_gives_overhead_requests_only() {
+    let resources = container(&wrap(&fixture("memhog-dind")), "runtime")
+        .resources
+        .clone()
+        .unwrap();
+    let requests = resources.requests.unwrap();
+    assert_eq!(requests["cpu"].0, "100m");
+    assert_eq!(requests["memory"].0, "256Mi");
+    assert_eq!(resources.limits, None);
+}
+
+#[test]
+fn security_context_is_kept_for_the_nested_container() {
+    let original = fixture("web-and-worker");
+    let wrapped = wrap(&original);
+    let originals = parse_containers(annotation(&wrapped, ANNOTATION_CONTAINERS)).unwrap();
+    assert_eq!(
+        originals[0].security_context,
+        original.spec.as_ref().unwrap().containers[0].security_context
+    );
+    assert_eq!(originals, original.spec.as_ref().unwrap().containers);
+}
+
+#[test]
+fn runtime_name_and_volume_names_do_not_collide() {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "p", "annotations": { "migration-interface": "pind" } },
+        "spec": {
+            "initContainers": [{"name": "runtime-1", "image": "i"}],
+            "containers": [{"name": "runtime", "image": "r"}],
+            "volumes": [{"name": "ums-podinfo", "emptyDir": {}}, {"name": "ums-engine-storage", "emptyDir": {}}]
+        }
+    }))
+    .unwrap();
+    let wrapped = wrap(&pod);
+    let spec = wrapped.spec.as_ref().unwrap();
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["runtime-2", "runtime"]);
+    let runtime = container(&wrapped, "runtime-2");
+    assert_eq!(runtime.image.as_deref(), Some("ums/pind:test"));
+    let volume_names: Vec<&str> = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        volume_names,
+        [
+            "ums-podinfo",
+            "ums-engine-storage",
+            "ums-engine-storage-1",
+            "ums-podinfo-1"
+        ]
+    );
+    // The ambassador named "runtime" stands in for the original "runtime" container.
+    assert_eq!(
+        container(&wrapped, "runtime").command.as_ref().unwrap()[2],
+        "runtime"
+    );
+}
+
+#[test]
+fn a_wrapped_pod_is_not_wrapped_twice() {
+    let once = wrap(&fixture("web-and-worker"));
+    assert_eq!(mutate_pod(&once, &config()).unwrap(), None);
+    let ff_once = wrap(&pod_with(
+        json!({"migration-interface": "ff"}),
+        json!([{"name": "a", "image": "a"}]),
+    ));
+    assert_eq!(mutate_pod(&ff_once, &config()).unwrap(), None);
+}
+
+#[test]
+fn unknown_interface_and_start_mode_are_refused_by_name() {
+    let err = mutate_pod(
+        &pod_with(
+            json!({"migration-interface": "docker"}),
+            json!([{"name": "a"}]),
+        ),
+        &config(),
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("\"docker\"")
+            && message.contains("dind")
+            && message.contains("pind")
+            && message.contains("ff"),
+        "{message}"
+    );
+    let err = mutate_pod(
+        &pod_with(
+            json!({"migration-interface": "dind", "migration-start-mode": "later"}),
+            json!([{"name": "a"}]),
+        ),
+        &config(),
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("\"later\"") && message.contains("passive"),
+        "{message}"
+    );
+}
+
+#[test]
+fn sidecar_port_collision_is_refused() {
+    let pod = pod_with(
+        json!({"migration-interface": "dind"}),
+        json!([{"name": "a", "ports": [{"containerPort": 8888}]}]),
+    );
+    let err = mutate_pod(&pod, &config()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MutateError::Wrap(WrapError::SidecarPortTaken { port: 8888, .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("\"a\""));
+}
+
+#[test]
+fn one_port_name_for_two_ports_is_refused() {
+    let pod = pod_with(
+        json!({"migration-interface": "dind"}),
+        json!([{"name": "a", "ports": [{"name": "http", "containerPort": 80}]}, {"name": "b", "ports": [{"name": "http", "containerPort": 81}]}]),
+    );
+    let message = mutate_pod(&pod, &config()).unwrap_err().to_string();
+    assert!(
+        message.contains("\"http\"") && message.contains("\"a\"") && message.contains("\"b\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_quantity_names_its_container() {
+    let pod = pod_with(
+        json!({"migration-interface": "dind"}),
+        json!([{"name": "a"}, {"name": "b", "resources": {"requests": {"memory": "12 apples"}}}]),
+    );
+    let message = mutate_pod(&pod, &config()).unwrap_err().to_string();
+    assert!(
+        message.contains("\"b\"") && message.contains("12 apples"),
+        "{message}"
+    );
+}
+
+#[test]
+fn pod_without_containers_is_refused() {
+    let pod = pod_with(json!({"migration-interface": "dind"}), json!([]));
+    assert!(matches!(
+        mutate_pod(&pod, &config()).unwrap_err(),
+        MutateError::Wrap(WrapError::NoContainers)
+    ));
+}
+
+#[test]
+fn ff_prepares_every_container_without_wrapping() {
+    let pod = pod_with(
+        json!({"migration-interface": "ff"}),
+        json!([
+            {"name": "a", "image": "a", "volumeMounts": [{"name": "d", "mountPath": "/data"}]},
+            {"name": "b", "image": "b", "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}}
+        ]),
+    );
+    let prepared = wrap(&pod);
+    let spec = prepared.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.len(), 2);
+    for c in &spec.containers {
+        assert!(c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_path == "/etc/podinfo" && m.name == "ums-podinfo"));
+        let caps = c
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
+        assert!(caps.add.as_ref().unwrap().iter().any(|c| c == "SYS_PTRACE"));
+    }
+    let b_caps = spec.containers[1]
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .as_ref()
+        .unwrap();
+    assert_eq!(b_caps.add.as_deref().unwrap(), ["NET_ADMIN", "SYS_PTRACE"]);
+    assert_eq!(b_caps.drop.as_deref().unwrap(), ["ALL"]);
+    assert_eq!(spec.containers[0].image.as_deref(), Some("a"));
+    assert_eq!(
+        parse_volumes(annotation(&prepared, "migration-volumes")).unwrap(),
+        ["/data"]
+    );
+    assert!(spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|v| v.name == "ums-podinfo" && v.downward_api.is_some()));
+    let parsed =
+        MigrationAnnotations::parse(prepared.metadata.annotations.as_ref().unwrap()).unwrap();
+    assert!(parsed.bypass);
+    assert_eq!(parsed.start_mode, Some(StartMode::Active));
+}
+
+#[test]
+fn the_rewrite_yields_annotations_the_sidecar_can_read() {
+    for name in ["memhog-dind", "memhog-pind", "web-and-worker"] {
+        let wrapped = wrap(&fixture(name));
+        let parsed =
+            MigrationAnnotations::parse(wrapped.metadata.annotations.as_ref().unwrap()).unwrap();
+        assert!(
+            parsed.bypass && parsed.containers.is_some() && parsed.volumes.is_some(),
+            "{name}"
+        );
+    }
+}
