@@ -36,7 +36,10 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Revi
             kind: review.types.kind,
         });
     }
-    review.request.ok_or(ReviewError::NoRequest)
+    let mut request = review.request.ok_or(ReviewError::NoRequest)?;
+    // The response echoes the review's type; the API server sends none inside `request`.
+    request.types = review.types;
+    Ok(request)
 }
 
 fn is_pod(request: &AdmissionRequest<DynamicObject>) -> bool {
@@ -51,6 +54,24 @@ fn as_pod(object: &DynamicObject) -> Result<(Pod, Value), String> {
         serde_json::from_value(value).map_err(|e| format!("object is not a valid v1 Pod: {e}"))?;
     let typed = serde_json::to_value(&pod).map_err(|e| e.to_string())?;
     Ok((pod, typed))
+}
+
+/// The review to send back, as JSON.
+///
+/// The API server decodes `response.patch` as Go `[]byte`, i.e. a base64 string; kube-core
+/// serializes its `Vec<u8>` as an array of numbers (kube-rs issue #1781), which the API server
+/// would refuse. So the patch is re-encoded here.
+pub fn review_json(mut response: AdmissionResponse) -> Value {
+    use base64::Engine as _;
+    let patch = response.patch.take();
+    let mut review = serde_json::to_value(response.into_review()).unwrap_or(Value::Null);
+    if let (Some(bytes), Some(object)) = (patch, review["response"].as_object_mut()) {
+        object.insert(
+            "patch".into(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        );
+    }
+    review
 }
 
 /// Answers a mutating review.

@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::config::WrapConfig;
 use crate::metrics::{Endpoint, Metrics, Outcome};
-use crate::review::{mutate_review, parse_review, validate_review};
+use crate::review::{mutate_review, parse_review, review_json, validate_review};
 use crate::tls::error_chain;
 use crate::validate::MigrationGuard;
 
@@ -173,7 +173,7 @@ fn admit(
         message = %response.result.message,
         "admission review answered"
     );
-    finish(outcome, Json(response.into_review()).into_response())
+    finish(outcome, Json(review_json(response)).into_response())
 }
 
 /// Accepts TLS connections on `listener` and serves `app` on each, until the task is dropped.
