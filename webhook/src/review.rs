@@ -110,7 +110,7 @@ pub fn mutate_review(
             )
         }
     };
-    let patch = json_patch::diff(&original, &mutated);
+    let patch = pod_patch(&original, &mutated);
     if patch.0.is_empty() {
         return (response, Outcome::allowed);
     }
@@ -121,6 +121,35 @@ pub fn mutate_review(
             Outcome::denied,
         ),
     }
+}
+
+/// The JSON patch from `original` to `mutated`.
+///
+/// `spec.containers` is replaced as a whole: an element-wise diff would keep, on whichever
+/// new container lands at an old index (the runtime container at index 0), the fields of the
+/// old container that this build's Pod type does not know. Everything else is diffed, so
+/// fields the webhook does not change are never touched.
+pub fn pod_patch(original: &Value, mutated: &Value) -> json_patch::Patch {
+    let take_containers = |pod: &Value| -> (Value, Option<Value>) {
+        let mut rest = pod.clone();
+        let containers = rest
+            .get_mut("spec")
+            .and_then(Value::as_object_mut)
+            .and_then(|spec| spec.remove("containers"));
+        (rest, containers)
+    };
+    let (original_rest, original_containers) = take_containers(original);
+    let (mutated_rest, mutated_containers) = take_containers(mutated);
+    let mut patch = json_patch::diff(&original_rest, &mutated_rest);
+    if original_containers != mutated_containers {
+        if let Some(containers) = mutated_containers {
+            let op = serde_json::json!({"op": "replace", "path": "/spec/containers", "value": containers});
+            if let Ok(op) = serde_json::from_value(op) {
+                patch.0.push(op);
+            }
+        }
+    }
+    patch
 }
 
 /// Answers a validating review.
