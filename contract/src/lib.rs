@@ -28,3 +28,11 @@ pub const DEFAULT_SIDECAR_PORT: u16 = 8888;
 pub fn runtime_volume_path(volume_name: &str) -> String {
     format!("{VOLUME_MOUNT_ROOT}/{volume_name}")
 }
+
+/// Name of the runtime container's environment variable that carries the value of `variable`
+/// of original container `container` when that variable comes from `valueFrom` (a Secret, a
+/// ConfigMap or a field of the pod). The kubelet resolves it for the runtime container, and the
+/// sidecar hands it to the nested container under its original name.
+pub fn forwarded_env_name(container: &str, variable: &str) -> String {
+    format!("UMS_ENV__{container}__{variable}")
+}

@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use ums_contract::annotations::{encode_containers, encode_volumes};
 use ums_contract::{
-    runtime_volume_path, Interface, StartMode, ANNOTATION_BYPASS, ANNOTATION_CONTAINERS,
-    ANNOTATION_START_MODE, ANNOTATION_VOLUMES, PODINFO_DIR,
+    forwarded_env_name, runtime_volume_path, Interface, StartMode, ANNOTATION_BYPASS,
+    ANNOTATION_CONTAINERS, ANNOTATION_START_MODE, ANNOTATION_VOLUMES, PODINFO_DIR,
 };
 
 use crate::config::WrapConfig;
@@ -335,12 +335,13 @@ fn runtime_container(
         ..Default::default()
     });
     let ports = union_ports(originals)?;
-    let env = vec![
+    let mut env = vec![
         env_var("UMS_ENGINE", engine),
         env_var("UMS_ENGINE_ROOT", engine_root),
         env_var("UMS_LISTEN", &format!("0.0.0.0:{}", config.sidecar_port)),
         env_var("UMS_PODINFO", &format!("{PODINFO_DIR}/annotations")),
     ];
+    env.extend(forwarded_env(originals));
     Ok(Container {
         name: name.to_owned(),
         image: Some(image.clone()),
@@ -359,6 +360,30 @@ fn runtime_container(
         readiness_probe: Some(http_probe("/healthz", config.sidecar_port)),
         ..Default::default()
     })
+}
+
+/// The originals' `valueFrom` variables that only the kubelet can resolve (Secrets,
+/// ConfigMaps, pod fields), re-declared on the runtime container under
+/// [`forwarded_env_name`] so the sidecar can pass their values to the nested containers.
+/// `resourceFieldRef` is left out: it names the original container's resources, which the
+/// sidecar computes from the spec itself.
+fn forwarded_env(originals: &[Container]) -> Vec<EnvVar> {
+    originals
+        .iter()
+        .flat_map(|c| {
+            c.env.iter().flatten().filter_map(move |e| {
+                let from = e.value_from.as_ref()?;
+                if from.resource_field_ref.is_some() {
+                    return None;
+                }
+                Some(EnvVar {
+                    name: forwarded_env_name(&c.name, &e.name),
+                    value: None,
+                    value_from: Some(from.clone()),
+                })
+            })
+        })
+        .collect()
 }
 
 fn ambassador_container(original: &Container, config: &WrapConfig) -> Container {

@@ -104,7 +104,7 @@ fn ums_memhog_dind_example_is_wrapped() {
         .as_ref()
         .unwrap()
         .iter()
-        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("<valueFrom>")))
         .collect();
     assert!(env.contains(&("UMS_ENGINE", "docker")));
 
@@ -238,6 +238,46 @@ fn several_containers_share_one_runtime_with_the_union_of_ports() {
     assert_eq!(annotation(&wrapped, "team"), "checkout");
     // The user's start mode is kept.
     assert_eq!(annotation(&wrapped, "migration-start-mode"), "passive");
+}
+
+#[test]
+fn value_from_variables_are_forwarded_through_the_runtime() {
+    let wrapped = wrap(&fixture("web-and-worker"));
+    let env = container(&wrapped, "runtime").env.clone().unwrap();
+    let forwarded = env
+        .iter()
+        .find(|e| e.name == "UMS_ENV__web__DB_PASSWORD")
+        .expect("forwarded secret");
+    let secret = forwarded
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (secret.name.as_str(), secret.key.as_str()),
+        ("db", "password")
+    );
+    // resourceFieldRef names the original's resources: the sidecar computes it from the spec.
+    assert!(env.iter().all(|e| e.name != "UMS_ENV__web__CPU_LIMIT"));
+    let memhog = wrap(&fixture("memhog-dind"));
+    let env = container(&memhog, "runtime").env.clone().unwrap();
+    let pod_name = env
+        .iter()
+        .find(|e| e.name == "UMS_ENV__memhog__POD_NAME")
+        .unwrap();
+    assert_eq!(
+        pod_name
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "metadata.name"
+    );
 }
 
 #[test]
