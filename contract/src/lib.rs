@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod podinfo;
+pub mod quantity;
 
 pub use annotations::{
     AnnotationError, Interface, MigrationAnnotations, StartMode, ANNOTATION_BYPASS,

@@ -1,28 +1,29 @@
-//! `ums-sidecar`: the runtime container's agent (`serve`) and the per-container stand-in
-//! (`ambassador`). Only the command-line surface exists so far; see the README's status table.
+use clap::Parser as _;
+use ums_sidecar::cli::{Cli, Command, LogFormat};
 
-use clap::{Parser, Subcommand};
-
-#[derive(Debug, Parser)]
-#[command(name = "ums-sidecar", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve the sidecar HTTP API next to the nested engine (not implemented yet).
-    Serve,
-    /// Stand in for one original container (not implemented yet).
-    Ambassador { name: String },
-}
-
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Serve => anyhow::bail!("`ums-sidecar serve` is not implemented yet (issue 3)"),
-        Command::Ambassador { name } => {
-            anyhow::bail!("`ums-sidecar ambassador {name}` is not implemented yet (issue 3)")
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => ums_sidecar::serve::run(args).await,
+        Command::Ambassador(args) => {
+            let code = ums_sidecar::ambassador::run(args).await?;
+            std::process::exit(code)
         }
     }
 }

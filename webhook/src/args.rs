@@ -122,7 +122,8 @@ impl Args {
             ("--runtime-cpu-overhead", &runtime_cpu_overhead),
             ("--runtime-memory-overhead", &runtime_memory_overhead),
         ] {
-            crate::quantity::parse_nanos(value).with_context(|| format!("invalid {flag}"))?;
+            ums_contract::quantity::parse_nanos(value)
+                .with_context(|| format!("invalid {flag}"))?;
         }
         anyhow::ensure!(
             tls_reload_seconds.is_finite() && tls_reload_seconds > 0.0,

@@ -12,7 +12,6 @@ pub mod config;
 pub mod ff;
 pub mod metrics;
 pub mod mutate;
-pub mod quantity;
 pub mod review;
 pub mod server;
 pub mod tls;

@@ -20,7 +20,7 @@ use ums_contract::{
 };
 
 use crate::config::WrapConfig;
-use crate::quantity::{self, QuantityError};
+use ums_contract::quantity::{self, QuantityError};
 
 /// Name the runtime container gets unless an original container already uses it.
 pub const RUNTIME_CONTAINER: &str = "runtime";

@@ -1,0 +1,297 @@
+//! The sidecar's HTTP API (see `openapi.rs` for the document served at `/openapi.json`).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use serde::Deserialize;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::checkpoint::archive_stream;
+use crate::engine::LogChunk;
+use crate::error::ApiError;
+use crate::migrate::MigrateRequest;
+use crate::nested::Sidecar;
+use crate::restore::PreflightRequest;
+
+/// The router: `/healthz` and `/probe/{name}` are open, everything else needs the token
+/// (when one is configured).
+pub fn router(sidecar: Arc<Sidecar>) -> Router {
+    let protected = Router::new()
+        .route("/info", get(info))
+        .route("/containers", get(containers))
+        .route("/create/{name}", post(create))
+        .route("/stop", post(stop))
+        .route("/logs/{name}", get(logs))
+        .route("/checkpoint", post(checkpoint))
+        .route("/restore/preflight", post(preflight))
+        .route("/restore", post(restore))
+        .route("/migrate", post(migrate))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            sidecar.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/probe/{name}", get(probe))
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("no such endpoint: see GET /openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: see GET /openapi.json",
+            )
+        })
+        .with_state(sidecar)
+}
+
+async fn require_token(
+    State(sidecar): State<Arc<Sidecar>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &sidecar.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz(State(sidecar): State<Arc<Sidecar>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "engine": sidecar.engine.kind() }))
+}
+
+async fn info(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError> {
+    Ok(Json(sidecar.sidecar_info().await?).into_response())
+}
+
+async fn containers(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError> {
+    Ok(Json(sidecar.engine.list().await?).into_response())
+}
+
+async fn probe(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let outcome = sidecar.probe(&name).await?;
+    if outcome.status == StatusCode::NO_CONTENT {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok((outcome.status, Json(outcome)).into_response())
+}
+
+async fn create(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let (status, outcome) = sidecar.create(&name).await?;
+    Ok((status, Json(outcome)).into_response())
+}
+
+async fn stop(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError> {
+    let _busy = sidecar
+        .busy
+        .try_lock()
+        .map_err(|_| ApiError::conflict("a checkpoint, restore or migration is in progress"))?;
+    Ok(Json(sidecar.stop_all(10).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    /// Only output after this UNIX time (seconds).
+    #[serde(default)]
+    since: i64,
+}
+
+/// The nested container's output as NDJSON lines `{"stream":"stdout","data":"..."}`.
+async fn logs(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(name): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let stream = sidecar
+        .engine
+        .logs(&name, query.follow, query.since)
+        .await?;
+    let lines = stream.map(|chunk| {
+        let (stream, data) = match chunk {
+            Ok(LogChunk::Stdout(b)) => ("stdout", b),
+            Ok(LogChunk::Stderr(b)) => ("stderr", b),
+            Err(e) => ("error", bytes::Bytes::from(crate::error::chain(&e))),
+        };
+        let line = serde_json::json!({ "stream": stream, "data": String::from_utf8_lossy(&data) });
+        Ok::<_, std::io::Error>(bytes::Bytes::from(format!("{line}\n")))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CheckpointQuery {
+    container: Option<String>,
+    #[serde(default)]
+    leave_running: bool,
+    /// `none` or `zstd`.
+    compression: Option<String>,
+}
+
+async fn checkpoint(
+    State(sidecar): State<Arc<Sidecar>>,
+    Query(query): Query<CheckpointQuery>,
+) -> Result<Response, ApiError> {
+    let busy = sidecar
+        .busy
+        .clone()
+        .try_lock_owned()
+        .map_err(|_| ApiError::conflict("a checkpoint, restore or migration is in progress"))?;
+    let zstd = match query.compression.as_deref() {
+        None | Some("none") => None,
+        Some("zstd") => Some(1),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown compression {other:?}: use \"none\" or \"zstd\""
+            )))
+        }
+    };
+    let names: Vec<String> = query.container.into_iter().collect();
+    let selected = sidecar.select(&names).await?;
+    let id = format!(
+        "c{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let dump = sidecar
+        .freeze_and_dump(selected, &id, query.leave_running)
+        .await
+        .map_err(|f| {
+            f.error
+                .with_detail(serde_json::json!({ "rollback": f.rollback }))
+        })?;
+    let (stream, writer) = archive_stream(&dump, zstd);
+    // The lock is held until the archive is written.
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = writer.await {
+            tracing::warn!(error = %e, "checkpoint archive stream ended early");
+        }
+        drop(busy);
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/x-tar"
+            .parse()
+            .map_err(|_| ApiError::internal("header"))?,
+    );
+    if zstd.is_some() {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            "zstd".parse().map_err(|_| ApiError::internal("header"))?,
+        );
+    }
+    Ok(response)
+}
+
+async fn preflight(
+    State(sidecar): State<Arc<Sidecar>>,
+    body: Result<Json<PreflightRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = body.map_err(|e| {
+        ApiError::bad_request(format!("invalid preflight request: {}", e.body_text()))
+    })?;
+    if sidecar.busy.try_lock().is_err() {
+        return Err(ApiError::conflict(
+            "a checkpoint, restore or migration is in progress at the destination",
+        ));
+    }
+    sidecar.preflight(&request).await?;
+    Ok(Json(serde_json::json!({ "ok": true })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RestoreQuery {
+    migration_id: Option<String>,
+}
+
+async fn restore(
+    State(sidecar): State<Arc<Sidecar>>,
+    Query(query): Query<RestoreQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let _busy = sidecar
+        .busy
+        .try_lock()
+        .map_err(|_| ApiError::conflict("a checkpoint, restore or migration is in progress"))?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_ascii_lowercase();
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let migration_id = query.migration_id.unwrap_or_else(|| "restore".into());
+    let report = match encoding.as_str() {
+        "identity" => sidecar.restore_archive(reader, &migration_id).await?,
+        "zstd" => {
+            let decoder = zstd::stream::read::Decoder::new(reader)
+                .map_err(|e| ApiError::bad_request(format!("invalid zstd stream: {e}")))?;
+            sidecar.restore_archive(decoder, &migration_id).await?
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported Content-Encoding {other:?}: use identity or zstd"),
+            ))
+        }
+    };
+    Ok(Json(report).into_response())
+}
+
+async fn migrate(
+    State(sidecar): State<Arc<Sidecar>>,
+    body: Result<Json<MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = body.map_err(|e| {
+        ApiError::bad_request(format!("invalid migrate request: {}", e.body_text()))
+    })?;
+    let _busy = sidecar
+        .busy
+        .try_lock()
+        .map_err(|_| ApiError::conflict("a migration is already in progress"))?;
+    Ok(Json(sidecar.migrate(request).await?).into_response())
+}

@@ -1,0 +1,112 @@
+//! The migration archive: one tar stream that carries a pod's nested containers from one
+//! sidecar to another.
+//!
+//! # Format (version 1)
+//!
+//! ```text
+//! ums-archive/manifest.json          first entry: what follows, and what made it
+//! containers/<name>/criu/<file>      CRIU's image files of container <name>
+//! containers/<name>/rootfs/<path>    the container's root-fs changes (its writable layer)
+//! ...                                (every container, in manifest order)
+//! ums-archive/trailer.json           last entry: the SHA-256 of every entry above
+//! ```
+//!
+//! - The manifest ([`Manifest`]) holds the format version, the engine and its version, the
+//!   CRIU version, kernel and architecture of the source, each container's original
+//!   Kubernetes spec, image and image ID, its checkpoint id and memory parts, and the list of
+//!   entries with their sizes.
+//! - Memory arrives as a list of parts per container (`memoryParts`); version 1 writes one
+//!   part of kind `full` (all pages in the container's `criu/` directory). Later versions may
+//!   add `lazy` parts served after the restore (CRIU lazy pages); a reader that finds a part
+//!   kind it does not know refuses the archive.
+//! - The trailer ([`Trailer`]) lists every entry with the SHA-256 of its content (regular
+//!   files) or of a canonical description (`dir`, `symlink:<target>`, `whiteout`). The
+//!   receiver hashes while it unpacks into a staging directory and compares at the trailer,
+//!   before any restored process is started; a missing, extra or different entry refuses the
+//!   whole archive.
+//! - Entry paths are relative, made of normal components only; `..`, absolute paths, entries
+//!   outside `containers/<name>/{criu,rootfs}`, hard links and device files other than overlay
+//!   whiteouts (character device 0:0) are refused. Nothing is ever written through a symlink.
+//!   Symlinks in `criu/` are refused; in `rootfs/`, relative targets that climb out of the
+//!   root fs are refused (absolute targets are resolved inside the container at run time).
+//! - The whole stream may be zstd-compressed; the HTTP layer negotiates it
+//!   (`Content-Encoding: zstd`).
+//!
+//! # Version rule
+//!
+//! `formatVersion` changes whenever a reader of the previous version would misread an archive
+//! (a new entry kind, a new part kind, a changed layout). Readers refuse versions they do not
+//! know; the source asks the destination which versions it reads before freezing anything.
+
+pub mod manifest;
+pub mod pack;
+pub mod unpack;
+
+#[cfg(test)]
+mod tests;
+
+pub use manifest::{
+    ContainerManifest, EntrySummary, Manifest, MemoryPart, Trailer, FORMAT_VERSION,
+};
+
+/// Path of the manifest entry.
+pub const MANIFEST_PATH: &str = "ums-archive/manifest.json";
+/// Path of the trailer entry.
+pub const TRAILER_PATH: &str = "ums-archive/trailer.json";
+
+/// Archive prefix of a container's CRIU images.
+pub fn criu_prefix(container: &str) -> String {
+    format!("containers/{container}/criu")
+}
+
+/// Archive prefix of a container's root-fs changes.
+pub fn rootfs_prefix(container: &str) -> String {
+    format!("containers/{container}/rootfs")
+}
+
+/// Failure to write or read an archive.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArchiveError {
+    /// Reading or writing the stream or a file failed.
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The first entry is not the manifest, or it does not parse.
+    #[error("archive has no valid manifest: {0}")]
+    BadManifest(String),
+    /// The archive's format version is not one this build reads.
+    #[error("archive format version {found} is not supported (this sidecar reads version {FORMAT_VERSION})")]
+    UnsupportedVersion { found: u32 },
+    /// An entry path escapes its directory or is not where entries may be.
+    #[error("archive entry {path:?} refused: {reason}")]
+    UnsafeEntry { path: String, reason: String },
+    /// An entry's content does not match the trailer's digest.
+    #[error("archive entry {path:?} is corrupt: SHA-256 {actual} does not match the trailer's {expected}")]
+    DigestMismatch {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    /// The trailer is missing, or lists other entries than the archive holds.
+    #[error("archive trailer does not match its entries: {0}")]
+    BadTrailer(String),
+}
+
+impl ArchiveError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl std::fmt::Display,
+        source: std::io::Error,
+    ) -> Self {
+        ArchiveError::Io {
+            action,
+            path: path.to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Reading an archive into a staging directory, checking every path and every digest.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::pack::{description_digest, EntryKind};
+use super::{
+    criu_prefix, rootfs_prefix, ArchiveError, Manifest, MemoryPart, Trailer, FORMAT_VERSION,
+    MANIFEST_PATH, TRAILER_PATH,
+};
+
+/// What was unpacked.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    pub manifest: Manifest,
+    pub entries: usize,
+    pub content_bytes: u64,
+}
+
+const MAX_JSON_ENTRY: u64 = 64 * 1024 * 1024;
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    entry: &mut impl Read,
+    size: u64,
+    what: &str,
+) -> Result<T, ArchiveError> {
+    if size > MAX_JSON_ENTRY {
+        return Err(ArchiveError::BadManifest(format!(
+            "{what} is {size} bytes, more than the limit"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    entry
+        .read_to_end(&mut bytes)
+        .map_err(|e| ArchiveError::io("read", what, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ArchiveError::BadManifest(format!("{what}: {e}")))
+}
+
+/// Checks a manifest's version and part kinds.
+pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(ArchiveError::UnsupportedVersion {
+            found: manifest.format_version,
+        });
+    }
+    for c in &manifest.containers {
+        if c.memory_parts != [MemoryPart::Full] {
+            return Err(ArchiveError::BadManifest(format!(
+                "container {:?} has memory parts {:?}; this sidecar restores one full part",
+                c.name, c.memory_parts
+            )));
+        }
+        if c.name.is_empty() || c.name.contains('/') || c.name == "." || c.name == ".." {
+            return Err(ArchiveError::BadManifest(format!(
+                "invalid container name {:?}",
+                c.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Where an entry may be, and whether it is in a root fs.
+fn check_path(path: &str, manifest: &Manifest) -> Result<bool, ArchiveError> {
+    let refuse = |reason: &str| ArchiveError::UnsafeEntry {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if path.starts_with('/') {
+        return Err(refuse("absolute path"));
+    }
+    if !Path::new(path)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(refuse("path has '..', '.' or empty components"));
+    }
+    for c in &manifest.containers {
+        let (criu, rootfs) = (criu_prefix(&c.name), rootfs_prefix(&c.name));
+        let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
+        if under(&criu) {
+            return Ok(false);
+        }
+        if under(&rootfs) {
+            return Ok(true);
+        }
+    }
+    Err(refuse("not under containers/<name>/criu or containers/<name>/rootfs of a container in the manifest"))
+}
+
+/// No component between `root` and `path` may be a symlink: writing through one could land
+/// anywhere.
+fn check_no_symlink_parents(
+    root: &Path,
+    relative: &Path,
+    archive_path: &str,
+) -> Result<(), ArchiveError> {
+    let mut current = root.to_owned();
+    let components: Vec<_> = relative.components().collect();
+    for component in components.iter().take(components.len().saturating_sub(1)) {
+        current.push(component);
+        if let Ok(meta) = fs::symlink_metadata(&current) {
+            if meta.file_type().is_symlink() {
+                return Err(ArchiveError::UnsafeEntry {
+                    path: archive_path.to_owned(),
+                    reason: "a parent directory is a symlink".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A relative symlink target must stay inside the root fs it is in.
+fn check_link_target(
+    archive_path: &str,
+    target: &Path,
+    in_rootfs: bool,
+    manifest: &Manifest,
+) -> Result<(), ArchiveError> {
+    let refuse = |reason: &str| ArchiveError::UnsafeEntry {
+        path: archive_path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if !in_rootfs {
+        return Err(refuse("symlinks are not allowed among CRIU images"));
+    }
+    if target.is_absolute() {
+        // Resolved against the container's root at run time; never followed here.
+        return Ok(());
+    }
+    let root = manifest
+        .containers
+        .iter()
+        .map(|c| rootfs_prefix(&c.name))
+        .find(|p| archive_path.starts_with(&format!("{p}/")))
+        .ok_or_else(|| refuse("symlink outside a root fs"))?;
+    let link_dir_depth = Path::new(archive_path)
+        .strip_prefix(&root)
+        .map(|p| p.components().count().saturating_sub(1))
+        .unwrap_or(0) as i64;
+    let mut depth = link_dir_depth;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return Err(refuse("symlink target has an unexpected component")),
+        }
+        if depth < 0 {
+            return Err(refuse("symlink points out of the container's root fs"));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the whole archive from `reader` into `staging` (which must exist and be empty),
+/// calling `on_manifest` as soon as the manifest is read (to refuse early). Every entry is
+/// checked and hashed; the trailer must match exactly. On error, the caller removes `staging`.
+pub fn unpack<R: Read>(
+    reader: R,
+    staging: &Path,
+    on_manifest: impl FnOnce(&Manifest) -> Result<(), ArchiveError>,
+) -> Result<Unpacked, ArchiveError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = archive
+        .entries()
+        .map_err(|e| ArchiveError::io("read", "archive", e))?;
+
+    let manifest: Manifest = {
+        let mut first = entries
+            .next()
+            .ok_or_else(|| ArchiveError::BadManifest("archive is empty".into()))?
+            .map_err(|e| ArchiveError::io("read", "archive", e))?;
+        let path = first
+            .path()
+            .map_err(|e| ArchiveError::io("read path of", "first entry", e))?
+            .display()
+            .to_string();
+        if path != MANIFEST_PATH {
+            return Err(ArchiveError::BadManifest(format!(
+                "first entry is {path:?}, not {MANIFEST_PATH}"
+            )));
+        }
+        let size = first.header().size().unwrap_or(0);
+        read_json(&mut first, size, MANIFEST_PATH)?
+    };
+    check_manifest(&manifest)?;
+    on_manifest(&manifest)?;
+
+    let mut digests: Vec<(String, String)> = Vec::new();
+    let mut content_bytes = 0u64;
+    let mut trailer: Option<Trailer> = None;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| ArchiveError::io("read", "archive", e))?;
+        let path = entry
+            .path()
+            .map_err(|e| ArchiveError::io("read path of", "entry", e))?
+            .to_str()
+            .ok_or_else(|| ArchiveError::UnsafeEntry {
+                path: "<non-UTF-8>".into(),
+                reason: "path is not UTF-8".into(),
+            })?
+            .trim_end_matches('/')
+            .to_owned();
+        if trailer.is_some() {
+            return Err(ArchiveError::BadTrailer(format!(
+                "entry {path:?} after the trailer"
+            )));
+        }
+        if path == TRAILER_PATH {
+            let size = entry.header().size().unwrap_or(0);
+            trailer = Some(read_json(&mut entry, size, TRAILER_PATH)?);
+            continue;
+        }
+        let in_rootfs = check_path(&path, &manifest)?;
+        let relative = PathBuf::from(&path);
+        check_no_symlink_parents(staging, &relative, &path)?;
+        let destination = staging.join(&relative);
+        let header = entry.header().clone();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let io = |action, e| ArchiveError::io(action, &path, e);
+        let digest = match header.entry_type() {
+            tar::EntryType::Directory => {
+                fs::create_dir_all(&destination).map_err(|e| io("create directory", e))?;
+                fs::set_permissions(&destination, fs::Permissions::from_mode(mode))
+                    .map_err(|e| io("set mode of", e))?;
+                description_digest(&EntryKind::Dir)
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let mut file = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&destination)
+                    .map_err(|e| io("create", e))?;
+                let mut hasher = Sha256::new();
+                let mut buffer = vec![0u8; 1 << 20];
+                loop {
+                    let n = entry.read(&mut buffer).map_err(|e| io("read", e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
+                    file.write_all(&buffer[..n]).map_err(|e| io("write", e))?;
+                    content_bytes += n as u64;
+                }
+                fs::set_permissions(&destination, fs::Permissions::from_mode(mode))
+                    .map_err(|e| io("set mode of", e))?;
+                hex::encode(hasher.finalize())
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| io("read link of", e))?
+                    .ok_or_else(|| ArchiveError::UnsafeEntry {
+                        path: path.clone(),
+                        reason: "symlink without target".into(),
+                    })?
+                    .into_owned();
+                check_link_target(&path, &target, in_rootfs, &manifest)?;
+                std::os::unix::fs::symlink(&target, &destination)
+                    .map_err(|e| io("create symlink", e))?;
+                description_digest(&EntryKind::Symlink(target))
+            }
+            tar::EntryType::Char
+                if in_rootfs
+                    && header.device_major().ok().flatten() == Some(0)
+                    && header.device_minor().ok().flatten() == Some(0) =>
+            {
+                nix::sys::stat::mknod(
+                    &destination,
+                    nix::sys::stat::SFlag::S_IFCHR,
+                    nix::sys::stat::Mode::from_bits_truncate(mode),
+                    0,
+                )
+                .map_err(|e| io("create whiteout", std::io::Error::from(e)))?;
+                description_digest(&EntryKind::Whiteout)
+            }
+            other => {
+                return Err(ArchiveError::UnsafeEntry {
+                    path,
+                    reason: format!("entry type {other:?} is not allowed"),
+                })
+            }
+        };
+        if let (Some(uid), Some(gid)) = (header.uid().ok(), header.gid().ok()) {
+            let _ = std::os::unix::fs::lchown(
+                &destination,
+                u32::try_from(uid).ok(),
+                u32::try_from(gid).ok(),
+            );
+        }
+        digests.push((path, digest));
+    }
+
+    let trailer = trailer.ok_or_else(|| {
+        ArchiveError::BadTrailer("the archive ends without a trailer (truncated?)".into())
+    })?;
+    verify(&manifest, &digests, &trailer)?;
+    Ok(Unpacked {
+        manifest,
+        entries: digests.len(),
+        content_bytes,
+    })
+}
+
+fn verify(
+    manifest: &Manifest,
+    digests: &[(String, String)],
+    trailer: &Trailer,
+) -> Result<(), ArchiveError> {
+    let listed: BTreeSet<&str> = manifest.entries.iter().map(|e| e.path.as_str()).collect();
+    let seen: BTreeSet<&str> = digests.iter().map(|(p, _)| p.as_str()).collect();
+    if listed != seen {
+        let missing: Vec<_> = listed.difference(&seen).take(5).collect();
+        let extra: Vec<_> = seen.difference(&listed).take(5).collect();
+        return Err(ArchiveError::BadTrailer(format!(
+            "entries differ from the manifest (missing {missing:?}, unexpected {extra:?})"
+        )));
+    }
+    if trailer.digests.len() != digests.len() {
+        return Err(ArchiveError::BadTrailer(format!(
+            "trailer lists {} entries, the archive holds {}",
+            trailer.digests.len(),
+            digests.len()
+        )));
+    }
+    for ((path, actual), (trailer_path, expected)) in digests.iter().zip(&trailer.digests) {
+        if path != trailer_path {
+            return Err(ArchiveError::BadTrailer(format!(
+                "trailer lists {trailer_path:?} where the archive has {path:?}"
+            )));
+        }
+        if actual != expected {
+            return Err(ArchiveError::DigestMismatch {
+                path: path.clone(),
+                expected: expected.clone(),
+                actual: actual.clone(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The source side: a consistent cut of the pod's nested containers (all frozen before any is
+//! dumped), packed into an archive stream; and the way back to running if anything fails.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::Serialize;
+use tokio_util::io::{ReaderStream, SyncIoBridge};
+
+use crate::archive::pack::{plan, summaries, write_archive, PackSource, PlannedEntry};
+use crate::archive::{
+    criu_prefix, rootfs_prefix, ContainerManifest, Manifest, MemoryPart, FORMAT_VERSION,
+};
+use crate::engine::ContainerInfo;
+use crate::error::{chain, ApiError};
+use crate::nested::{Phase, Sidecar};
+
+/// One container of a dump.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DumpedContainer {
+    pub name: String,
+    pub checkpoint_id: String,
+    pub dump_ms: u64,
+    pub criu_bytes: u64,
+    pub rootfs_bytes: u64,
+}
+
+/// A finished dump, ready to be streamed.
+#[derive(Debug, Clone)]
+pub struct Dump {
+    pub manifest: Manifest,
+    pub plan: Vec<PlannedEntry>,
+    pub containers: Vec<DumpedContainer>,
+    /// When the first container was frozen.
+    pub frozen_at: Instant,
+    /// From the first freeze to the last dump written.
+    pub freeze_dump_ms: u64,
+    pub leave_running: bool,
+}
+
+/// How far a container got, for the way back.
+#[derive(Debug, Clone)]
+struct Progress {
+    info: ContainerInfo,
+    paused: bool,
+    checkpoint_id: Option<String>,
+}
+
+/// A failed dump, with what was done to bring the containers back.
+#[derive(Debug)]
+pub struct DumpFailure {
+    pub error: ApiError,
+    pub rollback: Vec<String>,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Sidecar {
+    /// The containers a checkpoint covers: `names`, or every container of the pod.
+    pub async fn select(&self, names: &[String]) -> Result<Vec<ContainerInfo>, ApiError> {
+        let all = self.engine.list().await?;
+        if names.is_empty() {
+            if all.is_empty() {
+                return Err(ApiError::conflict(
+                    "there are no nested containers to checkpoint",
+                ));
+            }
+            return Ok(all);
+        }
+        names
+            .iter()
+            .map(|n| {
+                all.iter()
+                    .find(|c| &c.name == n)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(format!("no nested container {n:?}")))
+            })
+            .collect()
+    }
+
+    /// Freezes every selected running container, then dumps each. On failure the containers
+    /// are brought back to running (from their checkpoint if one was made).
+    pub async fn freeze_and_dump(
+        &self,
+        selected: Vec<ContainerInfo>,
+        migration_id: &str,
+        leave_running: bool,
+    ) -> Result<Dump, DumpFailure> {
+        let pod = self.podinfo.read().await.map_err(|e| DumpFailure {
+            error: e.into(),
+            rollback: vec![],
+        })?;
+        let source = self.engine.info().await.map_err(|e| DumpFailure {
+            error: e.into(),
+            rollback: vec![],
+        })?;
+        let mut progress: Vec<Progress> = selected
+            .into_iter()
+            .map(|info| Progress {
+                info,
+                paused: false,
+                checkpoint_id: None,
+            })
+            .collect();
+        let frozen_at = Instant::now();
+        for p in &progress {
+            self.set_phase(&p.info.name, Some(Phase::Migrating));
+        }
+        let result = self
+            .dump_all(
+                &mut progress,
+                migration_id,
+                leave_running,
+                &pod,
+                source,
+                frozen_at,
+            )
+            .await;
+        match result {
+            Ok(dump) => Ok(dump),
+            Err(error) => {
+                let rollback = self.roll_back(&progress).await;
+                Err(DumpFailure { error, rollback })
+            }
+        }
+    }
+
+    async fn dump_all(
+        &self,
+        progress: &mut [Progress],
+        migration_id: &str,
+        leave_running: bool,
+        pod: &crate::podinfo::PodState,
+        source: crate::engine::EngineInfo,
+        frozen_at: Instant,
+    ) -> Result<Dump, ApiError> {
+        // Freeze all first: no container runs on while another is already dumped.
+        for p in progress.iter_mut() {
+            if p.info.is_running() {
+                self.engine.pause(&p.info.name).await?;
+                p.paused = true;
+            }
+        }
+        let mut containers = Vec::new();
+        let mut sources = Vec::new();
+        let mut manifests = Vec::new();
+        for p in progress.iter_mut() {
+            let name = p.info.name.clone();
+            let checkpoint_id = format!("ums-{migration_id}");
+            let started = Instant::now();
+            let files = self
+                .engine
+                .checkpoint(&name, &checkpoint_id, leave_running)
+                .await?;
+            p.checkpoint_id = Some(checkpoint_id.clone());
+            let dump_ms = ms(started.elapsed());
+            let mut container_sources = vec![PackSource {
+                prefix: criu_prefix(&name),
+                dir: files.criu_dir.clone(),
+            }];
+            if let Some(rootfs) = &files.rootfs_dir {
+                container_sources.push(PackSource {
+                    prefix: rootfs_prefix(&name),
+                    dir: rootfs.clone(),
+                });
+            }
+            let container_plan = plan(&container_sources)?;
+            let bytes_under = |prefix: &str| -> u64 {
+                container_plan
+                    .iter()
+                    .filter(|e| e.archive_path.starts_with(prefix))
+                    .map(|e| e.size)
+                    .sum()
+            };
+            let criu_bytes = bytes_under(&criu_prefix(&name));
+            let rootfs_bytes = bytes_under(&rootfs_prefix(&name));
+            let spec = pod.container(&name).cloned().ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "nested container {name:?} is not in the pod's migration-containers"
+                ))
+            })?;
+            manifests.push(ContainerManifest {
+                name: name.clone(),
+                spec,
+                image: p.info.image.clone(),
+                image_id: p.info.image_id.clone(),
+                checkpoint_id: checkpoint_id.clone(),
+                memory_parts: vec![MemoryPart::Full],
+                criu_bytes,
+                rootfs_bytes,
+                was_running: p.info.is_running(),
+            });
+            containers.push(DumpedContainer {
+                name,
+                checkpoint_id,
+                dump_ms,
+                criu_bytes,
+                rootfs_bytes,
+            });
+            sources.extend(container_sources);
+        }
+        let freeze_dump_ms = ms(frozen_at.elapsed());
+        if leave_running {
+            for p in progress.iter_mut() {
+                if p.paused {
+                    self.engine.unpause(&p.info.name).await?;
+                    p.paused = false;
+                }
+                self.set_phase(&p.info.name, None);
+            }
+        }
+        let plan = plan(&sources)?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            migration_id: migration_id.to_owned(),
+            created_unix_ms: unix_ms(),
+            source,
+            containers: manifests,
+            entries: summaries(&plan),
+        };
+        Ok(Dump {
+            manifest,
+            plan,
+            containers,
+            frozen_at,
+            freeze_dump_ms,
+            leave_running,
+        })
+    }
+
+    async fn roll_back(&self, progress: &[Progress]) -> Vec<String> {
+        let mut report = Vec::new();
+        for p in progress {
+            let name = &p.info.name;
+            let state = self
+                .engine
+                .inspect(name)
+                .await
+                .ok()
+                .flatten()
+                .map(|i| i.state);
+            let outcome = match (state.as_deref(), &p.checkpoint_id) {
+                (Some("paused"), _) => self
+                    .engine
+                    .unpause(name)
+                    .await
+                    .map(|_| "unfrozen".to_owned()),
+                (Some("running"), _) => Ok("still running".to_owned()),
+                (Some(_), Some(cp)) if p.info.is_running() => self
+                    .engine
+                    .start_from_checkpoint(name, cp)
+                    .await
+                    .map(|_| format!("restored from checkpoint {cp}")),
+                (_, _) => Ok(format!("left {}", state.as_deref().unwrap_or("absent"))),
+            };
+            self.set_phase(name, None);
+            let line = match outcome {
+                Ok(what) => format!("{name}: {what}"),
+                Err(e) => format!("{name}: FAILED to bring back: {}", chain(&e)),
+            };
+            tracing::warn!(container = %name, outcome = %line, "rollback");
+            report.push(line);
+        }
+        report
+    }
+
+    /// Brings the containers of a dump back to running (the destination failed).
+    pub async fn roll_back_dump(&self, dump: &Dump) -> Vec<String> {
+        let mut progress = Vec::new();
+        for c in &dump.manifest.containers {
+            if let Ok(Some(info)) = self.engine.inspect(&c.name).await {
+                progress.push(Progress {
+                    info: ContainerInfo {
+                        // It ran before the dump: that is what decides the way back.
+                        state: if c.was_running {
+                            "running".into()
+                        } else {
+                            info.state.clone()
+                        },
+                        ..info
+                    },
+                    paused: false,
+                    checkpoint_id: Some(c.checkpoint_id.clone()),
+                });
+            }
+        }
+        self.roll_back(&progress).await
+    }
+
+    /// After a successful migration: the source containers and their checkpoints go.
+    pub async fn finish_migrated(&self, dump: &Dump) -> Vec<String> {
+        let mut problems = Vec::new();
+        for c in &dump.manifest.containers {
+            if let Err(e) = self.engine.remove(&c.name).await {
+                problems.push(format!("{}: {}", c.name, chain(&e)));
+            }
+            self.set_phase(&c.name, Some(Phase::Migrated));
+        }
+        problems
+    }
+}
+
+/// Streams the archive of a dump: a blocking task writes the tar (optionally zstd) into a
+/// pipe whose other end is the returned stream; nothing is staged on disk.
+pub fn archive_stream(
+    dump: &Dump,
+    zstd_level: Option<i32>,
+) -> (
+    impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    tokio::task::JoinHandle<Result<u64, String>>,
+) {
+    let (reader, writer) = tokio::io::duplex(1 << 20);
+    let manifest = dump.manifest.clone();
+    let plan = dump.plan.clone();
+    let writer_task = tokio::task::spawn_blocking(move || {
+        let bridge = SyncIoBridge::new(writer);
+        let result = match zstd_level {
+            Some(level) => {
+                let mut encoder =
+                    zstd::stream::write::Encoder::new(bridge, level).map_err(|e| e.to_string())?;
+                let n = write_archive(&mut encoder, &manifest, &plan).map_err(|e| chain(&e))?;
+                let mut bridge = encoder.finish().map_err(|e| e.to_string())?;
+                std::io::Write::flush(&mut bridge).map_err(|e| e.to_string())?;
+                bridge.shutdown().map_err(|e| e.to_string())?;
+                Ok(n)
+            }
+            None => {
+                let mut bridge = bridge;
+                let n = write_archive(&mut bridge, &manifest, &plan).map_err(|e| chain(&e))?;
+                std::io::Write::flush(&mut bridge).map_err(|e| e.to_string())?;
+                bridge.shutdown().map_err(|e| e.to_string())?;
+                Ok(n)
+            }
+        };
+        result
+    });
+    (ReaderStream::with_capacity(reader, 1 << 20), writer_task)
+}

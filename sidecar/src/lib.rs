@@ -1,0 +1,24 @@
+//! `ums-sidecar`: the agent in a wrapped pod's runtime container, and the ambassador that
+//! stands in for each original container.
+//!
+//! Where things are:
+//! - [`spec`] translates the original Kubernetes containers into nested engine specs;
+//! - [`engine`] is the engine trait and its Docker driver;
+//! - [`archive`] packs and unpacks migration archives (format documented there);
+//! - [`api`] is the HTTP API, [`migrate`] the live migration, [`ambassador`] the stand-in.
+
+pub mod ambassador;
+pub mod api;
+pub mod archive;
+pub mod checkpoint;
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod migrate;
+pub mod nested;
+pub mod openapi;
+pub mod podinfo;
+pub mod quantity_bytes;
+pub mod restore;
+pub mod serve;
+pub mod spec;

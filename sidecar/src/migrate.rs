@@ -1,0 +1,369 @@
+//! `POST /migrate`: check the destination, freeze and dump, stream the archive straight into
+//! the destination's `/restore`, wait for it to confirm the containers run, then clean up here.
+//! If anything fails after the freeze, the containers here are brought back to running.
+
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::archive::FORMAT_VERSION;
+use crate::checkpoint::{archive_stream, ms, unix_ms, DumpedContainer};
+use crate::error::{chain, ApiError};
+use crate::nested::Sidecar;
+use crate::restore::{PreflightContainer, PreflightRequest, RestoreReport, SidecarInfo};
+
+/// The body of `POST /migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Base URL of the destination sidecar, e.g. `http://10.0.3.7:8888`.
+    pub destination: String,
+    /// Containers to move (default: every nested container of the pod).
+    #[serde(default)]
+    pub containers: Vec<String>,
+    /// Keep the source containers running (a copy, not a move).
+    #[serde(default)]
+    pub leave_running: bool,
+    /// `none` (default) or `zstd`.
+    #[serde(default)]
+    pub compression: Option<String>,
+    /// Bearer token of the destination (default: this sidecar's own token).
+    #[serde(default)]
+    pub destination_token: Option<String>,
+}
+
+/// Totals of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationTotals {
+    /// Archive bytes sent (after compression).
+    pub bytes_sent: u64,
+    /// Bytes of file content carried (CRIU images + root-fs changes).
+    pub content_bytes: u64,
+    pub preflight_ms: u64,
+    pub freeze_dump_ms: u64,
+    pub transfer_ms: u64,
+    pub restore_ms: u64,
+    /// Frozen at the source until running at the destination.
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Per container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigratedContainer {
+    pub name: String,
+    pub checkpoint_id: String,
+    pub dump_ms: u64,
+    pub criu_bytes: u64,
+    pub rootfs_bytes: u64,
+    pub restore_ms: Option<u64>,
+    pub memory_parts: usize,
+}
+
+/// The answer of a successful `POST /migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationReport {
+    pub migration_id: String,
+    pub destination: String,
+    pub compression: String,
+    pub source_left_running: bool,
+    pub containers: Vec<MigratedContainer>,
+    pub totals: MigrationTotals,
+    /// Problems cleaning up the source after success (the service runs at the destination).
+    pub cleanup_warnings: Vec<String>,
+}
+
+fn new_migration_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("m{:x}", nanos)
+}
+
+/// A client for the destination sidecar.
+fn client() -> Result<reqwest::Client, ApiError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))
+}
+
+fn failed(
+    status: StatusCode,
+    phase: &str,
+    error: impl Into<String>,
+    rollback: Vec<String>,
+) -> ApiError {
+    let error = error.into();
+    ApiError::new(status, format!("migration failed during {phase}: {error}")).with_detail(
+        serde_json::json!({
+            "phase": phase,
+            "error": error,
+            "rollback": rollback,
+            "sourceState": if rollback.is_empty() { "untouched" } else { "restored to running" },
+        }),
+    )
+}
+
+async fn destination_error(response: reqwest::Response) -> String {
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or(body);
+    format!("destination answered {status}: {message}")
+}
+
+impl Sidecar {
+    pub async fn migrate(&self, request: MigrateRequest) -> Result<MigrationReport, ApiError> {
+        let started = Instant::now();
+        let destination = request.destination.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&destination).map_err(|e| {
+            ApiError::bad_request(format!("invalid destination {destination:?}: {e}"))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ApiError::bad_request(format!(
+                "destination {destination:?} must be an http or https URL"
+            )));
+        }
+        let zstd_level = match request.compression.as_deref() {
+            None | Some("none") => None,
+            Some("zstd") => Some(1),
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown compression {other:?}: use \"none\" or \"zstd\""
+                )))
+            }
+        };
+        let token = request
+            .destination_token
+            .clone()
+            .or_else(|| self.token.clone());
+        let authorized = |builder: reqwest::RequestBuilder| match &token {
+            Some(t) => builder.bearer_auth(t),
+            None => builder,
+        };
+        let http = client()?;
+        let selected = self.select(&request.containers).await?;
+        let migration_id = new_migration_id();
+        tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
+
+        // 1. Preflight: nothing is frozen until the destination says it can restore.
+        let unreachable = |e: reqwest::Error| {
+            failed(
+                StatusCode::BAD_GATEWAY,
+                "preflight",
+                format!("destination {destination} is unreachable: {e}"),
+                vec![],
+            )
+        };
+        let info_response = authorized(http.get(format!("{destination}/info")))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !info_response.status().is_success() {
+            return Err(failed(
+                StatusCode::BAD_GATEWAY,
+                "preflight",
+                destination_error(info_response).await,
+                vec![],
+            ));
+        }
+        let destination_info: SidecarInfo = info_response.json().await.map_err(|e| {
+            failed(
+                StatusCode::BAD_GATEWAY,
+                "preflight",
+                format!("destination /info is not a sidecar's: {e}"),
+                vec![],
+            )
+        })?;
+        if !destination_info.format_versions.contains(&FORMAT_VERSION) {
+            return Err(failed(
+                StatusCode::CONFLICT,
+                "preflight",
+                format!(
+                    "destination reads archive versions {:?}, this sidecar writes {FORMAT_VERSION}",
+                    destination_info.format_versions
+                ),
+                vec![],
+            ));
+        }
+        if zstd_level.is_some() && !destination_info.compression.iter().any(|c| c == "zstd") {
+            return Err(failed(
+                StatusCode::CONFLICT,
+                "preflight",
+                "destination does not accept zstd archives",
+                vec![],
+            ));
+        }
+        let preflight = PreflightRequest {
+            format_version: FORMAT_VERSION,
+            source: self.engine.info().await?,
+            containers: selected
+                .iter()
+                .map(|c| PreflightContainer {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    image_id: c.image_id.clone(),
+                })
+                .collect(),
+        };
+        let response = authorized(
+            http.post(format!("{destination}/restore/preflight"))
+                .json(&preflight),
+        )
+        .send()
+        .await
+        .map_err(unreachable)?;
+        if !response.status().is_success() {
+            let status = if response.status() == StatusCode::CONFLICT {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            return Err(failed(
+                status,
+                "preflight",
+                destination_error(response).await,
+                vec![],
+            ));
+        }
+        let preflight_ms = ms(started.elapsed());
+
+        // 2. Freeze every container, then dump each.
+        let dump = match self
+            .freeze_and_dump(selected, &migration_id, request.leave_running)
+            .await
+        {
+            Ok(dump) => dump,
+            Err(failure) => {
+                return Err(failed(
+                    StatusCode::BAD_GATEWAY,
+                    "freeze/dump",
+                    failure.error.error,
+                    failure.rollback,
+                ));
+            }
+        };
+
+        // 3. Stream the archive into the destination's /restore; it answers once the
+        //    containers run there.
+        let transfer_started = Instant::now();
+        let (stream, writer) = archive_stream(&dump, zstd_level);
+        let mut post =
+            authorized(http.post(format!("{destination}/restore?migrationId={migration_id}")))
+                .header("content-type", "application/x-tar")
+                .body(reqwest::Body::wrap_stream(stream));
+        if zstd_level.is_some() {
+            post = post.header("content-encoding", "zstd");
+        }
+        let outcome = post.send().await;
+        let written = writer.await.map_err(|e| e.to_string()).and_then(|r| r);
+        let restore_report = match outcome {
+            Ok(response) if response.status().is_success() => {
+                match response.json::<RestoreReport>().await {
+                    Ok(report) => Ok(report),
+                    Err(e) => Err(format!("destination's restore report is unreadable: {e}")),
+                }
+            }
+            Ok(response) => Err(destination_error(response).await),
+            Err(e) => Err(format!("transfer to {destination} failed: {}", chain(&e))),
+        };
+        let restore_report = match (&restore_report, &written) {
+            (Ok(report), Ok(_)) => report.clone(),
+            (Err(error), _) | (Ok(_), Err(error)) => {
+                let error = error.clone();
+                let error = match &written {
+                    Err(w) if !error.contains(w.as_str()) => {
+                        format!("{error} (archive writer: {w})")
+                    }
+                    _ => error,
+                };
+                let rollback = if dump.leave_running {
+                    vec![]
+                } else {
+                    self.roll_back_dump(&dump).await
+                };
+                let _ = self.remove_checkpoints(&dump).await;
+                return Err(failed(
+                    StatusCode::BAD_GATEWAY,
+                    "transfer/restore",
+                    error,
+                    rollback,
+                ));
+            }
+        };
+        let downtime_ms = ms(dump.frozen_at.elapsed());
+        let round_trip_ms = ms(transfer_started.elapsed());
+        let bytes_sent = written.unwrap_or(0);
+
+        // 4. The destination runs the containers: they go here.
+        let cleanup_warnings = if dump.leave_running {
+            self.remove_checkpoints(&dump).await
+        } else {
+            self.finish_migrated(&dump).await
+        };
+        let containers = dump
+            .containers
+            .iter()
+            .map(|c: &DumpedContainer| MigratedContainer {
+                name: c.name.clone(),
+                checkpoint_id: c.checkpoint_id.clone(),
+                dump_ms: c.dump_ms,
+                criu_bytes: c.criu_bytes,
+                rootfs_bytes: c.rootfs_bytes,
+                restore_ms: restore_report
+                    .containers
+                    .iter()
+                    .find(|r| r.name == c.name)
+                    .map(|r| r.restore_ms),
+                memory_parts: 1,
+            })
+            .collect();
+        let report = MigrationReport {
+            migration_id,
+            destination,
+            compression: if zstd_level.is_some() {
+                "zstd".into()
+            } else {
+                "none".into()
+            },
+            source_left_running: dump.leave_running,
+            containers,
+            totals: MigrationTotals {
+                bytes_sent,
+                content_bytes: restore_report.content_bytes,
+                preflight_ms,
+                freeze_dump_ms: dump.freeze_dump_ms,
+                transfer_ms: round_trip_ms.saturating_sub(restore_report.restore_ms),
+                restore_ms: restore_report.restore_ms,
+                downtime_ms: if dump.leave_running { 0 } else { downtime_ms },
+                total_ms: ms(started.elapsed()),
+            },
+            cleanup_warnings,
+        };
+        tracing::info!(migration = %report.migration_id, downtime_ms = report.totals.downtime_ms, at = unix_ms(), "migration completed");
+        Ok(report)
+    }
+
+    async fn remove_checkpoints(&self, dump: &crate::checkpoint::Dump) -> Vec<String> {
+        let mut problems = Vec::new();
+        for c in &dump.manifest.containers {
+            if let Err(e) = self
+                .engine
+                .remove_checkpoint(&c.name, &c.checkpoint_id)
+                .await
+            {
+                problems.push(format!("{}: {}", c.name, chain(&e)));
+            }
+        }
+        problems
+    }
+}

@@ -1,0 +1,208 @@
+//! The nested containers of this pod: creating them from the pod's spec according to the start
+//! mode, probing them, stopping them.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use serde::Serialize;
+use ums_contract::StartMode;
+
+use crate::engine::{ContainerInfo, Engine};
+use crate::error::ApiError;
+use crate::podinfo::PodInfo;
+use crate::spec::translate;
+
+/// Where a container is in a migration, as seen by this sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Frozen or being dumped; it may come back here if the migration fails.
+    Migrating,
+    /// Moved to another pod; it is not recreated here.
+    Migrated,
+}
+
+/// The sidecar's shared state.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub engine: Arc<dyn Engine>,
+    pub podinfo: PodInfo,
+    /// The engine's data root (checkpoints, staging of incoming archives).
+    pub engine_root: PathBuf,
+    pub token: Option<String>,
+    /// Held by a checkpoint, restore or migration: one at a time.
+    pub busy: Arc<tokio::sync::Mutex<()>>,
+    phases: std::sync::Mutex<HashMap<String, Phase>>,
+}
+
+/// What `POST /create/{name}` did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateOutcome {
+    pub name: String,
+    pub start_mode: String,
+    /// `created`, `started`, `exists`, `none` (start mode null).
+    pub action: &'static str,
+    pub container: Option<ContainerInfo>,
+}
+
+/// What `GET /probe/{name}` answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeOutcome {
+    #[serde(skip)]
+    pub status: StatusCode,
+    pub name: String,
+    pub state: String,
+    pub exit_code: Option<i64>,
+}
+
+impl Sidecar {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        podinfo: PodInfo,
+        engine_root: PathBuf,
+        token: Option<String>,
+    ) -> Self {
+        Sidecar {
+            engine,
+            podinfo,
+            engine_root,
+            token,
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            phases: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn phase(&self, name: &str) -> Option<Phase> {
+        self.phases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    pub fn set_phase(&self, name: &str, phase: Option<Phase>) {
+        let mut phases = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        match phase {
+            Some(p) => phases.insert(name.to_owned(), p),
+            None => phases.remove(name),
+        };
+    }
+
+    /// Creates (and, in `active` mode, starts) nested container `name` from the pod's
+    /// `migration-containers`. Idempotent.
+    pub async fn create(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
+        if self.phase(name) == Some(Phase::Migrated) {
+            return Err(ApiError::conflict(format!(
+                "container {name:?} was migrated away from this pod; it is not recreated here"
+            )));
+        }
+        let pod = self.podinfo.read().await?;
+        let start_mode = pod.start_mode();
+        let outcome = |action, container| CreateOutcome {
+            name: name.to_owned(),
+            start_mode: start_mode.to_string(),
+            action,
+            container,
+        };
+        match start_mode {
+            StartMode::Fail => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("start mode is \"fail\": refusing to create {name:?}"),
+                ))
+            }
+            StartMode::Null => return Ok((StatusCode::OK, outcome("none", None))),
+            StartMode::Active | StartMode::Passive => {}
+        }
+        let original = pod.container(name).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no container {name:?} in the pod's migration-containers (known: {:?})",
+                pod.containers()
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+            ))
+        })?;
+        if let Some(existing) = self.engine.inspect(name).await? {
+            // A created (restore target, or passive) container is started once the pod is
+            // active; anything else is left as it is.
+            if start_mode == StartMode::Active
+                && existing.state == "created"
+                && self.phase(name).is_none()
+            {
+                self.engine.start(name).await?;
+                let started = self.engine.inspect(name).await?;
+                return Ok((StatusCode::OK, outcome("started", started)));
+            }
+            return Ok((StatusCode::OK, outcome("exists", Some(existing))));
+        }
+        let lookup = |var: &str| std::env::var(var).ok();
+        let spec = translate(original, pod.volumes(), &lookup)?;
+        let created = self.engine.create(&spec).await?;
+        if start_mode == StartMode::Active {
+            self.engine.start(name).await?;
+            let started = self.engine.inspect(name).await?;
+            tracing::info!(container = name, "created and started nested container");
+            return Ok((StatusCode::CREATED, outcome("started", started)));
+        }
+        tracing::info!(
+            container = name,
+            "created nested container (passive: not started)"
+        );
+        Ok((StatusCode::CREATED, outcome("created", Some(created))))
+    }
+
+    /// 200 running (or migrating/migrated), 204 created, 503 exited, 404 unknown.
+    pub async fn probe(&self, name: &str) -> Result<ProbeOutcome, ApiError> {
+        let probe = |status, state: &str, exit_code| ProbeOutcome {
+            status,
+            name: name.to_owned(),
+            state: state.to_owned(),
+            exit_code,
+        };
+        match self.phase(name) {
+            Some(Phase::Migrated) => return Ok(probe(StatusCode::OK, "migrated", None)),
+            Some(Phase::Migrating) => return Ok(probe(StatusCode::OK, "migrating", None)),
+            None => {}
+        }
+        let Some(info) = self.engine.inspect(name).await? else {
+            return Err(ApiError::not_found(format!("no nested container {name:?}")));
+        };
+        Ok(match info.state.as_str() {
+            "running" | "paused" | "restarting" => probe(StatusCode::OK, &info.state, None),
+            "created" => probe(StatusCode::NO_CONTENT, "created", None),
+            _ => probe(StatusCode::SERVICE_UNAVAILABLE, &info.state, info.exit_code),
+        })
+    }
+
+    /// Creates every container of the pod per the start mode (at start-up).
+    pub async fn create_all(&self) -> Result<Vec<CreateOutcome>, ApiError> {
+        let pod = self.podinfo.read().await?;
+        let mut outcomes = Vec::new();
+        for c in pod.containers() {
+            outcomes.push(self.create(&c.name).await?.1);
+        }
+        Ok(outcomes)
+    }
+
+    /// Stops every nested container.
+    pub async fn stop_all(&self, timeout_seconds: i32) -> Result<Vec<ContainerInfo>, ApiError> {
+        let mut stopped = Vec::new();
+        for c in self.engine.list().await? {
+            if c.is_running() || c.state == "paused" {
+                if c.state == "paused" {
+                    self.engine.unpause(&c.name).await?;
+                }
+                self.engine.stop(&c.name, timeout_seconds).await?;
+            }
+            if let Some(info) = self.engine.inspect(&c.name).await? {
+                stopped.push(info);
+            }
+        }
+        Ok(stopped)
+    }
+}

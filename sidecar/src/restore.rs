@@ -1,0 +1,410 @@
+//! The destination side: check an incoming archive against this engine, unpack it into a
+//! staging directory (every digest verified), then restore each container and wait until it
+//! runs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::archive::unpack::{check_manifest, unpack, Unpacked};
+use crate::archive::{criu_prefix, rootfs_prefix, ArchiveError, Manifest, FORMAT_VERSION};
+use crate::checkpoint::ms;
+use crate::engine::EngineInfo;
+use crate::error::{chain, ApiError};
+use crate::nested::Sidecar;
+use crate::spec::translate;
+
+/// What a source asks before it freezes anything.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreflightRequest {
+    pub format_version: u32,
+    pub source: EngineInfo,
+    pub containers: Vec<PreflightContainer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreflightContainer {
+    pub name: String,
+    pub image: String,
+    pub image_id: String,
+}
+
+/// This sidecar's capabilities, for `GET /info`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarInfo {
+    pub engine: EngineInfo,
+    pub format_versions: Vec<u32>,
+    pub compression: Vec<String>,
+}
+
+/// Whether `source` can be restored on `destination`; the reasons if not.
+pub fn compatibility_problems(
+    source: &EngineInfo,
+    destination: &EngineInfo,
+    format_version: u32,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if format_version != FORMAT_VERSION {
+        problems.push(format!(
+            "archive format version {format_version} is not supported (destination reads {FORMAT_VERSION})"
+        ));
+    }
+    if source.kind != destination.kind {
+        problems.push(format!(
+            "the source engine is {} and the destination engine is {}: a {} checkpoint cannot be restored by {}",
+            source.kind, destination.kind, source.kind, destination.kind
+        ));
+    }
+    if source.architecture != destination.architecture {
+        problems.push(format!(
+            "CPU architecture differs: source {}, destination {}",
+            source.architecture, destination.architecture
+        ));
+    }
+    let major = |v: &str| v.split('.').next().unwrap_or("").to_owned();
+    if major(&source.criu_version) != major(&destination.criu_version) {
+        problems.push(format!(
+            "CRIU major version differs: source {}, destination {}",
+            source.criu_version, destination.criu_version
+        ));
+    }
+    let kernel = |v: &str| -> (u32, u32) {
+        let mut parts = v
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty());
+        let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        (major, minor)
+    };
+    if kernel(&destination.kernel) < kernel(&source.kernel) {
+        problems.push(format!(
+            "destination kernel {} is older than the source's {}: CRIU images may use features it lacks",
+            destination.kernel, source.kernel
+        ));
+    }
+    problems
+}
+
+/// Per container, after a restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredContainer {
+    pub name: String,
+    pub state: String,
+    pub restore_ms: u64,
+}
+
+/// The answer of `POST /restore`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreReport {
+    pub migration_id: String,
+    pub entries: usize,
+    pub content_bytes: u64,
+    /// From the first byte received to the trailer verified.
+    pub receive_ms: u64,
+    /// From the trailer verified to every container running.
+    pub restore_ms: u64,
+    pub containers: Vec<RestoredContainer>,
+}
+
+impl Sidecar {
+    pub async fn sidecar_info(&self) -> Result<SidecarInfo, ApiError> {
+        Ok(SidecarInfo {
+            engine: self.engine.info().await?,
+            format_versions: vec![FORMAT_VERSION],
+            compression: vec!["zstd".into()],
+        })
+    }
+
+    /// Answers whether an archive like this could be restored here now.
+    pub async fn preflight(&self, request: &PreflightRequest) -> Result<(), ApiError> {
+        let here = self.engine.info().await?;
+        let mut problems = compatibility_problems(&request.source, &here, request.format_version);
+        for c in &request.containers {
+            match self.engine.image_id(&c.image).await? {
+                None => problems.push(format!(
+                    "image {:?} of container {:?} is not present at the destination",
+                    c.image, c.name
+                )),
+                Some(id) if id != c.image_id => problems.push(format!(
+                    "image {:?} of container {:?} has ID {id} at the destination, {} at the source",
+                    c.image, c.name, c.image_id
+                )),
+                Some(_) => {}
+            }
+            if let Some(existing) = self.engine.inspect(&c.name).await? {
+                if existing.is_running() || existing.state == "paused" {
+                    problems.push(format!(
+                        "container {:?} is already {} at the destination",
+                        c.name, existing.state
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::conflict(format!(
+                "destination cannot restore this archive: {}",
+                problems.join("; ")
+            ))
+            .with_detail(serde_json::json!({ "problems": problems })))
+        }
+    }
+
+    fn staging_dir(&self, migration_id: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let safe: String = migration_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        self.engine_root
+            .join("ums-staging")
+            .join(format!("{safe}-{nanos}"))
+    }
+
+    /// Unpacks `reader` (blocking, run on a blocking thread) and restores it.
+    pub async fn restore_archive(
+        &self,
+        reader: impl std::io::Read + Send + 'static,
+        migration_id: &str,
+    ) -> Result<RestoreReport, ApiError> {
+        let here = self.engine.info().await?;
+        let staging = self.staging_dir(migration_id);
+        std::fs::create_dir_all(&staging).map_err(|e| {
+            ApiError::internal(format!("failed to create {}: {e}", staging.display()))
+        })?;
+        let received = Instant::now();
+        let staging_for_unpack = staging.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            unpack(reader, &staging_for_unpack, |manifest| {
+                check_manifest(manifest)?;
+                let problems =
+                    compatibility_problems(&manifest.source, &here, manifest.format_version);
+                if problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ArchiveError::BadManifest(problems.join("; ")))
+                }
+            })
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("unpack task failed: {e}")));
+        let result = match unpacked {
+            Ok(Ok(unpacked)) => {
+                let receive_ms = ms(received.elapsed());
+                self.restore_unpacked(&unpacked, &staging, receive_ms).await
+            }
+            Ok(Err(e)) => Err(ApiError::from(e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = tokio::fs::remove_dir_all(&staging).await {
+            tracing::warn!(staging = %staging.display(), error = %e, "failed to remove staging directory");
+        }
+        result
+    }
+
+    async fn restore_unpacked(
+        &self,
+        unpacked: &Unpacked,
+        staging: &Path,
+        receive_ms: u64,
+    ) -> Result<RestoreReport, ApiError> {
+        let manifest: &Manifest = &unpacked.manifest;
+        let pod = self.podinfo.read().await.ok();
+        let lookup = |var: &str| std::env::var(var).ok();
+        let started = Instant::now();
+        // Place every container's files first; start none until all are in place.
+        for c in &manifest.containers {
+            let existing = self.engine.inspect(&c.name).await?;
+            match existing {
+                Some(e) if e.is_running() || e.state == "paused" => {
+                    return Err(ApiError::conflict(format!(
+                        "container {:?} is already {} here",
+                        c.name, e.state
+                    )));
+                }
+                Some(e) if e.image_id != c.image_id => {
+                    return Err(ApiError::conflict(format!(
+                        "container {:?} exists here with image {}, the archive needs {}",
+                        c.name, e.image_id, c.image_id
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    // Not created by a passive start: create it from this pod's spec if it has
+                    // one, else from the archive's.
+                    let original = pod
+                        .as_ref()
+                        .and_then(|p| p.container(&c.name))
+                        .unwrap_or(&c.spec);
+                    let volumes = pod
+                        .as_ref()
+                        .map(|p| p.volumes().to_vec())
+                        .unwrap_or_default();
+                    let spec = translate(original, &volumes, &lookup)?;
+                    self.engine.create(&spec).await?;
+                }
+            }
+            let target = self
+                .engine
+                .restore_target(&c.name, &c.checkpoint_id)
+                .await?;
+            move_into(&staging.join(criu_prefix(&c.name)), &target.criu_dir).map_err(|e| {
+                ApiError::internal(format!("failed to place CRIU images of {:?}: {e}", c.name))
+            })?;
+            let staged_rootfs = staging.join(rootfs_prefix(&c.name));
+            if let (true, Some(rootfs)) = (staged_rootfs.exists(), &target.rootfs_dir) {
+                merge_into(&staged_rootfs, rootfs).map_err(|e| {
+                    ApiError::internal(format!(
+                        "failed to place root-fs changes of {:?}: {e}",
+                        c.name
+                    ))
+                })?;
+            }
+        }
+        let mut containers = Vec::new();
+        for c in &manifest.containers {
+            let one = Instant::now();
+            if let Err(e) = self
+                .engine
+                .start_from_checkpoint(&c.name, &c.checkpoint_id)
+                .await
+            {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("failed to restore {:?}: {}", c.name, chain(&e)),
+                ));
+            }
+            let state = self.wait_running(&c.name, Duration::from_secs(60)).await?;
+            let _ = self
+                .engine
+                .remove_checkpoint(&c.name, &c.checkpoint_id)
+                .await;
+            containers.push(RestoredContainer {
+                name: c.name.clone(),
+                state,
+                restore_ms: ms(one.elapsed()),
+            });
+        }
+        let report = RestoreReport {
+            migration_id: manifest.migration_id.clone(),
+            entries: unpacked.entries,
+            content_bytes: unpacked.content_bytes,
+            receive_ms,
+            restore_ms: ms(started.elapsed()),
+            containers,
+        };
+        tracing::info!(migration = %report.migration_id, restore_ms = report.restore_ms, "restored");
+        Ok(report)
+    }
+
+    async fn wait_running(&self, name: &str, deadline: Duration) -> Result<String, ApiError> {
+        let until = Instant::now() + deadline;
+        loop {
+            let info = self.engine.inspect(name).await?;
+            match info.as_ref().map(|i| i.state.as_str()) {
+                Some("running") => return Ok("running".into()),
+                Some("exited") | Some("dead") => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "restored container {name:?} exited (code {:?})",
+                            info.and_then(|i| i.exit_code)
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+            if Instant::now() > until {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("restored container {name:?} did not run within {deadline:?}"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Moves a staged directory to `target` (same file system: a rename).
+fn move_into(staged: &Path, target: &Path) -> std::io::Result<()> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if target.exists() {
+        std::fs::remove_dir_all(target)?;
+    }
+    std::fs::rename(staged, target)
+}
+
+/// Moves the staged root-fs changes into the container's writable layer, entry by entry.
+fn merge_into(staged: &Path, target: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    for entry in std::fs::read_dir(staged)? {
+        let entry = entry?;
+        let to = target.join(entry.file_name());
+        let from_is_dir = entry.file_type()?.is_dir();
+        match std::fs::symlink_metadata(&to) {
+            Ok(meta) if meta.is_dir() && from_is_dir => merge_into(&entry.path(), &to)?,
+            Ok(meta) => {
+                if meta.is_dir() {
+                    std::fs::remove_dir_all(&to)?;
+                } else {
+                    std::fs::remove_file(&to)?;
+                }
+                std::fs::rename(entry.path(), &to)?;
+            }
+            Err(_) => std::fs::rename(entry.path(), &to)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineKind;
+
+    fn info(kind: EngineKind, criu: &str, kernel: &str, arch: &str) -> EngineInfo {
+        EngineInfo {
+            kind,
+            version: "x".into(),
+            api_version: "y".into(),
+            criu_version: criu.into(),
+            kernel: kernel.into(),
+            architecture: arch.into(),
+        }
+    }
+
+    #[test]
+    fn compatibility_names_each_problem() {
+        let src = info(EngineKind::Docker, "4.1.1", "6.18.44-fc", "x86_64");
+        assert!(compatibility_problems(&src, &src, FORMAT_VERSION).is_empty());
+        assert!(compatibility_problems(
+            &src,
+            &info(EngineKind::Docker, "4.0", "6.19.0", "x86_64"),
+            FORMAT_VERSION
+        )
+        .is_empty());
+        let problems = compatibility_problems(
+            &src,
+            &info(EngineKind::Podman, "3.17", "6.1.0", "aarch64"),
+            FORMAT_VERSION + 1,
+        );
+        let text = problems.join("\n");
+        for needle in ["format version", "podman", "architecture", "CRIU", "kernel"] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+}

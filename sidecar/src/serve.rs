@@ -1,0 +1,124 @@
+//! `ums-sidecar serve`: connect to the nested engine, create the pod's containers per the start
+//! mode, follow start-mode changes, serve the API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ums_contract::StartMode;
+
+use crate::cli::ServeArgs;
+use crate::engine::docker::DockerEngine;
+use crate::engine::{Engine, EngineKind};
+use crate::nested::Sidecar;
+use crate::podinfo::PodInfo;
+
+/// Runs until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        engine,
+        engine_socket,
+        engine_root,
+        podinfo,
+        listen,
+        token_file,
+    } = args;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let token = match &token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read token file {}", path.display()))?
+                .trim()
+                .to_owned();
+            anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+            Some(token)
+        }
+        None => None,
+    };
+    let engine: Arc<dyn Engine> = match engine {
+        EngineKind::Docker => Arc::new(
+            connect_with_retry(|| DockerEngine::connect(&engine_socket, &engine_root)).await?,
+        ),
+        EngineKind::Podman => anyhow::bail!("the podman engine is not implemented yet (issue 4)"),
+    };
+    let info = engine.info().await?;
+    tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
+    let sidecar = Arc::new(Sidecar::new(
+        engine,
+        PodInfo::new(&podinfo),
+        engine_root,
+        token,
+    ));
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to bind {listen}"))?;
+    tracing::info!(listen = %listener.local_addr()?, "ums-sidecar listening");
+    tokio::spawn(follow_start_mode(sidecar.clone()));
+    axum::serve(listener, crate::api::router(sidecar))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// The engine starts next to the sidecar in the runtime container: wait for it (two minutes).
+async fn connect_with_retry<F, Fut>(connect: F) -> anyhow::Result<DockerEngine>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<DockerEngine, crate::engine::EngineError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match connect().await {
+            Ok(engine) => return Ok(engine),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "waiting for the nested engine");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Creates the pod's containers at start, and again whenever the start mode changes (a
+/// passive restore target turned active starts the containers that were not restored).
+async fn follow_start_mode(sidecar: Arc<Sidecar>) {
+    let mut last: Option<StartMode> = None;
+    loop {
+        match sidecar.podinfo.read().await {
+            Ok(pod) => {
+                let mode = pod.start_mode();
+                if last != Some(mode) {
+                    tracing::info!(start_mode = %mode, "start mode");
+                    last = Some(mode);
+                    if matches!(mode, StartMode::Active | StartMode::Passive)
+                        && sidecar.busy.try_lock().is_ok()
+                    {
+                        if let Err(e) = sidecar.create_all().await {
+                            tracing::warn!(error = %e, "failed to create the pod's containers");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "cannot read the pod's annotations")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,78 @@
+/*
+ * The migration test workload: a stateful process whose state can be checked from its output.
+ *
+ *   workload [MIB] [SEED]   (defaults: 64 MiB, seed 42; env WORKLOAD_MIB / WORKLOAD_SEED too)
+ *
+ * At start it fills MIB MiB with a pseudo-random pattern derived from SEED and writes
+ * /workload-state.txt into its root fs (a file change that must travel with a migration).
+ * Then every 10 ms it prints one line:
+ *
+ *   tick=<counter> ms=<unix time in ms> mem=<ok|BAD> checked=<MiB checked so far>
+ *
+ * Each tick re-derives one MiB of the pattern and compares it with memory (round-robin over
+ * the whole allocation), so a corrupted or lost page is reported as mem=BAD within
+ * MIB ticks. The counter lives in memory only: after a restore it continues where it stopped.
+ * Built static (gcc -static) so the image is one file.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t pattern_word(uint64_t seed, uint64_t index) {
+    /* splitmix64 of (seed, index): any word can be recomputed independently. */
+    uint64_t z = seed * 0x9E3779B97F4A7C15ULL + index + 1;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static long arg_or_env(int argc, char **argv, int i, const char *env, long fallback) {
+    if (argc > i) return atol(argv[i]);
+    const char *v = getenv(env);
+    return v ? atol(v) : fallback;
+}
+
+int main(int argc, char **argv) {
+    long mib = arg_or_env(argc, argv, 1, "WORKLOAD_MIB", 64);
+    uint64_t seed = (uint64_t)arg_or_env(argc, argv, 2, "WORKLOAD_SEED", 42);
+    if (mib < 1) mib = 1;
+    const size_t words_per_mib = (1024 * 1024) / sizeof(uint64_t);
+    size_t words = (size_t)mib * words_per_mib;
+    uint64_t *memory = malloc(words * sizeof(uint64_t));
+    if (!memory) {
+        fprintf(stderr, "cannot allocate %ld MiB\n", mib);
+        return 2;
+    }
+    for (size_t i = 0; i < words; i++) memory[i] = pattern_word(seed, i);
+
+    FILE *state = fopen("/workload-state.txt", "w");
+    if (!state) {
+        perror("/workload-state.txt");
+        return 3;
+    }
+    fprintf(state, "workload seed=%llu mib=%ld pid=%d\n", (unsigned long long)seed, mib, getpid());
+    fclose(state);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("start mib=%ld seed=%llu\n", mib, (unsigned long long)seed);
+
+    uint64_t tick = 0;
+    long checked = 0;
+    int bad = 0;
+    for (;;) {
+        size_t chunk = (size_t)(tick % (uint64_t)mib);
+        for (size_t i = chunk * words_per_mib; i < (chunk + 1) * words_per_mib; i++) {
+            if (memory[i] != pattern_word(seed, i)) bad = 1;
+        }
+        checked++;
+        struct timespec now;
+        clock_gettime(CLOCK_REALTIME, &now);
+        long long ms = (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+        printf("tick=%llu ms=%lld mem=%s checked=%ld\n", (unsigned long long)tick, ms, bad ? "BAD" : "ok", checked);
+        tick++;
+        struct timespec pause = {0, 10 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+    }
+}
