@@ -12,6 +12,7 @@
  * Each tick re-derives one MiB of the pattern and compares it with memory (round-robin over
  * the whole allocation), so a corrupted or lost page is reported as mem=BAD within
  * MIB ticks. The counter lives in memory only: after a restore it continues where it stopped.
+ * With WORKLOAD_EXIT_AFTER=N (and WORKLOAD_EXIT_CODE=C) it exits with code C after N ticks.
  * Built static (gcc -static) so the image is one file.
  */
 #include <stdint.h>
@@ -58,6 +59,8 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("start mib=%ld seed=%llu\n", mib, (unsigned long long)seed);
 
+    long exit_after = arg_or_env(0, argv, 1, "WORKLOAD_EXIT_AFTER", 0);
+    int exit_code = (int)arg_or_env(0, argv, 1, "WORKLOAD_EXIT_CODE", 0);
     uint64_t tick = 0;
     long checked = 0;
     int bad = 0;
@@ -72,6 +75,10 @@ int main(int argc, char **argv) {
         long long ms = (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
         printf("tick=%llu ms=%lld mem=%s checked=%ld\n", (unsigned long long)tick, ms, bad ? "BAD" : "ok", checked);
         tick++;
+        if (exit_after > 0 && tick >= (uint64_t)exit_after) {
+            fprintf(stderr, "exiting with code %d after %ld ticks\n", exit_code, exit_after);
+            return exit_code;
+        }
         struct timespec pause = {0, 10 * 1000 * 1000};
         nanosleep(&pause, NULL);
     }
