@@ -10,9 +10,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use ums_sidecar::engine::EngineKind;
 use ums_tests::engine_process::EngineProcess;
-use ums_tests::sidecar_process::SidecarProcess;
-use ums_tests::workload::{copy_image, import_workload_image, pod_annotations, ticks, Tick, WorkloadContainer};
 use ums_tests::poll;
+use ums_tests::sidecar_process::SidecarProcess;
+use ums_tests::workload::{
+    copy_image, import_workload_image, pod_annotations, ticks, Tick, WorkloadContainer,
+};
 
 const TOKEN: &str = "s3cret-token-for-tests";
 
@@ -35,7 +37,13 @@ async fn pair(kind: EngineKind, containers: &[(&str, u32, u32)]) -> Pair {
         pod_annotations(
             &containers
                 .iter()
-                .map(|(name, mib, seed)| WorkloadContainer { name, image: &image, mib: *mib, seed: *seed, env: vec![] })
+                .map(|(name, mib, seed)| WorkloadContainer {
+                    name,
+                    image: &image,
+                    mib: *mib,
+                    seed: *seed,
+                    env: vec![],
+                })
                 .collect::<Vec<_>>(),
             mode,
         )
@@ -47,38 +55,68 @@ async fn pair(kind: EngineKind, containers: &[(&str, u32, u32)]) -> Pair {
         probe_until(&source, name, 200, "running").await;
         probe_until(&destination, name, 204, "created (passive)").await;
     }
-    Pair { source, destination, source_engine, destination_engine, names }
+    Pair {
+        source,
+        destination,
+        source_engine,
+        destination_engine,
+        names,
+    }
 }
 
 async fn probe_until(sidecar: &SidecarProcess, name: &str, status: u16, what: &str) {
-    poll(&format!("{name} to be {what}"), Duration::from_secs(60), || async {
-        (sidecar.get(&format!("/probe/{name}")).await.0 == status).then_some(())
-    })
+    poll(
+        &format!("{name} to be {what}"),
+        Duration::from_secs(60),
+        || async { (sidecar.get(&format!("/probe/{name}")).await.0 == status).then_some(()) },
+    )
     .await;
 }
 
 /// Waits until the container has printed at least `n` ticks; returns them.
 async fn ticks_at_least(sidecar: &SidecarProcess, name: &str, n: usize) -> Vec<Tick> {
-    poll(&format!("{name} to print {n} ticks"), Duration::from_secs(120), || async {
-        let t = ticks(&sidecar.output_lines(name).await);
-        (t.len() >= n).then_some(t)
-    })
+    poll(
+        &format!("{name} to print {n} ticks"),
+        Duration::from_secs(120),
+        || async {
+            let t = ticks(&sidecar.output_lines(name).await);
+            (t.len() >= n).then_some(t)
+        },
+    )
     .await
 }
 
 /// The counter continues with no gap and the memory check stays ok over a full sweep.
 async fn assert_continues(destination: &SidecarProcess, name: &str, last_at_source: u64, mib: u64) {
-    let after = poll(&format!("{name} to sweep its memory at the destination"), Duration::from_secs(120), || async {
-        let t = ticks(&destination.output_lines(name).await);
-        (t.len() as u64 > mib + 5).then_some(t)
-    })
+    let after = poll(
+        &format!("{name} to sweep its memory at the destination"),
+        Duration::from_secs(120),
+        || async {
+            let t = ticks(&destination.output_lines(name).await);
+            (t.len() as u64 > mib + 5).then_some(t)
+        },
+    )
     .await;
-    assert_eq!(after[0].tick, last_at_source + 1, "{name}: the destination must continue the source's counter");
+    assert_eq!(
+        after[0].tick,
+        last_at_source + 1,
+        "{name}: the destination must continue the source's counter"
+    );
     for pair in after.windows(2) {
-        assert_eq!(pair[1].tick, pair[0].tick + 1, "{name}: gap in numbering at the destination");
+        assert_eq!(
+            pair[1].tick,
+            pair[0].tick + 1,
+            "{name}: gap in numbering at the destination"
+        );
     }
-    assert!(after.iter().all(|t| t.memory_ok), "{name}: memory check failed after restore");
-    assert!(after.last().unwrap().checked > mib, "{name}: the whole memory was not checked");
+    assert!(
+        after.iter().all(|t| t.memory_ok),
+        "{name}: memory check failed after restore"
+    );
+    assert!(
+        after.last().unwrap().checked > mib,
+        "{name}: the whole memory was not checked"
+    );
 }
 
 async fn migrate_pod(kind: EngineKind, containers: &[(&str, u32, u32)]) -> (Pair, Value) {
@@ -88,7 +126,10 @@ async fn migrate_pod(kind: EngineKind, containers: &[(&str, u32, u32)]) -> (Pair
         ticks_at_least(&pair.source, name, 20).await;
         followers.push(pair.source.follow_output(name));
     }
-    let (status, report) = pair.source.post("/migrate", &json!({ "destination": pair.destination.url })).await;
+    let (status, report) = pair
+        .source
+        .post("/migrate", &json!({ "destination": pair.destination.url }))
+        .await;
     assert_eq!(status, 200, "migrate failed: {report}");
     for (name, follower) in pair.names.iter().zip(followers) {
         let at_source = ticks(&follower.await.unwrap());
@@ -103,18 +144,40 @@ async fn migrates_a_running_workload(kind: EngineKind) {
     let (pair, report) = migrate_pod(kind, &[("app", 64, 7)]).await;
     // The report has every phase.
     let totals = &report["totals"];
-    for field in ["bytesSent", "contentBytes", "freezeDumpMs", "transferMs", "restoreMs", "downtimeMs", "totalMs"] {
-        assert!(totals[field].is_u64(), "report lacks totals.{field}: {report}");
+    for field in [
+        "bytesSent",
+        "contentBytes",
+        "freezeDumpMs",
+        "transferMs",
+        "restoreMs",
+        "downtimeMs",
+        "totalMs",
+    ] {
+        assert!(
+            totals[field].is_u64(),
+            "report lacks totals.{field}: {report}"
+        );
     }
-    assert!(totals["contentBytes"].as_u64().unwrap() > 64 << 20, "memory must travel: {report}");
+    assert!(
+        totals["contentBytes"].as_u64().unwrap() > 64 << 20,
+        "memory must travel: {report}"
+    );
     assert!(totals["downtimeMs"].as_u64().unwrap() >= totals["restoreMs"].as_u64().unwrap());
     assert_eq!(report["containers"][0]["name"], "app");
     assert!(report["containers"][0]["criuBytes"].as_u64().unwrap() > 64 << 20);
     // The file the workload wrote into its root fs travelled.
-    let state = std::fs::read_to_string(pair.destination_engine.upper_dir("app").join("workload-state.txt")).unwrap();
+    let state = std::fs::read_to_string(
+        pair.destination_engine
+            .upper_dir("app")
+            .join("workload-state.txt"),
+    )
+    .unwrap();
     assert!(state.starts_with("workload seed=7 mib=64"), "{state}");
     // The source containers are gone, and are not recreated there.
-    assert!(pair.source_engine.container_names().is_empty(), "source containers must be removed");
+    assert!(
+        pair.source_engine.container_names().is_empty(),
+        "source containers must be removed"
+    );
     let (status, probe) = pair.source.get("/probe/app").await;
     assert_eq!((status, probe["state"].as_str()), (200, Some("migrated")));
     let (status, _) = pair.source.post("/create/app", &json!({})).await;
@@ -126,7 +189,11 @@ async fn migrates_a_running_workload(kind: EngineKind) {
 
 async fn two_containers_migrate_as_one(kind: EngineKind) {
     let (pair, report) = migrate_pod(kind, &[("front", 16, 1), ("back", 32, 2)]).await;
-    assert_eq!(report["containers"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(
+        report["containers"].as_array().unwrap().len(),
+        2,
+        "{report}"
+    );
     assert!(pair.source_engine.container_names().is_empty());
     let mut names = pair.destination_engine.container_names();
     names.sort();
@@ -137,12 +204,24 @@ async fn unreachable_destination_is_refused_before_freezing(kind: EngineKind) {
     let pair = pair(kind, &[("app", 16, 3)]).await;
     let before = ticks_at_least(&pair.source, "app", 10).await.len();
     // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (status, body) = pair.source.post("/migrate", &json!({ "destination": format!("http://{closed}") })).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (status, body) = pair
+        .source
+        .post(
+            "/migrate",
+            &json!({ "destination": format!("http://{closed}") }),
+        )
+        .await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["detail"]["phase"], "preflight", "{body}");
     assert_eq!(body["detail"]["sourceState"], "untouched");
-    assert!(body["error"].as_str().unwrap().contains("unreachable"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unreachable"),
+        "{body}"
+    );
     let (_, probe) = pair.source.get("/probe/app").await;
     assert_eq!(probe["state"], "running");
     ticks_at_least(&pair.source, "app", before + 20).await;
@@ -153,14 +232,23 @@ async fn destination_killed_mid_transfer_rolls_back(kind: EngineKind) {
     ticks_at_least(&pair.source, "app", 10).await;
     let follower = pair.source.follow_output("app");
     let staging = pair.destination_engine.data_root.join("ums-staging");
-    let source = SidecarHandle { url: pair.source.url.clone() };
+    let source = SidecarHandle {
+        url: pair.source.url.clone(),
+    };
     let destination_url = pair.destination.url.clone();
     let migration = tokio::spawn(async move { source.migrate(&destination_url).await });
     // Kill the destination once the archive is arriving.
-    poll("the archive to start arriving at the destination", Duration::from_secs(120), || async {
-        let arriving = std::fs::read_dir(&staging).ok()?.flatten().any(|d| d.path().join("containers").exists());
-        arriving.then_some(())
-    })
+    poll(
+        "the archive to start arriving at the destination",
+        Duration::from_secs(120),
+        || async {
+            let arriving = std::fs::read_dir(&staging)
+                .ok()?
+                .flatten()
+                .any(|d| d.path().join("containers").exists());
+            arriving.then_some(())
+        },
+    )
     .await;
     pair.destination.kill();
     let (status, body) = migration.await.unwrap();
@@ -171,13 +259,24 @@ async fn destination_killed_mid_transfer_rolls_back(kind: EngineKind) {
     // Back to running at the source, with the same counter.
     let last_before = ticks(&follower.await.unwrap()).last().unwrap().tick;
     probe_until(&pair.source, "app", 200, "running again").await;
-    let after = poll("output after the rollback", Duration::from_secs(60), || async {
-        let lines = pair.source.output_lines("app").await;
-        let t: Vec<Tick> = ticks(&lines).into_iter().filter(|t| t.tick > last_before).collect();
-        (t.len() >= 5).then_some(t)
-    })
+    let after = poll(
+        "output after the rollback",
+        Duration::from_secs(60),
+        || async {
+            let lines = pair.source.output_lines("app").await;
+            let t: Vec<Tick> = ticks(&lines)
+                .into_iter()
+                .filter(|t| t.tick > last_before)
+                .collect();
+            (t.len() >= 5).then_some(t)
+        },
+    )
     .await;
-    assert_eq!(after[0].tick, last_before + 1, "the source must continue where it was frozen");
+    assert_eq!(
+        after[0].tick,
+        last_before + 1,
+        "the source must continue where it was frozen"
+    );
     assert!(after.iter().all(|t| t.memory_ok));
 }
 
@@ -248,7 +347,10 @@ async fn corrupted_archive_is_refused(kind: EngineKind) {
     archive[(offset + size / 2) as usize] ^= 0x40;
     let (status, body) = post_archive(&pair.destination, archive).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("corrupt"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("corrupt"),
+        "{body}"
+    );
     // Nothing was started at the destination.
     assert_eq!(pair.destination.get("/probe/app").await.0, 204);
 }
@@ -270,7 +372,13 @@ async fn traversal_archive_is_refused(kind: EngineKind) {
         let mut header = tar::Header::new_gnu();
         header.set_size(manifest.len() as u64);
         header.set_mode(0o644);
-        builder.append_data(&mut header, "ums-archive/manifest.json", manifest.as_bytes()).unwrap();
+        builder
+            .append_data(
+                &mut header,
+                "ums-archive/manifest.json",
+                manifest.as_bytes(),
+            )
+            .unwrap();
         let mut header = tar::Header::new_old();
         let path = b"containers/app/rootfs/../../../../../../tmp/ums-escaped";
         header.as_old_mut().name[..path.len()].copy_from_slice(path);
@@ -283,42 +391,81 @@ async fn traversal_archive_is_refused(kind: EngineKind) {
     }
     let (status, body) = post_archive(&pair.destination, evil).await;
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("refused"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("refused"),
+        "{body}"
+    );
     assert!(!std::path::Path::new("/tmp/ums-escaped").exists());
     assert_eq!(pair.destination.get("/probe/app").await.0, 204);
 }
 
 async fn wrong_token_is_refused(kind: EngineKind) {
     let pair = pair(kind, &[("app", 16, 8)]).await;
-    for (path, method) in [("/containers", "GET"), ("/migrate", "POST"), ("/checkpoint", "POST"), ("/restore", "POST"), ("/info", "GET")] {
+    for (path, method) in [
+        ("/containers", "GET"),
+        ("/migrate", "POST"),
+        ("/checkpoint", "POST"),
+        ("/restore", "POST"),
+        ("/info", "GET"),
+    ] {
         let client = pair.source.client();
         let url = format!("{}{path}", pair.source.url);
-        let request = if method == "GET" { client.get(&url) } else { client.post(&url) };
+        let request = if method == "GET" {
+            client.get(&url)
+        } else {
+            client.post(&url)
+        };
         let response = request.bearer_auth("wrong").send().await.unwrap();
         assert_eq!(response.status().as_u16(), 401, "{method} {path}");
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body, json!({ "error": "unauthorized" }), "no detail about the token");
+        assert_eq!(
+            body,
+            json!({ "error": "unauthorized" }),
+            "no detail about the token"
+        );
         let response = pair.source.client().get(&url).send().await.unwrap();
-        assert!(matches!(response.status().as_u16(), 401 | 405), "no token: {method} {path}");
+        assert!(
+            matches!(response.status().as_u16(), 401 | 405),
+            "no token: {method} {path}"
+        );
     }
     // Health and probes stay open for the kubelet.
-    let open = pair.source.client().get(format!("{}/healthz", pair.source.url)).send().await.unwrap();
+    let open = pair
+        .source
+        .client()
+        .get(format!("{}/healthz", pair.source.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(open.status().as_u16(), 200);
-    let open = pair.source.client().get(format!("{}/probe/app", pair.source.url)).send().await.unwrap();
+    let open = pair
+        .source
+        .client()
+        .get(format!("{}/probe/app", pair.source.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(open.status().as_u16(), 200);
 }
 
 async fn concurrent_migrate_is_refused(kind: EngineKind) {
     let pair = pair(kind, &[("app", 256, 9)]).await;
     ticks_at_least(&pair.source, "app", 5).await;
-    let source = SidecarHandle { url: pair.source.url.clone() };
+    let source = SidecarHandle {
+        url: pair.source.url.clone(),
+    };
     let destination = pair.destination.url.clone();
     let first = tokio::spawn(async move { source.migrate(&destination).await });
-    poll("the first migration to freeze the container", Duration::from_secs(60), || async {
-        (pair.source.get("/probe/app").await.1["state"] == "migrating").then_some(())
-    })
+    poll(
+        "the first migration to freeze the container",
+        Duration::from_secs(60),
+        || async { (pair.source.get("/probe/app").await.1["state"] == "migrating").then_some(()) },
+    )
     .await;
-    let (status, body) = pair.source.post("/migrate", &json!({ "destination": pair.destination.url })).await;
+    let (status, body) = pair
+        .source
+        .post("/migrate", &json!({ "destination": pair.destination.url }))
+        .await;
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains("in progress"));
     let (status, body) = first.await.unwrap();
@@ -331,13 +478,25 @@ async fn bad_requests_get_json_errors(kind: EngineKind) {
         (json!({}), "destination"),
         (json!({ "destination": "not a url" }), "invalid destination"),
         (json!({ "destination": "ftp://x" }), "http"),
-        (json!({ "destination": "http://127.0.0.1:1", "compression": "lz4" }), "compression"),
-        (json!({ "destination": "http://127.0.0.1:1", "containers": ["nope"] }), "nope"),
-        (json!({ "destination": "http://127.0.0.1:1", "surprise": 1 }), "surprise"),
+        (
+            json!({ "destination": "http://127.0.0.1:1", "compression": "lz4" }),
+            "compression",
+        ),
+        (
+            json!({ "destination": "http://127.0.0.1:1", "containers": ["nope"] }),
+            "nope",
+        ),
+        (
+            json!({ "destination": "http://127.0.0.1:1", "surprise": 1 }),
+            "surprise",
+        ),
     ] {
         let (status, reply) = pair.source.post("/migrate", &body).await;
         assert!((400..500).contains(&status), "{body} -> {status} {reply}");
-        assert!(reply["error"].as_str().unwrap().contains(expected), "{body} -> {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().contains(expected),
+            "{body} -> {reply}"
+        );
     }
     let (status, reply) = pair.source.post("/create/unknown", &json!({})).await;
     assert_eq!(status, 404, "{reply}");
@@ -345,8 +504,20 @@ async fn bad_requests_get_json_errors(kind: EngineKind) {
     assert_eq!(status, 404, "{reply}");
     let (status, openapi) = pair.source.get("/openapi.json").await;
     assert_eq!(status, 200);
-    for path in ["/healthz", "/containers", "/probe/{name}", "/create/{name}", "/stop", "/checkpoint", "/restore", "/migrate"] {
-        assert!(openapi["paths"][path].is_object(), "OpenAPI document lacks {path}");
+    for path in [
+        "/healthz",
+        "/containers",
+        "/probe/{name}",
+        "/create/{name}",
+        "/stop",
+        "/checkpoint",
+        "/restore",
+        "/migrate",
+    ] {
+        assert!(
+            openapi["paths"][path].is_object(),
+            "OpenAPI document lacks {path}"
+        );
     }
 }
 

@@ -106,7 +106,13 @@ fn failed(
             "phase": phase,
             "error": error,
             "rollback": rollback,
-            "sourceState": if rollback.is_empty() { "untouched" } else { "restored to running" },
+            "sourceState": if rollback.is_empty() {
+            "untouched"
+        } else if rollback.iter().any(|line| line.contains("FAILED")) {
+            "rollback failed for some containers: see rollback"
+        } else {
+            "restored to running"
+        },
         }),
     )
 }

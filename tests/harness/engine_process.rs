@@ -90,7 +90,11 @@ impl EngineProcess {
 
     /// Runs the engine's CLI; panics with its output on failure.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("docker").args(self.cli_args()).args(args).output().unwrap();
+        let output = Command::new("docker")
+            .args(self.cli_args())
+            .args(args)
+            .output()
+            .unwrap();
         assert!(
             output.status.success(),
             "docker {args:?} failed: {}",
@@ -111,7 +115,12 @@ impl EngineProcess {
 
     /// The root-fs changes directory of a container.
     pub fn upper_dir(&self, container: &str) -> PathBuf {
-        PathBuf::from(self.cli(&["inspect", "--format", "{{.GraphDriver.Data.UpperDir}}", container]))
+        PathBuf::from(self.cli(&[
+            "inspect",
+            "--format",
+            "{{.GraphDriver.Data.UpperDir}}",
+            container,
+        ]))
     }
 
     /// Container names known to the engine.
@@ -127,10 +136,21 @@ impl EngineProcess {
 impl Drop for EngineProcess {
     fn drop(&mut self) {
         // Remove containers first so dockerd does not wait on them, then stop it.
-        if let Ok(out) = Command::new("docker").args(self.cli_args()).args(["ps", "-aq"]).output() {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_owned).collect();
+        if let Ok(out) = Command::new("docker")
+            .args(self.cli_args())
+            .args(["ps", "-aq"])
+            .output()
+        {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
             if !ids.is_empty() {
-                let _ = Command::new("docker").args(self.cli_args()).args(["rm", "-f"]).args(&ids).output();
+                let _ = Command::new("docker")
+                    .args(self.cli_args())
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
             }
         }
         let _ = nix_kill(self.child.id(), "TERM");
@@ -160,5 +180,8 @@ impl Drop for EngineProcess {
 }
 
 fn nix_kill(pid: u32, signal: &str) -> std::io::Result<std::process::Output> {
-    Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).output()
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .output()
 }

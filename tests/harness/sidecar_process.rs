@@ -23,7 +23,15 @@ pub fn sidecar_binary() -> &'static Path {
         let target_dir = profile_dir.parent().unwrap().to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "ums-sidecar", "--bin", "ums-sidecar", "--target-dir"])
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "ums-sidecar",
+                "--bin",
+                "ums-sidecar",
+                "--target-dir",
+            ])
             .arg(&target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
@@ -53,7 +61,11 @@ pub fn write_podinfo(path: &Path, annotations: &BTreeMap<String, String>) {
 }
 
 impl SidecarProcess {
-    pub fn start(engine: &EngineProcess, annotations: &BTreeMap<String, String>, token: Option<&str>) -> Self {
+    pub fn start(
+        engine: &EngineProcess,
+        annotations: &BTreeMap<String, String>,
+        token: Option<&str>,
+    ) -> Self {
         let podinfo = engine.dir.join("podinfo-annotations");
         write_podinfo(&podinfo, annotations);
         let mut command = Command::new(sidecar_binary());
@@ -78,7 +90,12 @@ impl SidecarProcess {
         let mut child = command.spawn().expect("start ums-sidecar");
         let stderr = child.stderr.take().unwrap();
         let (tx, logs) = mpsc::channel();
-        let label = engine.dir.file_name().unwrap().to_string_lossy().into_owned();
+        let label = engine
+            .dir
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[sidecar {label}] {line}");
@@ -94,7 +111,14 @@ impl SidecarProcess {
                 Err(_) => panic!("ums-sidecar did not start listening within 60 s"),
             }
         };
-        let addr = line.split("listen=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+        let addr = line
+            .split("listen=")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
         SidecarProcess {
             child,
             url: format!("http://{addr}"),
@@ -122,7 +146,10 @@ impl SidecarProcess {
 
     pub fn client(&self) -> reqwest::Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .unwrap()
     }
 
     fn authorized(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -134,7 +161,11 @@ impl SidecarProcess {
 
     /// GET with the token; (status, JSON body or Null).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self.authorized(self.client().get(format!("{}{path}", self.url))).send().await.unwrap();
+        let response = self
+            .authorized(self.client().get(format!("{}{path}", self.url)))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
@@ -150,7 +181,10 @@ impl SidecarProcess {
             .unwrap();
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)),
+        )
     }
 
     /// The nested container's output so far, as lines.
@@ -168,9 +202,14 @@ impl SidecarProcess {
 
     /// Follows the nested container's output in the background until it stops.
     pub fn follow_output(&self, container: &str) -> tokio::task::JoinHandle<Vec<String>> {
-        let request = self.authorized(self.client().get(format!("{}/logs/{container}?follow=true", self.url)));
+        let request = self.authorized(
+            self.client()
+                .get(format!("{}/logs/{container}?follow=true", self.url)),
+        );
         tokio::spawn(async move {
-            let Ok(response) = request.send().await else { return Vec::new() };
+            let Ok(response) = request.send().await else {
+                return Vec::new();
+            };
             let text = response.text().await.unwrap_or_default();
             ndjson_lines(&text)
         })

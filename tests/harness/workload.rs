@@ -24,7 +24,11 @@ pub fn workload_binary() -> &'static Path {
             .arg(&source)
             .output()
             .expect("gcc must be installed to build the test workload");
-        assert!(output.status.success(), "gcc failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "gcc failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         binary
     })
 }
@@ -44,7 +48,13 @@ pub fn import_workload_image(engine: &EngineProcess, name: &str) -> String {
         .status()
         .unwrap();
     assert!(status.success());
-    engine.cli(&["import", "--change", r#"ENTRYPOINT ["/workload"]"#, tar.to_str().unwrap(), name]);
+    engine.cli(&[
+        "import",
+        "--change",
+        r#"ENTRYPOINT ["/workload"]"#,
+        tar.to_str().unwrap(),
+        name,
+    ]);
     name.to_owned()
 }
 
@@ -66,7 +76,10 @@ pub struct WorkloadContainer<'a> {
 }
 
 /// The annotations a wrapped pod carries (as the webhook writes them).
-pub fn pod_annotations(containers: &[WorkloadContainer<'_>], start_mode: &str) -> BTreeMap<String, String> {
+pub fn pod_annotations(
+    containers: &[WorkloadContainer<'_>],
+    start_mode: &str,
+) -> BTreeMap<String, String> {
     let specs: Vec<_> = containers
         .iter()
         .map(|c| {
@@ -80,7 +93,10 @@ pub fn pod_annotations(containers: &[WorkloadContainer<'_>], start_mode: &str) -
         .collect();
     BTreeMap::from([
         ("migration-interface".to_string(), "dind".to_string()),
-        ("migration-containers".to_string(), serde_json::to_string(&specs).unwrap()),
+        (
+            "migration-containers".to_string(),
+            serde_json::to_string(&specs).unwrap(),
+        ),
         ("migration-volumes".to_string(), "[]".to_string()),
         ("migration-start-mode".to_string(), start_mode.to_string()),
         ("migration-bypass".to_string(), "true".to_string()),
