@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use ums_sidecar::engine::EngineKind;
 use ums_tests::engine_process::EngineProcess;
 use ums_tests::poll;
-use ums_tests::sidecar_process::SidecarProcess;
+use ums_tests::sidecar_process::{AmbassadorProcess, SidecarProcess};
 use ums_tests::workload::{
     copy_image, import_workload_image, pod_annotations, ticks, Tick, WorkloadContainer,
 };
@@ -121,6 +121,33 @@ async fn assert_continues(destination: &SidecarProcess, name: &str, last_at_sour
 
 async fn migrate_pod(kind: EngineKind, containers: &[(&str, u32, u32)]) -> (Pair, Value) {
     let pair = pair(kind, containers).await;
+    let report = migrate_and_check(&pair, containers).await;
+    (pair, report)
+}
+
+/// Migrates a one-container pod with an ambassador on each side: (source's, destination's).
+async fn migrate_pod_with_ambassadors(
+    kind: EngineKind,
+    containers: &[(&str, u32, u32)],
+) -> (Pair, Value, (AmbassadorProcess, AmbassadorProcess)) {
+    let pair = pair(kind, containers).await;
+    let name = containers[0].0;
+    let source_ambassador = AmbassadorProcess::start(&pair.source, name);
+    let destination_ambassador = AmbassadorProcess::start(&pair.destination, name);
+    poll(
+        "the source ambassador to relay output",
+        Duration::from_secs(60),
+        || {
+            let lines = source_ambassador.lines();
+            async move { (!ticks(&lines).is_empty()).then_some(()) }
+        },
+    )
+    .await;
+    let report = migrate_and_check(&pair, containers).await;
+    (pair, report, (source_ambassador, destination_ambassador))
+}
+
+async fn migrate_and_check(pair: &Pair, containers: &[(&str, u32, u32)]) -> Value {
     let mut followers = Vec::new();
     for name in &pair.names {
         ticks_at_least(&pair.source, name, 20).await;
@@ -137,11 +164,32 @@ async fn migrate_pod(kind: EngineKind, containers: &[(&str, u32, u32)]) -> (Pair
         let mib = containers.iter().find(|(n, _, _)| n == name).unwrap().1;
         assert_continues(&pair.destination, name, last, u64::from(mib)).await;
     }
-    (pair, report)
+    report
 }
 
 async fn migrates_a_running_workload(kind: EngineKind) {
-    let (pair, report) = migrate_pod(kind, &[("app", 64, 7)]).await;
+    let (pair, report, mut ambassadors) =
+        migrate_pod_with_ambassadors(kind, &[("app", 64, 7)]).await;
+    // The destination's ambassador, waiting on a passive (created) container, relays the
+    // restored container's output; the source's keeps waiting instead of exiting.
+    let relayed = poll(
+        "the destination ambassador to relay output",
+        Duration::from_secs(60),
+        || {
+            let lines = ambassadors.1.lines();
+            async move { (!ticks(&lines).is_empty()).then_some(lines) }
+        },
+    )
+    .await;
+    assert!(
+        ticks(&relayed)[0].tick > 20,
+        "the relayed counter continues the source's: {relayed:?}"
+    );
+    assert_eq!(
+        ambassadors.0.exit_code(),
+        None,
+        "the source ambassador must not exit after a migration"
+    );
     // The report has every phase.
     let totals = &report["totals"];
     for field in [
@@ -521,6 +569,37 @@ async fn bad_requests_get_json_errors(kind: EngineKind) {
     }
 }
 
+async fn ambassador_exits_with_the_nested_exit_code(kind: EngineKind) {
+    let engine = EngineProcess::start(kind);
+    let image = import_workload_image(&engine, "ums-test/workload:1");
+    let annotations = pod_annotations(
+        &[WorkloadContainer {
+            name: "job",
+            image: &image,
+            mib: 1,
+            seed: 11,
+            env: vec![("WORKLOAD_EXIT_AFTER", "30"), ("WORKLOAD_EXIT_CODE", "3")],
+        }],
+        "active",
+    );
+    let sidecar = SidecarProcess::start(&engine, &annotations, Some(TOKEN));
+    let mut ambassador = AmbassadorProcess::start(&sidecar, "job");
+    let code = poll("the ambassador to exit", Duration::from_secs(60), || {
+        let code = ambassador.exit_code();
+        async move { code }
+    })
+    .await;
+    assert_eq!(code, 3);
+    let relayed = ticks(&ambassador.lines());
+    assert_eq!(
+        relayed.len(),
+        30,
+        "every line is relayed before the exit: {relayed:?}"
+    );
+    let (status, probe) = sidecar.get("/probe/job").await;
+    assert_eq!((status, probe["exitCode"].as_i64()), (503, Some(3)));
+}
+
 macro_rules! engine_suite {
     ($module:ident, $kind:expr) => {
         mod $module {
@@ -556,6 +635,10 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn concurrent_migrate_is_refused() {
                 super::concurrent_migrate_is_refused($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn ambassador_exits_with_the_nested_exit_code() {
+                super::ambassador_exits_with_the_nested_exit_code($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn bad_requests_get_json_errors() {

@@ -235,3 +235,53 @@ impl Drop for SidecarProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A real `ums-sidecar ambassador <name>` process; killed on drop.
+#[derive(Debug)]
+pub struct AmbassadorProcess {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+}
+
+impl AmbassadorProcess {
+    pub fn start(sidecar: &SidecarProcess, name: &str) -> Self {
+        let mut command = Command::new(sidecar_binary());
+        command
+            .args(["ambassador", name, "--runtime-url", &sidecar.url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(token) = &sidecar.token {
+            let path = sidecar
+                .podinfo
+                .with_file_name(format!("ambassador-token-{name}"));
+            std::fs::write(&path, token).unwrap();
+            command.arg("--token-file").arg(path);
+        }
+        let mut child = command.spawn().expect("start ums-sidecar ambassador");
+        let out = child.stdout.take().unwrap();
+        let (tx, stdout) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        AmbassadorProcess { child, stdout }
+    }
+
+    /// Stdout lines relayed so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stdout.try_iter().collect()
+    }
+
+    /// The exit code, once it exited.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+}
+
+impl Drop for AmbassadorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
