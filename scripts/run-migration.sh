@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The main job on this machine: a live migration of a stateful container between two nested
+# engines through two ums-sidecar processes, as between a source pod and a destination pod.
+#
+#   scripts/run-migration.sh [MIB]        (default 256; ENGINE=docker)
+#
+# Starts two engines (own data root, exec root and socket under /tmp/ums-demo), builds the
+# test workload (tests/workload/workload.c, static) into an image on the source and copies it
+# to the destination (save/load keeps the image ID), starts a source sidecar (start mode
+# active: creates and starts the workload) and a destination sidecar (passive: creates only),
+# then POSTs /migrate and prints the migration report and the workload's output on both sides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mib=${1:-256}
+engine=${ENGINE:-docker}
+[ "$(id -u)" = 0 ] || { echo "run as root (it starts container engines)" >&2; exit 1; }
+./scripts/install-host.sh >/dev/null
+
+cargo build --quiet --locked -p ums-sidecar
+target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+sidecar="$target/debug/ums-sidecar"
+
+base=/tmp/ums-demo
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for side in src dst; do
+    if [ -S "$base/$side/docker.sock" ]; then
+      ids=$(docker -H "unix://$base/$side/docker.sock" ps -aq 2>/dev/null || true)
+      [ -n "$ids" ] && docker -H "unix://$base/$side/docker.sock" rm -f $ids >/dev/null 2>&1 || true
+    fi
+    [ -f "$base/$side/dockerd.pid" ] && kill "$(cat "$base/$side/dockerd.pid")" 2>/dev/null || true
+  done
+  sleep 2
+  grep -o " $base[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+}
+trap cleanup EXIT
+cleanup
+rm -rf "$base"; mkdir -p "$base"
+
+for side in src dst; do
+  mkdir -p "$base/$side"
+  dockerd --data-root "$base/$side/data" --exec-root "$base/$side/exec" --pidfile "$base/$side/dockerd.pid" \
+    --host "unix://$base/$side/docker.sock" --bridge none --iptables=false --ip-masq=false \
+    >"$base/$side/dockerd.log" 2>&1 &
+  pids+=($!)
+done
+for side in src dst; do
+  for _ in $(seq 300); do docker -H "unix://$base/$side/docker.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+done
+D() { local side=$1; shift; docker -H "unix://$base/$side/docker.sock" "$@"; }
+
+echo "--- building the workload image (${mib} MiB of seeded memory, a counter every 10 ms)"
+mkdir -p "$base/image"
+gcc -static -O2 -o "$base/image/workload" tests/workload/workload.c
+tar -C "$base/image" -cf "$base/workload.tar" workload
+D src import --change 'ENTRYPOINT ["/workload"]' "$base/workload.tar" ums-demo/workload:1 >/dev/null
+D src save ums-demo/workload:1 | D dst load >/dev/null
+
+containers=$(printf '[{"name":"app","image":"ums-demo/workload:1","args":["%s","42"]}]' "$mib")
+for side in src dst; do
+  mode=active; [ "$side" = dst ] && mode=passive
+  CONTAINERS="$containers" MODE="$mode" python3 - >"$base/$side/annotations" <<'PY'
+import json, os
+def q(s): return json.dumps(s)  # Go %q and JSON quoting agree for these ASCII values
+ann = {"migration-interface": "dind", "migration-containers": os.environ["CONTAINERS"],
+       "migration-volumes": "[]", "migration-start-mode": os.environ["MODE"], "migration-bypass": "true"}
+print("\n".join(f"{k}={q(v)}" for k, v in sorted(ann.items())))
+PY
+done
+port_src=18881; port_dst=18882
+"$sidecar" serve --engine "$engine" --engine-socket "$base/src/docker.sock" --engine-root "$base/src/data" \
+  --podinfo "$base/src/annotations" --listen 127.0.0.1:$port_src 2>"$base/src/sidecar.log" &
+pids+=($!)
+"$sidecar" serve --engine "$engine" --engine-socket "$base/dst/docker.sock" --engine-root "$base/dst/data" \
+  --podinfo "$base/dst/annotations" --listen 127.0.0.1:$port_dst 2>"$base/dst/sidecar.log" &
+pids+=($!)
+for port in $port_src $port_dst; do
+  for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+echo "--- waiting for the workload to fill its memory and tick"
+for _ in $(seq 600); do
+  curl -fs "http://127.0.0.1:$port_src/logs/app" | grep -q 'tick=50 ' && break
+  sleep 0.2
+done
+echo "source, last lines before the migration:"
+curl -fs "http://127.0.0.1:$port_src/logs/app" | python3 -c 'import json,sys; [print("  "+json.loads(l)["data"].rstrip()) for l in sys.stdin.readlines()[-3:]]'
+
+echo "--- POST /migrate (source -> destination)"
+curl -fsS -H 'content-type: application/json' \
+  --data "{\"destination\": \"http://127.0.0.1:$port_dst\"}" \
+  "http://127.0.0.1:$port_src/migrate" | python3 -m json.tool | tee "$base/report.json"
+
+sleep 1
+echo "--- destination, first lines after the restore:"
+curl -fs "http://127.0.0.1:$port_dst/logs/app" | python3 -c 'import json,sys; [print("  "+json.loads(l)["data"].rstrip()) for l in sys.stdin.readlines()[:3]]'
+echo "--- source containers now: $(curl -fs http://127.0.0.1:$port_src/containers)"
+echo "report saved to $base/report.json"
