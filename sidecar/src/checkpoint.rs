@@ -10,7 +10,8 @@ use tokio_util::io::{ReaderStream, SyncIoBridge};
 
 use crate::archive::pack::{plan, summaries, write_archive, PackSource, PlannedEntry};
 use crate::archive::{
-    criu_prefix, rootfs_prefix, ContainerManifest, Manifest, MemoryPart, FORMAT_VERSION,
+    criu_prefix, engine_prefix, rootfs_prefix, ContainerManifest, Manifest, MemoryPart,
+    FORMAT_VERSION,
 };
 use crate::engine::ContainerInfo;
 use crate::error::{chain, ApiError};
@@ -25,6 +26,7 @@ pub struct DumpedContainer {
     pub dump_ms: u64,
     pub criu_bytes: u64,
     pub rootfs_bytes: u64,
+    pub engine_bytes: u64,
 }
 
 /// A finished dump, ready to be streamed.
@@ -175,6 +177,12 @@ impl Sidecar {
                     dir: rootfs.clone(),
                 });
             }
+            if let Some(engine) = &files.engine_dir {
+                container_sources.push(PackSource {
+                    prefix: engine_prefix(&name),
+                    dir: engine.clone(),
+                });
+            }
             let container_plan = plan(&container_sources)?;
             let bytes_under = |prefix: &str| -> u64 {
                 container_plan
@@ -185,6 +193,7 @@ impl Sidecar {
             };
             let criu_bytes = bytes_under(&criu_prefix(&name));
             let rootfs_bytes = bytes_under(&rootfs_prefix(&name));
+            let engine_bytes = bytes_under(&engine_prefix(&name));
             let spec = pod.container(&name).cloned().ok_or_else(|| {
                 ApiError::conflict(format!(
                     "nested container {name:?} is not in the pod's migration-containers"
@@ -199,6 +208,7 @@ impl Sidecar {
                 memory_parts: vec![MemoryPart::Full],
                 criu_bytes,
                 rootfs_bytes,
+                engine_bytes,
                 was_running: p.info.is_running(),
             });
             containers.push(DumpedContainer {
@@ -207,6 +217,7 @@ impl Sidecar {
                 dump_ms,
                 criu_bytes,
                 rootfs_bytes,
+                engine_bytes,
             });
             sources.extend(container_sources);
         }
@@ -243,26 +254,31 @@ impl Sidecar {
         let mut report = Vec::new();
         for p in progress {
             let name = &p.info.name;
-            let state = self
-                .engine
-                .inspect(name)
-                .await
-                .ok()
-                .flatten()
-                .map(|i| i.state);
-            let outcome = match (state.as_deref(), &p.checkpoint_id) {
-                (Some("paused"), _) => self
+            let now = self.engine.inspect(name).await.ok().flatten();
+            let running_now = now
+                .as_ref()
+                .is_some_and(|i| i.is_running() || i.state == "paused");
+            let outcome = match (&p.checkpoint_id, p.info.is_running(), running_now) {
+                // Dumped and stopped: back from its checkpoint.
+                (Some(cp), true, false) => self
                     .engine
-                    .unpause(name)
-                    .await
-                    .map(|_| "unfrozen".to_owned()),
-                (Some("running"), _) => Ok("still running".to_owned()),
-                (Some(_), Some(cp)) if p.info.is_running() => self
-                    .engine
-                    .start_from_checkpoint(name, cp)
+                    .restore_in_place(name, cp)
                     .await
                     .map(|_| format!("restored from checkpoint {cp}")),
-                (_, _) => Ok(format!("left {}", state.as_deref().unwrap_or("absent"))),
+                // Still there (not dumped yet, or dumped with leave-running): thaw it.
+                (_, true, true)
+                    if p.paused || now.as_ref().is_some_and(|i| i.state == "paused") =>
+                {
+                    self.engine
+                        .unpause(name)
+                        .await
+                        .map(|_| "unfrozen".to_owned())
+                }
+                (_, _, true) => Ok("still running".to_owned()),
+                _ => Ok(format!(
+                    "left {}",
+                    now.as_ref().map(|i| i.state.as_str()).unwrap_or("absent")
+                )),
             };
             self.set_phase(name, None);
             let line = match outcome {
@@ -290,7 +306,7 @@ impl Sidecar {
                         },
                         ..info
                     },
-                    paused: false,
+                    paused: !dump.leave_running,
                     checkpoint_id: Some(c.checkpoint_id.clone()),
                 });
             }
@@ -325,7 +341,7 @@ pub fn archive_stream(
     let plan = dump.plan.clone();
     let writer_task = tokio::task::spawn_blocking(move || {
         let bridge = SyncIoBridge::new(writer);
-        let result = match zstd_level {
+        match zstd_level {
             Some(level) => {
                 let mut encoder =
                     zstd::stream::write::Encoder::new(bridge, level).map_err(|e| e.to_string())?;
@@ -342,8 +358,7 @@ pub fn archive_stream(
                 bridge.shutdown().map_err(|e| e.to_string())?;
                 Ok(n)
             }
-        };
-        result
+        }
     });
     (ReaderStream::with_capacity(reader, 1 << 20), writer_task)
 }

@@ -59,6 +59,7 @@ pub struct MigratedContainer {
     pub dump_ms: u64,
     pub criu_bytes: u64,
     pub rootfs_bytes: u64,
+    pub engine_bytes: u64,
     pub restore_ms: Option<u64>,
     pub memory_parts: usize,
 }
@@ -325,6 +326,7 @@ impl Sidecar {
                 dump_ms: c.dump_ms,
                 criu_bytes: c.criu_bytes,
                 rootfs_bytes: c.rootfs_bytes,
+                engine_bytes: c.engine_bytes,
                 restore_ms: restore_report
                     .containers
                     .iter()

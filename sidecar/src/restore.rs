@@ -9,9 +9,11 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::unpack::{check_manifest, unpack, Unpacked};
-use crate::archive::{criu_prefix, rootfs_prefix, ArchiveError, Manifest, FORMAT_VERSION};
+use crate::archive::{
+    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, FORMAT_VERSION,
+};
 use crate::checkpoint::ms;
-use crate::engine::EngineInfo;
+use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
@@ -224,61 +226,45 @@ impl Sidecar {
         let pod = self.podinfo.read().await.ok();
         let lookup = |var: &str| std::env::var(var).ok();
         let started = Instant::now();
-        // Place every container's files first; start none until all are in place.
+        // Every digest is verified (unpack); check every container before starting any.
+        let mut specs = Vec::new();
         for c in &manifest.containers {
-            let existing = self.engine.inspect(&c.name).await?;
-            match existing {
-                Some(e) if e.is_running() || e.state == "paused" => {
+            if let Some(e) = self.engine.inspect(&c.name).await? {
+                if e.is_running() || e.state == "paused" {
                     return Err(ApiError::conflict(format!(
                         "container {:?} is already {} here",
                         c.name, e.state
                     )));
                 }
-                Some(e) if e.image_id != c.image_id => {
+                if e.image_id != c.image_id {
                     return Err(ApiError::conflict(format!(
                         "container {:?} exists here with image {}, the archive needs {}",
                         c.name, e.image_id, c.image_id
                     )));
                 }
-                Some(_) => {}
-                None => {
-                    // Not created by a passive start: create it from this pod's spec if it has
-                    // one, else from the archive's.
-                    let original = pod
-                        .as_ref()
-                        .and_then(|p| p.container(&c.name))
-                        .unwrap_or(&c.spec);
-                    let volumes = pod
-                        .as_ref()
-                        .map(|p| p.volumes().to_vec())
-                        .unwrap_or_default();
-                    let spec = translate(original, &volumes, &lookup)?;
-                    self.engine.create(&spec).await?;
-                }
             }
-            let target = self
-                .engine
-                .restore_target(&c.name, &c.checkpoint_id)
-                .await?;
-            move_into(&staging.join(criu_prefix(&c.name)), &target.criu_dir).map_err(|e| {
-                ApiError::internal(format!("failed to place CRIU images of {:?}: {e}", c.name))
-            })?;
-            let staged_rootfs = staging.join(rootfs_prefix(&c.name));
-            if let (true, Some(rootfs)) = (staged_rootfs.exists(), &target.rootfs_dir) {
-                merge_into(&staged_rootfs, rootfs).map_err(|e| {
-                    ApiError::internal(format!(
-                        "failed to place root-fs changes of {:?}: {e}",
-                        c.name
-                    ))
-                })?;
-            }
+            // This pod's own spec if it has one (its volumes and env), else the archive's.
+            let original = pod
+                .as_ref()
+                .and_then(|p| p.container(&c.name))
+                .unwrap_or(&c.spec);
+            let volumes = pod
+                .as_ref()
+                .map(|p| p.volumes().to_vec())
+                .unwrap_or_default();
+            specs.push(translate(original, &volumes, &lookup)?);
         }
         let mut containers = Vec::new();
-        for c in &manifest.containers {
+        for (c, spec) in manifest.containers.iter().zip(&specs) {
             let one = Instant::now();
+            let staged = CheckpointFiles {
+                criu_dir: staging.join(criu_prefix(&c.name)),
+                rootfs_dir: Some(staging.join(rootfs_prefix(&c.name))).filter(|p| p.exists()),
+                engine_dir: Some(staging.join(engine_prefix(&c.name))).filter(|p| p.exists()),
+            };
             if let Err(e) = self
                 .engine
-                .start_from_checkpoint(&c.name, &c.checkpoint_id)
+                .restore_imported(spec, &c.checkpoint_id, &staged)
                 .await
             {
                 return Err(ApiError::new(
@@ -335,40 +321,6 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// Moves a staged directory to `target` (same file system: a rename).
-fn move_into(staged: &Path, target: &Path) -> std::io::Result<()> {
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if target.exists() {
-        std::fs::remove_dir_all(target)?;
-    }
-    std::fs::rename(staged, target)
-}
-
-/// Moves the staged root-fs changes into the container's writable layer, entry by entry.
-fn merge_into(staged: &Path, target: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(target)?;
-    for entry in std::fs::read_dir(staged)? {
-        let entry = entry?;
-        let to = target.join(entry.file_name());
-        let from_is_dir = entry.file_type()?.is_dir();
-        match std::fs::symlink_metadata(&to) {
-            Ok(meta) if meta.is_dir() && from_is_dir => merge_into(&entry.path(), &to)?,
-            Ok(meta) => {
-                if meta.is_dir() {
-                    std::fs::remove_dir_all(&to)?;
-                } else {
-                    std::fs::remove_file(&to)?;
-                }
-                std::fs::rename(entry.path(), &to)?;
-            }
-            Err(_) => std::fs::rename(entry.path(), &to)?,
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use ums_contract::StartMode;
 
 use crate::cli::ServeArgs;
 use crate::engine::docker::DockerEngine;
+use crate::engine::podman::PodmanEngine;
 use crate::engine::{Engine, EngineKind};
 use crate::nested::Sidecar;
 use crate::podinfo::PodInfo;
@@ -39,7 +40,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         EngineKind::Docker => Arc::new(
             connect_with_retry(|| DockerEngine::connect(&engine_socket, &engine_root)).await?,
         ),
-        EngineKind::Podman => anyhow::bail!("the podman engine is not implemented yet (issue 4)"),
+        EngineKind::Podman => Arc::new(
+            connect_with_retry(|| PodmanEngine::connect(&engine_socket, &engine_root)).await?,
+        ),
     };
     let info = engine.info().await?;
     tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
@@ -62,10 +65,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The engine starts next to the sidecar in the runtime container: wait for it (two minutes).
-async fn connect_with_retry<F, Fut>(connect: F) -> anyhow::Result<DockerEngine>
+async fn connect_with_retry<E, F, Fut>(connect: F) -> anyhow::Result<E>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<DockerEngine, crate::engine::EngineError>>,
+    Fut: std::future::Future<Output = Result<E, crate::engine::EngineError>>,
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {

@@ -271,7 +271,7 @@ fn translate_mounts(container: &Container, volumes: &[String]) -> Result<Vec<Str
     let mut binds = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
         let source_root = runtime_volume_path(&mount.name);
-        if !volumes.iter().any(|v| *v == source_root) {
+        if !volumes.contains(&source_root) {
             return Err(SpecError::UnknownVolume {
                 container: container.name.clone(),
                 volume: mount.name.clone(),

@@ -183,7 +183,7 @@ impl SidecarProcess {
         let text = response.text().await.unwrap_or_default();
         (
             status,
-            serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)),
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
     }
 

@@ -36,6 +36,8 @@ pub struct ContainerManifest {
     pub memory_parts: Vec<MemoryPart>,
     pub criu_bytes: u64,
     pub rootfs_bytes: u64,
+    /// Engine-specific files (Podman's root-fs diff tar is counted here).
+    pub engine_bytes: u64,
     /// Whether the container was running when it was checkpointed.
     pub was_running: bool,
 }

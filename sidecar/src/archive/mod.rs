@@ -6,7 +6,9 @@
 //! ```text
 //! ums-archive/manifest.json          first entry: what follows, and what made it
 //! containers/<name>/criu/<file>      CRIU's image files of container <name>
-//! containers/<name>/rootfs/<path>    the container's root-fs changes (its writable layer)
+//! containers/<name>/rootfs/<path>    the container's root-fs changes (Docker: its writable layer)
+//! containers/<name>/engine/<file>    engine files needed to restore (Podman: config.dump,
+//!                                    spec.dump, rootfs-diff.tar, ...)
 //! ...                                (every container, in manifest order)
 //! ums-archive/trailer.json           last entry: the SHA-256 of every entry above
 //! ```
@@ -25,9 +27,9 @@
 //!   before any restored process is started; a missing, extra or different entry refuses the
 //!   whole archive.
 //! - Entry paths are relative, made of normal components only; `..`, absolute paths, entries
-//!   outside `containers/<name>/{criu,rootfs}`, hard links and device files other than overlay
+//!   outside `containers/<name>/{criu,rootfs,engine}`, hard links and device files other than overlay
 //!   whiteouts (character device 0:0) are refused. Nothing is ever written through a symlink.
-//!   Symlinks in `criu/` are refused; in `rootfs/`, relative targets that climb out of the
+//!   Symlinks in `criu/` and `engine/` are refused; in `rootfs/`, relative targets that climb out of the
 //!   root fs are refused (absolute targets are resolved inside the container at run time).
 //! - The whole stream may be zstd-compressed; the HTTP layer negotiates it
 //!   (`Content-Encoding: zstd`).
@@ -57,6 +59,11 @@ pub const TRAILER_PATH: &str = "ums-archive/trailer.json";
 /// Archive prefix of a container's CRIU images.
 pub fn criu_prefix(container: &str) -> String {
     format!("containers/{container}/criu")
+}
+
+/// Archive prefix of a container's engine-specific restore files.
+pub fn engine_prefix(container: &str) -> String {
+    format!("containers/{container}/engine")
 }
 
 /// Archive prefix of a container's root-fs changes.

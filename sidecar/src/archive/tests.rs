@@ -39,6 +39,7 @@ fn manifest(names: &[&str], entries: Vec<EntrySummary>) -> Manifest {
                 memory_parts: vec![MemoryPart::Full],
                 criu_bytes: 0,
                 rootfs_bytes: 0,
+                engine_bytes: 0,
                 was_running: true,
             })
             .collect(),

@@ -10,8 +10,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::pack::{description_digest, EntryKind};
 use super::{
-    criu_prefix, rootfs_prefix, ArchiveError, Manifest, MemoryPart, Trailer, FORMAT_VERSION,
-    MANIFEST_PATH, TRAILER_PATH,
+    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, MemoryPart, Trailer,
+    FORMAT_VERSION, MANIFEST_PATH, TRAILER_PATH,
 };
 
 /// What was unpacked.
@@ -81,16 +81,22 @@ fn check_path(path: &str, manifest: &Manifest) -> Result<bool, ArchiveError> {
         return Err(refuse("path has '..', '.' or empty components"));
     }
     for c in &manifest.containers {
-        let (criu, rootfs) = (criu_prefix(&c.name), rootfs_prefix(&c.name));
+        let (criu, rootfs, engine) = (
+            criu_prefix(&c.name),
+            rootfs_prefix(&c.name),
+            engine_prefix(&c.name),
+        );
         let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
-        if under(&criu) {
+        if under(&criu) || under(&engine) {
             return Ok(false);
         }
         if under(&rootfs) {
             return Ok(true);
         }
     }
-    Err(refuse("not under containers/<name>/criu or containers/<name>/rootfs of a container in the manifest"))
+    Err(refuse(
+        "not under containers/<name>/criu, rootfs or engine of a container in the manifest",
+    ))
 }
 
 /// No component between `root` and `path` may be a symlink: writing through one could land
@@ -128,7 +134,7 @@ fn check_link_target(
         reason: reason.to_owned(),
     };
     if !in_rootfs {
-        return Err(refuse("symlinks are not allowed among CRIU images"));
+        return Err(refuse("symlinks are only allowed in a root fs"));
     }
     if target.is_absolute() {
         // Resolved against the container's root at run time; never followed here.

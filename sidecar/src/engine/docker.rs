@@ -1,102 +1,32 @@
-//! Docker (dind) through bollard on the engine's unix socket.
+//! Docker (dind): everything through the compat client, checkpoints through Docker's own
+//! checkpoint API (experimental mode).
 //!
-//! Checkpoints go through Docker's own checkpoint API (experimental mode), which keeps them in
-//! `<data-root>/containers/<id>/checkpoints/<checkpoint>/`. Docker cannot restore from a custom
-//! checkpoint directory, but it restores a *fresh* container whose checkpoint directory holds
-//! the files, which is how a checkpoint made by another engine is restored. The root-fs changes
-//! are the container's overlay2 upper directory (`GraphDriver.Data.UpperDir`).
+//! Docker keeps checkpoints in `<data-root>/containers/<id>/checkpoints/<checkpoint>/`. It
+//! cannot restore from a custom checkpoint directory, but it restores a *fresh* container
+//! whose checkpoint directory holds the files, which is how a checkpoint made by another
+//! engine is restored. The root-fs changes are the container's overlay2 upper directory
+//! (`GraphDriver.Data.UpperDir`), copied into the new container's before it starts.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use bollard::container::LogOutput;
-use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig};
-use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions,
-};
-use bollard::Docker;
-use futures_util::StreamExt as _;
-
-use super::{
-    unix_http, CheckpointFiles, ContainerInfo, Engine, EngineError, EngineInfo, EngineKind,
-    LogChunk, LogStream, RestoreTarget,
-};
+use super::compat::Compat;
+use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind};
 use crate::spec::NestedSpec;
-
-/// Label on every nested container this sidecar creates.
-pub const MANAGED_LABEL: &str = "io.ums-rs.container";
 
 /// The Docker engine of one runtime container.
 #[derive(Debug, Clone)]
 pub struct DockerEngine {
-    docker: Docker,
-    socket: PathBuf,
+    compat: Compat,
     data_root: PathBuf,
-    api_version: String,
 }
 
 impl DockerEngine {
     /// Connects to the engine at `socket`, whose data root is `data_root`.
     pub async fn connect(socket: &Path, data_root: &Path) -> Result<Self, EngineError> {
-        let unreachable = |message: String| EngineError::Unreachable {
-            engine: EngineKind::Docker,
-            socket: socket.display().to_string(),
-            message,
-        };
-        let socket_str = socket
-            .to_str()
-            .ok_or_else(|| unreachable("socket path is not UTF-8".into()))?;
-        let docker = Docker::connect_with_socket(socket_str, 600, bollard::API_DEFAULT_VERSION)
-            .map_err(|e| unreachable(e.to_string()))?
-            .negotiate_version()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let api_version = docker.client_version().to_string();
         Ok(DockerEngine {
-            docker,
-            socket: socket.to_owned(),
+            compat: Compat::connect(EngineKind::Docker, socket).await?,
             data_root: data_root.to_owned(),
-            api_version,
         })
-    }
-
-    fn api_error(&self, action: impl Into<String>, error: BollardError) -> EngineError {
-        let status = match &error {
-            BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-            _ => None,
-        };
-        let message = match &error {
-            BollardError::DockerResponseServerError { message, .. } => message.clone(),
-            other => other.to_string(),
-        };
-        EngineError::Api {
-            engine: EngineKind::Docker,
-            action: action.into(),
-            status,
-            message,
-        }
-    }
-
-    fn not_found_or(&self, name: &str, action: &str, error: BollardError) -> EngineError {
-        match error {
-            BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            } => EngineError::NotFound {
-                name: name.to_owned(),
-            },
-            other => self.api_error(format!("{action} {name}"), other),
-        }
-    }
-
-    async fn container_id(&self, name: &str) -> Result<String, EngineError> {
-        self.inspect(name)
-            .await?
-            .map(|c| c.id)
-            .ok_or_else(|| EngineError::NotFound {
-                name: name.to_owned(),
-            })
     }
 
     fn checkpoint_dir(&self, container_id: &str, checkpoint_id: &str) -> PathBuf {
@@ -107,295 +37,36 @@ impl DockerEngine {
             .join(checkpoint_id)
     }
 
-    async fn upper_dir(&self, name: &str) -> Result<Option<PathBuf>, EngineError> {
-        let inspect = self
-            .docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-            .map_err(|e| self.not_found_or(name, "inspect", e))?;
-        Ok(inspect
-            .graph_driver
-            .and_then(|g| g.data.get("UpperDir").cloned())
-            .map(PathBuf::from))
-    }
-}
-
-/// CRIU's version as `criu --version` prints it ("Version: 4.1.1").
-pub async fn criu_version() -> String {
-    match tokio::process::Command::new("criu")
-        .arg("--version")
-        .output()
-        .await
-    {
-        Ok(out) => String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_owned()))
-            .unwrap_or_else(|| "unknown".into()),
-        Err(_) => "not installed".into(),
-    }
-}
-
-fn to_info(inspect: bollard::models::ContainerInspectResponse) -> Option<ContainerInfo> {
-    let state = inspect.state.unwrap_or_default();
-    let status = state
-        .status
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| "unknown".into());
-    Some(ContainerInfo {
-        name: inspect.name?.trim_start_matches('/').to_owned(),
-        id: inspect.id?,
-        exit_code: if status == "exited" {
-            state.exit_code
-        } else {
-            None
-        },
-        state: status,
-        image: inspect.config.and_then(|c| c.image).unwrap_or_default(),
-        image_id: inspect.image.unwrap_or_default(),
-    })
-}
-
-#[async_trait::async_trait]
-impl Engine for DockerEngine {
-    fn kind(&self) -> EngineKind {
-        EngineKind::Docker
-    }
-
-    async fn info(&self) -> Result<EngineInfo, EngineError> {
-        let version = self
-            .docker
-            .version()
-            .await
-            .map_err(|e| self.api_error("read the engine version", e))?;
-        Ok(EngineInfo {
-            kind: EngineKind::Docker,
-            version: version.version.unwrap_or_default(),
-            api_version: self.api_version.clone(),
-            criu_version: criu_version().await,
-            kernel: version.kernel_version.unwrap_or_default(),
-            architecture: std::env::consts::ARCH.to_owned(),
-        })
-    }
-
-    async fn list(&self) -> Result<Vec<ContainerInfo>, EngineError> {
-        let filters = HashMap::from([("label".to_string(), vec![MANAGED_LABEL.to_string()])]);
-        let summaries = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|e| self.api_error("list containers", e))?;
-        let mut containers = Vec::new();
-        for summary in summaries {
-            if let Some(id) = summary.id {
-                if let Some(info) = self.inspect(&id).await? {
-                    containers.push(info);
-                }
-            }
-        }
-        containers.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(containers)
-    }
-
-    async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError> {
-        match self
-            .docker
-            .inspect_container(name, None::<InspectContainerOptions>)
-            .await
-        {
-            Ok(inspect) => Ok(to_info(inspect)),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(self.api_error(format!("inspect {name}"), e)),
-        }
-    }
-
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
-        match self.docker.inspect_image(image).await {
-            Ok(inspect) => Ok(inspect.id),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
-            Err(e) => Err(self.api_error(format!("inspect image {image}"), e)),
-        }
-    }
-
-    async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
-        if self.image_id(&spec.image).await?.is_none() {
-            return Err(EngineError::ImageMissing {
-                engine: EngineKind::Docker,
-                image: spec.image.clone(),
-            });
-        }
-        let host_config = HostConfig {
-            // The nested container lives in the runtime container's network namespace: the
-            // pod's IP and ports.
-            network_mode: Some("host".into()),
-            binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
-            memory: spec.memory_limit_bytes,
-            memory_reservation: spec.memory_reservation_bytes,
-            nano_cpus: spec.nano_cpus,
-            cpu_shares: spec.cpu_shares,
-            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
-            cap_drop: (!spec.cap_drop.is_empty()).then(|| spec.cap_drop.clone()),
-            privileged: Some(spec.privileged),
-            readonly_rootfs: Some(spec.read_only_rootfs),
-            ..Default::default()
-        };
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            entrypoint: spec.entrypoint.clone(),
-            cmd: spec.cmd.clone(),
-            env: Some(spec.env.clone()),
-            working_dir: spec.working_dir.clone(),
-            user: spec.user.clone(),
-            tty: Some(spec.tty),
-            open_stdin: Some(spec.open_stdin),
-            labels: Some(HashMap::from([(
-                MANAGED_LABEL.to_string(),
-                spec.name.clone(),
-            )])),
-            host_config: Some(host_config),
-            ..Default::default()
-        };
-        self.docker
-            .create_container(
-                Some(CreateContainerOptions {
-                    name: Some(spec.name.clone()),
-                    ..Default::default()
-                }),
-                body,
-            )
-            .await
-            .map_err(|e| self.api_error(format!("create container {}", spec.name), e))?;
-        self.inspect(&spec.name)
-            .await?
-            .ok_or_else(|| EngineError::NotFound {
-                name: spec.name.clone(),
-            })
-    }
-
-    async fn start(&self, name: &str) -> Result<(), EngineError> {
-        self.docker
-            .start_container(
-                name,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
-            .await
-            .map_err(|e| self.not_found_or(name, "start", e))
-    }
-
-    async fn stop(&self, name: &str, timeout_seconds: i32) -> Result<(), EngineError> {
-        match self
-            .docker
-            .stop_container(
-                name,
-                Some(StopContainerOptions {
-                    t: Some(timeout_seconds),
-                    signal: None,
-                }),
-            )
-            .await
-        {
-            // 304: already stopped.
-            Ok(())
-            | Err(BollardError::DockerResponseServerError {
-                status_code: 304, ..
-            }) => Ok(()),
-            Err(e) => Err(self.not_found_or(name, "stop", e)),
-        }
-    }
-
-    async fn remove(&self, name: &str) -> Result<(), EngineError> {
-        match self
-            .docker
-            .remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    v: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            Ok(())
-            | Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(()),
-            Err(e) => Err(self.api_error(format!("remove {name}"), e)),
-        }
-    }
-
-    async fn pause(&self, name: &str) -> Result<(), EngineError> {
-        self.docker
-            .pause_container(name)
-            .await
-            .map_err(|e| self.not_found_or(name, "pause", e))
-    }
-
-    async fn unpause(&self, name: &str) -> Result<(), EngineError> {
-        self.docker
-            .unpause_container(name)
-            .await
-            .map_err(|e| self.not_found_or(name, "unpause", e))
-    }
-
-    async fn checkpoint(
-        &self,
-        name: &str,
-        checkpoint_id: &str,
-        leave_running: bool,
-    ) -> Result<CheckpointFiles, EngineError> {
-        let id = self.container_id(name).await?;
-        self.docker
-            .create_checkpoint(
-                name,
-                bollard::container::CreateCheckpointOptions {
-                    checkpoint_id: checkpoint_id.to_owned(),
-                    checkpoint_dir: None,
-                    exit: !leave_running,
-                },
-            )
-            .await
-            .map_err(|e| self.api_error(format!("checkpoint {name}"), e))?;
-        Ok(CheckpointFiles {
-            criu_dir: self.checkpoint_dir(&id, checkpoint_id),
-            rootfs_dir: self.upper_dir(name).await?,
-        })
-    }
-
-    async fn restore_target(
-        &self,
-        name: &str,
-        checkpoint_id: &str,
-    ) -> Result<RestoreTarget, EngineError> {
-        let id = self.container_id(name).await?;
-        Ok(RestoreTarget {
-            criu_dir: self.checkpoint_dir(&id, checkpoint_id),
-            rootfs_dir: self.upper_dir(name).await?,
-        })
-    }
-
     async fn start_from_checkpoint(
         &self,
         name: &str,
         checkpoint_id: &str,
     ) -> Result<(), EngineError> {
+        // Docker uploads the checkpoint directory to containerd's content store as a tar, and
+        // Docker 20.10 fails with "content ... already exists" when that exact tar is already
+        // there, which it is when the checkpoint was made by this engine (a rollback in place).
+        // A nonce file makes every upload distinct; CRIU ignores files it does not know.
+        let id = self.compat.container_id(name).await?;
+        let nonce = self
+            .checkpoint_dir(&id, checkpoint_id)
+            .join("ums-restore-nonce");
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        tokio::fs::write(&nonce, stamp.to_string())
+            .await
+            .map_err(|e| EngineError::io("write", &nonce, e))?;
         // bollard's StartContainerOptions has no `checkpoint` parameter.
         let path = format!(
             "/v{}/containers/{name}/start?checkpoint={checkpoint_id}",
-            self.api_version
+            self.compat.api_version
         );
-        let response = unix_http::request(&self.socket, "POST", &path, None)
+        let response = unix_http::request(&self.compat.socket, "POST", &path, None)
             .await
             .map_err(|message| EngineError::Unreachable {
                 engine: EngineKind::Docker,
-                socket: self.socket.display().to_string(),
+                socket: self.compat.socket.display().to_string(),
                 message,
             })?;
         match response.status {
@@ -411,9 +82,71 @@ impl Engine for DockerEngine {
             }),
         }
     }
+}
+
+#[async_trait::async_trait]
+impl Engine for DockerEngine {
+    fn compat(&self) -> &Compat {
+        &self.compat
+    }
+
+    async fn checkpoint(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        leave_running: bool,
+    ) -> Result<CheckpointFiles, EngineError> {
+        let id = self.compat.container_id(name).await?;
+        self.compat
+            .docker
+            .create_checkpoint(
+                name,
+                bollard::container::CreateCheckpointOptions {
+                    checkpoint_id: checkpoint_id.to_owned(),
+                    checkpoint_dir: None,
+                    exit: !leave_running,
+                },
+            )
+            .await
+            .map_err(|e| self.compat.api_error(format!("checkpoint {name}"), e))?;
+        Ok(CheckpointFiles {
+            criu_dir: self.checkpoint_dir(&id, checkpoint_id),
+            rootfs_dir: self.compat.upper_dir(name).await?,
+            engine_dir: None,
+        })
+    }
+
+    async fn restore_in_place(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError> {
+        self.start_from_checkpoint(name, checkpoint_id).await
+    }
+
+    async fn restore_imported(
+        &self,
+        spec: &NestedSpec,
+        checkpoint_id: &str,
+        staged: &CheckpointFiles,
+    ) -> Result<(), EngineError> {
+        let name = &spec.name;
+        if self.compat.inspect(name).await?.is_none() {
+            self.compat.create(spec).await?;
+        }
+        let id = self.compat.container_id(name).await?;
+        let criu_target = self.checkpoint_dir(&id, checkpoint_id);
+        move_into(&staged.criu_dir, &criu_target)
+            .map_err(|e| EngineError::io("place CRIU images in", &criu_target, e))?;
+        if let (Some(staged_rootfs), Some(upper)) =
+            (&staged.rootfs_dir, self.compat.upper_dir(name).await?)
+        {
+            if staged_rootfs.exists() {
+                merge_into(staged_rootfs, &upper)
+                    .map_err(|e| EngineError::io("place root-fs changes in", &upper, e))?;
+            }
+        }
+        self.start_from_checkpoint(name, checkpoint_id).await
+    }
 
     async fn remove_checkpoint(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError> {
-        let Some(info) = self.inspect(name).await? else {
+        let Some(info) = self.compat.inspect(name).await? else {
             return Ok(());
         };
         let dir = self.checkpoint_dir(&info.id, checkpoint_id);
@@ -423,44 +156,38 @@ impl Engine for DockerEngine {
             Err(e) => Err(EngineError::io("remove checkpoint", dir, e)),
         }
     }
+}
 
-    async fn logs(
-        &self,
-        name: &str,
-        follow: bool,
-        since_unix_seconds: i64,
-    ) -> Result<LogStream, EngineError> {
-        // Fail early (404) instead of inside the stream.
-        self.container_id(name).await?;
-        let engine = self.clone();
-        let owned_name = name.to_owned();
-        let stream = self
-            .docker
-            .logs(
-                name,
-                Some(LogsOptions {
-                    follow,
-                    stdout: true,
-                    stderr: true,
-                    since: i32::try_from(since_unix_seconds).unwrap_or(0),
-                    tail: "all".into(),
-                    ..Default::default()
-                }),
-            )
-            .filter_map(move |item| {
-                let engine = engine.clone();
-                let name = owned_name.clone();
-                async move {
-                    match item {
-                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                            Some(Ok(LogChunk::Stdout(message)))
-                        }
-                        Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk::Stderr(message))),
-                        Ok(LogOutput::StdIn { .. }) => None,
-                        Err(e) => Some(Err(engine.api_error(format!("read logs of {name}"), e))),
-                    }
-                }
-            });
-        Ok(Box::pin(stream))
+/// Moves a staged directory to `target` (same file system: a rename).
+fn move_into(staged: &Path, target: &Path) -> std::io::Result<()> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
     }
+    if target.exists() {
+        std::fs::remove_dir_all(target)?;
+    }
+    std::fs::rename(staged, target)
+}
+
+/// Moves the staged root-fs changes into the container's writable layer, entry by entry.
+fn merge_into(staged: &Path, target: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    for entry in std::fs::read_dir(staged)? {
+        let entry = entry?;
+        let to = target.join(entry.file_name());
+        let from_is_dir = entry.file_type()?.is_dir();
+        match std::fs::symlink_metadata(&to) {
+            Ok(meta) if meta.is_dir() && from_is_dir => merge_into(&entry.path(), &to)?,
+            Ok(meta) => {
+                if meta.is_dir() {
+                    std::fs::remove_dir_all(&to)?;
+                } else {
+                    std::fs::remove_file(&to)?;
+                }
+                std::fs::rename(entry.path(), &to)?;
+            }
+            Err(_) => std::fs::rename(entry.path(), &to)?,
+        }
+    }
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! The nested engine, behind one trait: the HTTP layer, the archive code and the migration
 //! logic never know whether Docker or Podman is underneath.
 
+pub mod compat;
 pub mod docker;
+pub mod podman;
 pub mod unix_http;
 
 use std::path::PathBuf;
@@ -61,20 +63,17 @@ impl ContainerInfo {
     }
 }
 
-/// Where a checkpoint's files are on disk, at the source.
+/// A checkpoint's files on disk: made by the engine at the source, or unpacked from an
+/// archive into a staging directory at the destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointFiles {
     /// CRIU's image directory.
     pub criu_dir: PathBuf,
-    /// The container's root-fs changes (its writable layer), if the engine exposes one.
+    /// The container's root-fs changes as a directory tree (Docker: its writable layer).
     pub rootfs_dir: Option<PathBuf>,
-}
-
-/// Where a restore's files must be placed, at the destination.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreTarget {
-    pub criu_dir: PathBuf,
-    pub rootfs_dir: Option<PathBuf>,
+    /// Engine-specific files the engine needs to restore (Podman: its export's config,
+    /// spec and root-fs diff tar).
+    pub engine_dir: Option<PathBuf>,
 }
 
 /// One chunk of a container's output.
@@ -131,51 +130,103 @@ impl EngineError {
     }
 }
 
-/// A nested container engine.
+/// A nested container engine. Everything but checkpoint and restore goes through the
+/// Docker-compatible API ([`compat::Compat`]), which both engines serve.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync + std::fmt::Debug {
-    fn kind(&self) -> EngineKind;
+    /// The Docker-compatible client of this engine.
+    fn compat(&self) -> &compat::Compat;
+
+    fn kind(&self) -> EngineKind {
+        self.compat().kind
+    }
     /// Engine, CRIU, kernel and architecture.
-    async fn info(&self) -> Result<EngineInfo, EngineError>;
+    async fn info(&self) -> Result<EngineInfo, EngineError> {
+        let (version, kernel) = self.compat().version().await?;
+        Ok(EngineInfo {
+            kind: self.kind(),
+            version,
+            api_version: self.compat().api_version.clone(),
+            criu_version: criu_version().await,
+            kernel,
+            architecture: std::env::consts::ARCH.to_owned(),
+        })
+    }
     /// The containers this sidecar manages.
-    async fn list(&self) -> Result<Vec<ContainerInfo>, EngineError>;
-    async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError>;
+    async fn list(&self) -> Result<Vec<ContainerInfo>, EngineError> {
+        self.compat().list().await
+    }
+    async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError> {
+        self.compat().inspect(name).await
+    }
     /// The ID of a local image, if present.
-    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError>;
-    async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError>;
-    async fn start(&self, name: &str) -> Result<(), EngineError>;
-    async fn stop(&self, name: &str, timeout_seconds: i32) -> Result<(), EngineError>;
-    async fn remove(&self, name: &str) -> Result<(), EngineError>;
+    async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        self.compat().image_id(image).await
+    }
+    async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
+        self.compat().create(spec).await
+    }
+    async fn start(&self, name: &str) -> Result<(), EngineError> {
+        self.compat().start(name).await
+    }
+    async fn stop(&self, name: &str, timeout_seconds: i32) -> Result<(), EngineError> {
+        self.compat().stop(name, timeout_seconds).await
+    }
+    async fn remove(&self, name: &str) -> Result<(), EngineError> {
+        self.compat().remove(name).await
+    }
     /// Freezes every process of the container (cgroup freezer).
-    async fn pause(&self, name: &str) -> Result<(), EngineError>;
-    async fn unpause(&self, name: &str) -> Result<(), EngineError>;
-    /// Dumps the container with CRIU; unless `leave_running`, it is stopped afterwards.
-    async fn checkpoint(
-        &self,
-        name: &str,
-        checkpoint_id: &str,
-        leave_running: bool,
-    ) -> Result<CheckpointFiles, EngineError>;
-    /// Where the files of checkpoint `checkpoint_id` must be placed to restore into `name`
-    /// (an existing, not running container).
-    async fn restore_target(
-        &self,
-        name: &str,
-        checkpoint_id: &str,
-    ) -> Result<RestoreTarget, EngineError>;
-    /// Starts `name` from a checkpoint placed at its restore target.
-    async fn start_from_checkpoint(
-        &self,
-        name: &str,
-        checkpoint_id: &str,
-    ) -> Result<(), EngineError>;
-    /// Deletes a checkpoint's files.
-    async fn remove_checkpoint(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError>;
+    async fn pause(&self, name: &str) -> Result<(), EngineError> {
+        self.compat().pause(name).await
+    }
+    async fn unpause(&self, name: &str) -> Result<(), EngineError> {
+        self.compat().unpause(name).await
+    }
     /// The container's output; `follow` keeps the stream open while it runs.
     async fn logs(
         &self,
         name: &str,
         follow: bool,
         since_unix_seconds: i64,
-    ) -> Result<LogStream, EngineError>;
+    ) -> Result<LogStream, EngineError> {
+        self.compat().logs(name, follow, since_unix_seconds).await
+    }
+
+    /// Dumps the (frozen) container with CRIU; unless `leave_running`, it is stopped
+    /// afterwards. The files stay until [`Engine::remove_checkpoint`].
+    async fn checkpoint(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        leave_running: bool,
+    ) -> Result<CheckpointFiles, EngineError>;
+    /// Restores `name` in place from a checkpoint this engine made (the way back after a
+    /// failed migration).
+    async fn restore_in_place(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError>;
+    /// Restores a checkpoint made by another engine of the same kind, from `staged` files,
+    /// into container `spec.name` (created from `spec` if needed; an existing container of
+    /// that name must not be running). Returns when the engine has started it.
+    async fn restore_imported(
+        &self,
+        spec: &NestedSpec,
+        checkpoint_id: &str,
+        staged: &CheckpointFiles,
+    ) -> Result<(), EngineError>;
+    /// Deletes a checkpoint's files.
+    async fn remove_checkpoint(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError>;
+}
+
+/// CRIU's version as `criu --version` prints it ("Version: 4.1.1").
+pub async fn criu_version() -> String {
+    match tokio::process::Command::new("criu")
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| "unknown".into()),
+        Err(_) => "not installed".into(),
+    }
 }

@@ -64,3 +64,29 @@ pub fn error_message(body: &[u8]) -> String {
         .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned())
 }
+
+/// Sends a request with any body and returns the response with its body still streaming.
+pub async fn send<B>(
+    socket: &Path,
+    request: Request<B>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let what = format!("{} {}", request.method(), request.uri());
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("{what}: {e}"))
+}

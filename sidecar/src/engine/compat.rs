@@ -1,0 +1,352 @@
+//! The Docker-compatible API, through bollard on the engine's unix socket: Docker itself,
+//! and Podman's compat endpoints. Everything but checkpoint and restore goes through here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
+    RemoveContainerOptions, StopContainerOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt as _;
+
+use super::{ContainerInfo, EngineError, EngineKind, LogChunk, LogStream};
+use crate::spec::NestedSpec;
+
+/// Label on every nested container this sidecar creates.
+pub const MANAGED_LABEL: &str = "io.ums-rs.container";
+
+/// A Docker-compatible API client for one engine.
+#[derive(Debug, Clone)]
+pub struct Compat {
+    pub kind: EngineKind,
+    pub docker: Docker,
+    pub socket: PathBuf,
+    pub api_version: String,
+}
+
+impl Compat {
+    /// Connects to the engine at `socket` and negotiates the API version.
+    pub async fn connect(kind: EngineKind, socket: &Path) -> Result<Self, EngineError> {
+        let unreachable = |message: String| EngineError::Unreachable {
+            engine: kind,
+            socket: socket.display().to_string(),
+            message,
+        };
+        let socket_str = socket
+            .to_str()
+            .ok_or_else(|| unreachable("socket path is not UTF-8".into()))?;
+        let docker = Docker::connect_with_socket(socket_str, 600, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| unreachable(e.to_string()))?
+            .negotiate_version()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        docker
+            .ping()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let api_version = docker.client_version().to_string();
+        Ok(Compat {
+            kind,
+            docker,
+            socket: socket.to_owned(),
+            api_version,
+        })
+    }
+
+    pub fn api_error(&self, action: impl Into<String>, error: BollardError) -> EngineError {
+        let status = match &error {
+            BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+            _ => None,
+        };
+        let message = match &error {
+            BollardError::DockerResponseServerError { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        EngineError::Api {
+            engine: self.kind,
+            action: action.into(),
+            status,
+            message,
+        }
+    }
+
+    fn not_found_or(&self, name: &str, action: &str, error: BollardError) -> EngineError {
+        match error {
+            BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            } => EngineError::NotFound {
+                name: name.to_owned(),
+            },
+            other => self.api_error(format!("{action} {name}"), other),
+        }
+    }
+
+    pub async fn container_id(&self, name: &str) -> Result<String, EngineError> {
+        self.inspect(name)
+            .await?
+            .map(|c| c.id)
+            .ok_or_else(|| EngineError::NotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    /// The container's writable layer (overlay upper directory), if the engine reports it.
+    pub async fn upper_dir(&self, name: &str) -> Result<Option<PathBuf>, EngineError> {
+        let inspect = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| self.not_found_or(name, "inspect", e))?;
+        Ok(inspect
+            .graph_driver
+            .and_then(|g| g.data.get("UpperDir").cloned())
+            .map(PathBuf::from))
+    }
+
+    /// The engine's version string and kernel.
+    pub async fn version(&self) -> Result<(String, String), EngineError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| self.api_error("read the engine version", e))?;
+        Ok((
+            version.version.unwrap_or_default(),
+            version.kernel_version.unwrap_or_default(),
+        ))
+    }
+
+    pub async fn list(&self) -> Result<Vec<ContainerInfo>, EngineError> {
+        let filters = HashMap::from([("label".to_string(), vec![MANAGED_LABEL.to_string()])]);
+        let summaries = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| self.api_error("list containers", e))?;
+        let mut containers = Vec::new();
+        for summary in summaries {
+            if let Some(id) = summary.id {
+                if let Some(info) = self.inspect(&id).await? {
+                    containers.push(info);
+                }
+            }
+        }
+        containers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(containers)
+    }
+
+    pub async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError> {
+        match self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+        {
+            Ok(inspect) => Ok(to_info(inspect)),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.api_error(format!("inspect {name}"), e)),
+        }
+    }
+
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => Ok(inspect.id),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(e) => Err(self.api_error(format!("inspect image {image}"), e)),
+        }
+    }
+
+    pub async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
+        if self.image_id(&spec.image).await?.is_none() {
+            return Err(EngineError::ImageMissing {
+                engine: self.kind,
+                image: spec.image.clone(),
+            });
+        }
+        let host_config = HostConfig {
+            // The nested container lives in the runtime container's network namespace: the
+            // pod's IP and ports.
+            network_mode: Some("host".into()),
+            binds: (!spec.binds.is_empty()).then(|| spec.binds.clone()),
+            memory: spec.memory_limit_bytes,
+            memory_reservation: spec.memory_reservation_bytes,
+            nano_cpus: spec.nano_cpus,
+            cpu_shares: spec.cpu_shares,
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            cap_drop: (!spec.cap_drop.is_empty()).then(|| spec.cap_drop.clone()),
+            privileged: Some(spec.privileged),
+            readonly_rootfs: Some(spec.read_only_rootfs),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: spec.entrypoint.clone(),
+            cmd: spec.cmd.clone(),
+            env: Some(spec.env.clone()),
+            working_dir: spec.working_dir.clone(),
+            user: spec.user.clone(),
+            tty: Some(spec.tty),
+            open_stdin: Some(spec.open_stdin),
+            labels: Some(HashMap::from([(
+                MANAGED_LABEL.to_string(),
+                spec.name.clone(),
+            )])),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        self.docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(spec.name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| self.api_error(format!("create container {}", spec.name), e))?;
+        self.inspect(&spec.name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound {
+                name: spec.name.clone(),
+            })
+    }
+
+    pub async fn start(&self, name: &str) -> Result<(), EngineError> {
+        self.docker
+            .start_container(
+                name,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| self.not_found_or(name, "start", e))
+    }
+
+    pub async fn stop(&self, name: &str, timeout_seconds: i32) -> Result<(), EngineError> {
+        match self
+            .docker
+            .stop_container(
+                name,
+                Some(StopContainerOptions {
+                    t: Some(timeout_seconds),
+                    signal: None,
+                }),
+            )
+            .await
+        {
+            // 304: already stopped.
+            Ok(())
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(self.not_found_or(name, "stop", e)),
+        }
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), EngineError> {
+        match self
+            .docker
+            .remove_container(
+                name,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    v: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+        {
+            Ok(())
+            | Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Err(e) => Err(self.api_error(format!("remove {name}"), e)),
+        }
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), EngineError> {
+        self.docker
+            .pause_container(name)
+            .await
+            .map_err(|e| self.not_found_or(name, "pause", e))
+    }
+
+    pub async fn unpause(&self, name: &str) -> Result<(), EngineError> {
+        self.docker
+            .unpause_container(name)
+            .await
+            .map_err(|e| self.not_found_or(name, "unpause", e))
+    }
+
+    pub async fn logs(
+        &self,
+        name: &str,
+        follow: bool,
+        since_unix_seconds: i64,
+    ) -> Result<LogStream, EngineError> {
+        // Fail early (404) instead of inside the stream.
+        self.container_id(name).await?;
+        let engine = self.clone();
+        let owned_name = name.to_owned();
+        let stream = self
+            .docker
+            .logs(
+                name,
+                Some(LogsOptions {
+                    follow,
+                    stdout: true,
+                    stderr: true,
+                    since: i32::try_from(since_unix_seconds).unwrap_or(0),
+                    tail: "all".into(),
+                    ..Default::default()
+                }),
+            )
+            .filter_map(move |item| {
+                let engine = engine.clone();
+                let name = owned_name.clone();
+                async move {
+                    match item {
+                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                            Some(Ok(LogChunk::Stdout(message)))
+                        }
+                        Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk::Stderr(message))),
+                        Ok(LogOutput::StdIn { .. }) => None,
+                        Err(e) => Some(Err(engine.api_error(format!("read logs of {name}"), e))),
+                    }
+                }
+            });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// The container state the way the trait reports it.
+pub fn to_info(inspect: bollard::models::ContainerInspectResponse) -> Option<ContainerInfo> {
+    let state = inspect.state.unwrap_or_default();
+    let status = state
+        .status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    Some(ContainerInfo {
+        name: inspect.name?.trim_start_matches('/').to_owned(),
+        id: inspect.id?,
+        exit_code: if status == "exited" {
+            state.exit_code
+        } else {
+            None
+        },
+        state: status,
+        image: inspect.config.and_then(|c| c.image).unwrap_or_default(),
+        image_id: inspect.image.unwrap_or_default(),
+    })
+}
