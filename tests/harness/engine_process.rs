@@ -25,7 +25,7 @@ impl EngineProcess {
         std::fs::create_dir_all(&dir).unwrap();
         match kind {
             EngineKind::Docker => Self::start_docker(dir),
-            EngineKind::Podman => panic!("podman engine tests come with issue 4"),
+            EngineKind::Podman => Self::start_podman(dir),
         }
     }
 
@@ -62,22 +62,96 @@ impl EngineProcess {
         engine
     }
 
+    fn start_podman(dir: PathBuf) -> Self {
+        let socket = dir.join("podman.sock");
+        let data_root = dir.join("root");
+        let log = std::fs::File::create(dir.join("podman.log")).unwrap();
+        let mut engine = EngineProcess {
+            kind: EngineKind::Podman,
+            dir,
+            socket,
+            data_root,
+            // Replaced right below; a placeholder keeps the field initialised.
+            child: Command::new("true").spawn().unwrap(),
+        };
+        let _ = engine.child.wait();
+        engine.child = Command::new("podman")
+            .args(engine.podman_storage_args())
+            .args(["system", "service", "--time", "0"])
+            .arg(format!("unix://{}", engine.socket.display()))
+            .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start podman system service ({e}): run scripts/install-host.sh (engine tests need real engines)")
+            });
+        engine.wait_ready(Duration::from_secs(60));
+        engine
+    }
+
+    /// Podman's own storage, run root and runtime for this engine (runc: crun refuses this
+    /// machine's hybrid cgroups; cgroupfs: no systemd).
+    fn podman_storage_args(&self) -> Vec<String> {
+        vec![
+            "--root".into(),
+            self.data_root.display().to_string(),
+            "--runroot".into(),
+            self.dir.join("run").display().to_string(),
+            "--tmpdir".into(),
+            self.dir.join("tmp").display().to_string(),
+            "--cgroup-manager".into(),
+            "cgroupfs".into(),
+            "--runtime".into(),
+            "runc".into(),
+            "--events-backend".into(),
+            "file".into(),
+        ]
+    }
+
+    fn program(&self) -> &'static str {
+        match self.kind {
+            EngineKind::Docker => "docker",
+            EngineKind::Podman => "podman",
+        }
+    }
+
     fn wait_ready(&self, deadline: Duration) {
         let until = Instant::now() + deadline;
         loop {
-            let ok = Command::new("docker")
-                .args(self.cli_args())
-                .args(["version", "--format", "{{.Server.Experimental}}"])
-                .output()
-                .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true")
-                .unwrap_or(false);
+            let ok = match self.kind {
+                EngineKind::Docker => Command::new("docker")
+                    .args(self.cli_args())
+                    .args(["version", "--format", "{{.Server.Experimental}}"])
+                    .output()
+                    .map(|o| {
+                        o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "true"
+                    })
+                    .unwrap_or(false),
+                EngineKind::Podman => Command::new("podman")
+                    .args(["--remote", "--url"])
+                    .arg(format!("unix://{}", self.socket.display()))
+                    .arg("version")
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false),
+            };
             if ok {
                 return;
             }
             assert!(
                 Instant::now() < until,
-                "dockerd did not come up with experimental features within {deadline:?}; log:\n{}",
-                std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
+                "{} did not come up within {deadline:?}; log:\n{}",
+                self.program(),
+                std::fs::read_to_string(self.dir.join(format!(
+                    "{}.log",
+                    if self.kind == EngineKind::Docker {
+                        "dockerd"
+                    } else {
+                        "podman"
+                    }
+                )))
+                .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -85,19 +159,29 @@ impl EngineProcess {
 
     /// Arguments that point the engine's CLI at this engine.
     pub fn cli_args(&self) -> Vec<String> {
-        vec!["--host".into(), format!("unix://{}", self.socket.display())]
+        match self.kind {
+            EngineKind::Docker => {
+                vec!["--host".into(), format!("unix://{}", self.socket.display())]
+            }
+            EngineKind::Podman => self.podman_storage_args(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(self.program());
+        command
+            .args(self.cli_args())
+            .env("PODMAN_IGNORE_CGROUPSV1_WARNING", "1");
+        command
     }
 
     /// Runs the engine's CLI; panics with its output on failure.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("docker")
-            .args(self.cli_args())
-            .args(args)
-            .output()
-            .unwrap();
+        let output = self.command().args(args).output().unwrap();
         assert!(
             output.status.success(),
-            "docker {args:?} failed: {}",
+            "{} {args:?} failed: {}",
+            self.program(),
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
@@ -135,22 +219,14 @@ impl EngineProcess {
 
 impl Drop for EngineProcess {
     fn drop(&mut self) {
-        // Remove containers first so dockerd does not wait on them, then stop it.
-        if let Ok(out) = Command::new("docker")
-            .args(self.cli_args())
-            .args(["ps", "-aq"])
-            .output()
-        {
+        // Remove containers first so the engine does not wait on them, then stop it.
+        if let Ok(out) = self.command().args(["ps", "-aq"]).output() {
             let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect();
             if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(self.cli_args())
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
+                let _ = self.command().args(["rm", "-f"]).args(&ids).output();
             }
         }
         let _ = nix_kill(self.child.id(), "TERM");
