@@ -2,7 +2,7 @@
 # The main job on this machine: a live migration of a stateful container between two nested
 # engines through two ums-sidecar processes, as between a source pod and a destination pod.
 #
-#   scripts/run-migration.sh [MIB]        (default 256; ENGINE=docker)
+#   scripts/run-migration.sh [MIB]        (default 256; ENGINE=docker or ENGINE=podman)
 #
 # Starts two engines (own data root, exec root and socket under /tmp/ums-demo), builds the
 # test workload (tests/workload/workload.c, static) into an image on the source and copies it
@@ -21,13 +21,24 @@ target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,s
 sidecar="$target/debug/ums-sidecar"
 
 base=/tmp/ums-demo
+export PODMAN_IGNORE_CGROUPSV1_WARNING=1
 pids=()
+# The engine CLI of one side.
+D() {
+  local side=$1; shift
+  if [ "$engine" = podman ]; then
+    podman --root "$base/$side/root" --runroot "$base/$side/run" --tmpdir "$base/$side/tmp" \
+      --cgroup-manager cgroupfs --runtime runc --events-backend file "$@"
+  else
+    docker -H "unix://$base/$side/engine.sock" "$@"
+  fi
+}
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for side in src dst; do
-    if [ -S "$base/$side/docker.sock" ]; then
-      ids=$(docker -H "unix://$base/$side/docker.sock" ps -aq 2>/dev/null || true)
-      [ -n "$ids" ] && docker -H "unix://$base/$side/docker.sock" rm -f $ids >/dev/null 2>&1 || true
+    if [ -d "$base/$side" ]; then
+      ids=$(D "$side" ps -aq 2>/dev/null || true)
+      [ -n "$ids" ] && D "$side" rm -f $ids >/dev/null 2>&1 || true
     fi
     [ -f "$base/$side/dockerd.pid" ] && kill "$(cat "$base/$side/dockerd.pid")" 2>/dev/null || true
   done
@@ -40,39 +51,43 @@ rm -rf "$base"; mkdir -p "$base"
 
 for side in src dst; do
   mkdir -p "$base/$side"
-  dockerd --data-root "$base/$side/data" --exec-root "$base/$side/exec" --pidfile "$base/$side/dockerd.pid" \
-    --host "unix://$base/$side/docker.sock" --bridge none --iptables=false --ip-masq=false \
-    >"$base/$side/dockerd.log" 2>&1 &
+  if [ "$engine" = podman ]; then
+    D "$side" system service --time 0 "unix://$base/$side/engine.sock" >"$base/$side/engine.log" 2>&1 &
+  else
+    dockerd --data-root "$base/$side/root" --exec-root "$base/$side/exec" --pidfile "$base/$side/dockerd.pid" \
+      --host "unix://$base/$side/engine.sock" --bridge none --iptables=false --ip-masq=false \
+      >"$base/$side/engine.log" 2>&1 &
+  fi
   pids+=($!)
 done
 for side in src dst; do
-  for _ in $(seq 300); do docker -H "unix://$base/$side/docker.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 300); do [ -S "$base/$side/engine.sock" ] && D "$side" version >/dev/null 2>&1 && break; sleep 0.1; done
 done
-D() { local side=$1; shift; docker -H "unix://$base/$side/docker.sock" "$@"; }
 
 echo "--- building the workload image (${mib} MiB of seeded memory, a counter every 10 ms)"
 mkdir -p "$base/image"
 gcc -static -O2 -o "$base/image/workload" tests/workload/workload.c
 tar -C "$base/image" -cf "$base/workload.tar" workload
 D src import --change 'ENTRYPOINT ["/workload"]' "$base/workload.tar" ums-demo/workload:1 >/dev/null
-D src save ums-demo/workload:1 | D dst load >/dev/null
+D src save --output "$base/image.tar" ums-demo/workload:1 >/dev/null
+D dst load --input "$base/image.tar" >/dev/null
 
 containers=$(printf '[{"name":"app","image":"ums-demo/workload:1","args":["%s","42"]}]' "$mib")
 for side in src dst; do
   mode=active; [ "$side" = dst ] && mode=passive
-  CONTAINERS="$containers" MODE="$mode" python3 - >"$base/$side/annotations" <<'PY'
+  INTERFACE=$([ "$engine" = podman ] && echo pind || echo dind) CONTAINERS="$containers" MODE="$mode" python3 - >"$base/$side/annotations" <<'PY'
 import json, os
 def q(s): return json.dumps(s)  # Go %q and JSON quoting agree for these ASCII values
-ann = {"migration-interface": "dind", "migration-containers": os.environ["CONTAINERS"],
+ann = {"migration-interface": os.environ["INTERFACE"], "migration-containers": os.environ["CONTAINERS"],
        "migration-volumes": "[]", "migration-start-mode": os.environ["MODE"], "migration-bypass": "true"}
 print("\n".join(f"{k}={q(v)}" for k, v in sorted(ann.items())))
 PY
 done
 port_src=18881; port_dst=18882
-"$sidecar" serve --engine "$engine" --engine-socket "$base/src/docker.sock" --engine-root "$base/src/data" \
+"$sidecar" serve --engine "$engine" --engine-socket "$base/src/engine.sock" --engine-root "$base/src/root" \
   --podinfo "$base/src/annotations" --listen 127.0.0.1:$port_src 2>"$base/src/sidecar.log" &
 pids+=($!)
-"$sidecar" serve --engine "$engine" --engine-socket "$base/dst/docker.sock" --engine-root "$base/dst/data" \
+"$sidecar" serve --engine "$engine" --engine-socket "$base/dst/engine.sock" --engine-root "$base/dst/root" \
   --podinfo "$base/dst/annotations" --listen 127.0.0.1:$port_dst 2>"$base/dst/sidecar.log" &
 pids+=($!)
 for port in $port_src $port_dst; do

@@ -54,7 +54,8 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
     eprintln!("[ums-ambassador] {name}: {body}");
 
     // 3. Relay output until the container exits.
-    let mut since = 0i64;
+    // The `time` of the last line relayed: a resumed stream starts right after it.
+    let mut after = String::new();
     loop {
         let probe = http.get(format!("{base}/probe/{name}")).send().await;
         let Ok(probe) = probe else {
@@ -65,9 +66,9 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
             200 => {
                 let state: serde_json::Value = probe.json().await.unwrap_or_default();
                 if state["state"] == "running" {
-                    since = relay(&http, &base, &name, since, &auth)
-                        .await
-                        .unwrap_or(since);
+                    if let Ok(last) = relay(&http, &base, &name, &after, &auth).await {
+                        after = last;
+                    }
                 } else {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -76,7 +77,7 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
                 let state: serde_json::Value = probe.json().await.unwrap_or_default();
                 let code = state["exitCode"].as_i64().unwrap_or(1);
                 // Output written just before the exit.
-                let _ = relay(&http, &base, &name, since, &auth).await;
+                let _ = relay(&http, &base, &name, &after, &auth).await;
                 return Ok(i32::try_from(code).unwrap_or(1));
             }
             404 => {
@@ -96,10 +97,11 @@ async fn relay(
     http: &reqwest::Client,
     base: &str,
     name: &str,
-    since: i64,
+    after: &str,
     auth: &impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-) -> anyhow::Result<i64> {
-    let response = auth(http.get(format!("{base}/logs/{name}?follow=true&since={since}")))
+) -> anyhow::Result<String> {
+    let mut last = after.to_owned();
+    let response = auth(http.get(format!("{base}/logs/{name}?follow=true&after={after}")))
         .send()
         .await?
         .error_for_status()?;
@@ -110,6 +112,9 @@ async fn relay(
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) {
+                if let Some(time) = value["time"].as_str() {
+                    last = time.to_owned();
+                }
                 let data = value["data"].as_str().unwrap_or("");
                 match value["stream"].as_str() {
                     Some("stderr") => {
@@ -124,8 +129,5 @@ async fn relay(
             }
         }
     }
-    Ok(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(since))
+    Ok(last)
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::checkpoint::archive_stream;
-use crate::engine::LogChunk;
+use crate::engine::{LogChunk, LogStreamKind};
 use crate::error::ApiError;
 use crate::migrate::MigrateRequest;
 use crate::nested::Sidecar;
@@ -125,9 +125,10 @@ async fn stop(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError>
 struct LogsQuery {
     #[serde(default)]
     follow: bool,
-    /// Only output after this UNIX time (seconds).
+    /// Only output after this UNIX time in nanoseconds (exclusive), as a decimal string: the
+    /// `time` of the last line a reader saw.
     #[serde(default)]
-    since: i64,
+    after: Option<String>,
 }
 
 /// The nested container's output as NDJSON lines `{"stream":"stdout","data":"..."}`.
@@ -136,17 +137,26 @@ async fn logs(
     Path(name): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let stream = sidecar
-        .engine
-        .logs(&name, query.follow, query.since)
-        .await?;
+    let after = match query.after.as_deref() {
+        None | Some("") => 0,
+        Some(text) => text.parse::<i128>().map_err(|_| {
+            ApiError::bad_request(format!("after={text:?} is not UNIX nanoseconds"))
+        })?,
+    };
+    let stream = sidecar.engine.logs(&name, query.follow, after).await?;
     let lines = stream.map(|chunk| {
-        let (stream, data) = match chunk {
-            Ok(LogChunk::Stdout(b)) => ("stdout", b),
-            Ok(LogChunk::Stderr(b)) => ("stderr", b),
-            Err(e) => ("error", bytes::Bytes::from(crate::error::chain(&e))),
+        let line = match chunk {
+            Ok(LogChunk {
+                stream,
+                time_nanos,
+                data,
+            }) => serde_json::json!({
+                "stream": if stream == LogStreamKind::Stdout { "stdout" } else { "stderr" },
+                "time": time_nanos.map(|t| t.to_string()),
+                "data": String::from_utf8_lossy(&data),
+            }),
+            Err(e) => serde_json::json!({ "stream": "error", "data": crate::error::chain(&e) }),
         };
-        let line = serde_json::json!({ "stream": stream, "data": String::from_utf8_lossy(&data) });
         Ok::<_, std::io::Error>(bytes::Bytes::from(format!("{line}\n")))
     });
     Ok((

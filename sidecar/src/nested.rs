@@ -34,6 +34,8 @@ pub struct Sidecar {
     pub token: Option<String>,
     /// Held by a checkpoint, restore or migration: one at a time.
     pub busy: Arc<tokio::sync::Mutex<()>>,
+    /// Serialises creates: the start-up pass and each ambassador's request race otherwise.
+    creating: tokio::sync::Mutex<()>,
     phases: std::sync::Mutex<HashMap<String, Phase>>,
 }
 
@@ -72,6 +74,7 @@ impl Sidecar {
             engine_root,
             token,
             busy: Arc::new(tokio::sync::Mutex::new(())),
+            creating: tokio::sync::Mutex::new(()),
             phases: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -95,6 +98,7 @@ impl Sidecar {
     /// Creates (and, in `active` mode, starts) nested container `name` from the pod's
     /// `migration-containers`. Idempotent.
     pub async fn create(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
+        let _one_at_a_time = self.creating.lock().await;
         if self.phase(name) == Some(Phase::Migrated) {
             return Err(ApiError::conflict(format!(
                 "container {name:?} was migrated away from this pod; it is not recreated here"

@@ -58,10 +58,10 @@ pub fn document() -> Value {
                     "404": error_response("not in migration-containers"), "409": error_response("migrated away"),
                     "422": error_response("spec cannot be run nested (image missing, unresolved env, ...)"), "503": error_response("start mode fail, or podinfo unreadable") } } },
             "/stop": { "post": { "summary": "stop every nested container", "responses": { "200": { "description": "containers after stop" }, "409": error_response("busy") } } },
-            "/logs/{name}": { "get": { "summary": "output of a nested container as NDJSON {stream, data}", "parameters": [
+            "/logs/{name}": { "get": { "summary": "output of a nested container as NDJSON {stream, time, data}", "parameters": [
                     { "name": "name", "in": "path", "required": true, "schema": { "type": "string" } },
                     { "name": "follow", "in": "query", "schema": { "type": "boolean" } },
-                    { "name": "since", "in": "query", "schema": { "type": "integer" }, "description": "UNIX seconds" }],
+                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "only lines after this UNIX time in nanoseconds (the `time` of the last line seen)" }],
                 "responses": { "200": { "description": "stream", "content": { "application/x-ndjson": {} } }, "404": error_response("no such container") } } },
             "/checkpoint": { "post": { "summary": "freeze and dump the nested containers; the response body is the migration archive, streamed", "parameters": [
                     { "name": "container", "in": "query", "schema": { "type": "string" }, "description": "default: all" },

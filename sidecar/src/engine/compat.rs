@@ -12,9 +12,10 @@ use bollard::query_parameters::{
     RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
+use bytes::Bytes;
 use futures_util::StreamExt as _;
 
-use super::{ContainerInfo, EngineError, EngineKind, LogChunk, LogStream};
+use super::{ContainerInfo, EngineError, EngineKind, LogChunk, LogStream, LogStreamKind};
 use crate::spec::NestedSpec;
 
 /// Label on every nested container this sidecar creates.
@@ -293,12 +294,15 @@ impl Compat {
         &self,
         name: &str,
         follow: bool,
-        since_unix_seconds: i64,
+        after_nanos: i128,
     ) -> Result<LogStream, EngineError> {
         // Fail early (404) instead of inside the stream.
         self.container_id(name).await?;
         let engine = self.clone();
         let owned_name = name.to_owned();
+        // The engines filter by whole seconds; the exact cut is made here on each line's
+        // timestamp, so a reader that resumes never sees a line twice.
+        let since_seconds = i32::try_from(after_nanos.div_euclid(1_000_000_000)).unwrap_or(0);
         let stream = self
             .docker
             .logs(
@@ -307,7 +311,8 @@ impl Compat {
                     follow,
                     stdout: true,
                     stderr: true,
-                    since: i32::try_from(since_unix_seconds).unwrap_or(0),
+                    since: since_seconds,
+                    timestamps: true,
                     tail: "all".into(),
                     ..Default::default()
                 }),
@@ -316,18 +321,87 @@ impl Compat {
                 let engine = engine.clone();
                 let name = owned_name.clone();
                 async move {
-                    match item {
+                    let (stream, message) = match item {
                         Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                            Some(Ok(LogChunk::Stdout(message)))
+                            (LogStreamKind::Stdout, message)
                         }
-                        Ok(LogOutput::StdErr { message }) => Some(Ok(LogChunk::Stderr(message))),
-                        Ok(LogOutput::StdIn { .. }) => None,
-                        Err(e) => Some(Err(engine.api_error(format!("read logs of {name}"), e))),
+                        Ok(LogOutput::StdErr { message }) => (LogStreamKind::Stderr, message),
+                        Ok(LogOutput::StdIn { .. }) => return None,
+                        Err(e) => {
+                            return Some(Err(engine.api_error(format!("read logs of {name}"), e)))
+                        }
+                    };
+                    let (time_nanos, data) = split_timestamp(&message);
+                    if after_nanos > 0 && time_nanos.is_some_and(|t| t <= after_nanos) {
+                        return None;
                     }
+                    Some(Ok(LogChunk {
+                        stream,
+                        time_nanos,
+                        data,
+                    }))
                 }
             });
         Ok(Box::pin(stream))
     }
+}
+
+/// Splits `2026-11-22T00:00:46.719389123Z rest` into the time (UNIX nanoseconds) and `rest`.
+fn split_timestamp(message: &Bytes) -> (Option<i128>, Bytes) {
+    let Some(space) = message.iter().position(|b| *b == b' ') else {
+        return (None, message.clone());
+    };
+    match std::str::from_utf8(&message[..space])
+        .ok()
+        .and_then(parse_rfc3339_nanos)
+    {
+        Some(t) => (Some(t), message.slice(space + 1..)),
+        None => (None, message.clone()),
+    }
+}
+
+/// RFC 3339 (`Z` or `+hh:mm` offsets, up to nanosecond fractions) to UNIX nanoseconds.
+pub fn parse_rfc3339_nanos(text: &str) -> Option<i128> {
+    let (date, rest) = text.split_once('T')?;
+    let mut date_parts = date.split('-');
+    let year: i64 = date_parts.next()?.parse().ok()?;
+    let month: i64 = date_parts.next()?.parse().ok()?;
+    let day: i64 = date_parts.next()?.parse().ok()?;
+    let (clock, offset_seconds) = if let Some(clock) = rest.strip_suffix('Z') {
+        (clock, 0i64)
+    } else {
+        let at = rest.rfind(['+', '-'])?;
+        let (clock, offset) = rest.split_at(at);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        let (h, m) = offset[1..].split_once(':')?;
+        (
+            clock,
+            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
+        )
+    };
+    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut hms_parts = hms.split(':');
+    let hour: i64 = hms_parts.next()?.parse().ok()?;
+    let minute: i64 = hms_parts.next()?.parse().ok()?;
+    let second: i64 = hms_parts.next()?.parse().ok()?;
+    if fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: i64 = if fraction.is_empty() {
+        0
+    } else {
+        format!("{fraction:0<9}").parse().ok()?
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    Some(i128::from(seconds) * 1_000_000_000 + i128::from(nanos))
 }
 
 /// The container state the way the trait reports it.
@@ -340,13 +414,45 @@ pub fn to_info(inspect: bollard::models::ContainerInspectResponse) -> Option<Con
     Some(ContainerInfo {
         name: inspect.name?.trim_start_matches('/').to_owned(),
         id: inspect.id?,
-        exit_code: if status == "exited" {
-            state.exit_code
-        } else {
+        // Docker says "exited"; Podman's compat API may say "stopped" or "configured".
+        exit_code: if matches!(
+            status.as_str(),
+            "running" | "paused" | "created" | "restarting"
+        ) {
             None
+        } else {
+            state.exit_code
         },
         state: status,
         image: inspect.config.and_then(|c| c.image).unwrap_or_default(),
         image_id: inspect.image.unwrap_or_default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_engine_timestamps() {
+        assert_eq!(parse_rfc3339_nanos("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_nanos("1970-01-01T00:00:01.5Z"),
+            Some(1_500_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339_nanos("2026-11-22T00:00:46.719389123Z"),
+            Some(1_795_305_646_719_389_123)
+        );
+        assert_eq!(
+            parse_rfc3339_nanos("2026-11-22T01:00:46.719389123+01:00"),
+            parse_rfc3339_nanos("2026-11-22T00:00:46.719389123Z")
+        );
+        assert_eq!(parse_rfc3339_nanos("yesterday"), None);
+        let (t, rest) = split_timestamp(&Bytes::from_static(b"2026-11-22T00:00:46Z tick=1\n"));
+        assert_eq!(
+            (t, rest.as_ref()),
+            (Some(1_795_305_646_000_000_000), &b"tick=1\n"[..])
+        );
+    }
 }

@@ -76,11 +76,20 @@ pub struct CheckpointFiles {
     pub engine_dir: Option<PathBuf>,
 }
 
-/// One chunk of a container's output.
+/// Which stream a line of output came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStreamKind {
+    Stdout,
+    Stderr,
+}
+
+/// One line (or chunk) of a container's output, with the engine's timestamp.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LogChunk {
-    Stdout(Bytes),
-    Stderr(Bytes),
+pub struct LogChunk {
+    pub stream: LogStreamKind,
+    /// UNIX time in nanoseconds, as the engine recorded it.
+    pub time_nanos: Option<i128>,
+    pub data: Bytes,
 }
 
 pub type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, EngineError>> + Send>>;
@@ -182,14 +191,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn unpause(&self, name: &str) -> Result<(), EngineError> {
         self.compat().unpause(name).await
     }
-    /// The container's output; `follow` keeps the stream open while it runs.
+    /// The container's output after `after_nanos` (exclusive, UNIX nanoseconds; 0 for all);
+    /// `follow` keeps the stream open while it runs.
     async fn logs(
         &self,
         name: &str,
         follow: bool,
-        since_unix_seconds: i64,
+        after_nanos: i128,
     ) -> Result<LogStream, EngineError> {
-        self.compat().logs(name, follow, since_unix_seconds).await
+        self.compat().logs(name, follow, after_nanos).await
     }
 
     /// Dumps the (frozen) container with CRIU; unless `leave_running`, it is stopped
