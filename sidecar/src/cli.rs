@@ -47,16 +47,14 @@ pub struct ServeArgs {
     /// The nested engine.
     #[arg(long, env = "UMS_ENGINE", value_enum, default_value = "docker")]
     pub engine: EngineKind,
-    /// The engine's unix socket (never a TCP port).
-    #[arg(
-        long,
-        env = "UMS_ENGINE_SOCKET",
-        default_value = "/var/run/docker.sock"
-    )]
-    pub engine_socket: PathBuf,
-    /// The engine's data root, where checkpoints and container file changes live.
-    #[arg(long, env = "UMS_ENGINE_ROOT", default_value = "/var/lib/docker")]
-    pub engine_root: PathBuf,
+    /// The engine's unix socket, never a TCP port [default: /var/run/docker.sock for docker,
+    /// /run/podman/podman.sock for podman].
+    #[arg(long, env = "UMS_ENGINE_SOCKET")]
+    pub engine_socket: Option<PathBuf>,
+    /// The engine's data root, where checkpoints, container file changes and incoming
+    /// archives live [default: /var/lib/docker for docker, /var/lib/containers for podman].
+    #[arg(long, env = "UMS_ENGINE_ROOT")]
+    pub engine_root: Option<PathBuf>,
     /// The downward-API annotations file.
     #[arg(long, env = "UMS_PODINFO", default_value = "/etc/podinfo/annotations")]
     pub podinfo: PathBuf,

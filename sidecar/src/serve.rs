@@ -1,6 +1,7 @@
 //! `ums-sidecar serve`: connect to the nested engine, create the pod's containers per the start
 //! mode, follow start-mode changes, serve the API.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token_file,
     } = args;
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let engine_socket = engine_socket.unwrap_or_else(|| {
+        PathBuf::from(match engine {
+            EngineKind::Docker => "/var/run/docker.sock",
+            EngineKind::Podman => "/run/podman/podman.sock",
+        })
+    });
+    let engine_root = engine_root.unwrap_or_else(|| {
+        PathBuf::from(match engine {
+            EngineKind::Docker => "/var/lib/docker",
+            EngineKind::Podman => "/var/lib/containers",
+        })
+    });
     let token = match &token_file {
         Some(path) => {
             let token = std::fs::read_to_string(path)
