@@ -267,6 +267,31 @@ async fn migrates_a_running_workload(kind: EngineKind) {
     assert_eq!(listed[0]["state"], "running", "{listed}");
 }
 
+async fn zstd_compressed_migration(kind: EngineKind) {
+    let pair = pair(kind, &[("app", 32, 14)]).await;
+    ticks_at_least(&pair.source, "app", 20).await;
+    let follower = pair.source.follow_output("app");
+    let (status, report) = pair
+        .source
+        .post(
+            "/migrate",
+            &json!({ "destination": pair.destination.url, "compression": "zstd" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["compression"], "zstd");
+    let last = ticks(&follower.await.unwrap()).last().unwrap().tick;
+    assert_continues(&pair.destination, "app", last, 32).await;
+    // The memory pattern is pseudo-random (incompressible); the CRIU metadata is not: the wire
+    // carries less than the content plus tar framing, and never much more.
+    let sent = report["totals"]["bytesSent"].as_u64().unwrap();
+    let content = report["totals"]["contentBytes"].as_u64().unwrap();
+    assert!(
+        sent < content + content / 50,
+        "zstd stream {sent} vs content {content}"
+    );
+}
+
 async fn two_containers_migrate_as_one(kind: EngineKind) {
     let (pair, report) = migrate_pod(kind, &[("front", 16, 1), ("back", 32, 2)]).await;
     assert_eq!(
@@ -686,6 +711,10 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn migrates_a_running_workload_with_memory_counter_and_files() {
                 super::migrates_a_running_workload($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn zstd_compressed_migration() {
+                super::zstd_compressed_migration($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn two_containers_migrate_as_one() {

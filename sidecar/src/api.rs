@@ -13,7 +13,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::Deserialize;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use crate::checkpoint::archive_stream;
+use crate::checkpoint::{archive_stream, new_id};
 use crate::engine::{LogChunk, LogStreamKind};
 use crate::error::ApiError;
 use crate::migrate::MigrateRequest;
@@ -196,13 +196,7 @@ async fn checkpoint(
     };
     let names: Vec<String> = query.container.into_iter().collect();
     let selected = sidecar.select(&names).await?;
-    let id = format!(
-        "c{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
+    let id = new_id("c");
     let dump = sidecar
         .freeze_and_dump(selected, &id, query.leave_running)
         .await

@@ -57,6 +57,15 @@ pub struct DumpFailure {
     pub rollback: Vec<String>,
 }
 
+/// A new checkpoint or migration id: `prefix` and the time in hex nanoseconds.
+pub fn new_id(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{nanos:x}")
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

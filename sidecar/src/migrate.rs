@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::archive::FORMAT_VERSION;
-use crate::checkpoint::{archive_stream, ms, unix_ms, DumpedContainer};
+use crate::checkpoint::{archive_stream, ms, new_id, unix_ms, DumpedContainer};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::restore::{PreflightContainer, PreflightRequest, RestoreReport, SidecarInfo};
@@ -76,14 +76,6 @@ pub struct MigrationReport {
     pub totals: MigrationTotals,
     /// Problems cleaning up the source after success (the service runs at the destination).
     pub cleanup_warnings: Vec<String>,
-}
-
-fn new_migration_id() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("m{:x}", nanos)
 }
 
 /// A client for the destination sidecar.
@@ -159,7 +151,7 @@ impl Sidecar {
         };
         let http = client()?;
         let selected = self.select(&request.containers).await?;
-        let migration_id = new_migration_id();
+        let migration_id = new_id("m");
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
         // 1. Preflight: nothing is frozen until the destination says it can restore.

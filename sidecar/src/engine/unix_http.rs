@@ -23,30 +23,17 @@ pub async fn request(
     path_and_query: &str,
     body: Option<Bytes>,
 ) -> Result<UnixResponse, String> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect {}: {e}", socket.display()))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let has_body = body.is_some();
     let mut builder = Request::builder()
         .method(method)
         .uri(path_and_query)
         .header("host", "localhost");
-    if has_body {
+    if body.is_some() {
         builder = builder.header("content-type", "application/json");
     }
     let request = builder
         .body(Full::new(body.unwrap_or_default()))
         .map_err(|e| format!("build request: {e}"))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("{method} {path_and_query}: {e}"))?;
+    let response = send(socket, request).await?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
