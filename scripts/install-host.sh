@@ -2,9 +2,12 @@
 # Makes a fresh Debian 12 machine of the project's kind ready for the tests, idempotently, as root.
 #
 # Why each piece (measured facts: ../shared/ENGINES.md in the workplace, summarised here):
-# - CRIU 4 comes from Debian 13 (trixie): Debian 12's CRIU 3.17 fails `criu check` on this kernel
-#   ("vdso: Unexpected rt vDSO area bounds"). trixie is added as a second source pinned low
-#   (priority 100), so only what we ask for with `-t trixie` comes from it.
+# - CRIU: Debian 12's CRIU 3.17 fails `criu check` on this kernel ("vdso: Unexpected rt vDSO
+#   area bounds"), and Debian 13's 4.1.1 cannot dump any TCP socket on Linux 6.16+ (the kernel
+#   now refuses SO_PASSCRED/SO_PASSSEC on non-unix sockets: "sockets: Can't get 1:16 opt:
+#   Operation not supported"). CRIU 4.2.1 from Debian unstable (sid) handles both. trixie and
+#   sid are added as extra sources pinned low (100 and 50), so only what we ask for with
+#   `-t trixie` / `-t sid` comes from them.
 # - Docker (for dind): Debian 12's docker.io 20.10, started as a plain dockerd with
 #   experimental features (checkpoints need them). Tests start their own dockerd instances.
 # - Podman 5 (for pind) from trixie, with runc (crun refuses this machine's hybrid cgroups) and
@@ -33,6 +36,24 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   need_update=1
 fi
+sid_source=/etc/apt/sources.list.d/ums-sid.sources
+sid_pin=/etc/apt/preferences.d/ums-sid-pin
+if [ ! -f "$sid_source" ]; then
+  log "adding Debian sid as a low-priority apt source (CRIU 4.2)"
+  cat > "$sid_source" <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat > "$sid_pin" <<'PIN'
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+PIN
+  need_update=1
+fi
 if [ ! -f "$trixie_pin" ]; then
   cat > "$trixie_pin" <<'PIN'
 Package: *
@@ -52,11 +73,21 @@ if [ "$need_update" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
   log "apt-get update"
   apt-get update -qq
 fi
+criu_major_minor() { criu --version 2>/dev/null | sed -n 's/^Version: \([0-9]*\)\.\([0-9]*\).*/\1 \2/p'; }
+criu_too_old() {
+  read -r major minor <<<"$(criu_major_minor)"
+  [ -z "${major:-}" ] || [ "$major" -lt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -lt 2 ]; }
+}
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing: ${missing[*]}"
-  # criu, podman and runc from trixie (CRIU 4, Podman 5); the rest from bookworm.
-  apt-get install -y -qq -t trixie criu podman runc nftables >/dev/null
+  # podman and runc from trixie (Podman 5); the rest from bookworm.
+  apt-get install -y -qq -t trixie podman runc nftables >/dev/null
   apt-get install -y -qq docker.io iptables zstd jq curl ca-certificates uidmap >/dev/null
+fi
+if criu_too_old; then
+  [ "$need_update" = 1 ] || apt-get update -qq
+  log "installing CRIU 4.2 from sid"
+  apt-get install -y -qq -t sid criu >/dev/null
 fi
 
 # Docker: experimental features on (checkpoint/restore). Tests pass their own --data-root etc.

@@ -29,7 +29,7 @@ struct Pair {
 }
 
 async fn pair(kind: EngineKind, containers: &[(&str, u32, u32)]) -> Pair {
-    pair_of(kind, kind, containers, true).await
+    pair_of(kind, kind, containers, true, &[]).await
 }
 
 /// Two engines; `copy: false` leaves the destination without the workload image.
@@ -38,6 +38,7 @@ async fn pair_of(
     destination_kind: EngineKind,
     containers: &[(&str, u32, u32)],
     copy: bool,
+    env: &[(&str, &str)],
 ) -> Pair {
     let source_engine = EngineProcess::start(source_kind);
     let destination_engine = EngineProcess::start(destination_kind);
@@ -53,7 +54,7 @@ async fn pair_of(
                 image: &image,
                 mib: *mib,
                 seed: *seed,
-                env: vec![],
+                env: env.to_vec(),
             })
             .collect();
         let mut annotations = pod_annotations(&workloads, mode);
@@ -289,6 +290,119 @@ async fn zstd_compressed_migration(kind: EngineKind) {
     assert!(
         sent < content + content / 50,
         "zstd stream {sent} vs content {content}"
+    );
+}
+
+/// A TCP server in the test process that records the lines one client sends.
+struct LineServer {
+    address: std::net::SocketAddr,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LineServer {
+    fn start() -> Self {
+        use std::io::BufRead as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sink, done) = (lines.clone(), closed.clone());
+        std::thread::spawn(move || {
+            // One connection only: a reconnect would not be the same connection.
+            let (stream, _) = listener.accept().unwrap();
+            for line in std::io::BufReader::new(stream)
+                .lines()
+                .map_while(Result::ok)
+            {
+                sink.lock().unwrap().push(line);
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        LineServer {
+            address,
+            lines,
+            closed,
+        }
+    }
+
+    fn ticks(&self) -> Vec<u64> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("tick=")?.parse().ok())
+            .collect()
+    }
+}
+
+/// An established TCP connection of the workload: Podman carries it (the destination has the
+/// same address: both test engines share this host's network namespace); Docker's API cannot
+/// dump it, so the migration is refused before anything is frozen.
+async fn established_tcp_connection(kind: EngineKind) {
+    let server = LineServer::start();
+    let target = server.address.to_string();
+    let pair = pair_of(
+        kind,
+        kind,
+        &[("app", 16, 15)],
+        true,
+        &[("WORKLOAD_CONNECT", &target)],
+    )
+    .await;
+    poll(
+        "the workload to send ticks over TCP",
+        Duration::from_secs(60),
+        || {
+            let n = server.ticks().len();
+            async move { (n >= 20).then_some(()) }
+        },
+    )
+    .await;
+    let follower = pair.source.follow_output("app");
+    let (status, report) = pair
+        .source
+        .post("/migrate", &json!({ "destination": pair.destination.url }))
+        .await;
+    if kind == EngineKind::Docker {
+        assert_eq!(status, 409, "{report}");
+        let message = report["error"].as_str().unwrap();
+        assert!(
+            message.contains("1 established TCP connection") && message.contains(&target),
+            "{message}"
+        );
+        assert_eq!(report["detail"]["sourceState"], "untouched", "{report}");
+        let before = server.ticks().len();
+        poll("ticks to keep arriving", Duration::from_secs(30), || {
+            let n = server.ticks().len();
+            async move { (n > before + 20).then_some(()) }
+        })
+        .await;
+        return;
+    }
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["containers"][0]["tcpConnections"], 1, "{report}");
+    assert_eq!(report["containers"][0]["tcp"], "kept", "{report}");
+    let last = ticks(&follower.await.unwrap()).last().unwrap().tick;
+    let received = poll(
+        "ticks over the same connection after the restore",
+        Duration::from_secs(60),
+        || {
+            let t = server.ticks();
+            async move { (t.last().copied().unwrap_or(0) > last + 20).then_some(t) }
+        },
+    )
+    .await;
+    for pair in received.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "the connection lost or repeated data across the migration"
+        );
+    }
+    assert!(
+        !server.closed.load(std::sync::atomic::Ordering::SeqCst),
+        "the connection must stay open"
     );
 }
 
@@ -627,7 +741,7 @@ async fn bad_requests_get_json_errors(kind: EngineKind) {
 }
 
 async fn missing_image_is_refused_before_freezing(kind: EngineKind) {
-    let pair = pair_of(kind, kind, &[("app", 16, 12)], false).await;
+    let pair = pair_of(kind, kind, &[("app", 16, 12)], false, &[]).await;
     let before = ticks_at_least(&pair.source, "app", 10).await.len();
     let (status, body) = pair
         .source
@@ -655,7 +769,7 @@ async fn cross_engine_migration_is_refused_before_freezing() {
     ] {
         // No image copy: the destination then also lacks the image, which the preflight lists
         // too; the engine mismatch is what this test is about.
-        let pair = pair_of(source, destination, &[("app", 16, 13)], false).await;
+        let pair = pair_of(source, destination, &[("app", 16, 13)], false, &[]).await;
         let (status, body) = pair
             .source
             .post("/migrate", &json!({ "destination": pair.destination.url }))
@@ -715,6 +829,10 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn zstd_compressed_migration() {
                 super::zstd_compressed_migration($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn established_tcp_connection() {
+                super::established_tcp_connection($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn two_containers_migrate_as_one() {

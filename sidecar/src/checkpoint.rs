@@ -16,6 +16,7 @@ use crate::archive::{
 use crate::engine::ContainerInfo;
 use crate::error::{chain, ApiError};
 use crate::nested::{Phase, Sidecar};
+use crate::tcp::{established_connections, TcpConnection};
 
 /// One container of a dump.
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +49,8 @@ struct Progress {
     info: ContainerInfo,
     paused: bool,
     checkpoint_id: Option<String>,
+    /// Established TCP connections found before the freeze.
+    connections: Vec<TcpConnection>,
 }
 
 /// A failed dump, with what was done to bring the containers back.
@@ -100,6 +103,32 @@ impl Sidecar {
             .collect()
     }
 
+    /// The established TCP connections of each selected container; refused (before anything
+    /// is frozen) when the engine cannot carry them.
+    pub async fn tcp_survey(
+        &self,
+        selected: &[ContainerInfo],
+    ) -> Result<Vec<Vec<TcpConnection>>, ApiError> {
+        let mut all = Vec::new();
+        for c in selected {
+            let connections = match self.engine.pid(&c.name).await? {
+                Some(pid) if c.is_running() => established_connections(pid),
+                _ => Vec::new(),
+            };
+            if !connections.is_empty() && !self.engine.carries_tcp_connections() {
+                return Err(ApiError::conflict(format!(
+                    "container {:?} has {} established TCP connection(s) ({}); the {} engine cannot checkpoint them (its API has no --tcp-established): close them or use pind",
+                    c.name,
+                    connections.len(),
+                    connections.iter().map(|t| format!("{}->{}", t.local, t.remote)).collect::<Vec<_>>().join(", "),
+                    self.engine.kind()
+                )));
+            }
+            all.push(connections);
+        }
+        Ok(all)
+    }
+
     /// Freezes every selected running container, then dumps each. On failure the containers
     /// are brought back to running (from their checkpoint if one was made).
     pub async fn freeze_and_dump(
@@ -116,12 +145,21 @@ impl Sidecar {
             error: e.into(),
             rollback: vec![],
         })?;
+        let connections = self
+            .tcp_survey(&selected)
+            .await
+            .map_err(|error| DumpFailure {
+                error,
+                rollback: vec![],
+            })?;
         let mut progress: Vec<Progress> = selected
             .into_iter()
-            .map(|info| Progress {
+            .zip(connections)
+            .map(|(info, connections)| Progress {
                 info,
                 paused: false,
                 checkpoint_id: None,
+                connections,
             })
             .collect();
         let frozen_at = Instant::now();
@@ -172,7 +210,12 @@ impl Sidecar {
             let started = Instant::now();
             let files = self
                 .engine
-                .checkpoint(&name, &checkpoint_id, leave_running)
+                .checkpoint(
+                    &name,
+                    &checkpoint_id,
+                    leave_running,
+                    !p.connections.is_empty(),
+                )
                 .await?;
             p.checkpoint_id = Some(checkpoint_id.clone());
             let dump_ms = ms(started.elapsed());
@@ -219,6 +262,7 @@ impl Sidecar {
                 rootfs_bytes,
                 engine_bytes,
                 was_running: p.info.is_running(),
+                tcp_connections: p.connections.clone(),
             });
             containers.push(DumpedContainer {
                 name,
@@ -271,7 +315,7 @@ impl Sidecar {
                 // Dumped and stopped: back from its checkpoint.
                 (Some(cp), true, false) => self
                     .engine
-                    .restore_in_place(name, cp)
+                    .restore_in_place(name, cp, !p.connections.is_empty())
                     .await
                     .map(|_| format!("restored from checkpoint {cp}")),
                 // Still there (not dumped yet, or dumped with leave-running): thaw it.
@@ -317,6 +361,7 @@ impl Sidecar {
                     },
                     paused: !dump.leave_running,
                     checkpoint_id: Some(c.checkpoint_id.clone()),
+                    connections: c.tcp_connections.clone(),
                 });
             }
         }

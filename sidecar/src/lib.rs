@@ -22,3 +22,4 @@ pub mod quantity_bytes;
 pub mod restore;
 pub mod serve;
 pub mod spec;
+pub mod tcp;

@@ -62,6 +62,9 @@ pub struct MigratedContainer {
     pub engine_bytes: u64,
     pub restore_ms: Option<u64>,
     pub memory_parts: usize,
+    /// Established TCP connections carried, and whether the destination kept or closed them.
+    pub tcp_connections: usize,
+    pub tcp: Option<crate::tcp::TcpRestore>,
 }
 
 /// The answer of a successful `POST /migrate`.
@@ -234,6 +237,10 @@ impl Sidecar {
                 vec![],
             ));
         }
+        // Connections this engine cannot carry are refused here, before the freeze.
+        self.tcp_survey(&selected)
+            .await
+            .map_err(|e| failed(e.status, "preflight", e.error, vec![]))?;
         let preflight_ms = ms(started.elapsed());
 
         // 2. Freeze every container, then dump each.
@@ -325,6 +332,17 @@ impl Sidecar {
                     .find(|r| r.name == c.name)
                     .map(|r| r.restore_ms),
                 memory_parts: 1,
+                tcp_connections: restore_report
+                    .containers
+                    .iter()
+                    .find(|r| r.name == c.name)
+                    .map(|r| r.tcp_connections)
+                    .unwrap_or(0),
+                tcp: restore_report
+                    .containers
+                    .iter()
+                    .find(|r| r.name == c.name)
+                    .map(|r| r.tcp),
             })
             .collect();
         let report = MigrationReport {

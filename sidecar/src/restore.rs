@@ -17,6 +17,7 @@ use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
+use crate::tcp::{local_addresses, restore_mode, TcpRestore};
 
 /// What a source asks before it freezes anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,6 +98,9 @@ pub fn compatibility_problems(
 #[serde(rename_all = "camelCase")]
 pub struct RestoredContainer {
     pub name: String,
+    /// Established TCP connections in the checkpoint, and what the restore did with them.
+    pub tcp_connections: usize,
+    pub tcp: TcpRestore,
     pub state: String,
     pub restore_ms: u64,
 }
@@ -262,9 +266,10 @@ impl Sidecar {
                 rootfs_dir: Some(staging.join(rootfs_prefix(&c.name))).filter(|p| p.exists()),
                 engine_dir: Some(staging.join(engine_prefix(&c.name))).filter(|p| p.exists()),
             };
+            let tcp = restore_mode(&c.tcp_connections, &local_addresses());
             if let Err(e) = self
                 .engine
-                .restore_imported(spec, &c.checkpoint_id, &staged)
+                .restore_imported(spec, &c.checkpoint_id, &staged, tcp)
                 .await
             {
                 return Err(ApiError::new(
@@ -279,6 +284,8 @@ impl Sidecar {
                 .await;
             containers.push(RestoredContainer {
                 name: c.name.clone(),
+                tcp_connections: c.tcp_connections.len(),
+                tcp,
                 state,
                 restore_ms: ms(one.elapsed()),
             });

@@ -13,6 +13,8 @@
  * the whole allocation), so a corrupted or lost page is reported as mem=BAD within
  * MIB ticks. The counter lives in memory only: after a restore it continues where it stopped.
  * With WORKLOAD_EXIT_AFTER=N (and WORKLOAD_EXIT_CODE=C) it exits with code C after N ticks.
+ * With WORKLOAD_CONNECT=a.b.c.d:port it keeps one TCP connection to that server open and writes
+ * each tick line to it as well (an established connection a migration must carry or close).
  * Built static (gcc -static) so the image is one file.
  */
 #include <stdint.h>
@@ -21,6 +23,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <signal.h>
 
 static uint64_t pattern_word(uint64_t seed, uint64_t index) {
     /* splitmix64 of (seed, index): any word can be recomputed independently. */
@@ -57,6 +63,26 @@ int main(int argc, char **argv) {
     fprintf(state, "workload seed=%llu mib=%ld pid=%d\n", (unsigned long long)seed, mib, getpid());
     fclose(state);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    int peer = -1;
+    const char *connect_to = getenv("WORKLOAD_CONNECT");
+    if (connect_to && *connect_to) {
+        char host[64] = {0};
+        int port = 0;
+        if (sscanf(connect_to, "%63[^:]:%d", host, &port) != 2) {
+            fprintf(stderr, "WORKLOAD_CONNECT must be address:port\n");
+            return 4;
+        }
+        struct sockaddr_in addr = {0};
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons((unsigned short)port);
+        inet_pton(AF_INET, host, &addr.sin_addr);
+        peer = socket(AF_INET, SOCK_STREAM, 0);
+        if (peer < 0 || connect(peer, (struct sockaddr *)&addr, sizeof addr) != 0) {
+            perror("connect");
+            return 5;
+        }
+        signal(SIGPIPE, SIG_IGN);
+    }
     printf("start mib=%ld seed=%llu\n", mib, (unsigned long long)seed);
 
     long exit_after = arg_or_env(0, argv, 1, "WORKLOAD_EXIT_AFTER", 0);
@@ -74,6 +100,15 @@ int main(int argc, char **argv) {
         clock_gettime(CLOCK_REALTIME, &now);
         long long ms = (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
         printf("tick=%llu ms=%lld mem=%s checked=%ld\n", (unsigned long long)tick, ms, bad ? "BAD" : "ok", checked);
+        if (peer >= 0) {
+            char line[128];
+            int n = snprintf(line, sizeof line, "tick=%llu\n", (unsigned long long)tick);
+            if (write(peer, line, (size_t)n) < 0) {
+                printf("connection lost\n");
+                close(peer);
+                peer = -1;
+            }
+        }
         tick++;
         if (exit_after > 0 && tick >= (uint64_t)exit_after) {
             fprintf(stderr, "exiting with code %d after %ld ticks\n", exit_code, exit_after);

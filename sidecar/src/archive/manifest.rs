@@ -40,6 +40,9 @@ pub struct ContainerManifest {
     pub engine_bytes: u64,
     /// Whether the container was running when it was checkpointed.
     pub was_running: bool,
+    /// Established TCP connections dumped with the container (CRIU `--tcp-established`).
+    #[serde(default)]
+    pub tcp_connections: Vec<crate::tcp::TcpConnection>,
 }
 
 /// One part of a container's memory.

@@ -41,6 +41,7 @@ fn manifest(names: &[&str], entries: Vec<EntrySummary>) -> Manifest {
                 rootfs_bytes: 0,
                 engine_bytes: 0,
                 was_running: true,
+                tcp_connections: vec![],
             })
             .collect(),
         entries,

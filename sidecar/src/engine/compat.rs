@@ -109,6 +109,20 @@ impl Compat {
             .map(PathBuf::from))
     }
 
+    /// The PID of the container's first process, while it runs.
+    pub async fn pid(&self, name: &str) -> Result<Option<u32>, EngineError> {
+        let inspect = self
+            .docker
+            .inspect_container(name, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| self.not_found_or(name, "inspect", e))?;
+        Ok(inspect
+            .state
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0))
+    }
+
     /// The engine's version string and kernel.
     pub async fn version(&self) -> Result<(String, String), EngineError> {
         let version = self

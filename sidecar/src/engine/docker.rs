@@ -95,7 +95,16 @@ impl Engine for DockerEngine {
         name: &str,
         checkpoint_id: &str,
         leave_running: bool,
+        tcp_established: bool,
     ) -> Result<CheckpointFiles, EngineError> {
+        if tcp_established {
+            return Err(EngineError::Api {
+                engine: EngineKind::Docker,
+                action: format!("checkpoint {name}"),
+                status: None,
+                message: "Docker's checkpoint API has no --tcp-established; established TCP connections cannot be dumped".into(),
+            });
+        }
         let id = self.compat.container_id(name).await?;
         self.compat
             .docker
@@ -116,7 +125,12 @@ impl Engine for DockerEngine {
         })
     }
 
-    async fn restore_in_place(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError> {
+    async fn restore_in_place(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        _tcp_established: bool,
+    ) -> Result<(), EngineError> {
         self.start_from_checkpoint(name, checkpoint_id).await
     }
 
@@ -125,6 +139,7 @@ impl Engine for DockerEngine {
         spec: &NestedSpec,
         checkpoint_id: &str,
         staged: &CheckpointFiles,
+        _tcp: crate::tcp::TcpRestore,
     ) -> Result<(), EngineError> {
         let name = &spec.name;
         if self.compat.inspect(name).await?.is_none() {

@@ -168,6 +168,14 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, EngineError> {
         self.compat().inspect(name).await
     }
+    /// The PID (in this namespace) of the container's first process, while it runs.
+    async fn pid(&self, name: &str) -> Result<Option<u32>, EngineError> {
+        self.compat().pid(name).await
+    }
+    /// Whether checkpoints can carry established TCP connections (CRIU `--tcp-established`).
+    fn carries_tcp_connections(&self) -> bool {
+        false
+    }
     /// The ID of a local image, if present.
     async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
         self.compat().image_id(image).await
@@ -209,10 +217,16 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         name: &str,
         checkpoint_id: &str,
         leave_running: bool,
+        tcp_established: bool,
     ) -> Result<CheckpointFiles, EngineError>;
     /// Restores `name` in place from a checkpoint this engine made (the way back after a
     /// failed migration).
-    async fn restore_in_place(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError>;
+    async fn restore_in_place(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        tcp_established: bool,
+    ) -> Result<(), EngineError>;
     /// Restores a checkpoint made by another engine of the same kind, from `staged` files,
     /// into container `spec.name` (created from `spec` if needed; an existing container of
     /// that name must not be running). Returns when the engine has started it.
@@ -221,6 +235,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         spec: &NestedSpec,
         checkpoint_id: &str,
         staged: &CheckpointFiles,
+        tcp: crate::tcp::TcpRestore,
     ) -> Result<(), EngineError>;
     /// Deletes a checkpoint's files.
     async fn remove_checkpoint(&self, name: &str, checkpoint_id: &str) -> Result<(), EngineError>;

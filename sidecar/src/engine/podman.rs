@@ -150,6 +150,10 @@ impl Engine for PodmanEngine {
         &self.compat
     }
 
+    fn carries_tcp_connections(&self) -> bool {
+        true
+    }
+
     async fn pause(&self, name: &str) -> Result<(), EngineError> {
         self.set_frozen(name, true).await
     }
@@ -163,6 +167,7 @@ impl Engine for PodmanEngine {
         name: &str,
         checkpoint_id: &str,
         leave_running: bool,
+        tcp_established: bool,
     ) -> Result<CheckpointFiles, EngineError> {
         let base = self.checkpoint_base(checkpoint_id, name);
         let engine_dir = base.join("engine");
@@ -172,7 +177,7 @@ impl Engine for PodmanEngine {
             .await
             .map_err(|e| EngineError::io("create", &engine_dir, e))?;
         let path = format!(
-            "{LIBPOD}/containers/{name}/checkpoint?export=true&keep=true&fileLocks=true&leaveRunning={leave_running}"
+            "{LIBPOD}/containers/{name}/checkpoint?export=true&keep=true&fileLocks=true&leaveRunning={leave_running}&tcpEstablished={tcp_established}"
         );
         let request = hyper::Request::post(path)
             .header("host", "localhost")
@@ -218,8 +223,13 @@ impl Engine for PodmanEngine {
         })
     }
 
-    async fn restore_in_place(&self, name: &str, _checkpoint_id: &str) -> Result<(), EngineError> {
-        let path = format!("{LIBPOD}/containers/{name}/restore?keep=true&fileLocks=true");
+    async fn restore_in_place(
+        &self,
+        name: &str,
+        _checkpoint_id: &str,
+        tcp_established: bool,
+    ) -> Result<(), EngineError> {
+        let path = format!("{LIBPOD}/containers/{name}/restore?keep=true&fileLocks=true&tcpEstablished={tcp_established}");
         let response = unix_http::request(&self.compat.socket, "POST", &path, None)
             .await
             .map_err(|m| self.unreachable(m))?;
@@ -239,6 +249,7 @@ impl Engine for PodmanEngine {
         spec: &NestedSpec,
         _checkpoint_id: &str,
         staged: &CheckpointFiles,
+        tcp: crate::tcp::TcpRestore,
     ) -> Result<(), EngineError> {
         let name = &spec.name;
         // A passive pod created the container as a placeholder; the import recreates it with
@@ -281,7 +292,13 @@ impl Engine for PodmanEngine {
         });
         let body =
             StreamBody::new(ReaderStream::with_capacity(reader, 1 << 20).map_ok(Frame::data));
-        let path = format!("{LIBPOD}/containers/{name}/restore?import=true&fileLocks=true");
+        let tcp_options = match tcp {
+            crate::tcp::TcpRestore::None => "",
+            crate::tcp::TcpRestore::Kept => "&tcpEstablished=true",
+            crate::tcp::TcpRestore::Closed => "&tcpEstablished=true&tcpClose=true",
+        };
+        let path =
+            format!("{LIBPOD}/containers/{name}/restore?import=true&fileLocks=true{tcp_options}");
         let request = hyper::Request::post(path)
             .header("host", "localhost")
             .header("content-type", "application/x-tar")

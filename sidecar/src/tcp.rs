@@ -1,0 +1,205 @@
+//! Established TCP connections of a container's processes, read from `/proc`: the migration
+//! must carry them (same addresses at the destination) or close them, and says how many.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// One established connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConnection {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+}
+
+/// What a restore does with the connections of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpRestore {
+    /// The checkpoint has none.
+    None,
+    /// Every connection's local address exists here: restored established.
+    Kept,
+    /// Restored closed (the peer sees the connection end).
+    Closed,
+}
+
+/// The processes of a container: `init_pid` and its descendants.
+fn process_tree(init_pid: u32) -> Vec<u32> {
+    let mut pids = vec![init_pid];
+    let mut index = 0;
+    while index < pids.len() {
+        let pid = pids[index];
+        index += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                pids.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    pids
+}
+
+/// Socket inodes open in the given processes.
+fn socket_inodes(pids: &[u32]) -> BTreeSet<u64> {
+    let mut inodes = BTreeSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let target = target.to_string_lossy();
+                if let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                {
+                    if let Ok(inode) = inode.parse() {
+                        inodes.insert(inode);
+                    }
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// Parses `0100007F:4E1F` (IPv4) or a 32-hex-digit IPv6 address with its port, as
+/// `/proc/net/tcp{,6}` prints them (address words in host byte order).
+fn parse_address(text: &str) -> Option<SocketAddr> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match address.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(address, 16).ok()?.to_le_bytes(),
+        )),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(&address[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&word.to_le_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The ESTABLISHED entries of a `/proc/net/tcp`-format table whose inode is in `inodes`.
+pub fn parse_table(table: &str, inodes: &BTreeSet<u64>) -> Vec<TcpConnection> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, remote, state, inode) = (
+                fields.get(1)?,
+                fields.get(2)?,
+                fields.get(3)?,
+                fields.get(9)?,
+            );
+            if *state != "01" || !inodes.contains(&inode.parse().ok()?) {
+                return None;
+            }
+            Some(TcpConnection {
+                local: parse_address(local)?,
+                remote: parse_address(remote)?,
+            })
+        })
+        .collect()
+}
+
+/// The established TCP connections held by the container whose init process is `init_pid`.
+pub fn established_connections(init_pid: u32) -> Vec<TcpConnection> {
+    let inodes = socket_inodes(&process_tree(init_pid));
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let mut connections = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{init_pid}/net/{table}")) {
+            connections.extend(parse_table(&text, &inodes));
+        }
+    }
+    connections
+}
+
+/// The IP addresses of this network namespace's interfaces.
+pub fn local_addresses() -> BTreeSet<IpAddr> {
+    let mut addresses = BTreeSet::new();
+    if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
+        for interface in interfaces {
+            let Some(address) = interface.address else {
+                continue;
+            };
+            if let Some(v4) = address.as_sockaddr_in() {
+                addresses.insert(IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = address.as_sockaddr_in6() {
+                addresses.insert(IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    addresses
+}
+
+/// Keep the connections when every local address exists here, else close them.
+pub fn restore_mode(connections: &[TcpConnection], here: &BTreeSet<IpAddr>) -> TcpRestore {
+    if connections.is_empty() {
+        TcpRestore::None
+    } else if connections.iter().all(|c| here.contains(&c.local.ip())) {
+        TcpRestore::Kept
+    } else {
+        TcpRestore::Closed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:4E1F 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0
+   1: 0100007F:9C40 0100007F:4E1F 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1
+   2: 0100007F:9C41 0100007F:4E1F 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1";
+        let inodes = BTreeSet::from([111, 222]);
+        let found = parse_table(table, &inodes);
+        assert_eq!(
+            found,
+            [TcpConnection {
+                local: "127.0.0.1:40000".parse().unwrap(),
+                remote: "127.0.0.1:19999".parse().unwrap()
+            }]
+        );
+        let v6 = parse_address("0000000000000000FFFF00000100007F:0050").unwrap();
+        assert_eq!(v6, "[::ffff:127.0.0.1]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn keeps_only_when_every_local_address_is_here() {
+        let c = |l: &str| TcpConnection {
+            local: l.parse().unwrap(),
+            remote: "10.0.0.9:5432".parse().unwrap(),
+        };
+        let here = BTreeSet::from(["10.0.0.1".parse().unwrap()]);
+        assert_eq!(restore_mode(&[], &here), TcpRestore::None);
+        assert_eq!(
+            restore_mode(&[c("10.0.0.1:40000")], &here),
+            TcpRestore::Kept
+        );
+        assert_eq!(
+            restore_mode(&[c("10.0.0.1:40000"), c("10.0.0.2:40001")], &here),
+            TcpRestore::Closed
+        );
+    }
+}
