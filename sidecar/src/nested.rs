@@ -99,10 +99,30 @@ impl Sidecar {
     /// `migration-containers`. Idempotent.
     pub async fn create(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
         let _one_at_a_time = self.creating.lock().await;
-        if self.phase(name) == Some(Phase::Migrated) {
-            return Err(ApiError::conflict(format!(
-                "container {name:?} was migrated away from this pod; it is not recreated here"
-            )));
+        self.create_locked(name).await
+    }
+
+    /// Marks containers as being restored here: from then on `create` leaves them alone (an
+    /// ambassador must not recreate a placeholder the restore just replaced). Waits for a
+    /// create in progress to finish first.
+    pub async fn mark_incoming(&self, names: &[String], incoming: bool) {
+        let _one_at_a_time = self.creating.lock().await;
+        for name in names {
+            self.set_phase(name, incoming.then_some(Phase::Migrating));
+        }
+    }
+
+    async fn create_locked(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
+        match self.phase(name) {
+            Some(Phase::Migrated) => {
+                return Err(ApiError::conflict(format!(
+                    "container {name:?} was migrated away from this pod; it is not recreated here"
+                )))
+            }
+            Some(Phase::Migrating) => return Err(ApiError::conflict(format!(
+                "container {name:?} is being checkpointed or restored; try again when it is done"
+            ))),
+            None => {}
         }
         let pod = self.podinfo.read().await?;
         let start_mode = pod.start_mode();

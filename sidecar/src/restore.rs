@@ -209,7 +209,16 @@ impl Sidecar {
         let result = match unpacked {
             Ok(Ok(unpacked)) => {
                 let receive_ms = ms(received.elapsed());
-                self.restore_unpacked(&unpacked, &staging, receive_ms).await
+                let names: Vec<String> = unpacked
+                    .manifest
+                    .containers
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect();
+                self.mark_incoming(&names, true).await;
+                let restored = self.restore_unpacked(&unpacked, &staging, receive_ms).await;
+                self.mark_incoming(&names, false).await;
+                restored
             }
             Ok(Err(e)) => Err(ApiError::from(e)),
             Err(e) => Err(e),
