@@ -119,9 +119,11 @@ impl Sidecar {
                     "container {name:?} was migrated away from this pod; it is not recreated here"
                 )))
             }
-            Some(Phase::Migrating) => return Err(ApiError::conflict(format!(
+            Some(Phase::Migrating) => {
+                return Err(ApiError::conflict(format!(
                 "container {name:?} is being checkpointed or restored; try again when it is done"
-            ))),
+            )))
+            }
             None => {}
         }
         let pod = self.podinfo.read().await?;
