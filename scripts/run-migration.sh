@@ -24,22 +24,28 @@ base=/tmp/ums-demo
 export PODMAN_IGNORE_CGROUPSV1_WARNING=1
 pids=()
 # The engine CLI of one side.
+podman_args() {
+  echo --root "$base/$1/root" --runroot "$base/$1/run" --tmpdir "$base/$1/tmp" \
+    --cgroup-manager cgroupfs --runtime runc --events-backend file
+}
 D() {
   local side=$1; shift
   if [ "$engine" = podman ]; then
-    podman --root "$base/$side/root" --runroot "$base/$side/run" --tmpdir "$base/$side/tmp" \
-      --cgroup-manager cgroupfs --runtime runc --events-backend file "$@"
+    podman $(podman_args "$side") "$@"
   else
     docker -H "unix://$base/$side/engine.sock" "$@"
   fi
 }
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Containers first (their processes outlive the engines), then the sidecars and engines.
   for side in src dst; do
     if [ -d "$base/$side" ]; then
       ids=$(D "$side" ps -aq 2>/dev/null || true)
       [ -n "$ids" ] && D "$side" rm -f $ids >/dev/null 2>&1 || true
     fi
+  done
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for side in src dst; do
     [ -f "$base/$side/dockerd.pid" ] && kill "$(cat "$base/$side/dockerd.pid")" 2>/dev/null || true
   done
   sleep 2
@@ -52,7 +58,8 @@ rm -rf "$base"; mkdir -p "$base"
 for side in src dst; do
   mkdir -p "$base/$side"
   if [ "$engine" = podman ]; then
-    D "$side" system service --time 0 "unix://$base/$side/engine.sock" >"$base/$side/engine.log" 2>&1 &
+    podman $(podman_args "$side") system service --time 0 "unix://$base/$side/engine.sock" \
+      >"$base/$side/engine.log" 2>&1 &
   else
     dockerd --data-root "$base/$side/root" --exec-root "$base/$side/exec" --pidfile "$base/$side/dockerd.pid" \
       --host "unix://$base/$side/engine.sock" --bridge none --iptables=false --ip-masq=false \

@@ -141,7 +141,7 @@ impl Sidecar {
             error: e.into(),
             rollback: vec![],
         })?;
-        let source = self.engine.info().await.map_err(|e| DumpFailure {
+        let source = self.engine_info().await.map_err(|e| DumpFailure {
             error: e.into(),
             rollback: vec![],
         })?;

@@ -207,7 +207,7 @@ impl Sidecar {
         }
         let preflight = PreflightRequest {
             format_version: FORMAT_VERSION,
-            source: self.engine.info().await?,
+            source: self.engine_info().await?,
             containers: selected
                 .iter()
                 .map(|c| PreflightContainer {

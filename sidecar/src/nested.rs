@@ -34,6 +34,9 @@ pub struct Sidecar {
     pub token: Option<String>,
     /// Held by a checkpoint, restore or migration: one at a time.
     pub busy: Arc<tokio::sync::Mutex<()>>,
+    /// The engine's facts (version, CRIU, kernel), read once: they do not change while the
+    /// sidecar runs, and Podman takes hundreds of milliseconds to answer.
+    engine_info: tokio::sync::OnceCell<crate::engine::EngineInfo>,
     /// Serialises creates: the start-up pass and each ambassador's request race otherwise.
     creating: tokio::sync::Mutex<()>,
     phases: std::sync::Mutex<HashMap<String, Phase>>,
@@ -75,8 +78,19 @@ impl Sidecar {
             token,
             busy: Arc::new(tokio::sync::Mutex::new(())),
             creating: tokio::sync::Mutex::new(()),
+            engine_info: tokio::sync::OnceCell::new(),
             phases: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Engine, CRIU, kernel and architecture (cached).
+    pub async fn engine_info(
+        &self,
+    ) -> Result<crate::engine::EngineInfo, crate::engine::EngineError> {
+        self.engine_info
+            .get_or_try_init(|| self.engine.info())
+            .await
+            .cloned()
     }
 
     pub fn phase(&self, name: &str) -> Option<Phase> {

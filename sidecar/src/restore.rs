@@ -122,7 +122,7 @@ pub struct RestoreReport {
 impl Sidecar {
     pub async fn sidecar_info(&self) -> Result<SidecarInfo, ApiError> {
         Ok(SidecarInfo {
-            engine: self.engine.info().await?,
+            engine: self.engine_info().await?,
             format_versions: vec![FORMAT_VERSION],
             compression: vec!["zstd".into()],
         })
@@ -130,7 +130,7 @@ impl Sidecar {
 
     /// Answers whether an archive like this could be restored here now.
     pub async fn preflight(&self, request: &PreflightRequest) -> Result<(), ApiError> {
-        let here = self.engine.info().await?;
+        let here = self.engine_info().await?;
         let mut problems = compatibility_problems(&request.source, &here, request.format_version);
         for c in &request.containers {
             match self.engine.image_id(&c.image).await? {
@@ -185,7 +185,7 @@ impl Sidecar {
         reader: impl std::io::Read + Send + 'static,
         migration_id: &str,
     ) -> Result<RestoreReport, ApiError> {
-        let here = self.engine.info().await?;
+        let here = self.engine_info().await?;
         let staging = self.staging_dir(migration_id);
         std::fs::create_dir_all(&staging).map_err(|e| {
             ApiError::internal(format!("failed to create {}: {e}", staging.display()))

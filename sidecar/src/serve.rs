@@ -57,14 +57,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             connect_with_retry(|| PodmanEngine::connect(&engine_socket, &engine_root)).await?,
         ),
     };
-    let info = engine.info().await?;
-    tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
     let sidecar = Arc::new(Sidecar::new(
         engine,
         PodInfo::new(&podinfo),
         engine_root,
         token,
     ));
+    // Read once here: later preflights answer from the cache.
+    let info = sidecar.engine_info().await?;
+    tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
