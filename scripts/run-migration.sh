@@ -118,3 +118,7 @@ echo "--- destination, first lines after the restore:"
 curl -fs "http://127.0.0.1:$port_dst/logs/app" | python3 -c 'import json,sys; [print("  "+json.loads(l)["data"].rstrip()) for l in sys.stdin.readlines()[:3]]'
 echo "--- source containers now: $(curl -fs http://127.0.0.1:$port_src/containers)"
 echo "report saved to $base/report.json"
+if [ "${KEEP:-0}" = 1 ]; then
+  echo "--- KEEP=1: engines and sidecars stay up (source http://127.0.0.1:$port_src, destination http://127.0.0.1:$port_dst); Ctrl-C stops them"
+  wait
+fi
