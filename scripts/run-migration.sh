@@ -37,6 +37,7 @@ D() {
   fi
 }
 cleanup() {
+  trap "" INT TERM  # a second signal must not cut the clean-up short
   # Containers first (their processes outlive the engines), then the sidecars and engines.
   for side in src dst; do
     if [ -d "$base/$side" ]; then
@@ -51,8 +52,9 @@ cleanup() {
   sleep 2
   grep -o " $base[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
 }
+cleanup  # whatever an earlier run left behind
 trap cleanup EXIT
-cleanup
+trap 'exit 130' INT TERM
 rm -rf "$base"; mkdir -p "$base"
 
 for side in src dst; do
