@@ -22,7 +22,7 @@ if ! docker version >/dev/null 2>&1; then
   dir=/tmp/ums-image-build
   mkdir -p "$dir"
   dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
-    --host "unix://$dir/docker.sock" >"$dir/dockerd.log" 2>&1 &
+    --host "unix://$dir/docker.sock" --bridge none --iptables=false >"$dir/dockerd.log" 2>&1 &
   started=$!
   export DOCKER_HOST="unix://$dir/docker.sock"
   for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
@@ -48,6 +48,7 @@ for image in dind pind ambassador webhook; do
   cp -r "images/$image/." "$context/"
   cp "$target/release/ums-sidecar" "$target/release/ums-webhook" "$context/"
   echo "[images] ums-rs/$image:latest"
-  docker build --quiet --tag "ums-rs/$image:latest" "$context" >/dev/null
+  # Host network: build steps reach the Debian mirror without a bridge (none exists here).
+  docker build --quiet --network host --tag "ums-rs/$image:latest" "$context" >/dev/null
 done
 docker image ls 'ums-rs/*'
