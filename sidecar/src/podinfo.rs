@@ -2,7 +2,6 @@
 //! the file when annotations change (`migration-start-mode` changes during a migration), and it
 //! is small.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Container;
@@ -36,7 +35,6 @@ pub enum PodinfoReadError {
 #[derive(Debug, Clone, Default)]
 pub struct PodState {
     pub annotations: MigrationAnnotations,
-    pub raw: BTreeMap<String, String>,
 }
 
 impl PodState {
@@ -88,6 +86,6 @@ impl PodInfo {
                 path: self.path.clone(),
                 source,
             })?;
-        Ok(PodState { annotations, raw })
+        Ok(PodState { annotations })
     }
 }

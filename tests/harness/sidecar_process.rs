@@ -50,7 +50,6 @@ pub struct SidecarProcess {
     pub url: String,
     pub podinfo: PathBuf,
     pub token: Option<String>,
-    logs: mpsc::Receiver<String>,
 }
 
 /// Writes a podinfo annotations file the way the kubelet updates it (atomic replace).
@@ -124,7 +123,6 @@ impl SidecarProcess {
             url: format!("http://{addr}"),
             podinfo,
             token: token.map(str::to_owned),
-            logs,
         }
     }
 
@@ -137,11 +135,6 @@ impl SidecarProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    /// Log lines seen so far containing `needle`.
-    pub fn drain_logs(&self) -> Vec<String> {
-        self.logs.try_iter().collect()
     }
 
     pub fn client(&self) -> reqwest::Client {
