@@ -1,54 +1,61 @@
 #!/usr/bin/env bash
-# Builds the images of UMS-rs into a local Docker engine, without any registry:
-#   ums-rs/debian:trixie     base, made with debootstrap (nothing can be pulled here)
+# Builds the images of UMS-rs into the local Docker engine:
+#   ums-rs/debian:trixie     base, made with debootstrap when no BASE is given (no registry here)
 #   ums-rs/dind:latest       runtime for migration-interface: dind (dockerd + CRIU + ums-sidecar)
 #   ums-rs/pind:latest       runtime for migration-interface: pind (podman + runc + CRIU + ums-sidecar)
 #   ums-rs/ambassador:latest the per-container stand-in (ums-sidecar ambassador)
 #   ums-rs/webhook:latest    the admission webhook
 #
-#   images/build.sh [--engine-socket unix:///var/run/docker.sock]
+#   images/build.sh                      # debootstrap base (once), release binaries, images
+#   BASE=debian:trixie images/build.sh   # where a registry is reachable: the public base image
+#
+# Each image carries the label io.ums-rs.inputs, a hash of everything it is built from (its
+# folder, the binaries, the base image's ID); an image whose label matches is not rebuilt, so a
+# second run costs only the cargo build's check. Docker's layer cache keeps the apt layers when
+# only the binaries changed.
 #
 # Push them to your registry (docker tag/push) and point the webhook's DIND_IMAGE, PIND_IMAGE,
-# AMBASSADOR_IMAGE and the Deployment's image at them. Runs as root; needs debootstrap, and a
-# Docker engine (one is started under /tmp/ums-image-build if none answers).
+# AMBASSADOR_IMAGE and the Deployment's image at them. Runs as root with a Docker engine
+# (scripts/install-host.sh starts one) and, without BASE, debootstrap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-host=${1:-}
-[ "$host" = "--engine-socket" ] && host=$2
-export DOCKER_HOST=${host:-${DOCKER_HOST:-unix:///var/run/docker.sock}}
+log() { printf '[images] %s\n' "$*"; }
 
-started=""
-if ! docker version >/dev/null 2>&1; then
-  dir=/tmp/ums-image-build
-  mkdir -p "$dir"
-  dockerd --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/dockerd.pid" \
-    --host "unix://$dir/docker.sock" --bridge none --iptables=false >"$dir/dockerd.log" 2>&1 &
-  started=$!
-  export DOCKER_HOST="unix://$dir/docker.sock"
-  for _ in $(seq 300); do docker version >/dev/null 2>&1 && break; sleep 0.1; done
-  trap 'kill $started 2>/dev/null || true' EXIT
-fi
+docker version >/dev/null 2>&1 || { echo "images/build.sh: no Docker engine answers (run scripts/install-host.sh)" >&2; exit 1; }
 
-if ! docker image inspect ums-rs/debian:trixie >/dev/null 2>&1; then
-  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
+base=${BASE:-ums-rs/debian:trixie}
+if [ -z "${BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; then
+  command -v debootstrap >/dev/null || { echo "images/build.sh: debootstrap is missing (run scripts/install-host.sh)" >&2; exit 1; }
   rootfs=$(mktemp -d)
-  echo "[images] debootstrap trixie (minbase) into $rootfs"
+  log "debootstrap trixie (minbase) into $rootfs"
   debootstrap --variant=minbase trixie "$rootfs" http://deb.debian.org/debian >/dev/null
-  tar -C "$rootfs" -c . | docker import - ums-rs/debian:trixie >/dev/null
+  tar -C "$rootfs" -c . | docker import - "$base" >/dev/null
   rm -rf "$rootfs"
 fi
+base_id=$(docker image inspect --format '{{.Id}}' "$base")
 
-echo "[images] building the binaries (release)"
+log "building the binaries (release)"
 cargo build --release --locked -p ums-sidecar -p ums-webhook
-target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+
 context=$(mktemp -d)
-trap 'rm -rf "$context"; [ -n "$started" ] && kill $started 2>/dev/null || true' EXIT
+trap 'rm -rf "$context"' EXIT
 for image in dind pind ambassador webhook; do
   rm -rf "${context:?}"/*
   cp -r "images/$image/." "$context/"
-  cp "$target/release/ums-sidecar" "$target/release/ums-webhook" "$context/"
-  echo "[images] ums-rs/$image:latest"
-  # Host network: build steps reach the Debian mirror without a bridge (none exists here).
-  docker build --quiet --network host --tag "ums-rs/$image:latest" "$context" >/dev/null
+  case $image in
+    webhook) cp "$target/release/ums-webhook" "$context/" ;;
+    *) cp "$target/release/ums-sidecar" "$context/" ;;
+  esac
+  inputs=$( (echo "$base_id"; cd "$context" && find . -type f | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)
+  have=$(docker image inspect --format '{{index .Config.Labels "io.ums-rs.inputs"}}' "ums-rs/$image:latest" 2>/dev/null || true)
+  if [ "$have" = "$inputs" ]; then
+    log "ums-rs/$image:latest is up to date ($inputs)"
+    continue
+  fi
+  log "ums-rs/$image:latest ($inputs)"
+  # Host network: build steps reach the Debian mirror without the engine's bridge.
+  docker build --quiet --network host --build-arg "BASE=$base" --label "io.ums-rs.inputs=$inputs" \
+    --tag "ums-rs/$image:latest" "$context" >/dev/null
 done
 docker image ls 'ums-rs/*'

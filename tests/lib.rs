@@ -1,12 +1,15 @@
-//! The harness of the cross-part tests: real engines started per test, real `ums-sidecar`
-//! processes, the workload image.
+//! The harness of the cross-part tests: the real runtime images run as pods on the outer
+//! engine (nested engines, sidecars and ambassadors as in production), a real registry, the
+//! workload image.
 
 #![allow(clippy::unwrap_used)] // test harness: a panic is the failure report
 
-#[path = "harness/engine_process.rs"]
-pub mod engine_process;
-#[path = "harness/sidecar_process.rs"]
-pub mod sidecar_process;
+#[path = "harness/outer.rs"]
+pub mod outer;
+#[path = "harness/registry.rs"]
+pub mod registry;
+#[path = "harness/runtime_pod.rs"]
+pub mod runtime_pod;
 #[path = "harness/workload.rs"]
 pub mod workload;
 

@@ -1,7 +1,17 @@
 #!/bin/bash
 # Starts Podman's API service (storage on the pod's emptyDir at /var/lib/containers), then the
-# sidecar, which waits for the socket.
+# sidecar, which waits for the socket. If either exits, the container exits and the kubelet
+# restarts it.
+#
+# UMS_INSECURE_REGISTRIES: comma-separated host:port of plain-HTTP registries the nested engine
+# may pull from (a registry inside the cluster without TLS; the tests' registry).
 set -u
+if [ -n "${UMS_INSECURE_REGISTRIES:-}" ]; then
+  mkdir -p /etc/containers/registries.conf.d
+  for registry in ${UMS_INSECURE_REGISTRIES//,/ }; do
+    printf '[[registry]]\nlocation = "%s"\ninsecure = true\n\n' "$registry"
+  done > /etc/containers/registries.conf.d/50-ums-insecure.conf
+fi
 mkdir -p /run/podman
 podman system service --time 0 unix:///run/podman/podman.sock >/var/log/podman.log 2>&1 &
 engine=$!
@@ -11,4 +21,5 @@ trap 'kill -TERM $sidecar $engine 2>/dev/null' TERM INT
 wait -n "$engine" "$sidecar"
 status=$?
 kill -TERM $sidecar $engine 2>/dev/null || true
+wait
 exit $status

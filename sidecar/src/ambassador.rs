@@ -29,7 +29,9 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
         ),
         None => None,
     };
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .build()
+        .context("failed to build the HTTP client (are the system CA certificates installed?)")?;
     let auth = |b: reqwest::RequestBuilder| match &token {
         Some(t) => b.bearer_auth(t),
         None => b,

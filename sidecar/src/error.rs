@@ -80,6 +80,8 @@ impl From<EngineError> for ApiError {
         let status = match &e {
             EngineError::NotFound { .. } => StatusCode::NOT_FOUND,
             EngineError::ImageMissing { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            // The registry (or the image name the pod gave) is the problem, not the sidecar.
+            EngineError::PullFailed { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::Api {
                 status: Some(409), ..

@@ -13,7 +13,11 @@ use crate::quantity_bytes;
 #[serde(rename_all = "camelCase")]
 pub struct NestedSpec {
     pub name: String,
+    /// The image as the pod names it; [`NestedSpec::pull_reference`] is what a pull asks for.
     pub image: String,
+    /// When the nested engine pulls the image (Kubernetes' `imagePullPolicy` and its default).
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
     /// Kubernetes `command`: replaces the image's entrypoint.
     pub entrypoint: Option<Vec<String>>,
     /// Kubernetes `args`: replaces the image's cmd.
@@ -38,6 +42,67 @@ pub struct NestedSpec {
     /// `port/protocol` the container declares (informational: nested containers share the
     /// runtime's network namespace, so nothing is published).
     pub exposed_ports: Vec<String>,
+}
+
+/// Kubernetes' `imagePullPolicy`, applied by the nested engine as the kubelet applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum PullPolicy {
+    /// Pull on every create (a moving tag); a failed pull fails the create.
+    Always,
+    /// Pull only when the engine does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Never pull: the image must already be in the nested engine.
+    Never,
+}
+
+impl PullPolicy {
+    /// The policy the pod asked for, or Kubernetes' default: `Always` for an image without a
+    /// tag or with `:latest` (and no digest), `IfNotPresent` otherwise.
+    pub fn for_container(declared: Option<&str>, image: &str) -> Result<Self, String> {
+        match declared {
+            Some("Always") => Ok(PullPolicy::Always),
+            Some("IfNotPresent") => Ok(PullPolicy::IfNotPresent),
+            Some("Never") => Ok(PullPolicy::Never),
+            Some(other) => Err(other.to_owned()),
+            None => {
+                let (_, tag, digest) = split_reference(image);
+                Ok(if digest.is_none() && tag.is_none_or(|t| t == "latest") {
+                    PullPolicy::Always
+                } else {
+                    PullPolicy::IfNotPresent
+                })
+            }
+        }
+    }
+}
+
+/// `repository[:tag][@digest]` split into its parts (a `:` in the registry host is a port).
+fn split_reference(image: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (rest, digest) = match image.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (image, None),
+    };
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    match rest[last_slash..].rfind(':') {
+        Some(i) => (
+            &rest[..last_slash + i],
+            Some(&rest[last_slash + i + 1..]),
+            digest,
+        ),
+        None => (rest, None, digest),
+    }
+}
+
+impl NestedSpec {
+    /// What to ask the engine to pull: the image with `:latest` made explicit when it has
+    /// neither tag nor digest (the engines' pull API otherwise pulls every tag).
+    pub fn pull_reference(&self) -> String {
+        match split_reference(&self.image) {
+            (_, None, None) => format!("{}:latest", self.image),
+            _ => self.image.clone(),
+        }
+    }
 }
 
 /// A container spec that cannot be run nested.
@@ -72,6 +137,11 @@ pub enum SpecError {
         "container {container:?}: subPath {sub_path:?} must be relative and stay inside the volume"
     )]
     BadSubPath { container: String, sub_path: String },
+    /// `imagePullPolicy` is not one of Kubernetes' three values.
+    #[error(
+        "container {container:?}: imagePullPolicy {value:?} is not Always, IfNotPresent or Never"
+    )]
+    BadPullPolicy { container: String, value: String },
 }
 
 /// Translates `container`. `forwarded_env` looks up the runtime container's own environment
@@ -88,6 +158,11 @@ pub fn translate(
         .filter(|i| !i.is_empty())
         .ok_or_else(|| SpecError::NoImage {
             container: name.clone(),
+        })?;
+    let pull_policy = PullPolicy::for_container(container.image_pull_policy.as_deref(), &image)
+        .map_err(|value| SpecError::BadPullPolicy {
+            container: name.clone(),
+            value,
         })?;
     let env = translate_env(container, forwarded_env)?;
     let binds = translate_mounts(container, volumes)?;
@@ -143,6 +218,7 @@ pub fn translate(
     Ok(NestedSpec {
         name: name.clone(),
         image,
+        pull_policy,
         entrypoint: container.command.clone(),
         cmd: container.args.clone(),
         env,
@@ -413,6 +489,41 @@ mod tests {
             translate(&unknown, &volumes, &no_env),
             Err(SpecError::UnknownVolume { .. })
         ));
+    }
+
+    #[test]
+    fn pull_policy_follows_kubernetes_defaults() {
+        let policy = |declared, image| PullPolicy::for_container(declared, image).unwrap();
+        assert_eq!(policy(None, "nginx"), PullPolicy::Always);
+        assert_eq!(policy(None, "nginx:latest"), PullPolicy::Always);
+        assert_eq!(policy(None, "nginx:1.27"), PullPolicy::IfNotPresent);
+        assert_eq!(policy(None, "10.0.0.1:5000/shop/web"), PullPolicy::Always);
+        assert_eq!(
+            policy(None, "10.0.0.1:5000/shop/web:2"),
+            PullPolicy::IfNotPresent
+        );
+        assert_eq!(policy(None, "web@sha256:abcd"), PullPolicy::IfNotPresent);
+        assert_eq!(policy(Some("Never"), "nginx"), PullPolicy::Never);
+        assert_eq!(policy(Some("Always"), "nginx:1"), PullPolicy::Always);
+        assert!(PullPolicy::for_container(Some("Sometimes"), "nginx").is_err());
+        let c = container(json!({"name": "a", "image": "i", "imagePullPolicy": "Sometimes"}));
+        let error = translate(&c, &[], &|_| None).unwrap_err();
+        assert!(error.to_string().contains("Sometimes"), "{error}");
+    }
+
+    #[test]
+    fn pull_reference_makes_latest_explicit() {
+        let spec = |image: &str| NestedSpec {
+            image: image.into(),
+            ..Default::default()
+        };
+        assert_eq!(spec("nginx").pull_reference(), "nginx:latest");
+        assert_eq!(
+            spec("10.0.0.1:5000/web").pull_reference(),
+            "10.0.0.1:5000/web:latest"
+        );
+        assert_eq!(spec("web:2").pull_reference(), "web:2");
+        assert_eq!(spec("web@sha256:ab").pull_reference(), "web@sha256:ab");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The test workload (tests/workload/workload.c): built static with gcc, packed into an image
-//! with `docker import`, and its output parsed.
+//! with `docker import` and served by the tests' registry, and its output parsed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use serde_json::json;
 
-use crate::engine_process::EngineProcess;
+use crate::outer;
+use crate::registry::Registry;
+use crate::runtime_pod::RuntimePod;
 
 /// The static workload binary.
 pub fn workload_binary() -> &'static Path {
@@ -33,36 +35,55 @@ pub fn workload_binary() -> &'static Path {
     })
 }
 
-/// Imports the workload as image `name` into `engine`; returns the image name.
-pub fn import_workload_image(engine: &EngineProcess, name: &str) -> String {
-    let dir = engine.dir.join("workload-image");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(workload_binary(), dir.join("workload")).unwrap();
-    let tar = engine.dir.join("workload-rootfs.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(&dir)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("workload")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    engine.cli(&[
-        "import",
-        "--change",
-        r#"ENTRYPOINT ["/workload"]"#,
-        tar.to_str().unwrap(),
-        name,
-    ]);
-    name.to_owned()
+/// The workload binary alone in a root-fs tar.
+fn workload_rootfs_tar() -> &'static [u8] {
+    static TAR: OnceLock<Vec<u8>> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_path_with_name(workload_binary(), "workload")
+            .unwrap();
+        builder.into_inner().unwrap()
+    })
 }
 
-/// Makes `image` available in `to` with the same image ID (save/load, as a registry would).
-pub fn copy_image(from: &EngineProcess, to: &EngineProcess, image: &str) {
-    let tar = from.dir.join("image-transfer.tar");
-    from.save_image(image, &tar);
-    to.load_image(&tar);
+/// The workload image in the tests' registry (`docker import` on the outer engine, pushed);
+/// returns the reference pods pull it by. Both nested engines pulling it get the same image ID.
+pub fn registry_workload_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let local = format!("ums-test/workload-build:{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("ums-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tar = dir.join("rootfs.tar");
+        std::fs::write(&tar, workload_rootfs_tar()).unwrap();
+        outer::docker(&[
+            "import",
+            "--change",
+            r#"ENTRYPOINT ["/workload"]"#,
+            tar.to_str().unwrap(),
+            &local,
+        ]);
+        let reference = Registry::shared().push(&local, "ums-test/workload:1");
+        let _ = outer::docker(&["rmi", &local]);
+        reference
+    })
+}
+
+/// Imports the workload as `name` straight into one pod's nested engine: an image no registry
+/// has (containers using it need `imagePullPolicy: Never`).
+pub fn import_local_only(pod: &RuntimePod, name: &str) -> String {
+    pod.cli_with_input(
+        &[
+            "import",
+            "--change",
+            r#"ENTRYPOINT ["/workload"]"#,
+            "-",
+            name,
+        ],
+        workload_rootfs_tar(),
+    );
+    name.to_owned()
 }
 
 /// One container of a test pod: (name, image, MiB, seed, extra env).
@@ -73,6 +94,8 @@ pub struct WorkloadContainer<'a> {
     pub mib: u32,
     pub seed: u32,
     pub env: Vec<(&'a str, &'a str)>,
+    /// `imagePullPolicy`, when not Kubernetes' default.
+    pub pull_policy: Option<&'a str>,
 }
 
 /// The annotations a wrapped pod carries (as the webhook writes them).
@@ -83,12 +106,16 @@ pub fn pod_annotations(
     let specs: Vec<_> = containers
         .iter()
         .map(|c| {
-            json!({
+            let mut spec = json!({
                 "name": c.name,
                 "image": c.image,
                 "args": [c.mib.to_string(), c.seed.to_string()],
                 "env": c.env.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
-            })
+            });
+            if let Some(policy) = c.pull_policy {
+                spec["imagePullPolicy"] = json!(policy);
+            }
+            spec
         })
         .collect();
     BTreeMap::from([

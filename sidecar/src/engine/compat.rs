@@ -8,15 +8,15 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, InspectContainerOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
+    LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 
 use super::{ContainerInfo, EngineError, EngineKind, LogChunk, LogStream, LogStreamKind};
-use crate::spec::NestedSpec;
+use crate::spec::{NestedSpec, PullPolicy};
 
 /// Label on every nested container this sidecar creates.
 pub const MANAGED_LABEL: &str = "io.ums-rs.container";
@@ -183,13 +183,64 @@ impl Compat {
         }
     }
 
-    pub async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
-        if self.image_id(&spec.image).await?.is_none() {
-            return Err(EngineError::ImageMissing {
-                engine: self.kind,
-                image: spec.image.clone(),
-            });
+    /// Pulls `spec`'s image as its pull policy says, as the kubelet would for the original
+    /// container: the nested engine gets the image from the pod's registry.
+    pub async fn ensure_image(&self, spec: &NestedSpec) -> Result<(), EngineError> {
+        let present = self.image_id(&spec.image).await?.is_some();
+        let pull = match spec.pull_policy {
+            PullPolicy::Always => true,
+            PullPolicy::IfNotPresent => !present,
+            PullPolicy::Never => false,
+        };
+        if !pull {
+            return if present {
+                Ok(())
+            } else {
+                Err(EngineError::ImageMissing {
+                    engine: self.kind,
+                    image: spec.image.clone(),
+                })
+            };
         }
+        let reference = spec.pull_reference();
+        tracing::info!(image = %reference, policy = ?spec.pull_policy, "pulling image");
+        let failed = |message: String| EngineError::PullFailed {
+            engine: self.kind,
+            image: reference.clone(),
+            message,
+        };
+        let mut progress = self.docker.create_image(
+            Some(CreateImageOptions {
+                from_image: Some(reference.clone()),
+                ..Default::default()
+            }),
+            None,
+            None,
+        );
+        while let Some(item) = progress.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                        return Err(failed(detail));
+                    }
+                }
+                Err(BollardError::DockerResponseServerError { message, .. }) => {
+                    return Err(failed(message))
+                }
+                Err(BollardError::DockerStreamError { error }) => return Err(failed(error)),
+                Err(other) => return Err(failed(other.to_string())),
+            }
+        }
+        if self.image_id(&spec.image).await?.is_none() {
+            return Err(failed(
+                "the pull finished but the image is not there".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
+        self.ensure_image(spec).await?;
         let host_config = HostConfig {
             // The nested container lives in the runtime container's network namespace: the
             // pod's IP and ports.

@@ -112,6 +112,13 @@ pub enum EngineError {
     /// The image is not present in the engine.
     #[error("image {image:?} is not present in the nested {engine} engine")]
     ImageMissing { engine: EngineKind, image: String },
+    /// The engine could not pull the image from its registry.
+    #[error("the nested {engine} engine failed to pull image {image:?}: {message}")]
+    PullFailed {
+        engine: EngineKind,
+        image: String,
+        message: String,
+    },
     /// A file operation on the engine's storage failed.
     #[error("failed to {action} {path}: {source}")]
     Io {

@@ -1,0 +1,91 @@
+//! A real image registry (Debian's `docker-registry`, distribution 2.8) for one test binary:
+//! workload images are pushed to it by the outer engine and pulled from it by the nested
+//! engines, as they would be from a cluster's registry.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::outer;
+
+/// The registry of this test process.
+#[derive(Debug)]
+pub struct Registry {
+    /// `127.0.0.1:PORT`: how the outer engine (on the host) pushes.
+    pub push_address: String,
+    /// `GATEWAY:PORT`: how nested engines in runtime containers reach it.
+    pub pod_address: String,
+}
+
+impl Registry {
+    /// Starts the registry on first use; it stops when this test process exits.
+    pub fn shared() -> &'static Registry {
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        REGISTRY.get_or_init(Registry::start)
+    }
+
+    fn start() -> Registry {
+        let dir = PathBuf::from(format!("/tmp/ums-registry-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let port = free_port();
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 0.0.0.0:{port}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let binary = "docker-registry";
+        // A watcher stops the registry (and removes its storage) once this test process is
+        // gone: statics are never dropped.
+        let script = format!(
+            "{binary} serve {config} >{log} 2>&1 & r=$!; while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 1; done; kill $r 2>/dev/null; wait $r; rm -rf {dir}",
+            config = config.display(),
+            log = dir.join("registry.log").display(),
+            pid = std::process::id(),
+            dir = dir.display(),
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary} ({e}): run scripts/install-host.sh"));
+        let push_address = format!("127.0.0.1:{port}");
+        let until = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&push_address).is_err() {
+            assert!(
+                Instant::now() < until,
+                "the registry did not listen on {push_address} within 30 s; log:\n{}",
+                std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry {
+            push_address,
+            pod_address: format!("{}:{port}", outer::bridge_gateway()),
+        }
+    }
+
+    /// Pushes the outer engine's `local` image as `repository:tag`; returns the reference a
+    /// pod uses to pull it.
+    pub fn push(&self, local: &str, repository: &str) -> String {
+        let pushed = format!("{}/{repository}", self.push_address);
+        outer::docker(&["tag", local, &pushed]);
+        outer::docker(&["push", "--quiet", &pushed]);
+        format!("{}/{repository}", self.pod_address)
+    }
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
