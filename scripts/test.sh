@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Runs every test of the project, set-up included: host packages and engine configuration
-# (scripts/install-host.sh, idempotent), formatting, lints, then the whole test suite
-# (unit tests, the webhook over real HTTPS, deploy manifests, engine tests).
+# Runs every test of the project, set-up included: host packages and the outer engine
+# (scripts/install-host.sh, idempotent, Debian 12 packages only), the images (images/build.sh,
+# cached by a hash of their inputs), formatting, lints, then the whole test suite (unit tests,
+# the webhook over real HTTPS, deploy manifests, the engine suite inside the real runtime images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" = 0 ]; then
-  ./scripts/install-host.sh
-else
-  echo "[test] not root: skipping scripts/install-host.sh (engine tests need it and will fail loudly without it)" >&2
-fi
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh runs as root: it installs packages and runs privileged runtime containers" >&2; exit 1; }
+started=$(date +%s)
+./scripts/install-host.sh
 
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "[test] images"
+./images/build.sh
 echo "[test] cargo test"
 cargo test --workspace --locked "$@"
+echo "[test] all passed in $(( $(date +%s) - started )) s"

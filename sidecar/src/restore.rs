@@ -17,7 +17,9 @@ use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
-use crate::tcp::{local_addresses, restore_mode, TcpRestore};
+use crate::tcp::{
+    local_addresses, missing_local_addresses, restore_mode, BorrowedAddresses, TcpRestore,
+};
 
 /// What a source asks before it freezes anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -275,7 +277,20 @@ impl Sidecar {
                 rootfs_dir: Some(staging.join(rootfs_prefix(&c.name))).filter(|p| p.exists()),
                 engine_dir: Some(staging.join(engine_prefix(&c.name))).filter(|p| p.exists()),
             };
-            let tcp = restore_mode(&c.tcp_connections, &local_addresses());
+            let here = local_addresses();
+            let tcp = restore_mode(&c.tcp_connections, &here);
+            // Held until the restore is done; CRIU needs the old local addresses to close.
+            let _borrowed = if tcp == TcpRestore::Closed {
+                let missing = missing_local_addresses(&c.tcp_connections, &here);
+                Some(BorrowedAddresses::add(&missing).map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("failed to restore {:?}: {e}", c.name),
+                    )
+                })?)
+            } else {
+                None
+            };
             if let Err(e) = self
                 .engine
                 .restore_imported(spec, &c.checkpoint_id, &staged, tcp)

@@ -151,6 +151,138 @@ pub fn local_addresses() -> BTreeSet<IpAddr> {
     addresses
 }
 
+/// The local addresses of `connections` that this network namespace lacks.
+pub fn missing_local_addresses(
+    connections: &[TcpConnection],
+    here: &BTreeSet<IpAddr>,
+) -> BTreeSet<IpAddr> {
+    connections
+        .iter()
+        .map(|c| c.local.ip())
+        .filter(|ip| !here.contains(ip))
+        .collect()
+}
+
+/// Failure to lend the restore an address.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BorrowError {
+    /// `ip address add` could not run or failed.
+    #[error("failed to add {address} to the loopback interface for the restore of closed TCP connections: {message}")]
+    Add { address: IpAddr, message: String },
+}
+
+/// Addresses added to the loopback interface while closed connections are restored: CRIU binds
+/// each socket back to its old local address before it closes it, so that address must exist
+/// for the restore (the pod IP of the source pod). Removed again on drop.
+#[derive(Debug)]
+pub struct BorrowedAddresses {
+    added: Vec<IpAddr>,
+}
+
+impl BorrowedAddresses {
+    /// Adds each address as a host route on `lo` (`ip address add ADDR/32 dev lo`).
+    pub fn add(addresses: &BTreeSet<IpAddr>) -> Result<Self, BorrowError> {
+        let mut borrowed = BorrowedAddresses { added: Vec::new() };
+        for &address in addresses {
+            let prefix = if address.is_ipv4() { 32 } else { 128 };
+            let output = std::process::Command::new("ip")
+                .args([
+                    "address",
+                    "add",
+                    &format!("{address}/{prefix}"),
+                    "dev",
+                    "lo",
+                ])
+                .output()
+                .map_err(|e| BorrowError::Add {
+                    address,
+                    message: format!("cannot run ip (iproute2): {e}"),
+                })?;
+            if !output.status.success() {
+                return Err(BorrowError::Add {
+                    address,
+                    message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+                });
+            }
+            tracing::debug!(%address, "borrowed address for closed TCP connections");
+            borrowed.added.push(address);
+        }
+        Ok(borrowed)
+    }
+}
+
+impl Drop for BorrowedAddresses {
+    fn drop(&mut self) {
+        for address in &self.added {
+            let prefix = if address.is_ipv4() { 32 } else { 128 };
+            let removed = std::process::Command::new("ip")
+                .args([
+                    "address",
+                    "del",
+                    &format!("{address}/{prefix}"),
+                    "dev",
+                    "lo",
+                ])
+                .output();
+            if !removed.is_ok_and(|o| o.status.success()) {
+                tracing::warn!(%address, "failed to remove a borrowed address from lo");
+            }
+        }
+    }
+}
+
+/// The CRIU configuration file runc reads on every checkpoint and restore (CRIU's options that
+/// the engines' APIs do not expose go here).
+pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
+
+/// Extra lines in a CRIU configuration file for the duration of one operation; the file's
+/// earlier content (or its absence) comes back on drop. Operations that need it are serialised
+/// by the sidecar (one migration or restore at a time).
+#[derive(Debug)]
+pub struct CriuConfigOverride {
+    path: std::path::PathBuf,
+    previous: Option<Vec<u8>>,
+}
+
+impl CriuConfigOverride {
+    pub fn set(path: &std::path::Path, options: &[&str]) -> std::io::Result<Self> {
+        let previous = match std::fs::read(path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut content = previous.clone().unwrap_or_default();
+        if !content.is_empty() && !content.ends_with(b"\n") {
+            content.push(b'\n');
+        }
+        for option in options {
+            content.extend_from_slice(option.as_bytes());
+            content.push(b'\n');
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, content)?;
+        Ok(CriuConfigOverride {
+            path: path.to_owned(),
+            previous,
+        })
+    }
+}
+
+impl Drop for CriuConfigOverride {
+    fn drop(&mut self) {
+        let result = match &self.previous {
+            Some(bytes) => std::fs::write(&self.path, bytes),
+            None => std::fs::remove_file(&self.path),
+        };
+        if let Err(e) = result {
+            tracing::warn!(path = %self.path.display(), error = %e, "failed to put back CRIU's configuration");
+        }
+    }
+}
+
 /// Keep the connections when every local address exists here, else close them.
 pub fn restore_mode(connections: &[TcpConnection], here: &BTreeSet<IpAddr>) -> TcpRestore {
     if connections.is_empty() {
@@ -186,6 +318,26 @@ mod tests {
     }
 
     #[test]
+    fn criu_config_override_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("criu/runc.conf");
+        {
+            let _held = CriuConfigOverride::set(&path, &["tcp-close"]).unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "tcp-close\n");
+        }
+        assert!(!path.exists(), "a file that was absent is removed again");
+        std::fs::write(&path, "tcp-established").unwrap();
+        {
+            let _held = CriuConfigOverride::set(&path, &["tcp-close"]).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&path).unwrap(),
+                "tcp-established\ntcp-close\n"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "tcp-established");
+    }
+
+    #[test]
     fn keeps_only_when_every_local_address_is_here() {
         let c = |l: &str| TcpConnection {
             local: l.parse().unwrap(),
@@ -200,6 +352,10 @@ mod tests {
         assert_eq!(
             restore_mode(&[c("10.0.0.1:40000"), c("10.0.0.2:40001")], &here),
             TcpRestore::Closed
+        );
+        assert_eq!(
+            missing_local_addresses(&[c("10.0.0.1:40000"), c("10.0.0.2:40001")], &here),
+            BTreeSet::from(["10.0.0.2".parse().unwrap()])
         );
     }
 }
