@@ -48,13 +48,15 @@ impl Registry {
             pid = std::process::id(),
             dir = dir.display(),
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &script])
+        // `setsid --fork` returns at once; the watcher lives on in its own session.
+        let status = Command::new("setsid")
+            .args(["--fork", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
+            .status()
             .unwrap_or_else(|e| panic!("cannot start {binary} ({e}): run scripts/install-host.sh"));
+        assert!(status.success(), "setsid failed to start {binary}");
         let push_address = format!("127.0.0.1:{port}");
         let until = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(&push_address).is_err() {
