@@ -16,6 +16,8 @@ echo "[test] cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "[test] images"
 ./images/build.sh
+echo "[test] the test API server (Kubernetes' k8s.io/apiserver, Debian sid's packages in a private root)"
+./tests/cluster/apiserver/build.sh >/dev/null
 echo "[test] cargo test"
 cargo test --workspace --locked "$@"
 echo "[test] all passed in $(( $(date +%s) - started )) s"

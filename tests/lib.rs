@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // test harness: a panic is the failure report
 
+#[path = "harness/cluster.rs"]
+pub mod cluster;
 #[path = "harness/outer.rs"]
 pub mod outer;
 #[path = "harness/registry.rs"]

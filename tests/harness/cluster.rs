@@ -1,0 +1,374 @@
+//! A cluster's control plane on this machine: etcd, `ums-test-apiserver` (built from
+//! Kubernetes' own k8s.io/apiserver, see tests/cluster/apiserver), and the real
+//! `ums-rs/webhook` image serving the admission webhook, configured by the project's own
+//! `deploy/base` webhook configurations. Users act through `kubectl` with static tokens.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::outer::docker;
+use crate::registry::free_port;
+
+/// The identities the static token file maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum User {
+    /// `admin`, group `system:masters`.
+    Admin,
+    /// `jane`, an ordinary user.
+    Jane,
+    /// `system:serviceaccount:ums-system:migration-coordinator`.
+    Coordinator,
+}
+
+impl User {
+    fn name(self) -> &'static str {
+        match self {
+            User::Admin => "admin",
+            User::Jane => "jane",
+            User::Coordinator => "coordinator",
+        }
+    }
+}
+
+/// The coordinator's service account, as the webhook is told to let it through.
+pub const COORDINATOR: &str = "system:serviceaccount:ums-system:migration-coordinator";
+
+/// Where tests/cluster/apiserver/build.sh put the API server and etcd (built if needed).
+pub fn control_plane_binaries() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/apiserver/build.sh");
+        let output = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {} ({e})", script.display()));
+        assert!(
+            output.status.success(),
+            "{} failed (it builds the test API server)",
+            script.display()
+        );
+        PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+    })
+}
+
+/// One cluster's control plane; everything stops on drop.
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub dir: PathBuf,
+    pub server: String,
+    etcd: Child,
+    apiserver: Child,
+    webhook_container: String,
+}
+
+impl Cluster {
+    /// Starts etcd, the webhook container and the API server, then applies the project's
+    /// webhook configurations (with this cluster's CA bundle).
+    pub fn start() -> Self {
+        let binaries = control_plane_binaries();
+        let name = crate::unique("ums-cluster-");
+        let dir = PathBuf::from(format!("/tmp/{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+
+        let client_port = free_port();
+        let peer_port = free_port();
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let etcd = Command::new(binaries.join("etcd"))
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer_port}"),
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("start etcd");
+
+        let webhook_container = format!("{name}-webhook");
+        let webhook_address = start_webhook(&dir, &webhook_container);
+
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!(
+                "admin-token,admin,1,\"system:masters\"\njane-token,jane,2\ncoordinator-token,{COORDINATOR},3,\"system:serviceaccounts,system:serviceaccounts:ums-system\"\n"
+            ),
+        )
+        .unwrap();
+        let api_port = free_port();
+        let apiserver = Command::new(binaries.join("ums-test-apiserver"))
+            .args(["--listen", &format!("127.0.0.1:{api_port}")])
+            .args(["--etcd", &etcd_url])
+            .arg("--token-file")
+            .arg(dir.join("tokens.csv"))
+            .arg("--cert-dir")
+            .arg(dir.join("apiserver-certs"))
+            .args([
+                "--service-endpoint",
+                &format!("ums-system/ums-webhook:443={webhook_address}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("apiserver.log")).unwrap())
+            .spawn()
+            .expect("start ums-test-apiserver");
+        let mut cluster = Cluster {
+            server: format!("https://127.0.0.1:{api_port}"),
+            name,
+            dir,
+            etcd,
+            apiserver,
+            webhook_container,
+        };
+        cluster.write_kubeconfigs();
+        cluster.wait_ready(Duration::from_secs(60));
+        cluster.install_webhook_configurations();
+        cluster
+    }
+
+    fn write_kubeconfigs(&self) {
+        let ca = self.dir.join("apiserver-certs/apiserver.crt");
+        for user in [User::Admin, User::Jane, User::Coordinator] {
+            let config = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {}-token\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\n    namespace: default\ncurrent-context: c\n",
+                self.server,
+                ca.display(),
+                user.name()
+            );
+            std::fs::write(self.kubeconfig(user), config).unwrap();
+        }
+    }
+
+    /// The kubeconfig file of `user`.
+    pub fn kubeconfig(&self, user: User) -> PathBuf {
+        self.dir.join(format!("kubeconfig-{}", user.name()))
+    }
+
+    fn wait_ready(&mut self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.apiserver.try_wait() {
+                panic!(
+                    "ums-test-apiserver exited ({status}):\n{}",
+                    tail(&self.dir.join("apiserver.log"), 40)
+                );
+            }
+            let ready = self.try_kubectl(User::Admin, &["get", "--raw", "/readyz"], None);
+            let namespaces = self.try_kubectl(User::Admin, &["get", "namespace", "default"], None);
+            if ready.is_ok() && namespaces.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the API server of {} was not ready within {deadline:?}: {:?}\n--- apiserver.log:\n{}\n--- etcd.log:\n{}",
+                self.name,
+                ready.err(),
+                tail(&self.dir.join("apiserver.log"), 40),
+                tail(&self.dir.join("etcd.log"), 20)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The project's MutatingWebhookConfiguration and ValidatingWebhookConfiguration, rendered
+    /// from deploy/base by kustomize, with this cluster's CA bundle; and the ums-system
+    /// namespace.
+    fn install_webhook_configurations(&self) {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+        let rendered = Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(&base)
+            .output()
+            .expect("kubectl kustomize");
+        assert!(
+            rendered.status.success(),
+            "kubectl kustomize deploy/base failed"
+        );
+        let ca_bundle = std::fs::read_to_string(self.dir.join("webhook-certs/ca-bundle.b64"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let mut documents = Vec::new();
+        for document in serde_yaml::Deserializer::from_slice(&rendered.stdout) {
+            let mut value = serde_json::to_value(
+                <serde_yaml::Value as serde::Deserialize>::deserialize(document).unwrap(),
+            )
+            .unwrap();
+            match value["kind"].as_str() {
+                Some("Namespace") => documents.push(value),
+                Some("MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration") => {
+                    for webhook in value["webhooks"].as_array_mut().unwrap() {
+                        webhook["clientConfig"]["caBundle"] = ca_bundle.clone().into();
+                    }
+                    documents.push(value);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            documents.len(),
+            3,
+            "deploy/base: namespace + two webhook configurations"
+        );
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": documents});
+        self.kubectl_with_input(User::Admin, &["apply", "-f", "-"], &list.to_string());
+    }
+
+    fn try_kubectl(
+        &self,
+        user: User,
+        args: &[&str],
+        input: Option<&str>,
+    ) -> Result<String, String> {
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(user))
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl must be installed");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    /// Runs kubectl as `user`; Err(stderr) when it fails.
+    pub fn kubectl_result(&self, user: User, args: &[&str]) -> Result<String, String> {
+        self.try_kubectl(user, args, None)
+    }
+
+    /// Runs kubectl as `user`; panics with its stderr on failure.
+    pub fn kubectl(&self, user: User, args: &[&str]) -> String {
+        self.try_kubectl(user, args, None)
+            .unwrap_or_else(|e| panic!("kubectl {args:?} as {user:?} failed: {e}"))
+    }
+
+    /// Runs kubectl as `user` with `input` on stdin; Err(stderr) when it fails.
+    pub fn kubectl_with_input_result(
+        &self,
+        user: User,
+        args: &[&str],
+        input: &str,
+    ) -> Result<String, String> {
+        self.try_kubectl(user, args, Some(input))
+    }
+
+    /// Runs kubectl as `user` with `input` on stdin; panics on failure.
+    pub fn kubectl_with_input(&self, user: User, args: &[&str], input: &str) -> String {
+        self.try_kubectl(user, args, Some(input))
+            .unwrap_or_else(|e| panic!("kubectl {args:?} as {user:?} failed: {e}"))
+    }
+
+    /// The webhook container's log.
+    pub fn webhook_log(&self) -> String {
+        Command::new("docker")
+            .args(["logs", "--tail", "50", &self.webhook_container])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs the real ums-rs/webhook image with certificates from ums-certs (for
+/// `ums-webhook.ums-system.svc`); returns its `IP:8443`.
+fn start_webhook(dir: &Path, container: &str) -> String {
+    crate::outer::require_image("ums-rs/webhook:latest");
+    let certs = dir.join("webhook-certs");
+    let bundle = ums_certs::generate(&ums_certs::CertRequest {
+        service: "ums-webhook".into(),
+        namespace: "ums-system".into(),
+        extra_names: vec![],
+        valid_for: time::Duration::days(1),
+    })
+    .unwrap();
+    let files = ums_certs::write_bundle(&bundle, &certs, "ums-webhook-tls", "ums-system").unwrap();
+    // The webhook runs as 65532, as in its Deployment; a Secret volume would be readable.
+    for file in [&files.server_cert, &files.server_key] {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mount = format!("{}:/etc/ums-webhook/tls:ro", certs.display());
+    docker(&[
+        "run",
+        "--detach",
+        "--name",
+        container,
+        "--read-only",
+        "--volume",
+        &mount,
+        "ums-rs/webhook:latest",
+        "--tls-cert",
+        "/etc/ums-webhook/tls/tls.crt",
+        "--tls-key",
+        "/etc/ums-webhook/tls/tls.key",
+        "--migration-service-accounts",
+        COORDINATOR,
+    ]);
+    let ip = docker(&[
+        "inspect",
+        "--format",
+        "{{.NetworkSettings.IPAddress}}",
+        container,
+    ]);
+    let address = format!("{ip}:8443");
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&address).is_err() {
+        assert!(
+            Instant::now() < until,
+            "the webhook did not listen on {address}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    address
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in [&mut self.apiserver, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("docker")
+            .args(["rm", "--force", &self.webhook_container])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
