@@ -85,6 +85,10 @@ pub struct Args {
         default_value = "system:serviceaccount:default:migration-coordinator"
     )]
     pub migration_service_accounts: Vec<String>,
+    /// Plain-HTTP registries (host:port, comma-separated) the nested engines may pull from:
+    /// a registry inside the cluster without TLS. Passed to every runtime container.
+    #[arg(long, env = "UMS_INSECURE_REGISTRIES", value_delimiter = ',')]
+    pub insecure_registries: Vec<String>,
     /// CPU added to the runtime container on top of the originals' (engine and sidecar).
     #[arg(long, env = "UMS_RUNTIME_CPU_OVERHEAD", default_value = "100m")]
     pub runtime_cpu_overhead: String,
@@ -113,6 +117,7 @@ impl Args {
             ambassador_image,
             image_pull_policy,
             migration_service_accounts,
+            insecure_registries,
             runtime_cpu_overhead,
             runtime_memory_overhead,
             sidecar_port,
@@ -137,6 +142,11 @@ impl Args {
             runtime_cpu_overhead: Quantity(runtime_cpu_overhead),
             runtime_memory_overhead: Quantity(runtime_memory_overhead),
             sidecar_port,
+            insecure_registries: insecure_registries
+                .into_iter()
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty())
+                .collect(),
         };
         let guard = MigrationGuard {
             migration_accounts: migration_service_accounts

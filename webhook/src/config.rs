@@ -19,6 +19,8 @@ pub struct WrapConfig {
     pub runtime_memory_overhead: Quantity,
     /// Port of the sidecar's HTTP API inside the pod.
     pub sidecar_port: u16,
+    /// Plain-HTTP registries the nested engines may pull from (`UMS_INSECURE_REGISTRIES`).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for WrapConfig {
@@ -31,6 +33,7 @@ impl Default for WrapConfig {
             runtime_cpu_overhead: Quantity("100m".into()),
             runtime_memory_overhead: Quantity("256Mi".into()),
             sidecar_port: ums_contract::DEFAULT_SIDECAR_PORT,
+            insecure_registries: Vec::new(),
         }
     }
 }

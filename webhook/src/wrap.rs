@@ -341,6 +341,12 @@ fn runtime_container(
         env_var("UMS_LISTEN", &format!("0.0.0.0:{}", config.sidecar_port)),
         env_var("UMS_PODINFO", &format!("{PODINFO_DIR}/annotations")),
     ];
+    if !config.insecure_registries.is_empty() {
+        env.push(env_var(
+            "UMS_INSECURE_REGISTRIES",
+            &config.insecure_registries.join(","),
+        ));
+    }
     env.extend(forwarded_env(originals));
     Ok(Container {
         name: name.to_owned(),

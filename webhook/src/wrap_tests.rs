@@ -652,3 +652,30 @@ fn the_rewrite_yields_annotations_the_sidecar_can_read() {
         );
     }
 }
+
+#[test]
+fn insecure_registries_reach_the_runtime_container() {
+    let pod = pod_with(
+        json!({"migration-interface": "pind"}),
+        json!([{"name": "a", "image": "10.0.0.1:5000/a:1"}]),
+    );
+    let env_of = |config: &WrapConfig| {
+        let wrapped = mutate_pod(&pod, config).unwrap().unwrap();
+        container(&wrapped, "runtime")
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|e| e.name == "UMS_INSECURE_REGISTRIES")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(env_of(&config()), None);
+    let with = WrapConfig {
+        insecure_registries: vec!["10.0.0.1:5000".into(), "registry.local:80".into()],
+        ..config()
+    };
+    assert_eq!(
+        env_of(&with).as_deref(),
+        Some("10.0.0.1:5000,registry.local:80")
+    );
+}
