@@ -54,7 +54,8 @@ pub fn control_plane_binaries() -> &'static Path {
     })
 }
 
-/// One cluster's control plane; everything stops on drop.
+/// One cluster's control plane (and, with [`Cluster::start_with_node`], one node); everything
+/// stops on drop.
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
@@ -63,12 +64,56 @@ pub struct Cluster {
     etcd: Child,
     apiserver: Child,
     webhook_container: String,
+    node: Option<NodeAgent>,
+}
+
+/// The node agent of a cluster and its pod network.
+#[derive(Debug)]
+struct NodeAgent {
+    child: Child,
+    network: String,
+    subnet: String,
+}
+
+/// A workspace binary, built if needed (cargo builds other packages' binaries for no test).
+pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
+    // target/<profile>/deps/<test binary> -> target/
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let target_dir = profile_dir.parent().unwrap().to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            package,
+            "--bin",
+            binary,
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    profile_dir.join(binary)
 }
 
 impl Cluster {
     /// Starts etcd, the webhook container and the API server, then applies the project's
     /// webhook configurations (with this cluster's CA bundle).
     pub fn start() -> Self {
+        Self::start_inner(false)
+    }
+
+    /// A cluster with one node: `ums-node-agent` runs its pods on the outer engine, each with
+    /// its own IP on this cluster's pod network (routable from other clusters' pods).
+    pub fn start_with_node() -> Self {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(with_node: bool) -> Self {
         let binaries = control_plane_binaries();
         let name = crate::unique("ums-cluster-");
         let dir = PathBuf::from(format!("/tmp/{name}"));
@@ -102,7 +147,7 @@ impl Cluster {
             .expect("start etcd");
 
         let webhook_container = format!("{name}-webhook");
-        let webhook_address = start_webhook(&dir, &webhook_container);
+        let webhook_address = start_webhook(&dir, &webhook_container, with_node);
 
         std::fs::write(
             dir.join("tokens.csv"),
@@ -134,11 +179,75 @@ impl Cluster {
             etcd,
             apiserver,
             webhook_container,
+            node: None,
         };
         cluster.write_kubeconfigs();
         cluster.wait_ready(Duration::from_secs(60));
         cluster.install_webhook_configurations();
+        if with_node {
+            cluster.start_node();
+        }
         cluster
+    }
+
+    fn start_node(&mut self) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SUBNETS: AtomicU32 = AtomicU32::new(0);
+        let subnet = format!(
+            "10.{}.{}.0/24",
+            100 + std::process::id() % 100,
+            SUBNETS.fetch_add(1, Ordering::Relaxed) % 250
+        );
+        let network = format!("{}-pods", self.name);
+        let log = std::fs::File::create(self.dir.join("node-agent.log")).unwrap();
+        let child = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"))
+            .env("KUBECONFIG", self.kubeconfig(User::Admin))
+            .env("UMS_NODE_NAME", &self.name)
+            .env("UMS_POD_NETWORK", &network)
+            .env("UMS_POD_SUBNET", &subnet)
+            .env("UMS_NODE_STATE_DIR", self.dir.join("node"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ums-node-agent");
+        self.node = Some(NodeAgent {
+            child,
+            network,
+            subnet,
+        });
+        let until = Instant::now() + Duration::from_secs(60);
+        while !self.node_log().contains("ums-node-agent ready") {
+            assert!(
+                Instant::now() < until,
+                "the node agent of {} did not start:\n{}",
+                self.name,
+                self.node_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The node agent's log.
+    pub fn node_log(&self) -> String {
+        tail(&self.dir.join("node-agent.log"), 60)
+    }
+
+    /// The object as JSON (`kubectl get -o json`, as admin).
+    pub fn get_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        serde_json::from_str(&self.kubectl(User::Admin, &all)).unwrap()
+    }
+
+    /// The outer container that runs `container` of pod `pod` (the node agent's naming).
+    pub fn pod_container(&self, pod: &str, container: &str) -> String {
+        let uid = self.get_json(&["pod", pod])["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        format!("k8s_{container}_{pod}_default_{}", &uid[..8])
     }
 
     fn write_kubeconfigs(&self) {
@@ -303,7 +412,7 @@ impl Cluster {
 
 /// Runs the real ums-rs/webhook image with certificates from ums-certs (for
 /// `ums-webhook.ums-system.svc`); returns its `IP:8443`.
-fn start_webhook(dir: &Path, container: &str) -> String {
+fn start_webhook(dir: &Path, container: &str, with_registry: bool) -> String {
     crate::outer::require_image("ums-rs/webhook:latest");
     let certs = dir.join("webhook-certs");
     let bundle = ums_certs::generate(&ums_certs::CertRequest {
@@ -320,6 +429,11 @@ fn start_webhook(dir: &Path, container: &str) -> String {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let mount = format!("{}:/etc/ums-webhook/tls:ro", certs.display());
+    let registry = if with_registry {
+        crate::registry::Registry::shared().pod_address.clone()
+    } else {
+        String::new()
+    };
     docker(&[
         "run",
         "--detach",
@@ -335,6 +449,10 @@ fn start_webhook(dir: &Path, container: &str) -> String {
         "/etc/ums-webhook/tls/tls.key",
         "--migration-service-accounts",
         COORDINATOR,
+        "--insecure-registries",
+        &registry,
+        "--image-pull-policy",
+        "IfNotPresent",
     ]);
     let ip = docker(&[
         "inspect",
@@ -362,6 +480,34 @@ fn tail(path: &Path, lines: usize) -> String {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if let Some(mut node) = self.node.take() {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+            let label = format!("label=io.ums-rs.node-agent.node={}", self.name);
+            if let Ok(out) = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &label])
+                .output()
+            {
+                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                if !ids.is_empty() {
+                    let _ = Command::new("docker")
+                        .args(["rm", "--force", "--volumes"])
+                        .args(&ids)
+                        .output();
+                }
+            }
+            let _ = Command::new("docker")
+                .args(["network", "rm", &node.network])
+                .output();
+            for direction in ["-s", "-d"] {
+                let _ = Command::new("iptables")
+                    .args(["-D", "DOCKER-USER", direction, &node.subnet, "-j", "ACCEPT"])
+                    .output();
+            }
+        }
         for child in [&mut self.apiserver, &mut self.etcd] {
             let _ = child.kill();
             let _ = child.wait();
