@@ -12,6 +12,8 @@ pub mod outer;
 pub mod registry;
 #[path = "harness/runtime_pod.rs"]
 pub mod runtime_pod;
+#[path = "harness/service_pod.rs"]
+pub mod service_pod;
 #[path = "harness/workload.rs"]
 pub mod workload;
 

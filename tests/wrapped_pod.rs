@@ -10,82 +10,16 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::poll;
-use ums_tests::workload::{registry_workload_image, ticks};
+use ums_tests::service_pod::{container_output, service_pod, sidecar};
+use ums_tests::workload::ticks;
 
-/// A stateful service as a user writes it: the workload (seeded memory, a counter, a file in
-/// its root fs), a port, an emptyDir volume; only the migration annotation is added.
-fn service_pod(name: &str, interface: &str, start_mode: Option<&str>, mib: u32) -> Value {
-    let mut annotations = json!({"migration-interface": interface});
-    if let Some(mode) = start_mode {
-        annotations["migration-start-mode"] = mode.into();
-    }
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "containers": [{
-                "name": "app",
-                "image": registry_workload_image(),
-                "args": [mib.to_string(), "42"],
-                "ports": [{"containerPort": 8080}],
-                "volumeMounts": [{"name": "state", "mountPath": "/state"}]
-            }],
-            "volumes": [{"name": "state", "emptyDir": {}}]
-        }
-    })
-}
-
-/// Waits until the pod is Running with every container ready; returns its IP.
 async fn running_and_ready(cluster: &Cluster, pod: &str) -> String {
-    let until = std::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let status = cluster.get_json(&["pod", pod])["status"].clone();
-        let ready = status["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        if status["phase"] == "Running" && ready {
-            return status["podIP"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "pod {pod} not Running and Ready within 180 s; status: {status}\n--- node agent:\n{}",
-            cluster.node_log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// The output of an outer container (an ambassador relays its nested container's output).
-fn container_output(container: &str) -> Vec<String> {
-    let output = Command::new("docker")
-        .args(["logs", container])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-async fn sidecar(method: &str, url: String, body: Option<Value>) -> (u16, Value) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap();
-    let request = match method {
-        "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
-        _ => client.get(url),
-    };
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    cluster
+        .wait_running_and_ready(pod, Duration::from_secs(180))
+        .await
 }
 
 async fn migrates_between_clusters(interface: &str) {

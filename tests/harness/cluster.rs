@@ -77,9 +77,12 @@ struct NodeAgent {
 
 /// A workspace binary, built if needed (cargo builds other packages' binaries for no test).
 pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
-    // target/<profile>/deps/<test binary> -> target/
+    // target/<profile>/deps/<test binary> or target/<profile>/<binary> -> target/<profile>
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let mut profile_dir = exe.parent().unwrap().to_owned();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
     let target_dir = profile_dir.parent().unwrap().to_owned();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
@@ -225,6 +228,28 @@ impl Cluster {
                 self.node_log()
             );
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the pod is Running with every container ready; returns its IP.
+    pub async fn wait_running_and_ready(&self, pod: &str, deadline: Duration) -> String {
+        let until = Instant::now() + deadline;
+        loop {
+            let status = self.get_json(&["pod", pod])["status"].clone();
+            let ready = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if status["phase"] == "Running" && ready {
+                return status["podIP"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                Instant::now() < until,
+                "pod {pod} not Running and Ready within {deadline:?}; status: {status}\n--- node agent:\n{}",
+                self.node_log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

@@ -1,0 +1,283 @@
+//! `ums-demo`: the main job on this machine. Two clusters ("edge" and "cloud": an API server
+//! built from Kubernetes' own library, the webhook image configured by deploy/base, a node
+//! agent each), a stateful service in a wrapped pod created by a user in the edge cluster, a
+//! passive copy in the cloud cluster, and the live migration between them over the pod network,
+//! with progress while it runs and the report at the end. Everything is stopped at the end.
+
+#![allow(clippy::unwrap_used)] // a demo on the test harness: a panic is the failure report
+
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use ums_tests::cluster::{Cluster, User};
+use ums_tests::service_pod::{container_output, service_pod, sidecar};
+use ums_tests::workload::ticks;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ums-demo",
+    about = "A live migration of a wrapped pod between two clusters on this machine"
+)]
+struct Args {
+    /// Memory of the stateful service, MiB.
+    #[arg(default_value_t = 256)]
+    mib: u32,
+    /// dind or pind.
+    #[arg(long, env = "UMS_DEMO_INTERFACE", default_value = "dind")]
+    interface: String,
+    /// Leave both clusters up after the migration until Ctrl-C.
+    #[arg(long, env = "KEEP")]
+    keep: bool,
+}
+
+fn step(n: u32, text: &str) {
+    eprintln!("[{n}/6] {text}");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        matches!(args.interface.as_str(), "dind" | "pind"),
+        "--interface must be dind or pind"
+    );
+    tokio::select! {
+        result = run(&args) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: stopping everything");
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: &Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    step(
+        1,
+        "cluster edge: API server (k8s.io/apiserver), webhook image, node agent",
+    );
+    let edge = Cluster::start_with_node();
+    step(2, "cluster cloud: the same");
+    let cloud = Cluster::start_with_node();
+    let name = "stateful-service";
+
+    step(
+        3,
+        &format!(
+            "a user creates the {} MiB service pod in edge (migration-interface: {})",
+            args.mib, args.interface
+        ),
+    );
+    edge.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &service_pod(name, &args.interface, None, args.mib).to_string(),
+    );
+    let wrapped: Vec<String> = edge.get_json(&["pod", name])["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} ({})",
+                c["name"].as_str().unwrap(),
+                c["image"].as_str().unwrap()
+            )
+        })
+        .collect();
+    eprintln!("      wrapped by the webhook: {}", wrapped.join(", "));
+    let source_ip = edge
+        .wait_running_and_ready(name, Duration::from_secs(300))
+        .await;
+    let source_ambassador = edge.pod_container(name, "app");
+    let waiting = spinner("waiting for the service to fill its memory");
+    while ticks(&container_output(&source_ambassador)).len() < 50 {
+        waiting.tick();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    waiting.finish_and_clear();
+    eprintln!("      running on pod IP {source_ip}; its output (through the ambassador):");
+    for line in tail(&container_output(&source_ambassador), 2) {
+        eprintln!("        {line}");
+    }
+
+    step(4, "a passive copy in cloud (migration-start-mode: passive)");
+    cloud.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &service_pod(name, &args.interface, Some("passive"), args.mib).to_string(),
+    );
+    let destination_ip = cloud
+        .wait_running_and_ready(name, Duration::from_secs(300))
+        .await;
+    eprintln!("      ready on pod IP {destination_ip}");
+
+    step(
+        5,
+        &format!("live migration edge -> cloud: POST http://{source_ip}:8888/migrate"),
+    );
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", name, "migration-id=demo-1"],
+    );
+    let destination_runtime = cloud.pod_container(name, "runtime");
+    let received_before = rx_bytes(&destination_runtime);
+    let migration = tokio::spawn({
+        let url = format!("http://{source_ip}:8888/migrate");
+        let body = json!({"destination": format!("http://{destination_ip}:8888")});
+        async move { sidecar("POST", url, Some(body)).await }
+    });
+    let expected = u64::from(args.mib) << 20;
+    let bar = progress_bar(expected);
+    let mut last_print = Instant::now();
+    let migration_started = Instant::now();
+    while !migration.is_finished() {
+        let received = rx_bytes(&destination_runtime).saturating_sub(received_before);
+        let (_, probe) = sidecar("GET", format!("http://{source_ip}:8888/probe/app"), None).await;
+        let phase = match (probe["state"].as_str(), received) {
+            (Some("migrating"), 0..=1_000_000) => "freeze + dump",
+            (Some("migrating"), _) => "transfer + restore",
+            (Some("running"), _) => "preflight",
+            (Some(other), _) => other,
+            (None, _) => "restore",
+        }
+        .to_owned();
+        bar.set_position(received.min(expected));
+        bar.set_message(phase.clone());
+        if bar.is_hidden() && last_print.elapsed() > Duration::from_secs(1) {
+            let seconds = migration_started.elapsed().as_secs_f64();
+            eprintln!(
+                "      {phase}: {:.1} MiB received, {:.1} MiB/s, {seconds:.1} s",
+                received as f64 / 1048576.0,
+                received as f64 / 1048576.0 / seconds.max(0.001)
+            );
+            last_print = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    let (status, report) = migration.await?;
+    anyhow::ensure!(status == 200, "the migration failed ({status}): {report}");
+    cloud.kubectl(
+        User::Coordinator,
+        &[
+            "annotate",
+            "--overwrite",
+            "pod",
+            name,
+            "migration-start-mode=active",
+        ],
+    );
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", name, "migration-id-"],
+    );
+
+    step(6, "report");
+    print_report(&report);
+    let destination_ambassador = cloud.pod_container(name, "app");
+    let waiting = spinner("waiting for the service's output in cloud");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ticks(&container_output(&destination_ambassador)).is_empty() && Instant::now() < deadline
+    {
+        waiting.tick();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    waiting.finish_and_clear();
+    println!("the service's output in cloud (its pod's ambassador), continuing where it stopped:");
+    for line in tail(&container_output(&destination_ambassador), 3) {
+        println!("  {line}");
+    }
+    let (_, listed) = sidecar("GET", format!("http://{source_ip}:8888/containers"), None).await;
+    println!("the edge pod's nested containers now: {listed}");
+    edge.kubectl(User::Jane, &["delete", "pod", name, "--wait=false"]);
+    println!(
+        "done in {:.0} s (the edge pod is deleted; the service runs in cloud)",
+        started.elapsed().as_secs_f64()
+    );
+    if args.keep {
+        println!(
+            "KEEP: both clusters stay up until Ctrl-C; kubectl --kubeconfig {} get pods -o wide",
+            cloud.kubeconfig(User::Admin).display()
+        );
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+/// Bytes received by a runtime container's network interface (the destination pod's eth0).
+fn rx_bytes(container: &str) -> u64 {
+    std::process::Command::new("docker")
+        .args([
+            "exec",
+            container,
+            "cat",
+            "/sys/class/net/eth0/statistics/rx_bytes",
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn print_report(report: &Value) {
+    let totals = &report["totals"];
+    println!(
+        "migration {}",
+        report["migrationId"].as_str().unwrap_or("?")
+    );
+    for (label, key) in [
+        ("preflight", "preflightMs"),
+        ("freeze + dump", "freezeDumpMs"),
+        ("transfer", "transferMs"),
+        ("restore", "restoreMs"),
+        ("downtime", "downtimeMs"),
+        ("total", "totalMs"),
+    ] {
+        if let Some(ms) = totals[key].as_u64() {
+            println!("  {label:<14} {ms:>7} ms");
+        }
+    }
+    if let Some(bytes) = totals["contentBytes"].as_u64() {
+        println!(
+            "  {:<14} {:>7.1} MiB",
+            "state moved",
+            bytes as f64 / 1048576.0
+        );
+    }
+    println!("full report: {}", serde_json::to_string(report).unwrap());
+}
+
+fn tail(lines: &[String], n: usize) -> Vec<String> {
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "      {msg:20} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+        )
+        .unwrap()
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn spinner(message: &str) -> ProgressBar {
+    let spinner = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        eprintln!("      {message}");
+        ProgressBar::hidden()
+    };
+    spinner.set_message(message.to_owned());
+    spinner
+}

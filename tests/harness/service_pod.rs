@@ -1,0 +1,61 @@
+//! The stateful service of the end-to-end tests and the demo, as a user writes it, and the
+//! small clients the tests use to look at it.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::workload::registry_workload_image;
+
+/// A stateful service as a user writes it: the workload (seeded memory, a counter, a file in
+/// its root fs), a port, an emptyDir volume; only the migration annotation is added.
+pub fn service_pod(name: &str, interface: &str, start_mode: Option<&str>, mib: u32) -> Value {
+    let mut annotations = json!({"migration-interface": interface});
+    if let Some(mode) = start_mode {
+        annotations["migration-start-mode"] = mode.into();
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "containers": [{
+                "name": "app",
+                "image": registry_workload_image(),
+                "args": [mib.to_string(), "42"],
+                "ports": [{"containerPort": 8080}],
+                "volumeMounts": [{"name": "state", "mountPath": "/state"}]
+            }],
+            "volumes": [{"name": "state", "emptyDir": {}}]
+        }
+    })
+}
+
+/// The output of an outer container (an ambassador relays its nested container's output).
+pub fn container_output(container: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["logs", container])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A request to a sidecar; (status, JSON body or Null).
+pub async fn sidecar(method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let request = match method {
+        "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
+        _ => client.get(url),
+    };
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
