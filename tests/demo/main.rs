@@ -74,7 +74,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     edge.kubectl_with_input(
         User::Jane,
         &["create", "-f", "-"],
-        &service_pod(name, &args.interface, None, args.mib).to_string(),
+        &service_pod(name, &args.interface, None, &[("app", args.mib)]).to_string(),
     );
     let wrapped: Vec<String> = edge.get_json(&["pod", name])["spec"]["containers"]
         .as_array()
@@ -108,7 +108,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     cloud.kubectl_with_input(
         User::Jane,
         &["create", "-f", "-"],
-        &service_pod(name, &args.interface, Some("passive"), args.mib).to_string(),
+        &service_pod(name, &args.interface, Some("passive"), &[("app", args.mib)]).to_string(),
     );
     let destination_ip = cloud
         .wait_running_and_ready(name, Duration::from_secs(300))

@@ -439,9 +439,17 @@ impl Ambassador {
         }
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("docker run the ambassador");
+        // Its own messages go to the test's (captured) output.
+        let err = child.stderr.take().unwrap();
+        let label = name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[{label}] {line}");
+            }
+        });
         let out = child.stdout.take().unwrap();
         let (tx, stdout) = mpsc::channel();
         std::thread::spawn(move || {

@@ -10,23 +10,35 @@ use crate::workload::registry_workload_image;
 
 /// A stateful service as a user writes it: the workload (seeded memory, a counter, a file in
 /// its root fs), a port, an emptyDir volume; only the migration annotation is added.
-pub fn service_pod(name: &str, interface: &str, start_mode: Option<&str>, mib: u32) -> Value {
+pub fn service_pod(
+    name: &str,
+    interface: &str,
+    start_mode: Option<&str>,
+    containers: &[(&str, u32)],
+) -> Value {
     let mut annotations = json!({"migration-interface": interface});
     if let Some(mode) = start_mode {
         annotations["migration-start-mode"] = mode.into();
     }
+    let containers: Vec<Value> = containers
+        .iter()
+        .enumerate()
+        .map(|(i, (container, mib))| {
+            json!({
+                "name": container,
+                "image": registry_workload_image(),
+                "args": [mib.to_string(), "42"],
+                "ports": [{"containerPort": 8080 + i}],
+                "volumeMounts": [{"name": "state", "mountPath": "/state"}]
+            })
+        })
+        .collect();
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name, "annotations": annotations},
         "spec": {
-            "containers": [{
-                "name": "app",
-                "image": registry_workload_image(),
-                "args": [mib.to_string(), "42"],
-                "ports": [{"containerPort": 8080}],
-                "volumeMounts": [{"name": "state", "mountPath": "/state"}]
-            }],
+            "containers": containers,
             "volumes": [{"name": "state", "emptyDir": {}}]
         }
     })

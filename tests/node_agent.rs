@@ -1,0 +1,126 @@
+//! The kubelet stand-in on its own: what the wrapped pods rely on, checked on plain pods.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ums_tests::cluster::{Cluster, User};
+use ums_tests::service_pod::container_output;
+
+fn plain_pod(name: &str, restart_policy: &str, script: &str) -> String {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"color": "blue"}},
+        "spec": {
+            "restartPolicy": restart_policy,
+            "containers": [{
+                "name": "main",
+                "image": "ums-rs/debian:trixie",
+                "command": ["sh", "-c", script],
+                "env": [{"name": "MY_POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "volumeMounts": [{"name": "podinfo", "mountPath": "/podinfo"}]
+            }],
+            "volumes": [{"name": "podinfo", "downwardAPI": {"items": [
+                {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}
+            ]}}]
+        }
+    })
+    .to_string()
+}
+
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn main_status(cluster: &Cluster, pod: &str) -> Value {
+    cluster.get_json(&["pod", pod])["status"]["containerStatuses"][0].clone()
+}
+
+#[test]
+fn failed_containers_restart_per_policy_and_status_says_so() {
+    let cluster = Cluster::start_with_node();
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &plain_pod(
+            "on-failure",
+            "OnFailure",
+            "echo pod=$MY_POD; sleep 1; exit 3",
+        ),
+    );
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &plain_pod("never", "Never", "exit 0"),
+    );
+    let restarted = wait_for("a restart of the failing container", || {
+        let status = main_status(&cluster, "on-failure");
+        (status["restartCount"].as_i64().unwrap_or(0) >= 2).then_some(status)
+    });
+    assert_eq!(restarted["name"], "main");
+    let output = container_output(&cluster.pod_container("on-failure", "main"));
+    assert!(output.contains(&"pod=on-failure".to_owned()), "{output:?}");
+    wait_for("the Never pod to succeed", || {
+        let status = cluster.get_json(&["pod", "never"])["status"].clone();
+        (status["phase"] == "Succeeded").then_some(())
+    });
+    assert_eq!(main_status(&cluster, "never")["restartCount"], 0);
+    assert_eq!(
+        main_status(&cluster, "never")["state"]["terminated"]["exitCode"],
+        0
+    );
+    // Deleting the pod removes its containers.
+    let container = cluster.pod_container("never", "main");
+    cluster.kubectl(User::Jane, &["delete", "pod", "never", "--wait=false"]);
+    wait_for("the deleted pod's containers to go", || {
+        let gone = !std::process::Command::new("docker")
+            .args(["inspect", &container])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        gone.then_some(())
+    });
+}
+
+#[test]
+fn downward_api_files_follow_annotation_changes() {
+    let cluster = Cluster::start_with_node();
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &plain_pod(
+            "watcher",
+            "Always",
+            "while true; do cat /podinfo/annotations; echo; sleep 0.3; done",
+        ),
+    );
+    let container = wait_for("the watcher to run", || {
+        let status = main_status(&cluster, "watcher");
+        status["state"]["running"]
+            .is_object()
+            .then(|| cluster.pod_container("watcher", "main"))
+    });
+    wait_for("the first annotations", || {
+        container_output(&container)
+            .contains(&r#"color="blue""#.to_owned())
+            .then_some(())
+    });
+    cluster.kubectl(
+        User::Jane,
+        &["annotate", "--overwrite", "pod", "watcher", "color=green"],
+    );
+    wait_for("the rewritten annotations file", || {
+        container_output(&container)
+            .contains(&r#"color="green""#.to_owned())
+            .then_some(())
+    });
+}
