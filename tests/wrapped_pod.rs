@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::poll;
-use ums_tests::service_pod::{container_output, service_pod, sidecar};
+use ums_tests::service_pod::{ask_service, container_output, service_pod, sidecar};
 use ums_tests::workload::ticks;
 
 async fn running_and_ready(cluster: &Cluster, pod: &str) -> String {
@@ -72,6 +72,17 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(running, sorted, "{listed}");
+
+    // The service answers on the pod IP, on its own ports.
+    let mut served_at_source = Vec::new();
+    for i in 0..names.len() {
+        let port = 8080 + i as u16;
+        let (tick, memory_ok) = ask_service(&source_ip, port)
+            .await
+            .unwrap_or_else(|| panic!("nothing answers on {source_ip}:{port}"));
+        assert!(memory_ok);
+        served_at_source.push(tick);
+    }
 
     // A passive copy in the other cluster: created, not started.
     destination_cluster.kubectl_with_input(
@@ -185,6 +196,18 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
                 .starts_with(&format!("workload seed=42 mib={mib}")),
             "{}",
             String::from_utf8_lossy(&state.stderr)
+        );
+    }
+    // The service answers on the destination pod's IP, with the counter it had (and more).
+    for (i, at_source) in served_at_source.iter().enumerate() {
+        let port = 8080 + i as u16;
+        let (tick, memory_ok) = ask_service(&destination_ip, port)
+            .await
+            .unwrap_or_else(|| panic!("nothing answers on {destination_ip}:{port}"));
+        assert!(memory_ok && tick > *at_source, "{tick} after {at_source}");
+        assert!(
+            ask_service(&source_ip, port).await.is_none(),
+            "the source pod must not serve any more"
         );
     }
     // The source pod's nested containers are gone.

@@ -28,6 +28,7 @@ pub fn service_pod(
                 "name": container,
                 "image": registry_workload_image(),
                 "args": [mib.to_string(), "42"],
+                "env": [{"name": "WORKLOAD_LISTEN", "value": (8080 + i).to_string()}],
                 "ports": [{"containerPort": 8080 + i}],
                 "volumeMounts": [{"name": "state", "mountPath": "/state"}]
             })
@@ -42,6 +43,31 @@ pub fn service_pod(
             "volumes": [{"name": "state", "emptyDir": {}}]
         }
     })
+}
+
+/// The service's own answer on `ip:port` (the workload's `WORKLOAD_LISTEN`): its counter and
+/// whether its memory check holds; `None` while nothing answers.
+pub async fn ask_service(ip: &str, port: u16) -> Option<(u64, bool)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((ip, port)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut line))
+        .await
+        .ok()?
+        .ok()?;
+    let tick = line
+        .strip_prefix("tick=")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((tick, line.contains("mem=ok")))
 }
 
 /// The output of an outer container (an ambassador relays its nested container's output).

@@ -15,6 +15,9 @@
  * With WORKLOAD_EXIT_AFTER=N (and WORKLOAD_EXIT_CODE=C) it exits with code C after N ticks.
  * With WORKLOAD_CONNECT=a.b.c.d:port it keeps one TCP connection to that server open and writes
  * each tick line to it as well (an established connection a migration must carry or close).
+ * With WORKLOAD_LISTEN=port it serves on that TCP port: each client gets one line,
+ * "tick=<counter> mem=<ok|BAD>", and the connection is closed (the service a user reaches on
+ * the pod IP; the listening socket travels with the migration).
  * Built static (gcc -static) so the image is one file.
  */
 #include <stdint.h>
@@ -27,6 +30,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <signal.h>
+#include <fcntl.h>
 
 static uint64_t pattern_word(uint64_t seed, uint64_t index) {
     /* splitmix64 of (seed, index): any word can be recomputed independently. */
@@ -83,6 +87,23 @@ int main(int argc, char **argv) {
         }
         signal(SIGPIPE, SIG_IGN);
     }
+    int listener = -1;
+    const char *listen_port = getenv("WORKLOAD_LISTEN");
+    if (listen_port && *listen_port) {
+        struct sockaddr_in addr = {0};
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons((unsigned short)atoi(listen_port));
+        addr.sin_addr.s_addr = htonl(INADDR_ANY);
+        int one = 1;
+        listener = socket(AF_INET, SOCK_STREAM, 0);
+        if (listener < 0 || setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+            bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(listener, 16) != 0) {
+            perror("listen");
+            return 6;
+        }
+        fcntl(listener, F_SETFL, O_NONBLOCK);
+        signal(SIGPIPE, SIG_IGN);
+    }
     printf("start mib=%ld seed=%llu\n", mib, (unsigned long long)seed);
 
     long exit_after = arg_or_env(0, argv, 1, "WORKLOAD_EXIT_AFTER", 0);
@@ -107,6 +128,15 @@ int main(int argc, char **argv) {
                 printf("connection lost\n");
                 close(peer);
                 peer = -1;
+            }
+        }
+        if (listener >= 0) {
+            int client;
+            while ((client = accept(listener, NULL, NULL)) >= 0) {
+                char line[96];
+                int n = snprintf(line, sizeof line, "tick=%llu mem=%s\n", (unsigned long long)tick, bad ? "BAD" : "ok");
+                if (write(client, line, (size_t)n) < 0) { /* the client left: nothing to do */ }
+                close(client);
             }
         }
         tick++;
