@@ -117,11 +117,12 @@ impl Sidecar {
             };
             if !connections.is_empty() && !self.engine.carries_tcp_connections() {
                 return Err(ApiError::conflict(format!(
-                    "container {:?} has {} established TCP connection(s) ({}); the {} engine cannot checkpoint them (its API has no --tcp-established): close them or use pind",
+                    "container {:?} has {} established TCP connection(s) ({}); the {} engine cannot checkpoint them here (its API has no --tcp-established and {} does not set tcp-established): close them, or add that line as the dind image does",
                     c.name,
                     connections.len(),
                     connections.iter().map(|t| format!("{}->{}", t.local, t.remote)).collect::<Vec<_>>().join(", "),
-                    self.engine.kind()
+                    self.engine.kind(),
+                    crate::tcp::RUNC_CRIU_CONFIG
                 )));
             }
             all.push(connections);

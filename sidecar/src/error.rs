@@ -108,6 +108,7 @@ impl From<ArchiveError> for ApiError {
     fn from(e: ArchiveError) -> Self {
         let status = match &e {
             ArchiveError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ArchiveError::Malformed { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::UNPROCESSABLE_ENTITY,
         };
         ApiError::new(status, chain(&e))

@@ -236,6 +236,17 @@ impl Drop for BorrowedAddresses {
 /// the engines' APIs do not expose go here).
 pub const RUNC_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
 
+/// Whether a CRIU configuration file sets `option` (a line of its own, `#` comments ignored).
+pub fn criu_config_has(path: &std::path::Path, option: &str) -> bool {
+    std::fs::read_to_string(path)
+        .map(|text| {
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .any(|l| l == option || l == format!("--{option}"))
+        })
+        .unwrap_or(false)
+}
+
 /// Extra lines in a CRIU configuration file for the duration of one operation; the file's
 /// earlier content (or its absence) comes back on drop. Operations that need it are serialised
 /// by the sidecar (one migration or restore at a time).
@@ -335,6 +346,14 @@ mod tests {
             );
         }
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "tcp-established");
+        assert!(criu_config_has(&path, "tcp-established"));
+        assert!(!criu_config_has(&path, "tcp-close"));
+        std::fs::write(&path, "# tcp-close\n--tcp-close\n").unwrap();
+        assert!(criu_config_has(&path, "tcp-close"));
+        assert!(!criu_config_has(
+            &dir.path().join("absent.conf"),
+            "tcp-close"
+        ));
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum ArchiveError {
         #[source]
         source: std::io::Error,
     },
+    /// The stream is not a well-formed tar, or it ended early: the sender's fault, not ours.
+    #[error("the archive is not a valid tar stream ({at}): {message}")]
+    Malformed { at: String, message: String },
     /// The first entry is not the manifest, or it does not parse.
     #[error("archive has no valid manifest: {0}")]
     BadManifest(String),
@@ -105,6 +108,14 @@ pub enum ArchiveError {
 }
 
 impl ArchiveError {
+    /// A read of the incoming tar stream failed.
+    pub(crate) fn malformed(at: impl std::fmt::Display, source: std::io::Error) -> Self {
+        ArchiveError::Malformed {
+            at: at.to_string(),
+            message: source.to_string(),
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         path: impl std::fmt::Display,

@@ -304,3 +304,16 @@ fn missing_trailer_and_unknown_version_are_refused() {
     out.write_all(b"definitely not a tar stream").unwrap();
     assert!(unpack(out.as_slice(), dst.path(), |_| Ok(())).is_err());
 }
+
+#[test]
+fn a_body_that_is_not_a_tar_is_the_senders_error() {
+    let dst = tempfile::tempdir().unwrap();
+    let garbage = vec![b'x'; 2048];
+    let err = unpack(garbage.as_slice(), dst.path(), |_| Ok(())).unwrap_err();
+    assert!(
+        matches!(err, ArchiveError::Malformed { .. }),
+        "a malformed stream is the sender's fault: {err:?}"
+    );
+    let api = crate::error::ApiError::from(err);
+    assert_eq!(api.status, axum::http::StatusCode::BAD_REQUEST);
+}

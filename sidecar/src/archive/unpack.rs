@@ -176,16 +176,16 @@ pub fn unpack<R: Read>(
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive
         .entries()
-        .map_err(|e| ArchiveError::io("read", "archive", e))?;
+        .map_err(|e| ArchiveError::malformed("its start", e))?;
 
     let manifest: Manifest = {
         let mut first = entries
             .next()
             .ok_or_else(|| ArchiveError::BadManifest("archive is empty".into()))?
-            .map_err(|e| ArchiveError::io("read", "archive", e))?;
+            .map_err(|e| ArchiveError::malformed("its first entry", e))?;
         let path = first
             .path()
-            .map_err(|e| ArchiveError::io("read path of", "first entry", e))?
+            .map_err(|e| ArchiveError::malformed("the first entry's path", e))?
             .display()
             .to_string();
         if path != MANIFEST_PATH {
@@ -203,10 +203,12 @@ pub fn unpack<R: Read>(
     let mut content_bytes = 0u64;
     let mut trailer: Option<Trailer> = None;
     for entry in entries {
-        let mut entry = entry.map_err(|e| ArchiveError::io("read", "archive", e))?;
+        let mut entry = entry.map_err(|e| {
+            ArchiveError::malformed(format!("the entry after {} entries", digests.len() + 1), e)
+        })?;
         let path = entry
             .path()
-            .map_err(|e| ArchiveError::io("read path of", "entry", e))?
+            .map_err(|e| ArchiveError::malformed("an entry's path", e))?
             .to_str()
             .ok_or_else(|| ArchiveError::UnsafeEntry {
                 path: "<non-UTF-8>".into(),

@@ -86,6 +86,16 @@ impl DockerEngine {
 
 #[async_trait::async_trait]
 impl Engine for DockerEngine {
+    /// Docker's API has no `--tcp-established`, but runc reads CRIU's configuration file on
+    /// every checkpoint and restore: with `tcp-established` there (the dind image ships it),
+    /// Docker carries established connections.
+    fn carries_tcp_connections(&self) -> bool {
+        crate::tcp::criu_config_has(
+            std::path::Path::new(crate::tcp::RUNC_CRIU_CONFIG),
+            "tcp-established",
+        )
+    }
+
     fn compat(&self) -> &Compat {
         &self.compat
     }
@@ -97,12 +107,14 @@ impl Engine for DockerEngine {
         leave_running: bool,
         tcp_established: bool,
     ) -> Result<CheckpointFiles, EngineError> {
-        if tcp_established {
+        // The connections go through runc's CRIU configuration (`tcp-established`), which
+        // Docker's API cannot ask for.
+        if tcp_established && !self.carries_tcp_connections() {
             return Err(EngineError::Api {
                 engine: EngineKind::Docker,
                 action: format!("checkpoint {name}"),
                 status: None,
-                message: "Docker's checkpoint API has no --tcp-established; established TCP connections cannot be dumped".into(),
+                message: format!("Docker's checkpoint API has no --tcp-established and {} does not set tcp-established; established TCP connections cannot be dumped", crate::tcp::RUNC_CRIU_CONFIG),
             });
         }
         let id = self.compat.container_id(name).await?;
@@ -139,9 +151,27 @@ impl Engine for DockerEngine {
         spec: &NestedSpec,
         checkpoint_id: &str,
         staged: &CheckpointFiles,
-        _tcp: crate::tcp::TcpRestore,
+        tcp: crate::tcp::TcpRestore,
     ) -> Result<(), EngineError> {
         let name = &spec.name;
+        // Connections whose local address is not here are restored closed: `tcp-close` in the
+        // CRIU configuration runc reads, for this restore only.
+        let _criu_config = match tcp {
+            crate::tcp::TcpRestore::Closed => Some(
+                crate::tcp::CriuConfigOverride::set(
+                    Path::new(crate::tcp::RUNC_CRIU_CONFIG),
+                    &["tcp-close"],
+                )
+                .map_err(|e| {
+                    EngineError::io(
+                        "write CRIU's runc configuration",
+                        crate::tcp::RUNC_CRIU_CONFIG,
+                        e,
+                    )
+                })?,
+            ),
+            _ => None,
+        };
         if self.compat.inspect(name).await?.is_none() {
             self.compat.create(spec).await?;
         }
