@@ -379,6 +379,72 @@ async fn established_tcp_connection(kind: EngineKind) {
     );
 }
 
+/// A live TCP connection through a failed migration: the destination dies while the archive
+/// arrives, the source is restored from its checkpoint in place (its pod IP is still there), and
+/// the same connection goes on: the server's sequence continues without a gap and without a
+/// reconnect. The connection went through a real dump and restore on both engines.
+async fn tcp_connection_survives_a_rollback(kind: EngineKind) {
+    let server = LineServer::start();
+    let target = server.address.to_string();
+    let pair = pair_of(
+        kind,
+        kind,
+        &[("app", 256, 16)],
+        true,
+        &[("WORKLOAD_CONNECT", &target)],
+    )
+    .await;
+    poll("ticks over TCP", Duration::from_secs(60), || {
+        let n = server.ticks().len();
+        async move { (n >= 20).then_some(()) }
+    })
+    .await;
+    let staging = pair.destination.data_root.join("ums-staging");
+    let source = SidecarHandle {
+        url: pair.source.url.clone(),
+    };
+    let destination_url = pair.destination.url.clone();
+    let migration = tokio::spawn(async move { source.migrate(&destination_url).await });
+    poll(
+        "the archive to start arriving at the destination",
+        Duration::from_secs(120),
+        || async {
+            let arriving = std::fs::read_dir(&staging)
+                .ok()?
+                .flatten()
+                .any(|d| d.path().join("containers").exists());
+            arriving.then_some(())
+        },
+    )
+    .await;
+    pair.destination.kill();
+    let (status, body) = migration.await.unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body["detail"]["rollback"]
+            .to_string()
+            .contains("restored from checkpoint"),
+        "{body}"
+    );
+    let before = server.ticks().last().copied().unwrap();
+    let received = poll(
+        "ticks on the same connection after the rollback",
+        Duration::from_secs(60),
+        || {
+            let t = server.ticks();
+            async move { (t.last().copied().unwrap_or(0) > before + 50).then_some(t) }
+        },
+    )
+    .await;
+    for pair in received.windows(2) {
+        assert_eq!(
+            pair[1],
+            pair[0] + 1,
+            "the connection lost or repeated data across the checkpoint and restore"
+        );
+    }
+}
+
 async fn two_containers_migrate_as_one(kind: EngineKind) {
     let (pair, report) = migrate_pod(kind, &[("front", 16, 1), ("back", 32, 2)]).await;
     assert_eq!(
@@ -817,6 +883,10 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn established_tcp_connection() {
                 super::established_tcp_connection($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn tcp_connection_survives_a_rollback() {
+                super::tcp_connection_survives_a_rollback($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn two_containers_migrate_as_one() {

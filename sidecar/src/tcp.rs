@@ -163,50 +163,48 @@ pub fn missing_local_addresses(
         .collect()
 }
 
-/// Failure to lend the restore an address.
+/// Failure to let the restore bind to addresses this namespace does not have.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BorrowError {
-    /// `ip address add` could not run or failed.
-    #[error("failed to add {address} to the loopback interface for the restore of closed TCP connections: {message}")]
-    Add { address: IpAddr, message: String },
+    /// The sysctl could not be read or written.
+    #[error("failed to set {path} for the restore of closed TCP connections: {source}")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Addresses added to the loopback interface while closed connections are restored: CRIU binds
-/// each socket back to its old local address before it closes it, so that address must exist
-/// for the restore (the pod IP of the source pod). Removed again on drop.
+/// Non-local binds allowed while closed connections are restored: CRIU binds each socket back
+/// to its old local address (the source pod's IP) before it closes it, and that address does
+/// not exist here. Adding the address to an interface would make it local and break this pod's
+/// own traffic to the source (the migration's connection); `ip_nonlocal_bind` changes no
+/// route. The earlier values come back on drop.
 #[derive(Debug)]
 pub struct BorrowedAddresses {
-    added: Vec<IpAddr>,
+    previous: Vec<(&'static str, String)>,
 }
 
 impl BorrowedAddresses {
-    /// Adds each address as a host route on `lo` (`ip address add ADDR/32 dev lo`).
+    /// Allows binding to `addresses` (sets `ip_nonlocal_bind` for their families).
     pub fn add(addresses: &BTreeSet<IpAddr>) -> Result<Self, BorrowError> {
-        let mut borrowed = BorrowedAddresses { added: Vec::new() };
-        for &address in addresses {
-            let prefix = if address.is_ipv4() { 32 } else { 128 };
-            let output = std::process::Command::new("ip")
-                .args([
-                    "address",
-                    "add",
-                    &format!("{address}/{prefix}"),
-                    "dev",
-                    "lo",
-                ])
-                .output()
-                .map_err(|e| BorrowError::Add {
-                    address,
-                    message: format!("cannot run ip (iproute2): {e}"),
-                })?;
-            if !output.status.success() {
-                return Err(BorrowError::Add {
-                    address,
-                    message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                });
-            }
-            tracing::debug!(%address, "borrowed address for closed TCP connections");
-            borrowed.added.push(address);
+        let mut borrowed = BorrowedAddresses {
+            previous: Vec::new(),
+        };
+        let mut paths = Vec::new();
+        if addresses.iter().any(IpAddr::is_ipv4) {
+            paths.push("/proc/sys/net/ipv4/ip_nonlocal_bind");
+        }
+        if addresses.iter().any(IpAddr::is_ipv6) {
+            paths.push("/proc/sys/net/ipv6/ip_nonlocal_bind");
+        }
+        for path in paths {
+            let old = std::fs::read_to_string(path)
+                .map_err(|source| BorrowError::Sysctl { path, source })?;
+            std::fs::write(path, "1").map_err(|source| BorrowError::Sysctl { path, source })?;
+            tracing::debug!(path, "non-local binds allowed for closed TCP connections");
+            borrowed.previous.push((path, old.trim().to_owned()));
         }
         Ok(borrowed)
     }
@@ -214,19 +212,9 @@ impl BorrowedAddresses {
 
 impl Drop for BorrowedAddresses {
     fn drop(&mut self) {
-        for address in &self.added {
-            let prefix = if address.is_ipv4() { 32 } else { 128 };
-            let removed = std::process::Command::new("ip")
-                .args([
-                    "address",
-                    "del",
-                    &format!("{address}/{prefix}"),
-                    "dev",
-                    "lo",
-                ])
-                .output();
-            if !removed.is_ok_and(|o| o.status.success()) {
-                tracing::warn!(%address, "failed to remove a borrowed address from lo");
+        for (path, old) in &self.previous {
+            if let Err(e) = std::fs::write(path, old) {
+                tracing::warn!(path, error = %e, "failed to restore a sysctl");
             }
         }
     }
