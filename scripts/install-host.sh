@@ -47,6 +47,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# kubectl (the client) drives the test clusters and renders deploy/ with its kustomize. Debian 12
+# does not package it; the machines of this project's kind come with it.
+command -v kubectl >/dev/null || {
+  echo "install-host.sh: kubectl is missing (the client only; any release since 1.28)" >&2
+  exit 1
+}
+
 # The outer engine. The registry package's own service is not used: tests start their
 # registries on ports of their own.
 if ! docker version >/dev/null 2>&1; then
@@ -60,4 +67,5 @@ sysctl -qw net.ipv4.ip_forward=1
 
 log "dockerd: $(docker version --format '{{.Server.Version}}')"
 log "registry: $(docker-registry --version 2>/dev/null | head -n1)"
+log "kubectl: $(kubectl version --client 2>/dev/null | head -n1)"
 log "ready"
