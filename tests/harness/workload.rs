@@ -66,6 +66,7 @@ pub fn registry_workload_image() -> &'static str {
         ]);
         let reference = Registry::shared().push(&local, "ums-test/workload:1");
         let _ = outer::docker(&["rmi", &local]);
+        let _ = std::fs::remove_dir_all(&dir);
         reference
     })
 }
