@@ -177,3 +177,31 @@ fn a_pod_under_migration_is_locked_except_for_the_coordinator() {
     cluster.kubectl(User::Jane, &["label", "pod", "locked", "tier=gold"]);
     cluster.kubectl(User::Jane, &["delete", "pod", "locked", "--wait=false"]);
 }
+
+#[test]
+fn with_the_webhook_down_only_annotated_pods_are_blocked() {
+    let cluster = Cluster::start();
+    cluster.stop_webhook();
+    // failurePolicy: Fail for the pods the webhook must see...
+    let error = cluster
+        .kubectl_with_input_result(
+            User::Jane,
+            &["create", "-f", "-"],
+            &memhog("needs-webhook", Some("dind")).to_string(),
+        )
+        .unwrap_err();
+    assert!(
+        error.contains("failed calling webhook") && error.contains("mutate.pods.ums-rs.io"),
+        "{error}"
+    );
+    // ...and the matchConditions keep every other pod out of it.
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &memhog("independent", None).to_string(),
+    );
+    assert_eq!(
+        container_names(&get_pod(&cluster, "independent")),
+        ["memhog"]
+    );
+}

@@ -425,6 +425,13 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("kubectl {args:?} as {user:?} failed: {e}"))
     }
 
+    /// Stops the webhook container (the webhook Deployment down).
+    pub fn stop_webhook(&self) {
+        let _ = Command::new("docker")
+            .args(["stop", "--time", "1", &self.webhook_container])
+            .output();
+    }
+
     /// The webhook container's log.
     pub fn webhook_log(&self) -> String {
         Command::new("docker")
