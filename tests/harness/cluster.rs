@@ -122,6 +122,9 @@ impl Cluster {
         let dir = PathBuf::from(format!("/tmp/{name}"));
         std::fs::create_dir_all(&dir).unwrap();
 
+        // The webhook first: if it fails, nothing else is left running.
+        let webhook_container = format!("{name}-webhook");
+        let webhook_address = start_webhook(&dir, &webhook_container, with_node);
         let client_port = free_port();
         let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -148,9 +151,6 @@ impl Cluster {
             .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
             .spawn()
             .expect("start etcd");
-
-        let webhook_container = format!("{name}-webhook");
-        let webhook_address = start_webhook(&dir, &webhook_container, with_node);
 
         std::fs::write(
             dir.join("tokens.csv"),
@@ -495,10 +495,17 @@ fn start_webhook(dir: &Path, container: &str, with_registry: bool) -> String {
     let address = format!("{ip}:8443");
     let until = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(&address).is_err() {
-        assert!(
-            Instant::now() < until,
-            "the webhook did not listen on {address}"
-        );
+        if Instant::now() >= until {
+            let log = Command::new("docker")
+                .args(["logs", container])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
+            let _ = Command::new("docker")
+                .args(["rm", "--force", container])
+                .output();
+            panic!("the webhook did not listen on {address}:\n{log}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     address
