@@ -399,26 +399,7 @@ async fn tcp_connection_survives_a_rollback(kind: EngineKind) {
         async move { (n >= 20).then_some(()) }
     })
     .await;
-    let staging = pair.destination.data_root.join("ums-staging");
-    let source = SidecarHandle {
-        url: pair.source.url.clone(),
-    };
-    let destination_url = pair.destination.url.clone();
-    let migration = tokio::spawn(async move { source.migrate(&destination_url).await });
-    poll(
-        "the archive to start arriving at the destination",
-        Duration::from_secs(120),
-        || async {
-            let arriving = std::fs::read_dir(&staging)
-                .ok()?
-                .flatten()
-                .any(|d| d.path().join("containers").exists());
-            arriving.then_some(())
-        },
-    )
-    .await;
-    pair.destination.kill();
-    let (status, body) = migration.await.unwrap();
+    let (status, body) = migrate_and_kill_the_destination_mid_transfer(&pair).await;
     assert_eq!(status, 502, "{body}");
     assert!(
         body["detail"]["rollback"]
@@ -486,17 +467,15 @@ async fn unreachable_destination_is_refused_before_freezing(kind: EngineKind) {
     ticks_at_least(&pair.source, "app", before + 20).await;
 }
 
-async fn destination_killed_mid_transfer_rolls_back(kind: EngineKind) {
-    let pair = pair(kind, &[("app", 256, 4)]).await;
-    ticks_at_least(&pair.source, "app", 10).await;
-    let follower = pair.source.follow_output("app");
+/// Starts `POST /migrate`, kills the destination pod once the archive is arriving there, and
+/// returns the source's answer.
+async fn migrate_and_kill_the_destination_mid_transfer(pair: &Pair) -> (u16, Value) {
     let staging = pair.destination.data_root.join("ums-staging");
     let source = SidecarHandle {
         url: pair.source.url.clone(),
     };
     let destination_url = pair.destination.url.clone();
     let migration = tokio::spawn(async move { source.migrate(&destination_url).await });
-    // Kill the destination once the archive is arriving.
     poll(
         "the archive to start arriving at the destination",
         Duration::from_secs(120),
@@ -510,7 +489,14 @@ async fn destination_killed_mid_transfer_rolls_back(kind: EngineKind) {
     )
     .await;
     pair.destination.kill();
-    let (status, body) = migration.await.unwrap();
+    migration.await.unwrap()
+}
+
+async fn destination_killed_mid_transfer_rolls_back(kind: EngineKind) {
+    let pair = pair(kind, &[("app", 256, 4)]).await;
+    ticks_at_least(&pair.source, "app", 10).await;
+    let follower = pair.source.follow_output("app");
+    let (status, body) = migrate_and_kill_the_destination_mid_transfer(&pair).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["detail"]["phase"], "transfer/restore", "{body}");
     let rollback = body["detail"]["rollback"].to_string();

@@ -17,9 +17,7 @@ use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
-use crate::tcp::{
-    local_addresses, missing_local_addresses, restore_mode, BorrowedAddresses, TcpRestore,
-};
+use crate::tcp::{local_addresses, restore_mode, ClosedRestore, TcpRestore};
 
 /// What a source asks before it freezes anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -279,15 +277,16 @@ impl Sidecar {
             };
             let here = local_addresses();
             let tcp = restore_mode(&c.tcp_connections, &here);
-            // Held until the restore is done; CRIU needs the old local addresses to close.
-            let _borrowed = if tcp == TcpRestore::Closed {
-                let missing = missing_local_addresses(&c.tcp_connections, &here);
-                Some(BorrowedAddresses::add(&missing).map_err(|e| {
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        format!("failed to restore {:?}: {e}", c.name),
-                    )
-                })?)
+            // Held until the restore is done (both engines restore closed connections alike).
+            let _closed = if tcp == TcpRestore::Closed {
+                Some(
+                    ClosedRestore::prepare(&c.tcp_connections, &here).map_err(|e| {
+                        ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("failed to restore {:?}: {e}", c.name),
+                        )
+                    })?,
+                )
             } else {
                 None
             };

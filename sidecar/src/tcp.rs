@@ -163,56 +163,75 @@ pub fn missing_local_addresses(
         .collect()
 }
 
-/// Failure to let the restore bind to addresses this namespace does not have.
+/// Failure to prepare the restore of closed connections.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum BorrowError {
-    /// The sysctl could not be read or written.
+pub enum ClosedRestoreError {
+    /// The `ip_nonlocal_bind` sysctl could not be read or written.
     #[error("failed to set {path} for the restore of closed TCP connections: {source}")]
     Sysctl {
         path: &'static str,
         #[source]
         source: std::io::Error,
     },
+    /// CRIU's configuration file could not be written.
+    #[error("failed to add tcp-close to {RUNC_CRIU_CONFIG}: {0}")]
+    CriuConfig(#[source] std::io::Error),
 }
 
-/// Non-local binds allowed while closed connections are restored: CRIU binds each socket back
-/// to its old local address (the source pod's IP) before it closes it, and that address does
-/// not exist here. Adding the address to an interface would make it local and break this pod's
-/// own traffic to the source (the migration's connection); `ip_nonlocal_bind` changes no
-/// route. The earlier values come back on drop.
+/// What restoring connections *closed* needs, for both engines, held for one restore and
+/// undone on drop:
+/// - non-local binds (`ip_nonlocal_bind` in the pod's network namespace): CRIU binds each
+///   socket back to its old local address (the source pod's IP) before it closes it, and that
+///   address does not exist here. Adding the address to an interface would make it local and
+///   break this pod's own traffic to the source (the migration's connection); the sysctl
+///   changes no route.
+/// - `tcp-close` in the CRIU configuration runc reads: neither Docker's API nor libpod's REST
+///   restore can ask for it (libpod silently ignores a `tcpClose` parameter).
 #[derive(Debug)]
-pub struct BorrowedAddresses {
-    previous: Vec<(&'static str, String)>,
+pub struct ClosedRestore {
+    sysctls: Vec<(&'static str, String)>,
+    _criu_config: Option<CriuConfigOverride>,
 }
 
-impl BorrowedAddresses {
-    /// Allows binding to `addresses` (sets `ip_nonlocal_bind` for their families).
-    pub fn add(addresses: &BTreeSet<IpAddr>) -> Result<Self, BorrowError> {
-        let mut borrowed = BorrowedAddresses {
-            previous: Vec::new(),
+impl ClosedRestore {
+    /// Prepares the restore of `connections`, whose local addresses (some of them) are not in
+    /// `here`.
+    pub fn prepare(
+        connections: &[TcpConnection],
+        here: &BTreeSet<IpAddr>,
+    ) -> Result<Self, ClosedRestoreError> {
+        let missing = missing_local_addresses(connections, here);
+        let mut prepared = ClosedRestore {
+            sysctls: Vec::new(),
+            _criu_config: None,
         };
         let mut paths = Vec::new();
-        if addresses.iter().any(IpAddr::is_ipv4) {
+        if missing.iter().any(IpAddr::is_ipv4) {
             paths.push("/proc/sys/net/ipv4/ip_nonlocal_bind");
         }
-        if addresses.iter().any(IpAddr::is_ipv6) {
+        if missing.iter().any(IpAddr::is_ipv6) {
             paths.push("/proc/sys/net/ipv6/ip_nonlocal_bind");
         }
         for path in paths {
             let old = std::fs::read_to_string(path)
-                .map_err(|source| BorrowError::Sysctl { path, source })?;
-            std::fs::write(path, "1").map_err(|source| BorrowError::Sysctl { path, source })?;
+                .map_err(|source| ClosedRestoreError::Sysctl { path, source })?;
+            std::fs::write(path, "1")
+                .map_err(|source| ClosedRestoreError::Sysctl { path, source })?;
             tracing::debug!(path, "non-local binds allowed for closed TCP connections");
-            borrowed.previous.push((path, old.trim().to_owned()));
+            prepared.sysctls.push((path, old.trim().to_owned()));
         }
-        Ok(borrowed)
+        prepared._criu_config = Some(
+            CriuConfigOverride::set(std::path::Path::new(RUNC_CRIU_CONFIG), &["tcp-close"])
+                .map_err(ClosedRestoreError::CriuConfig)?,
+        );
+        Ok(prepared)
     }
 }
 
-impl Drop for BorrowedAddresses {
+impl Drop for ClosedRestore {
     fn drop(&mut self) {
-        for (path, old) in &self.previous {
+        for (path, old) in &self.sysctls {
             if let Err(e) = std::fs::write(path, old) {
                 tracing::warn!(path, error = %e, "failed to restore a sysctl");
             }

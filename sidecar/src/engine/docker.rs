@@ -151,27 +151,9 @@ impl Engine for DockerEngine {
         spec: &NestedSpec,
         checkpoint_id: &str,
         staged: &CheckpointFiles,
-        tcp: crate::tcp::TcpRestore,
+        _tcp: crate::tcp::TcpRestore,
     ) -> Result<(), EngineError> {
         let name = &spec.name;
-        // Connections whose local address is not here are restored closed: `tcp-close` in the
-        // CRIU configuration runc reads, for this restore only.
-        let _criu_config = match tcp {
-            crate::tcp::TcpRestore::Closed => Some(
-                crate::tcp::CriuConfigOverride::set(
-                    Path::new(crate::tcp::RUNC_CRIU_CONFIG),
-                    &["tcp-close"],
-                )
-                .map_err(|e| {
-                    EngineError::io(
-                        "write CRIU's runc configuration",
-                        crate::tcp::RUNC_CRIU_CONFIG,
-                        e,
-                    )
-                })?,
-            ),
-            _ => None,
-        };
         if self.compat.inspect(name).await?.is_none() {
             self.compat.create(spec).await?;
         }

@@ -292,28 +292,11 @@ impl Engine for PodmanEngine {
         });
         let body =
             StreamBody::new(ReaderStream::with_capacity(reader, 1 << 20).map_ok(Frame::data));
-        // libpod's REST restore has `tcpEstablished` but no `tcpClose` (only the CLI has
-        // --tcp-close; an unknown query parameter is ignored): the closing goes through the
-        // CRIU configuration file runc reads, held for this restore only.
+        // libpod's REST restore has `tcpEstablished` but no `tcpClose`: closing is prepared by
+        // the caller (crate::tcp::ClosedRestore), through the CRIU configuration runc reads.
         let tcp_options = match tcp {
             crate::tcp::TcpRestore::None => "",
             crate::tcp::TcpRestore::Kept | crate::tcp::TcpRestore::Closed => "&tcpEstablished=true",
-        };
-        let _criu_config = match tcp {
-            crate::tcp::TcpRestore::Closed => Some(
-                crate::tcp::CriuConfigOverride::set(
-                    std::path::Path::new(crate::tcp::RUNC_CRIU_CONFIG),
-                    &["tcp-close"],
-                )
-                .map_err(|e| {
-                    EngineError::io(
-                        "write CRIU's runc configuration",
-                        crate::tcp::RUNC_CRIU_CONFIG,
-                        e,
-                    )
-                })?,
-            ),
-            _ => None,
         };
         let path =
             format!("{LIBPOD}/containers/{name}/restore?import=true&fileLocks=true{tcp_options}");
