@@ -16,6 +16,27 @@ use ums_tests::poll;
 use ums_tests::service_pod::{ask_service, container_output, service_pod, sidecar};
 use ums_tests::workload::ticks;
 
+/// Runs a shell command in a pod's runtime container (on the outer engine), returns stdout.
+fn runtime_sh(runtime: &str, script: &str) -> String {
+    let out = Command::new("docker")
+        .args(["exec", runtime, "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The counters of a journal's `tick=N` lines.
+fn journal_ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("tick=")?.parse().ok())
+        .collect()
+}
+
 async fn running_and_ready(cluster: &Cluster, pod: &str) -> String {
     cluster
         .wait_running_and_ready(pod, Duration::from_secs(180))
@@ -114,6 +135,21 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
         .unwrap_err();
     assert!(refused.contains("e2e-1"), "{refused}");
 
+    // The volume's content before the migration: a file written into it from outside the
+    // service, and each workload's journal (which it keeps appending to, file open).
+    let source_runtime = source_cluster.pod_container(&name, "runtime");
+    runtime_sh(
+        &source_runtime,
+        "printf 'written before the migration\n' > /mount/state/marker && mkdir -p /mount/state/sub && ln -s ../marker /mount/state/sub/link",
+    );
+    let journals_at_source: Vec<String> = names
+        .iter()
+        .map(|c| runtime_sh(&source_runtime, &format!("cat /mount/state/journal-{c}")))
+        .collect();
+    for journal in &journals_at_source {
+        assert!(journal.starts_with("tick=0\n"), "{journal}");
+    }
+
     // Migrate over the pod network, sidecar to sidecar.
     let last_at_source: Vec<u64> = names
         .iter()
@@ -139,7 +175,18 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
         "{report}"
     );
 
+    // The emptyDir travelled, by default; the report says how much of it.
+    let volumes = report["volumes"].as_array().unwrap();
+    assert_eq!(volumes.len(), 1, "{report}");
+    assert_eq!(volumes[0]["name"], "state");
+    assert_eq!(volumes[0]["kind"], "emptyDir");
+    assert!(volumes[0]["bytes"].as_u64().unwrap() > 0, "{report}");
+
     let runtime = destination_cluster.pod_container(&name, "runtime");
+    assert_eq!(
+        runtime_sh(&runtime, "cat /mount/state/sub/link"),
+        "written before the migration\n"
+    );
     let engine = if interface == "pind" {
         "podman"
     } else {
@@ -198,6 +245,34 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
             String::from_utf8_lossy(&state.stderr)
         );
     }
+    // Each journal in the volume holds what it held at the source and goes on from there,
+    // written by the restored process through the descriptor it kept open.
+    for ((container, at_source), last) in names.iter().zip(&journals_at_source).zip(&last_at_source)
+    {
+        let path = format!("/mount/state/journal-{container}");
+        let journal = poll(
+            &format!("{container}'s journal to go on at the destination"),
+            Duration::from_secs(60),
+            || {
+                let text = runtime_sh(&runtime, &format!("cat {path}"));
+                let last = *last;
+                async move {
+                    let ticks = journal_ticks(&text);
+                    (ticks.last().is_some_and(|t| *t > last + 100)).then_some(text)
+                }
+            },
+        )
+        .await;
+        assert!(
+            journal.starts_with(at_source.as_str()),
+            "{container}: the journal lost what it held at the source"
+        );
+        let ticks = journal_ticks(&journal);
+        for pair in ticks.windows(2) {
+            assert_eq!(pair[1], pair[0] + 50, "{container}: gap in the journal");
+        }
+    }
+
     // The service answers on the destination pod's IP, with the counter it had (and more).
     for (i, at_source) in served_at_source.iter().enumerate() {
         let port = 8080 + i as u16;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::api::core::v1::{Container, Volume};
 
 /// `dind`, `pind` (container-level) or `ff` (service-level). Set by the user.
 pub const ANNOTATION_INTERFACE: &str = "migration-interface";
@@ -14,6 +14,11 @@ pub const ANNOTATION_START_MODE: &str = "migration-start-mode";
 pub const ANNOTATION_CONTAINERS: &str = "migration-containers";
 /// JSON array of volume mount points. Set by the webhook.
 pub const ANNOTATION_VOLUMES: &str = "migration-volumes";
+/// JSON object from each pod volume's name to its kind (the `Volume` source field: `emptyDir`,
+/// `persistentVolumeClaim`, `configMap`, ...). Set by the webhook; decides which volumes travel
+/// with a migration by default (see [`travels_by_default`]). Not in UMS: pods wrapped without
+/// it carry no volume unless a migration names it.
+pub const ANNOTATION_VOLUME_KINDS: &str = "migration-volume-kinds";
 /// Present when the pod is already prepared: mutation is then a no-op.
 pub const ANNOTATION_BYPASS: &str = "migration-bypass";
 /// Present while a migration of the pod is in progress.
@@ -38,6 +43,9 @@ pub enum AnnotationError {
     /// `migration-volumes` is not a JSON array of strings.
     #[error("annotation {ANNOTATION_VOLUMES} is not a JSON array of paths: {reason}")]
     BadVolumes { reason: String },
+    /// `migration-volume-kinds` is not a JSON object of strings.
+    #[error("annotation {ANNOTATION_VOLUME_KINDS} is not a JSON object from volume names to kinds: {reason}")]
+    BadVolumeKinds { reason: String },
     /// A wrapped pod (dind/pind with `migration-bypass`) lacks its container list.
     #[error("pod is marked {ANNOTATION_BYPASS} with {ANNOTATION_INTERFACE}={interface} but has no {ANNOTATION_CONTAINERS} annotation")]
     MissingContainers { interface: Interface },
@@ -147,6 +155,8 @@ pub struct MigrationAnnotations {
     pub start_mode: Option<StartMode>,
     pub containers: Option<Vec<Container>>,
     pub volumes: Option<Vec<String>>,
+    /// Volume name -> kind (`migration-volume-kinds`).
+    pub volume_kinds: Option<BTreeMap<String, String>>,
     pub bypass: bool,
     pub migration_id: Option<String>,
 }
@@ -171,6 +181,10 @@ impl MigrationAnnotations {
             .get(ANNOTATION_VOLUMES)
             .map(|v| parse_volumes(v))
             .transpose()?;
+        let volume_kinds = annotations
+            .get(ANNOTATION_VOLUME_KINDS)
+            .map(|v| parse_volume_kinds(v))
+            .transpose()?;
         let migration_id = match annotations.get(ANNOTATION_ID) {
             Some(id) if id.trim().is_empty() => return Err(AnnotationError::EmptyMigrationId),
             Some(id) => Some(id.clone()),
@@ -181,6 +195,7 @@ impl MigrationAnnotations {
             start_mode,
             containers,
             volumes,
+            volume_kinds,
             bypass: annotations.contains_key(ANNOTATION_BYPASS),
             migration_id,
         };
@@ -250,6 +265,40 @@ pub fn encode_volumes(paths: &[String]) -> String {
     serde_json::to_string(paths).unwrap_or_else(|_| "[]".to_owned())
 }
 
+/// Parses `migration-volume-kinds`: a JSON object from volume names to kinds.
+pub fn parse_volume_kinds(value: &str) -> Result<BTreeMap<String, String>, AnnotationError> {
+    serde_json::from_str(value).map_err(|e| AnnotationError::BadVolumeKinds {
+        reason: e.to_string(),
+    })
+}
+
+/// Serializes volume kinds for `migration-volume-kinds`.
+pub fn encode_volume_kinds(kinds: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(kinds).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The kind of a pod volume: the name of its source field (`emptyDir`, `hostPath`,
+/// `persistentVolumeClaim`, `configMap`, ...), `unknown` if it has none.
+pub fn volume_kind(volume: &Volume) -> String {
+    match serde_json::to_value(volume) {
+        Ok(serde_json::Value::Object(fields)) => fields
+            .keys()
+            .find(|k| k.as_str() != "name")
+            .cloned()
+            .unwrap_or_else(|| "unknown".to_owned()),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// Whether a volume of `kind` travels with a migration unless the migration says otherwise:
+/// only the pod-local kinds, whose content exists nowhere else and which the destination's
+/// kubelet creates empty (`emptyDir`, and `ephemeral`, a claim made for this pod alone). A
+/// volume both sides share (a network claim, NFS, CSI), one the kubelet fills from the API
+/// (`configMap`, `secret`, `projected`, `downwardAPI`) or a node's directory (`hostPath`) stays.
+pub fn travels_by_default(kind: &str) -> bool {
+    matches!(kind, "emptyDir" | "ephemeral")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +349,7 @@ mod tests {
             (ANNOTATION_START_MODE, "passive"),
             (ANNOTATION_CONTAINERS, r#"[{"name":"a","image":"busybox"}]"#),
             (ANNOTATION_VOLUMES, r#"["/mount/data"]"#),
+            (ANNOTATION_VOLUME_KINDS, r#"{"data":"emptyDir"}"#),
             (ANNOTATION_BYPASS, "true"),
             (ANNOTATION_ID, "m-1"),
             ("unrelated", "x"),
@@ -309,6 +359,7 @@ mod tests {
         assert_eq!(parsed.start_mode, Some(StartMode::Passive));
         assert_eq!(parsed.containers.as_ref().unwrap()[0].name, "a");
         assert_eq!(parsed.volumes.unwrap(), vec!["/mount/data".to_string()]);
+        assert_eq!(parsed.volume_kinds.unwrap()["data"], "emptyDir");
         assert!(parsed.bypass);
         assert_eq!(parsed.migration_id.as_deref(), Some("m-1"));
     }
@@ -327,6 +378,10 @@ mod tests {
                 ANNOTATION_CONTAINERS,
             ),
             (map(&[(ANNOTATION_VOLUMES, "[1]")]), ANNOTATION_VOLUMES),
+            (
+                map(&[(ANNOTATION_VOLUME_KINDS, r#"["data"]"#)]),
+                ANNOTATION_VOLUME_KINDS,
+            ),
             (
                 map(&[(ANNOTATION_VOLUMES, r#"["rel"]"#)]),
                 ANNOTATION_VOLUMES,
@@ -353,5 +408,37 @@ mod tests {
         };
         let encoded = encode_containers(std::slice::from_ref(&c));
         assert_eq!(parse_containers(&encoded).unwrap(), vec![c]);
+    }
+
+    #[test]
+    fn volume_kind_is_the_source_field_and_only_pod_local_kinds_travel() {
+        let volume = |v: serde_json::Value| -> Volume { serde_json::from_value(v).unwrap() };
+        let cases = [
+            (
+                serde_json::json!({"name": "a", "emptyDir": {}}),
+                "emptyDir",
+                true,
+            ),
+            (
+                serde_json::json!({"name": "b", "persistentVolumeClaim": {"claimName": "c"}}),
+                "persistentVolumeClaim",
+                false,
+            ),
+            (
+                serde_json::json!({"name": "c", "configMap": {"name": "x"}}),
+                "configMap",
+                false,
+            ),
+            (
+                serde_json::json!({"name": "d", "hostPath": {"path": "/x"}}),
+                "hostPath",
+                false,
+            ),
+            (serde_json::json!({"name": "e"}), "unknown", false),
+        ];
+        for (v, kind, travels) in cases {
+            assert_eq!(volume_kind(&volume(v)), kind);
+            assert_eq!(travels_by_default(kind), travels, "{kind}");
+        }
     }
 }

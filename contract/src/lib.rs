@@ -11,7 +11,7 @@ pub mod quantity;
 pub use annotations::{
     AnnotationError, Interface, MigrationAnnotations, StartMode, ANNOTATION_BYPASS,
     ANNOTATION_CONTAINERS, ANNOTATION_ID, ANNOTATION_INTERFACE, ANNOTATION_START_MODE,
-    ANNOTATION_VOLUMES,
+    ANNOTATION_VOLUMES, ANNOTATION_VOLUME_KINDS,
 };
 pub use podinfo::{parse_podinfo, PodinfoError};
 

@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::migrate::MigrateRequest;
 use crate::nested::Sidecar;
 use crate::restore::PreflightRequest;
+use crate::volumes::VolumeChoice;
 
 /// The router: `/healthz` and `/probe/{name}` are open, everything else needs the token
 /// (when one is configured).
@@ -174,6 +175,19 @@ struct CheckpointQuery {
     leave_running: bool,
     /// `none` or `zstd`.
     compression: Option<String>,
+    /// Comma-separated volumes to carry besides the pod-local ones.
+    include_volumes: Option<String>,
+    /// Comma-separated pod-local volumes to leave.
+    exclude_volumes: Option<String>,
+}
+
+fn names(list: Option<&str>) -> Vec<String> {
+    list.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn checkpoint(
@@ -194,11 +208,17 @@ async fn checkpoint(
             )))
         }
     };
-    let names: Vec<String> = query.container.into_iter().collect();
-    let selected = sidecar.select(&names).await?;
+    let containers: Vec<String> = query.container.into_iter().collect();
+    let selected = sidecar.select(&containers).await?;
+    let volumes = sidecar
+        .travelling_volumes(&VolumeChoice {
+            include: names(query.include_volumes.as_deref()),
+            exclude: names(query.exclude_volumes.as_deref()),
+        })
+        .await?;
     let id = new_id("c");
     let dump = sidecar
-        .freeze_and_dump(selected, &id, query.leave_running)
+        .freeze_and_dump(selected, &volumes, &id, query.leave_running)
         .await
         .map_err(|f| {
             f.error

@@ -10,13 +10,14 @@ use tokio_util::io::{ReaderStream, SyncIoBridge};
 
 use crate::archive::pack::{plan, summaries, write_archive, PackSource, PlannedEntry};
 use crate::archive::{
-    criu_prefix, engine_prefix, rootfs_prefix, ContainerManifest, Manifest, MemoryPart,
-    FORMAT_VERSION,
+    criu_prefix, engine_prefix, required_version, rootfs_prefix, volume_prefix, ContainerManifest,
+    Manifest, MemoryPart, VolumeManifest,
 };
 use crate::engine::ContainerInfo;
 use crate::error::{chain, ApiError};
 use crate::nested::{Phase, Sidecar};
 use crate::tcp::{established_connections, TcpConnection};
+use crate::volumes::PodVolume;
 
 /// One container of a dump.
 #[derive(Debug, Clone, Serialize)]
@@ -130,11 +131,13 @@ impl Sidecar {
         Ok(all)
     }
 
-    /// Freezes every selected running container, then dumps each. On failure the containers
-    /// are brought back to running (from their checkpoint if one was made).
+    /// Freezes every selected running container, then dumps each, and plans the volumes that
+    /// travel while nothing runs. On failure the containers are brought back to running (from
+    /// their checkpoint if one was made).
     pub async fn freeze_and_dump(
         &self,
         selected: Vec<ContainerInfo>,
+        volumes: &[PodVolume],
         migration_id: &str,
         leave_running: bool,
     ) -> Result<Dump, DumpFailure> {
@@ -170,6 +173,7 @@ impl Sidecar {
         let result = self
             .dump_all(
                 &mut progress,
+                volumes,
                 migration_id,
                 leave_running,
                 &pod,
@@ -186,9 +190,11 @@ impl Sidecar {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn dump_all(
         &self,
         progress: &mut [Progress],
+        volumes: &[PodVolume],
         migration_id: &str,
         leave_running: bool,
         pod: &crate::podinfo::PodState,
@@ -203,7 +209,8 @@ impl Sidecar {
             }
         }
         let mut containers = Vec::new();
-        let mut sources = Vec::new();
+        // Every entry, planned source by source (each walked once, right after its dump).
+        let mut planned = Vec::new();
         let mut manifests = Vec::new();
         for p in progress.iter_mut() {
             let name = p.info.name.clone();
@@ -273,7 +280,24 @@ impl Sidecar {
                 rootfs_bytes,
                 engine_bytes,
             });
-            sources.extend(container_sources);
+            planned.extend(container_plan);
+        }
+        // The volumes, planned while every process of the pod is frozen or dumped: their
+        // content is read straight from the volume while the archive streams.
+        let mut volume_manifests = Vec::new();
+        for v in volumes {
+            let source = PackSource {
+                prefix: volume_prefix(&v.name),
+                dir: v.path.clone(),
+            };
+            let volume_plan = plan(std::slice::from_ref(&source))?;
+            volume_manifests.push(VolumeManifest {
+                name: v.name.clone(),
+                kind: v.kind.clone(),
+                bytes: volume_plan.iter().map(|e| e.size).sum(),
+                entries: volume_plan.len() as u64,
+            });
+            planned.extend(volume_plan);
         }
         let freeze_dump_ms = ms(frozen_at.elapsed());
         if leave_running {
@@ -285,15 +309,17 @@ impl Sidecar {
                 self.set_phase(&p.info.name, None);
             }
         }
-        let plan = plan(&sources)?;
-        let manifest = Manifest {
-            format_version: FORMAT_VERSION,
+        let plan = planned;
+        let mut manifest = Manifest {
+            format_version: 0,
             migration_id: migration_id.to_owned(),
             created_unix_ms: unix_ms(),
             source,
             containers: manifests,
+            volumes: volume_manifests,
             entries: summaries(&plan),
         };
+        manifest.format_version = required_version(&manifest);
         Ok(Dump {
             manifest,
             plan,

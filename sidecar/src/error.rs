@@ -114,3 +114,17 @@ impl From<ArchiveError> for ApiError {
         ApiError::new(status, chain(&e))
     }
 }
+
+impl From<crate::volumes::VolumeError> for ApiError {
+    fn from(e: crate::volumes::VolumeError) -> Self {
+        use crate::volumes::VolumeError;
+        let status = match &e {
+            VolumeError::Unknown { .. } | VolumeError::Contradiction { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            VolumeError::Missing { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, chain(&e))
+    }
+}

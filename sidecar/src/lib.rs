@@ -5,6 +5,7 @@
 //! - [`spec`] translates the original Kubernetes containers into nested engine specs;
 //! - [`engine`] is the engine trait and its Docker driver;
 //! - [`archive`] packs and unpacks migration archives (format documented there);
+//! - [`volumes`] decides which pod volumes travel and puts arrived ones in place;
 //! - [`api`] is the HTTP API, [`migrate`] the live migration, [`ambassador`] the stand-in.
 
 pub mod ambassador;
@@ -23,3 +24,4 @@ pub mod restore;
 pub mod serve;
 pub mod spec;
 pub mod tcp;
+pub mod volumes;

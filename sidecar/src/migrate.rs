@@ -7,11 +7,11 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::FORMAT_VERSION;
 use crate::checkpoint::{archive_stream, ms, new_id, unix_ms, DumpedContainer};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::restore::{PreflightContainer, PreflightRequest, RestoreReport, SidecarInfo};
+use crate::volumes::VolumeChoice;
 
 /// The body of `POST /migrate`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +31,10 @@ pub struct MigrateRequest {
     /// Bearer token of the destination (default: this sidecar's own token).
     #[serde(default)]
     pub destination_token: Option<String>,
+    /// Volumes to carry besides the pod-local ones (`include`), or pod-local ones to leave
+    /// (`exclude`), by pod volume name.
+    #[serde(default)]
+    pub volumes: VolumeChoice,
 }
 
 /// Totals of a migration.
@@ -76,6 +80,8 @@ pub struct MigrationReport {
     pub compression: String,
     pub source_left_running: bool,
     pub containers: Vec<MigratedContainer>,
+    /// The pod volumes carried.
+    pub volumes: Vec<crate::archive::VolumeManifest>,
     pub totals: MigrationTotals,
     /// Problems cleaning up the source after success (the service runs at the destination).
     pub cleanup_warnings: Vec<String>,
@@ -154,6 +160,9 @@ impl Sidecar {
         };
         let http = client()?;
         let selected = self.select(&request.containers).await?;
+        let volumes = self.travelling_volumes(&request.volumes).await?;
+        // The lowest archive version that carries what this migration sends.
+        let format_version = if volumes.is_empty() { 1 } else { 2 };
         let migration_id = new_id("m");
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
@@ -186,13 +195,14 @@ impl Sidecar {
                 vec![],
             )
         })?;
-        if !destination_info.format_versions.contains(&FORMAT_VERSION) {
+        if !destination_info.format_versions.contains(&format_version) {
             return Err(failed(
                 StatusCode::CONFLICT,
                 "preflight",
                 format!(
-                    "destination reads archive versions {:?}, this sidecar writes {FORMAT_VERSION}",
-                    destination_info.format_versions
+                    "destination reads archive versions {:?}; this migration needs version {format_version}{}",
+                    destination_info.format_versions,
+                    if volumes.is_empty() { "" } else { " (it carries volumes)" }
                 ),
                 vec![],
             ));
@@ -206,7 +216,8 @@ impl Sidecar {
             ));
         }
         let preflight = PreflightRequest {
-            format_version: FORMAT_VERSION,
+            format_version,
+            volumes: volumes.iter().map(|v| v.name.clone()).collect(),
             source: self.engine_info().await?,
             containers: selected
                 .iter()
@@ -245,7 +256,7 @@ impl Sidecar {
 
         // 2. Freeze every container, then dump each.
         let dump = match self
-            .freeze_and_dump(selected, &migration_id, request.leave_running)
+            .freeze_and_dump(selected, &volumes, &migration_id, request.leave_running)
             .await
         {
             Ok(dump) => dump,
@@ -355,6 +366,7 @@ impl Sidecar {
             },
             source_left_running: dump.leave_running,
             containers,
+            volumes: dump.manifest.volumes.clone(),
             totals: MigrationTotals {
                 bytes_sent,
                 content_bytes: restore_report.content_bytes,

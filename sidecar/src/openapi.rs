@@ -28,11 +28,15 @@ pub fn document() -> Value {
                     "containers": { "type": "array", "items": { "type": "string" }, "description": "default: all" },
                     "leaveRunning": { "type": "boolean", "default": false },
                     "compression": { "type": "string", "enum": ["none", "zstd"], "default": "none" },
-                    "destinationToken": { "type": "string" } } },
+                    "destinationToken": { "type": "string" },
+                    "volumes": { "type": "object", "additionalProperties": false, "description": "pod volumes (by name) to carry besides the pod-local kinds (emptyDir, ephemeral), or pod-local ones to leave",
+                        "properties": { "include": { "type": "array", "items": { "type": "string" } }, "exclude": { "type": "array", "items": { "type": "string" } } } } } },
                 "MigrationReport": { "type": "object", "properties": {
                     "migrationId": { "type": "string" }, "destination": { "type": "string" }, "compression": { "type": "string" },
                     "sourceLeftRunning": { "type": "boolean" },
                     "containers": { "type": "array", "items": { "type": "object" } },
+                    "volumes": { "type": "array", "items": { "type": "object", "properties": {
+                        "name": { "type": "string" }, "kind": { "type": "string" }, "bytes": { "type": "integer" }, "entries": { "type": "integer" } } } },
                     "totals": { "type": "object", "properties": {
                         "bytesSent": { "type": "integer" }, "contentBytes": { "type": "integer" }, "preflightMs": { "type": "integer" },
                         "freezeDumpMs": { "type": "integer" }, "transferMs": { "type": "integer" }, "restoreMs": { "type": "integer" },
@@ -68,7 +72,9 @@ pub fn document() -> Value {
             "/checkpoint": { "post": { "summary": "freeze and dump the nested containers; the response body is the migration archive, streamed", "parameters": [
                     { "name": "container", "in": "query", "schema": { "type": "string" }, "description": "default: all" },
                     { "name": "leaveRunning", "in": "query", "schema": { "type": "boolean" } },
-                    { "name": "compression", "in": "query", "schema": { "type": "string", "enum": ["none", "zstd"] } }],
+                    { "name": "compression", "in": "query", "schema": { "type": "string", "enum": ["none", "zstd"] } },
+                    { "name": "includeVolumes", "in": "query", "schema": { "type": "string" }, "description": "comma-separated pod volumes to carry besides the pod-local ones" },
+                    { "name": "excludeVolumes", "in": "query", "schema": { "type": "string" }, "description": "comma-separated pod-local volumes to leave" }],
                 "responses": { "200": { "description": "archive", "content": { "application/x-tar": {} } }, "409": error_response("busy or nothing to checkpoint") } } },
             "/restore/preflight": { "post": { "summary": "would an archive from this source restore here now? (engine, CRIU, kernel, architecture, images, running containers)",
                 "responses": { "200": { "description": "yes" }, "409": error_response("no, with the reasons in detail.problems") } } },

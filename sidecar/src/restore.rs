@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::unpack::{check_manifest, unpack, Unpacked};
 use crate::archive::{
-    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, FORMAT_VERSION,
+    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, READABLE_VERSIONS,
 };
 use crate::checkpoint::ms;
 use crate::engine::{CheckpointFiles, EngineInfo};
@@ -18,6 +18,7 @@ use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
 use crate::tcp::{local_addresses, restore_mode, ClosedRestore, TcpRestore};
+use crate::volumes;
 
 /// What a source asks before it freezes anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +27,9 @@ pub struct PreflightRequest {
     pub format_version: u32,
     pub source: EngineInfo,
     pub containers: Vec<PreflightContainer>,
+    /// Pod volumes the archive will carry: each must be a volume of this pod.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,9 +56,9 @@ pub fn compatibility_problems(
     format_version: u32,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    if format_version != FORMAT_VERSION {
+    if !READABLE_VERSIONS.contains(&format_version) {
         problems.push(format!(
-            "archive format version {format_version} is not supported (destination reads {FORMAT_VERSION})"
+            "archive format version {format_version} is not supported (destination reads {READABLE_VERSIONS:?})"
         ));
     }
     if source.kind != destination.kind {
@@ -123,7 +127,7 @@ impl Sidecar {
     pub async fn sidecar_info(&self) -> Result<SidecarInfo, ApiError> {
         Ok(SidecarInfo {
             engine: self.engine_info().await?,
-            format_versions: vec![FORMAT_VERSION],
+            format_versions: READABLE_VERSIONS.to_vec(),
             compression: vec!["zstd".into()],
         })
     }
@@ -132,6 +136,17 @@ impl Sidecar {
     pub async fn preflight(&self, request: &PreflightRequest) -> Result<(), ApiError> {
         let here = self.engine_info().await?;
         let mut problems = compatibility_problems(&request.source, &here, request.format_version);
+        if !request.volumes.is_empty() {
+            let mine = self.pod_volumes().await?;
+            for name in &request.volumes {
+                if !mine.iter().any(|v| &v.name == name) {
+                    problems.push(format!(
+                        "volume {name:?} is not a volume of the destination pod (its volumes: {:?})",
+                        mine.iter().map(|v| v.name.as_str()).collect::<Vec<_>>()
+                    ));
+                }
+            }
+        }
         for c in &request.containers {
             match self.engine.image_id(&c.image).await? {
                 None => problems.push(format!(
@@ -192,20 +207,53 @@ impl Sidecar {
         })?;
         let received = Instant::now();
         let staging_for_unpack = staging.clone();
+        // This pod's volumes; an archive's volume arrives in a directory inside the volume of
+        // the same name. The directories are shared with the unpacking thread so that they are
+        // removed whatever happens.
+        let pod_volumes = self.pod_volumes().await.unwrap_or_default();
+        let incoming: std::sync::Arc<std::sync::Mutex<volumes::IncomingDirs>> = Default::default();
+        let incoming_for_unpack = incoming.clone();
+        let id_for_unpack = migration_id.to_owned();
         let unpacked = tokio::task::spawn_blocking(move || {
             unpack(reader, &staging_for_unpack, |manifest| {
                 check_manifest(manifest)?;
                 let problems =
                     compatibility_problems(&manifest.source, &here, manifest.format_version);
-                if problems.is_empty() {
-                    Ok(())
-                } else {
-                    Err(ArchiveError::BadManifest(problems.join("; ")))
+                if !problems.is_empty() {
+                    return Err(ArchiveError::BadManifest(problems.join("; ")));
                 }
+                let names: Vec<String> = manifest.volumes.iter().map(|v| v.name.clone()).collect();
+                let dirs = volumes::prepare_incoming(&pod_volumes, &names, &id_for_unpack)
+                    .map_err(|e| match e {
+                        volumes::VolumeError::Io {
+                            action,
+                            path,
+                            source,
+                        } => ArchiveError::io(action, path.display(), source),
+                        other => ArchiveError::BadManifest(other.to_string()),
+                    })?;
+                *incoming_for_unpack
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = dirs.clone();
+                Ok(dirs)
             })
         })
         .await
         .map_err(|e| ApiError::internal(format!("unpack task failed: {e}")));
+        let incoming = std::mem::take(&mut *incoming.lock().unwrap_or_else(|p| p.into_inner()));
+        let unpacked = match unpacked {
+            // Every digest holds: the volumes go in place before any process is restored.
+            Ok(Ok(unpacked)) => match volumes::install_all(&incoming) {
+                Ok(()) => Ok(Ok(unpacked)),
+                Err(e) => Err(ApiError::from(e)),
+            },
+            other => {
+                for dir in incoming.values() {
+                    volumes::discard(dir);
+                }
+                other
+            }
+        };
         let result = match unpacked {
             Ok(Ok(unpacked)) => {
                 let receive_ms = ms(received.elapsed());
@@ -356,6 +404,7 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::FORMAT_VERSION;
     use crate::engine::EngineKind;
 
     fn info(kind: EngineKind, criu: &str, kernel: &str, arch: &str) -> EngineInfo {

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use crate::workload::registry_workload_image;
 
 /// A stateful service as a user writes it: the workload (seeded memory, a counter, a file in
-/// its root fs), a port, an emptyDir volume; only the migration annotation is added.
+/// its root fs, a journal it keeps appending to in an emptyDir volume), a port; only the
+/// migration annotation is added.
 pub fn service_pod(
     name: &str,
     interface: &str,
@@ -28,7 +29,10 @@ pub fn service_pod(
                 "name": container,
                 "image": registry_workload_image(),
                 "args": [mib.to_string(), "42"],
-                "env": [{"name": "WORKLOAD_LISTEN", "value": (8080 + i).to_string()}],
+                "env": [
+                    {"name": "WORKLOAD_LISTEN", "value": (8080 + i).to_string()},
+                    {"name": "WORKLOAD_JOURNAL", "value": format!("/state/journal-{container}")}
+                ],
                 "ports": [{"containerPort": 8080 + i}],
                 "volumeMounts": [{"name": "state", "mountPath": "/state"}]
             })

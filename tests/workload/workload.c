@@ -18,6 +18,9 @@
  * With WORKLOAD_LISTEN=port it serves on that TCP port: each client gets one line,
  * "tick=<counter> mem=<ok|BAD>", and the connection is closed (the service a user reaches on
  * the pod IP; the listening socket travels with the migration).
+ * With WORKLOAD_JOURNAL=path it appends "tick=<counter>\n" to that file every 50 ticks through
+ * one descriptor it keeps open (state in a volume: the file must be at the destination, the
+ * same size, before the process is restored, and the lines go on without a gap).
  * Built static (gcc -static) so the image is one file.
  */
 #include <stdint.h>
@@ -104,6 +107,15 @@ int main(int argc, char **argv) {
         fcntl(listener, F_SETFL, O_NONBLOCK);
         signal(SIGPIPE, SIG_IGN);
     }
+    int journal = -1;
+    const char *journal_path = getenv("WORKLOAD_JOURNAL");
+    if (journal_path && *journal_path) {
+        journal = open(journal_path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (journal < 0) {
+            perror(journal_path);
+            return 7;
+        }
+    }
     printf("start mib=%ld seed=%llu\n", mib, (unsigned long long)seed);
 
     long exit_after = arg_or_env(0, argv, 1, "WORKLOAD_EXIT_AFTER", 0);
@@ -137,6 +149,13 @@ int main(int argc, char **argv) {
                 int n = snprintf(line, sizeof line, "tick=%llu mem=%s\n", (unsigned long long)tick, bad ? "BAD" : "ok");
                 if (write(client, line, (size_t)n) < 0) { /* the client left: nothing to do */ }
                 close(client);
+            }
+        }
+        if (journal >= 0 && tick % 50 == 0) {
+            char line[64];
+            int n = snprintf(line, sizeof line, "tick=%llu\n", (unsigned long long)tick);
+            if (write(journal, line, (size_t)n) != n) {
+                printf("journal write failed\n");
             }
         }
         tick++;

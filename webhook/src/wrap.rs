@@ -13,10 +13,13 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use ums_contract::annotations::{encode_containers, encode_volumes};
+use ums_contract::annotations::{
+    encode_containers, encode_volume_kinds, encode_volumes, volume_kind,
+};
 use ums_contract::{
     forwarded_env_name, runtime_volume_path, Interface, StartMode, ANNOTATION_BYPASS,
-    ANNOTATION_CONTAINERS, ANNOTATION_START_MODE, ANNOTATION_VOLUMES, PODINFO_DIR,
+    ANNOTATION_CONTAINERS, ANNOTATION_START_MODE, ANNOTATION_VOLUMES, ANNOTATION_VOLUME_KINDS,
+    PODINFO_DIR,
 };
 
 use crate::config::WrapConfig;
@@ -98,6 +101,11 @@ pub fn wrap_pod(
         .map(|v| runtime_volume_path(&v.name))
         .collect();
 
+    let volume_kinds: BTreeMap<String, String> = original_volumes
+        .iter()
+        .map(|v| (v.name.clone(), volume_kind(v)))
+        .collect();
+
     let runtime = runtime_container(
         &runtime_name,
         interface,
@@ -125,6 +133,10 @@ pub fn wrap_pod(
         .get_or_insert_with(BTreeMap::new);
     annotations.insert(ANNOTATION_CONTAINERS.into(), encode_containers(originals));
     annotations.insert(ANNOTATION_VOLUMES.into(), encode_volumes(&volume_paths));
+    annotations.insert(
+        ANNOTATION_VOLUME_KINDS.into(),
+        encode_volume_kinds(&volume_kinds),
+    );
     annotations.insert(ANNOTATION_START_MODE.into(), start_mode.as_str().into());
     annotations.insert(ANNOTATION_BYPASS.into(), "true".into());
     wrapped.spec = Some(PodSpec {

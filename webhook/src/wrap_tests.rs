@@ -306,6 +306,21 @@ fn every_volume_kind_is_mounted_under_mount() {
     }
     let volumes = parse_volumes(annotation(&wrapped, "migration-volumes")).unwrap();
     assert_eq!(volumes, expected.map(|n| format!("/mount/{n}")));
+    // Each volume's kind, so the sidecar knows which travel (only the emptyDir by default).
+    let kinds = ums_contract::annotations::parse_volume_kinds(annotation(
+        &wrapped,
+        "migration-volume-kinds",
+    ))
+    .unwrap();
+    assert_eq!(kinds["claim"], "persistentVolumeClaim");
+    assert_eq!(kinds["config"], "configMap");
+    assert_eq!(kinds["host-logs"], "hostPath");
+    let travelling: Vec<&str> = kinds
+        .iter()
+        .filter(|(_, kind)| ums_contract::annotations::travels_by_default(kind))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(travelling, ["data", "scratch"]);
     // The original volumes keep their sources.
     let spec = wrapped.spec.as_ref().unwrap();
     let claim = spec

@@ -5,8 +5,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineInfo;
 
-/// The archive format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest archive format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Every version this build reads: a version-1 archive is a version-2 archive without
+/// volumes.
+pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+
+/// The lowest version that can carry `manifest`'s content (an older destination still reads
+/// an archive that needs nothing newer): 2 with volumes, else 1.
+pub fn required_version(manifest: &Manifest) -> u32 {
+    if manifest.volumes.is_empty() {
+        1
+    } else {
+        2
+    }
+}
 
 /// What an archive holds and what made it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +32,9 @@ pub struct Manifest {
     /// The source engine, CRIU, kernel and architecture.
     pub source: EngineInfo,
     pub containers: Vec<ContainerManifest>,
+    /// The pod volumes carried (version 2), under `volumes/<name>/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeManifest>,
     /// Every entry between the manifest and the trailer, in order.
     pub entries: Vec<EntrySummary>,
 }
@@ -43,6 +60,20 @@ pub struct ContainerManifest {
     /// Established TCP connections dumped with the container (CRIU `--tcp-established`).
     #[serde(default)]
     pub tcp_connections: Vec<crate::tcp::TcpConnection>,
+}
+
+/// One pod volume of the archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeManifest {
+    /// The pod volume's name (`/mount/<name>` at both ends).
+    pub name: String,
+    /// Its kind at the source (`emptyDir`, ...).
+    pub kind: String,
+    /// Bytes of file content.
+    pub bytes: u64,
+    /// Entries (files, directories, links) under it.
+    pub entries: u64,
 }
 
 /// One part of a container's memory.

@@ -1,7 +1,7 @@
 //! The migration archive: one tar stream that carries a pod's nested containers from one
 //! sidecar to another.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! ```text
 //! ums-archive/manifest.json          first entry: what follows, and what made it
@@ -10,6 +10,8 @@
 //! containers/<name>/engine/<file>    engine files needed to restore (Podman: config.dump,
 //!                                    spec.dump, rootfs-diff.tar, ...)
 //! ...                                (every container, in manifest order)
+//! volumes/<volume>/<path>            the content of pod volume <volume> (version 2)
+//! ...                                (every volume of the manifest's `volumes`)
 //! ums-archive/trailer.json           last entry: the SHA-256 of every entry above
 //! ```
 //!
@@ -38,7 +40,16 @@
 //!
 //! `formatVersion` changes whenever a reader of the previous version would misread an archive
 //! (a new entry kind, a new part kind, a changed layout). Readers refuse versions they do not
-//! know; the source asks the destination which versions it reads before freezing anything.
+//! know; the source asks the destination which versions it reads (`GET /info`) before freezing
+//! anything, and writes the lowest version that carries what it sends
+//! ([`manifest::required_version`]): an archive without volumes is still version 1, which a
+//! version-1 reader restores; one with volumes is version 2, which a version-1 reader refuses
+//! by its version ("archive format version 2 is not supported"), before writing any entry.
+//!
+//! | version | adds |
+//! |---|---|
+//! | 1 | containers: CRIU images, root-fs changes, engine files; trailer of digests |
+//! | 2 | `volumes` in the manifest, `volumes/<name>/` entries |
 
 pub mod manifest;
 pub mod pack;
@@ -48,7 +59,8 @@ pub mod unpack;
 mod tests;
 
 pub use manifest::{
-    ContainerManifest, EntrySummary, Manifest, MemoryPart, Trailer, FORMAT_VERSION,
+    required_version, ContainerManifest, EntrySummary, Manifest, MemoryPart, Trailer,
+    VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
 };
 
 /// Path of the manifest entry.
@@ -71,6 +83,11 @@ pub fn rootfs_prefix(container: &str) -> String {
     format!("containers/{container}/rootfs")
 }
 
+/// Archive prefix of a pod volume's content.
+pub fn volume_prefix(volume: &str) -> String {
+    format!("volumes/{volume}")
+}
+
 /// Failure to write or read an archive.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -90,7 +107,7 @@ pub enum ArchiveError {
     #[error("archive has no valid manifest: {0}")]
     BadManifest(String),
     /// The archive's format version is not one this build reads.
-    #[error("archive format version {found} is not supported (this sidecar reads version {FORMAT_VERSION})")]
+    #[error("archive format version {found} is not supported (this sidecar reads versions {READABLE_VERSIONS:?})")]
     UnsupportedVersion { found: u32 },
     /// An entry path escapes its directory or is not where entries may be.
     #[error("archive entry {path:?} refused: {reason}")]

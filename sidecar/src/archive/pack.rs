@@ -43,13 +43,23 @@ pub struct PlannedEntry {
 pub fn plan(sources: &[PackSource]) -> Result<Vec<PlannedEntry>, ArchiveError> {
     let mut entries = Vec::new();
     for source in sources {
-        entries.push(planned(&source.prefix, &source.dir)?);
+        match planned(&source.prefix, &source.dir)? {
+            Some(root) if root.kind == EntryKind::Dir => entries.push(root),
+            _ => {
+                return Err(ArchiveError::UnsafeEntry {
+                    path: source.prefix.clone(),
+                    reason: format!("{} is not a directory", source.dir.display()),
+                })
+            }
+        }
         walk(&source.dir, &source.prefix, &mut entries)?;
     }
     Ok(entries)
 }
 
-fn planned(archive_path: &str, path: &Path) -> Result<PlannedEntry, ArchiveError> {
+/// The entry for `path`; `None` for a unix socket, which is not carried (a process that
+/// listens on one binds it again when CRIU restores it).
+fn planned(archive_path: &str, path: &Path) -> Result<Option<PlannedEntry>, ArchiveError> {
     let meta =
         fs::symlink_metadata(path).map_err(|e| ArchiveError::io("stat", path.display(), e))?;
     let file_type = meta.file_type();
@@ -63,13 +73,16 @@ fn planned(archive_path: &str, path: &Path) -> Result<PlannedEntry, ArchiveError
         )
     } else if file_type.is_char_device() && meta.rdev() == 0 {
         EntryKind::Whiteout
+    } else if file_type.is_socket() {
+        tracing::debug!(path = %path.display(), "unix socket not carried");
+        return Ok(None);
     } else {
         return Err(ArchiveError::UnsafeEntry {
             path: archive_path.to_owned(),
-            reason: "sockets, fifos and device files cannot be migrated".into(),
+            reason: "fifos and device files cannot be migrated".into(),
         });
     };
-    Ok(PlannedEntry {
+    Ok(Some(PlannedEntry {
         archive_path: archive_path.to_owned(),
         source: path.to_owned(),
         size: if kind == EntryKind::File {
@@ -82,7 +95,7 @@ fn planned(archive_path: &str, path: &Path) -> Result<PlannedEntry, ArchiveError
         uid: u64::from(meta.uid()),
         gid: u64::from(meta.gid()),
         mtime: u64::try_from(meta.mtime()).unwrap_or(0),
-    })
+    }))
 }
 
 fn walk(dir: &Path, prefix: &str, entries: &mut Vec<PlannedEntry>) -> Result<(), ArchiveError> {
@@ -98,7 +111,9 @@ fn walk(dir: &Path, prefix: &str, entries: &mut Vec<PlannedEntry>) -> Result<(),
             reason: "file name is not UTF-8".into(),
         })?;
         let archive_path = format!("{prefix}/{name}");
-        let entry = planned(&archive_path, &child.path())?;
+        let Some(entry) = planned(&archive_path, &child.path())? else {
+            continue;
+        };
         let is_dir = entry.kind == EntryKind::Dir;
         entries.push(entry);
         if is_dir {

@@ -44,6 +44,7 @@ fn manifest(names: &[&str], entries: Vec<EntrySummary>) -> Manifest {
                 tcp_connections: vec![],
             })
             .collect(),
+        volumes: vec![],
         entries,
     }
 }
@@ -93,7 +94,7 @@ fn round_trip_keeps_files_links_and_whiteouts() {
     let src = tempfile::tempdir().unwrap();
     let bytes = packed(src.path());
     let dst = tempfile::tempdir().unwrap();
-    let unpacked = unpack(bytes.as_slice(), dst.path(), |_| Ok(())).unwrap();
+    let unpacked = unpack(bytes.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap();
     assert_eq!(unpacked.manifest.containers[0].name, "app");
     let base = dst.path().join("containers/app");
     assert_eq!(
@@ -129,7 +130,7 @@ fn a_flipped_byte_is_refused() {
         + 1000;
     bytes[at] ^= 0x01;
     let dst = tempfile::tempdir().unwrap();
-    let err = unpack(bytes.as_slice(), dst.path(), |_| Ok(())).unwrap_err();
+    let err = unpack(bytes.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap_err();
     assert!(
         matches!(err, ArchiveError::DigestMismatch { ref path, .. } if path.ends_with("pages-1.img")),
         "{err}"
@@ -142,7 +143,7 @@ fn a_truncated_archive_is_refused() {
     let bytes = packed(src.path());
     let cut = &bytes[..bytes.len() / 2];
     let dst = tempfile::tempdir().unwrap();
-    assert!(unpack(cut, dst.path(), |_| Ok(())).is_err());
+    assert!(unpack(cut, dst.path(), |_| Ok(Default::default())).is_err());
 }
 
 /// An archive built by hand, with raw header names (tar's own builder refuses `..`).
@@ -192,7 +193,7 @@ fn refused(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> ArchiveEr
     let outside = dst.path().join("outside");
     let staging = dst.path().join("staging");
     fs::create_dir_all(&staging).unwrap();
-    let err = unpack(bytes.as_slice(), &staging, |_| Ok(())).unwrap_err();
+    let err = unpack(bytes.as_slice(), &staging, |_| Ok(Default::default())).unwrap_err();
     assert!(
         !outside.exists(),
         "nothing may be written outside the staging directory"
@@ -289,7 +290,7 @@ fn missing_trailer_and_unknown_version_are_refused() {
     let bytes = raw_archive(&manifest(&["app"], summaries.clone()), entries);
     let dst = tempfile::tempdir().unwrap();
     assert!(matches!(
-        unpack(bytes.as_slice(), dst.path(), |_| Ok(())).unwrap_err(),
+        unpack(bytes.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap_err(),
         ArchiveError::BadTrailer(_)
     ));
     let mut future = manifest(&["app"], summaries);
@@ -297,23 +298,208 @@ fn missing_trailer_and_unknown_version_are_refused() {
     let bytes = raw_archive(&future, entries);
     let dst = tempfile::tempdir().unwrap();
     assert!(matches!(
-        unpack(bytes.as_slice(), dst.path(), |_| Ok(())).unwrap_err(),
+        unpack(bytes.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap_err(),
         ArchiveError::UnsupportedVersion { .. }
     ));
     let mut out = Vec::new();
     out.write_all(b"definitely not a tar stream").unwrap();
-    assert!(unpack(out.as_slice(), dst.path(), |_| Ok(())).is_err());
+    assert!(unpack(out.as_slice(), dst.path(), |_| Ok(Default::default())).is_err());
 }
 
 #[test]
 fn a_body_that_is_not_a_tar_is_the_senders_error() {
     let dst = tempfile::tempdir().unwrap();
     let garbage = vec![b'x'; 2048];
-    let err = unpack(garbage.as_slice(), dst.path(), |_| Ok(())).unwrap_err();
+    let err = unpack(garbage.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap_err();
     assert!(
         matches!(err, ArchiveError::Malformed { .. }),
         "a malformed stream is the sender's fault: {err:?}"
     );
     let api = crate::error::ApiError::from(err);
     assert_eq!(api.status, axum::http::StatusCode::BAD_REQUEST);
+}
+
+/// A volume with a file, a nested directory, a relative link and a unix socket.
+fn volume_tree(root: &Path) -> PackSource {
+    let data = root.join("data");
+    fs::create_dir_all(data.join("db/wal")).unwrap();
+    fs::write(data.join("db/wal/000001.log"), vec![3u8; 70_000]).unwrap();
+    fs::write(data.join("journal"), b"tick=1\ntick=2\n").unwrap();
+    symlink("db/wal/000001.log", data.join("current")).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(data.join("app.sock")).unwrap();
+    PackSource {
+        prefix: volume_prefix("data"),
+        dir: data,
+    }
+}
+
+fn packed_with_volume(root: &Path) -> (Manifest, Vec<u8>) {
+    let mut sources = source_tree(root);
+    sources.push(volume_tree(root));
+    let plan = plan(&sources).unwrap();
+    let mut manifest = manifest(&["app"], summaries(&plan));
+    manifest.volumes = vec![VolumeManifest {
+        name: "data".into(),
+        kind: "emptyDir".into(),
+        bytes: 70_014,
+        entries: 6,
+    }];
+    manifest.format_version = required_version(&manifest);
+    let mut out = Vec::new();
+    write_archive(&mut out, &manifest, &plan).unwrap();
+    (manifest, out)
+}
+
+#[test]
+fn a_volume_arrives_in_the_directory_the_receiver_names() {
+    let src = tempfile::tempdir().unwrap();
+    let (manifest, bytes) = packed_with_volume(src.path());
+    assert_eq!(manifest.format_version, 2);
+    assert!(
+        !manifest
+            .entries
+            .iter()
+            .any(|e| e.path.ends_with("app.sock")),
+        "a unix socket is not carried"
+    );
+    let dst = tempfile::tempdir().unwrap();
+    let staging = dst.path().join("staging");
+    let volume = dst.path().join("volume-incoming");
+    fs::create_dir_all(&staging).unwrap();
+    fs::create_dir_all(&volume).unwrap();
+    let unpacked = unpack(bytes.as_slice(), &staging, |m| {
+        assert_eq!(m.volumes[0].name, "data");
+        Ok([("data".to_owned(), volume.clone())].into())
+    })
+    .unwrap();
+    assert_eq!(unpacked.manifest.volumes.len(), 1);
+    assert_eq!(
+        fs::read(volume.join("db/wal/000001.log")).unwrap(),
+        vec![3u8; 70_000]
+    );
+    assert_eq!(
+        fs::read(volume.join("journal")).unwrap(),
+        b"tick=1\ntick=2\n"
+    );
+    assert_eq!(
+        fs::read_link(volume.join("current")).unwrap(),
+        Path::new("db/wal/000001.log")
+    );
+    assert!(
+        !staging.join("volumes").exists(),
+        "volume content goes to the volume, not to staging"
+    );
+
+    // A receiver that has no place for the volume refuses it before writing anything.
+    let dst = tempfile::tempdir().unwrap();
+    let err = unpack(bytes.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap_err();
+    assert!(
+        matches!(&err, ArchiveError::BadManifest(m) if m.contains("\"data\"")),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_archive_without_volumes_stays_version_1_and_version_1_cannot_carry_volumes() {
+    let src = tempfile::tempdir().unwrap();
+    let sources = source_tree(src.path());
+    let plan = plan(&sources).unwrap();
+    let mut v1 = manifest(&["app"], summaries(&plan));
+    v1.format_version = required_version(&v1);
+    assert_eq!(v1.format_version, 1);
+    let mut out = Vec::new();
+    write_archive(&mut out, &v1, &plan).unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    unpack(out.as_slice(), dst.path(), |_| Ok(Default::default())).unwrap();
+
+    let other = tempfile::tempdir().unwrap();
+    let (mut manifest, _) = packed_with_volume(other.path());
+    manifest.format_version = 1;
+    let err = unpack::check_manifest(&manifest).unwrap_err();
+    assert!(
+        matches!(&err, ArchiveError::BadManifest(m) if m.contains("version 2")),
+        "{err}"
+    );
+}
+
+fn refused_in_volume(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> ArchiveError {
+    let summaries = entries
+        .iter()
+        .map(|(p, _, d, _)| EntrySummary {
+            path: (*p).into(),
+            size: d.len() as u64,
+        })
+        .collect();
+    let mut manifest = manifest(&["app"], summaries);
+    manifest.volumes = vec![VolumeManifest {
+        name: "data".into(),
+        kind: "emptyDir".into(),
+        bytes: 0,
+        entries: 0,
+    }];
+    manifest.format_version = 2;
+    let bytes = raw_archive(&manifest, entries);
+    let dst = tempfile::tempdir().unwrap();
+    let staging = dst.path().join("staging");
+    let volume = dst.path().join("volume/in");
+    fs::create_dir_all(&staging).unwrap();
+    fs::create_dir_all(&volume).unwrap();
+    let err = unpack(bytes.as_slice(), &staging, |_| {
+        Ok([("data".to_owned(), volume.clone())].into())
+    })
+    .unwrap_err();
+    assert!(
+        !dst.path().join("outside").exists() && !dst.path().join("volume/outside").exists(),
+        "nothing may be written outside the volume's directory"
+    );
+    err
+}
+
+#[test]
+fn volume_entries_that_escape_or_are_not_files_are_refused() {
+    let dir = ("volumes/data", tar::EntryType::Directory, &b""[..], None);
+    for (entries, what) in [
+        (
+            vec![
+                dir,
+                (
+                    "volumes/data/escape",
+                    tar::EntryType::Symlink,
+                    &b""[..],
+                    Some("../outside"),
+                ),
+            ],
+            "a link out of the volume",
+        ),
+        (
+            vec![
+                dir,
+                (
+                    "volumes/data/../outside",
+                    tar::EntryType::Regular,
+                    b"x",
+                    None,
+                ),
+            ],
+            "a path out of the volume",
+        ),
+        (
+            vec![dir, ("volumes/data/white", tar::EntryType::Char, b"", None)],
+            "a whiteout in a volume",
+        ),
+        (
+            vec![("volumes/data", tar::EntryType::Regular, b"x", None)],
+            "a volume root that is a file",
+        ),
+        (
+            vec![("volumes/other/x", tar::EntryType::Regular, b"x", None)],
+            "a volume not in the manifest",
+        ),
+    ] {
+        let err = refused_in_volume(&entries);
+        assert!(
+            matches!(err, ArchiveError::UnsafeEntry { .. }),
+            "{what}: {err}"
+        );
+    }
 }

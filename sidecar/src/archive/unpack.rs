@@ -1,6 +1,6 @@
 //! Reading an archive into a staging directory, checking every path and every digest.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt as _;
@@ -10,8 +10,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::pack::{description_digest, EntryKind};
 use super::{
-    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, MemoryPart, Trailer,
-    FORMAT_VERSION, MANIFEST_PATH, TRAILER_PATH,
+    criu_prefix, engine_prefix, rootfs_prefix, volume_prefix, ArchiveError, Manifest, MemoryPart,
+    Trailer, MANIFEST_PATH, READABLE_VERSIONS, TRAILER_PATH,
 };
 
 /// What was unpacked.
@@ -41,12 +41,31 @@ fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ArchiveError::BadManifest(format!("{what}: {e}")))
 }
 
-/// Checks a manifest's version and part kinds.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+}
+
+/// Checks a manifest's version, names and part kinds.
 pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
-    if manifest.format_version != FORMAT_VERSION {
+    if !READABLE_VERSIONS.contains(&manifest.format_version) {
         return Err(ArchiveError::UnsupportedVersion {
             found: manifest.format_version,
         });
+    }
+    if manifest.format_version < 2 && !manifest.volumes.is_empty() {
+        return Err(ArchiveError::BadManifest(format!(
+            "a version-{} archive cannot carry volumes (version 2 does)",
+            manifest.format_version
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for v in &manifest.volumes {
+        if !valid_name(&v.name) || !seen.insert(v.name.as_str()) {
+            return Err(ArchiveError::BadManifest(format!(
+                "invalid or repeated volume name {:?}",
+                v.name
+            )));
+        }
     }
     for c in &manifest.containers {
         if c.memory_parts != [MemoryPart::Full] {
@@ -55,7 +74,7 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
                 c.name, c.memory_parts
             )));
         }
-        if c.name.is_empty() || c.name.contains('/') || c.name == "." || c.name == ".." {
+        if !valid_name(&c.name) {
             return Err(ArchiveError::BadManifest(format!(
                 "invalid container name {:?}",
                 c.name
@@ -65,8 +84,19 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// Where an entry may be, and whether it is in a root fs.
-fn check_path(path: &str, manifest: &Manifest) -> Result<bool, ArchiveError> {
+/// Where an entry belongs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    /// CRIU images or engine files: plain files and directories only.
+    Plain,
+    /// A container's root-fs changes (links and whiteouts allowed).
+    RootFs { root: String },
+    /// A pod volume's content (links allowed); `rest` is the path inside the volume.
+    Volume { name: String, root: String },
+}
+
+/// Where an entry may be.
+fn check_path(path: &str, manifest: &Manifest) -> Result<Place, ArchiveError> {
     let refuse = |reason: &str| ArchiveError::UnsafeEntry {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -86,17 +116,29 @@ fn check_path(path: &str, manifest: &Manifest) -> Result<bool, ArchiveError> {
             rootfs_prefix(&c.name),
             engine_prefix(&c.name),
         );
-        let under = |prefix: &str| path == prefix || path.starts_with(&format!("{prefix}/"));
-        if under(&criu) || under(&engine) {
-            return Ok(false);
+        if under(path, &criu) || under(path, &engine) {
+            return Ok(Place::Plain);
         }
-        if under(&rootfs) {
-            return Ok(true);
+        if under(path, &rootfs) {
+            return Ok(Place::RootFs { root: rootfs });
+        }
+    }
+    for v in &manifest.volumes {
+        let root = volume_prefix(&v.name);
+        if under(path, &root) {
+            return Ok(Place::Volume {
+                name: v.name.clone(),
+                root,
+            });
         }
     }
     Err(refuse(
-        "not under containers/<name>/criu, rootfs or engine of a container in the manifest",
+        "not under containers/<name>/criu, rootfs or engine of a container in the manifest, nor under volumes/<name> of a volume in it",
     ))
+}
+
+fn under(path: &str, prefix: &str) -> bool {
+    path == prefix || path.starts_with(&format!("{prefix}/"))
 }
 
 /// No component between `root` and `path` may be a symlink: writing through one could land
@@ -122,32 +164,27 @@ fn check_no_symlink_parents(
     Ok(())
 }
 
-/// A relative symlink target must stay inside the root fs it is in.
-fn check_link_target(
-    archive_path: &str,
-    target: &Path,
-    in_rootfs: bool,
-    manifest: &Manifest,
-) -> Result<(), ArchiveError> {
+/// A relative symlink target must stay inside the root fs or volume it is in.
+fn check_link_target(archive_path: &str, target: &Path, place: &Place) -> Result<(), ArchiveError> {
     let refuse = |reason: &str| ArchiveError::UnsafeEntry {
         path: archive_path.to_owned(),
         reason: reason.to_owned(),
     };
-    if !in_rootfs {
-        return Err(refuse("symlinks are only allowed in a root fs"));
+    let root = match place {
+        Place::RootFs { root } | Place::Volume { root, .. } => root,
+        Place::Plain => return Err(refuse("symlinks are only allowed in a root fs or a volume")),
+    };
+    if archive_path == root {
+        return Err(refuse(
+            "the root of a root fs or a volume must be a directory",
+        ));
     }
     if target.is_absolute() {
         // Resolved against the container's root at run time; never followed here.
         return Ok(());
     }
-    let root = manifest
-        .containers
-        .iter()
-        .map(|c| rootfs_prefix(&c.name))
-        .find(|p| archive_path.starts_with(&format!("{p}/")))
-        .ok_or_else(|| refuse("symlink outside a root fs"))?;
     let link_dir_depth = Path::new(archive_path)
-        .strip_prefix(&root)
+        .strip_prefix(root)
         .map(|p| p.components().count().saturating_sub(1))
         .unwrap_or(0) as i64;
     let mut depth = link_dir_depth;
@@ -159,19 +196,23 @@ fn check_link_target(
             _ => return Err(refuse("symlink target has an unexpected component")),
         }
         if depth < 0 {
-            return Err(refuse("symlink points out of the container's root fs"));
+            return Err(refuse("symlink points out of its root fs or volume"));
         }
     }
     Ok(())
 }
 
+/// Where each volume of the archive is written: an existing, empty directory per volume name.
+pub type VolumeDirs = BTreeMap<String, PathBuf>;
+
 /// Reads the whole archive from `reader` into `staging` (which must exist and be empty),
-/// calling `on_manifest` as soon as the manifest is read (to refuse early). Every entry is
-/// checked and hashed; the trailer must match exactly. On error, the caller removes `staging`.
+/// calling `on_manifest` as soon as the manifest is read (to refuse early, and to say where
+/// each volume goes). Every entry is checked and hashed; the trailer must match exactly. On
+/// error, the caller removes `staging` and the volume directories.
 pub fn unpack<R: Read>(
     reader: R,
     staging: &Path,
-    on_manifest: impl FnOnce(&Manifest) -> Result<(), ArchiveError>,
+    on_manifest: impl FnOnce(&Manifest) -> Result<VolumeDirs, ArchiveError>,
 ) -> Result<Unpacked, ArchiveError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries = archive
@@ -197,7 +238,17 @@ pub fn unpack<R: Read>(
         read_json(&mut first, size, MANIFEST_PATH)?
     };
     check_manifest(&manifest)?;
-    on_manifest(&manifest)?;
+    let volume_dirs = on_manifest(&manifest)?;
+    if let Some(v) = manifest
+        .volumes
+        .iter()
+        .find(|v| !volume_dirs.contains_key(&v.name))
+    {
+        return Err(ArchiveError::BadManifest(format!(
+            "the receiver has no place for volume {:?}",
+            v.name
+        )));
+    }
 
     let mut digests: Vec<(String, String)> = Vec::new();
     let mut content_bytes = 0u64;
@@ -226,11 +277,29 @@ pub fn unpack<R: Read>(
             trailer = Some(read_json(&mut entry, size, TRAILER_PATH)?);
             continue;
         }
-        let in_rootfs = check_path(&path, &manifest)?;
-        let relative = PathBuf::from(&path);
-        check_no_symlink_parents(staging, &relative, &path)?;
-        let destination = staging.join(&relative);
+        let place = check_path(&path, &manifest)?;
+        let (base, relative) = match &place {
+            Place::Volume { name, root } => (
+                volume_dirs[name].as_path(),
+                Path::new(&path)
+                    .strip_prefix(root)
+                    .unwrap_or(Path::new(""))
+                    .to_owned(),
+            ),
+            _ => (staging, PathBuf::from(&path)),
+        };
+        check_no_symlink_parents(base, &relative, &path)?;
+        let destination = base.join(&relative);
         let header = entry.header().clone();
+        if matches!(place, Place::Volume { .. })
+            && relative.as_os_str().is_empty()
+            && header.entry_type() != tar::EntryType::Directory
+        {
+            return Err(ArchiveError::UnsafeEntry {
+                path,
+                reason: "the root of a volume must be a directory".into(),
+            });
+        }
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let io = |action, e| ArchiveError::io(action, &path, e);
         let digest = match header.entry_type() {
@@ -270,13 +339,13 @@ pub fn unpack<R: Read>(
                         reason: "symlink without target".into(),
                     })?
                     .into_owned();
-                check_link_target(&path, &target, in_rootfs, &manifest)?;
+                check_link_target(&path, &target, &place)?;
                 std::os::unix::fs::symlink(&target, &destination)
                     .map_err(|e| io("create symlink", e))?;
                 description_digest(&EntryKind::Symlink(target))
             }
             tar::EntryType::Char
-                if in_rootfs
+                if matches!(place, Place::RootFs { .. })
                     && header.device_major().ok().flatten() == Some(0)
                     && header.device_minor().ok().flatten() == Some(0) =>
             {
