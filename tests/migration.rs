@@ -854,6 +854,143 @@ async fn ambassador_exits_with_the_nested_exit_code(kind: EngineKind) {
     assert_eq!((status, probe["exitCode"].as_i64()), (503, Some(3)));
 }
 
+/// Annotations of a one-workload pod with pod volumes (name, kind); the workload mounts the
+/// first at `/data` and keeps a journal there.
+fn pod_with_volumes(
+    kind: EngineKind,
+    mode: &str,
+    volumes: &[(&str, &str)],
+) -> std::collections::BTreeMap<String, String> {
+    let workload = WorkloadContainer {
+        name: "app",
+        image: registry_workload_image(),
+        mib: 16,
+        seed: 5,
+        env: vec![("WORKLOAD_JOURNAL", "/data/journal")],
+        pull_policy: None,
+    };
+    let mut annotations = pod_annotations(&[workload], mode);
+    let mut containers: Value = serde_json::from_str(&annotations["migration-containers"]).unwrap();
+    containers[0]["volumeMounts"] = json!([{"name": volumes[0].0, "mountPath": "/data"}]);
+    annotations.insert("migration-containers".into(), containers.to_string());
+    let paths: Vec<String> = volumes.iter().map(|(n, _)| format!("/mount/{n}")).collect();
+    let kinds: std::collections::BTreeMap<&str, &str> = volumes.iter().copied().collect();
+    annotations.insert("migration-volumes".into(), json!(paths).to_string());
+    annotations.insert("migration-volume-kinds".into(), json!(kinds).to_string());
+    let interface = if kind == EngineKind::Podman {
+        "pind"
+    } else {
+        "dind"
+    };
+    annotations.insert("migration-interface".into(), interface.into());
+    annotations
+}
+
+async fn volumes_travel_by_kind_and_choice(kind: EngineKind) {
+    // The source pod has a pod-local volume (emptyDir, the workload's journal in it) and a
+    // shared one (a claim both clusters would mount); the destination pod has only the first.
+    let source = RuntimePod::start_with_volumes(
+        kind,
+        &pod_with_volumes(
+            kind,
+            "active",
+            &[("data", "emptyDir"), ("shared", "persistentVolumeClaim")],
+        ),
+        Some(TOKEN),
+        &["data", "shared"],
+    );
+    let destination = RuntimePod::start_with_volumes(
+        kind,
+        &pod_with_volumes(kind, "passive", &[("data", "emptyDir")]),
+        Some(TOKEN),
+        &["data"],
+    );
+    probe_until(&source, "app", 200, "running").await;
+    probe_until(&destination, "app", 204, "created (passive)").await;
+    ticks_at_least(&source, "app", 120).await;
+    std::fs::create_dir_all(source.volume_dir("data").join("nested/dir")).unwrap();
+    std::fs::write(source.volume_dir("data").join("nested/dir/file"), "kept\n").unwrap();
+    std::fs::write(source.volume_dir("shared").join("claim-file"), "shared\n").unwrap();
+    std::fs::write(destination.volume_dir("data").join("stale"), "old\n").unwrap();
+
+    // A volume the destination pod does not have: refused in the preflight, nothing frozen.
+    let (status, refused) = source
+        .post(
+            "/migrate",
+            &json!({"destination": destination.url, "volumes": {"include": ["shared"]}}),
+        )
+        .await;
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["error"].as_str().unwrap();
+    assert!(
+        message.contains("\"shared\"") && message.contains("preflight"),
+        "{refused}"
+    );
+    assert_eq!(refused["detail"]["sourceState"], "untouched", "{refused}");
+    // A volume the pod does not have at all: the caller's mistake.
+    let (status, bad) = source
+        .post(
+            "/migrate",
+            &json!({"destination": destination.url, "volumes": {"exclude": ["nope"]}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("\"nope\""), "{bad}");
+    probe_until(&source, "app", 200, "still running at the source").await;
+
+    // By default the emptyDir travels and the claim stays.
+    let follower = source.follow_output("app");
+    let (status, report) = source
+        .post("/migrate", &json!({"destination": destination.url}))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let carried: Vec<&str> = report["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(carried, ["data"], "{report}");
+    let last = ticks(&follower.await.unwrap()).last().unwrap().tick;
+    assert_continues(&destination, "app", last, 16).await;
+
+    let arrived = destination.volume_dir("data");
+    assert_eq!(
+        std::fs::read_to_string(arrived.join("nested/dir/file")).unwrap(),
+        "kept\n"
+    );
+    assert!(
+        !arrived.join("stale").exists(),
+        "the destination's volume holds exactly the source's content"
+    );
+    assert!(
+        std::fs::read_dir(&arrived).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".ums-incoming")),
+        "no incoming directory is left in the volume"
+    );
+    // The journal the process kept open goes on from where it was, without a gap.
+    let (journal, lines) = poll(
+        "the journal to go on at the destination",
+        Duration::from_secs(60),
+        || async {
+            let journal = std::fs::read_to_string(arrived.join("journal")).unwrap();
+            let lines: Vec<u64> = journal
+                .lines()
+                .map(|l| l.strip_prefix("tick=").unwrap().parse().unwrap())
+                .collect();
+            (lines.last().is_some_and(|t| *t > last + 50)).then_some((journal, lines))
+        },
+    )
+    .await;
+    assert_eq!(lines[0], 0, "{journal}");
+    for pair in lines.windows(2) {
+        assert_eq!(pair[1], pair[0] + 50, "gap in the journal: {journal}");
+    }
+}
+
 macro_rules! engine_suite {
     ($module:ident, $kind:expr) => {
         mod $module {
@@ -913,6 +1050,10 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread")]
             async fn bad_requests_get_json_errors() {
                 super::bad_requests_get_json_errors($kind).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn volumes_travel_by_kind_and_choice() {
+                super::volumes_travel_by_kind_and_choice($kind).await
             }
         }
     };

@@ -72,6 +72,17 @@ impl RuntimePod {
         annotations: &BTreeMap<String, String>,
         token: Option<&str>,
     ) -> Self {
+        Self::start_with_volumes(kind, annotations, token, &[])
+    }
+
+    /// [`RuntimePod::start`], with pod volumes: a host directory each (see
+    /// [`RuntimePod::volume_dir`]), mounted at `/mount/<volume>` as the webhook mounts them.
+    pub fn start_with_volumes(
+        kind: EngineKind,
+        annotations: &BTreeMap<String, String>,
+        token: Option<&str>,
+        volumes: &[&str],
+    ) -> Self {
         let image = Self::image(kind);
         outer::require_image(image);
         let registry = Registry::shared();
@@ -79,6 +90,9 @@ impl RuntimePod {
         let dir = PathBuf::from(format!("/tmp/{name}"));
         for sub in ["podinfo", "secrets", "engine"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        for v in volumes {
+            std::fs::create_dir_all(dir.join("volumes").join(v)).unwrap();
         }
         let podinfo = dir.join("podinfo/annotations");
         write_podinfo(&podinfo, annotations);
@@ -100,6 +114,12 @@ impl RuntimePod {
             "--env".into(),
             "RUST_LOG=info,ums_sidecar=debug".into(),
         ]);
+        for v in volumes {
+            args.extend([
+                "--volume".into(),
+                volume(&format!("volumes/{v}"), &format!("/mount/{v}"), "rw"),
+            ]);
+        }
         if let Some(token) = token {
             std::fs::write(dir.join("secrets/token"), token).unwrap();
             args.extend(["--env".into(), "UMS_TOKEN_FILE=/etc/ums/token".into()]);
@@ -236,6 +256,11 @@ impl RuntimePod {
     }
 
     /// Nested container names.
+    /// The host directory of pod volume `name` (mounted at `/mount/<name>`).
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("volumes").join(name)
+    }
+
     pub fn container_names(&self) -> Vec<String> {
         self.cli(&["ps", "--all", "--format", "{{.Names}}"])
             .lines()
