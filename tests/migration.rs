@@ -774,12 +774,30 @@ async fn bad_requests_get_json_errors(kind: EngineKind) {
     }
 }
 
-async fn missing_image_is_refused_before_freezing(kind: EngineKind) {
+async fn missing_image_travels_with_the_migration(kind: EngineKind) {
+    // The image exists only in the source's engine (imagePullPolicy: Never): the passive
+    // destination cannot create its container and waits for a migration to bring the image.
     let pair = pair_of(kind, kind, &[("app", 16, 12)], false, &[]).await;
+    probe_until(
+        &pair.destination,
+        "app",
+        204,
+        "awaiting its image (passive)",
+    )
+    .await;
+    let (_, probe) = pair.destination.get("/probe/app").await;
+    assert_eq!(probe["state"], "awaiting", "{probe}");
+    let (_, listed) = pair.source.get("/containers").await;
+    let source_image_id = listed[0]["imageId"].as_str().unwrap().to_owned();
+
+    // Told not to send images, the source is refused in the preflight, nothing frozen.
     let before = ticks_at_least(&pair.source, "app", 10).await.len();
     let (status, body) = pair
         .source
-        .post("/migrate", &json!({ "destination": pair.destination.url }))
+        .post(
+            "/migrate",
+            &json!({ "destination": pair.destination.url, "images": "never" }),
+        )
         .await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["detail"]["phase"], "preflight", "{body}");
@@ -791,6 +809,25 @@ async fn missing_image_is_refused_before_freezing(kind: EngineKind) {
         "{message}"
     );
     ticks_at_least(&pair.source, "app", before + 20).await;
+
+    // By default the preflight reports the missing image and the source sends it.
+    let follower = pair.source.follow_output("app");
+    let (status, report) = pair
+        .source
+        .post("/migrate", &json!({ "destination": pair.destination.url }))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let images = report["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{report}");
+    assert_eq!(images[0]["image"], "ums-test/local-only:1");
+    assert_eq!(images[0]["imageId"], source_image_id.as_str());
+    assert!(images[0]["bytes"].as_u64().unwrap() > 100_000, "{report}");
+    let last = ticks(&follower.await.unwrap()).last().unwrap().tick;
+    assert_continues(&pair.destination, "app", last, 16).await;
+    // Loaded with the same ID: the restored container runs the source's very image.
+    let (_, listed) = pair.destination.get("/containers").await;
+    assert_eq!(listed[0]["imageId"], source_image_id.as_str(), "{listed}");
+    assert_eq!(listed[0]["state"], "running", "{listed}");
 }
 
 /// A Docker checkpoint cannot be restored by Podman (nor the other way round): refused in
@@ -1040,8 +1077,8 @@ macro_rules! engine_suite {
                 super::concurrent_migrate_is_refused($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
-            async fn missing_image_is_refused_before_freezing() {
-                super::missing_image_is_refused_before_freezing($kind).await
+            async fn missing_image_travels_with_the_migration() {
+                super::missing_image_travels_with_the_migration($kind).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn ambassador_exits_with_the_nested_exit_code() {

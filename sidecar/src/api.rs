@@ -218,7 +218,13 @@ async fn checkpoint(
         .await?;
     let id = new_id("c");
     let dump = sidecar
-        .freeze_and_dump(selected, &volumes, &id, query.leave_running)
+        .freeze_and_dump(
+            selected,
+            &volumes,
+            &Default::default(),
+            &id,
+            query.leave_running,
+        )
         .await
         .map_err(|f| {
             f.error
@@ -261,8 +267,8 @@ async fn preflight(
             "a checkpoint, restore or migration is in progress at the destination",
         ));
     }
-    sidecar.preflight(&request).await?;
-    Ok(Json(serde_json::json!({ "ok": true })).into_response())
+    let answer = sidecar.preflight(&request).await?;
+    Ok(Json(answer).into_response())
 }
 
 #[derive(Debug, Deserialize)]

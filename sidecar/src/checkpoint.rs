@@ -11,10 +11,11 @@ use tokio_util::io::{ReaderStream, SyncIoBridge};
 use crate::archive::pack::{plan, summaries, write_archive, PackSource, PlannedEntry};
 use crate::archive::{
     criu_prefix, engine_prefix, required_version, rootfs_prefix, volume_prefix, ContainerManifest,
-    Manifest, MemoryPart, VolumeManifest,
+    Manifest, MemoryPart, VolumeManifest, IMAGES_PREFIX,
 };
 use crate::engine::ContainerInfo;
 use crate::error::{chain, ApiError};
+use crate::images::SavedImages;
 use crate::nested::{Phase, Sidecar};
 use crate::tcp::{established_connections, TcpConnection};
 use crate::volumes::PodVolume;
@@ -138,6 +139,7 @@ impl Sidecar {
         &self,
         selected: Vec<ContainerInfo>,
         volumes: &[PodVolume],
+        images: &SavedImages,
         migration_id: &str,
         leave_running: bool,
     ) -> Result<Dump, DumpFailure> {
@@ -174,6 +176,7 @@ impl Sidecar {
             .dump_all(
                 &mut progress,
                 volumes,
+                images,
                 migration_id,
                 leave_running,
                 &pod,
@@ -195,6 +198,7 @@ impl Sidecar {
         &self,
         progress: &mut [Progress],
         volumes: &[PodVolume],
+        images: &SavedImages,
         migration_id: &str,
         leave_running: bool,
         pod: &crate::podinfo::PodState,
@@ -299,6 +303,13 @@ impl Sidecar {
             });
             planned.extend(volume_plan);
         }
+        // The images saved before the freeze, for a destination that lacks them.
+        if let Some(dir) = &images.dir {
+            planned.extend(plan(&[PackSource {
+                prefix: IMAGES_PREFIX.to_owned(),
+                dir: dir.clone(),
+            }])?);
+        }
         let freeze_dump_ms = ms(frozen_at.elapsed());
         if leave_running {
             for p in progress.iter_mut() {
@@ -317,6 +328,7 @@ impl Sidecar {
             source,
             containers: manifests,
             volumes: volume_manifests,
+            images: images.images.clone(),
             entries: summaries(&plan),
         };
         manifest.format_version = required_version(&manifest);

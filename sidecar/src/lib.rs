@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod images;
 pub mod migrate;
 pub mod nested;
 pub mod openapi;

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{archive_stream, ms, new_id, unix_ms, DumpedContainer};
 use crate::error::{chain, ApiError};
+use crate::images::{images_to_send, SendImages};
 use crate::nested::Sidecar;
-use crate::restore::{PreflightContainer, PreflightRequest, RestoreReport, SidecarInfo};
+use crate::restore::{
+    PreflightAnswer, PreflightContainer, PreflightRequest, RestoreReport, SidecarInfo,
+};
 use crate::volumes::VolumeChoice;
 
 /// The body of `POST /migrate`.
@@ -35,6 +38,10 @@ pub struct MigrateRequest {
     /// (`exclude`), by pod volume name.
     #[serde(default)]
     pub volumes: VolumeChoice,
+    /// Images to send in the archive: `auto` (default: those the destination lacks),
+    /// `always`, or `never` (a destination without an image refuses).
+    #[serde(default)]
+    pub images: SendImages,
 }
 
 /// Totals of a migration.
@@ -46,6 +53,9 @@ pub struct MigrationTotals {
     /// Bytes of file content carried (CRIU images + root-fs changes).
     pub content_bytes: u64,
     pub preflight_ms: u64,
+    /// Saving the images to send, before the freeze (part of preflightMs' wait, not of the
+    /// downtime).
+    pub image_save_ms: u64,
     pub freeze_dump_ms: u64,
     pub transfer_ms: u64,
     pub restore_ms: u64,
@@ -82,6 +92,8 @@ pub struct MigrationReport {
     pub containers: Vec<MigratedContainer>,
     /// The pod volumes carried.
     pub volumes: Vec<crate::archive::VolumeManifest>,
+    /// The images sent because the destination lacked them (or `images: always`).
+    pub images: Vec<crate::archive::ImageManifest>,
     pub totals: MigrationTotals,
     /// Problems cleaning up the source after success (the service runs at the destination).
     pub cleanup_warnings: Vec<String>,
@@ -217,7 +229,6 @@ impl Sidecar {
         }
         let preflight = PreflightRequest {
             format_version,
-            volumes: volumes.iter().map(|v| v.name.clone()).collect(),
             source: self.engine_info().await?,
             containers: selected
                 .iter()
@@ -227,6 +238,8 @@ impl Sidecar {
                     image_id: c.image_id.clone(),
                 })
                 .collect(),
+            volumes: volumes.iter().map(|v| v.name.clone()).collect(),
+            images_sendable: request.images != SendImages::Never,
         };
         let response = authorized(
             http.post(format!("{destination}/restore/preflight"))
@@ -248,19 +261,56 @@ impl Sidecar {
                 vec![],
             ));
         }
+        let answer: PreflightAnswer = response.json().await.map_err(|e| {
+            failed(
+                StatusCode::BAD_GATEWAY,
+                "preflight",
+                format!("destination's preflight answer is unreadable: {e}"),
+                vec![],
+            )
+        })?;
         // Connections this engine cannot carry are refused here, before the freeze.
         self.tcp_survey(&selected)
+            .await
+            .map_err(|e| failed(e.status, "preflight", e.error, vec![]))?;
+        // Images the destination lacks are saved now, before anything is frozen.
+        let wanted: Vec<String> = match request.images {
+            SendImages::Never => vec![],
+            SendImages::Auto => answer.missing_images.clone(),
+            SendImages::Always => selected.iter().map(|c| c.image.clone()).collect(),
+        };
+        let to_send = images_to_send(&selected, &wanted);
+        if !to_send.is_empty() && !destination_info.format_versions.contains(&2) {
+            return Err(failed(
+                StatusCode::CONFLICT,
+                "preflight",
+                format!(
+                    "the destination lacks {wanted:?} and reads archive versions {:?}: sending images needs version 2",
+                    destination_info.format_versions
+                ),
+                vec![],
+            ));
+        }
+        let images = self
+            .save_images(&to_send, &migration_id)
             .await
             .map_err(|e| failed(e.status, "preflight", e.error, vec![]))?;
         let preflight_ms = ms(started.elapsed());
 
         // 2. Freeze every container, then dump each.
         let dump = match self
-            .freeze_and_dump(selected, &volumes, &migration_id, request.leave_running)
+            .freeze_and_dump(
+                selected,
+                &volumes,
+                &images,
+                &migration_id,
+                request.leave_running,
+            )
             .await
         {
             Ok(dump) => dump,
             Err(failure) => {
+                images.remove().await;
                 return Err(failed(
                     StatusCode::BAD_GATEWAY,
                     "freeze/dump",
@@ -283,6 +333,7 @@ impl Sidecar {
         }
         let outcome = post.send().await;
         let written = writer.await.map_err(|e| e.to_string()).and_then(|r| r);
+        images.remove().await;
         let restore_report = match outcome {
             Ok(response) if response.status().is_success() => {
                 match response.json::<RestoreReport>().await {
@@ -367,10 +418,12 @@ impl Sidecar {
             source_left_running: dump.leave_running,
             containers,
             volumes: dump.manifest.volumes.clone(),
+            images: dump.manifest.images.clone(),
             totals: MigrationTotals {
                 bytes_sent,
                 content_bytes: restore_report.content_bytes,
                 preflight_ms,
+                image_save_ms: images.save_ms,
                 freeze_dump_ms: dump.freeze_dump_ms,
                 transfer_ms: round_trip_ms.saturating_sub(restore_report.restore_ms),
                 restore_ms: restore_report.restore_ms,

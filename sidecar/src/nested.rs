@@ -22,6 +22,9 @@ pub enum Phase {
     Migrating,
     /// Moved to another pod; it is not recreated here.
     Migrated,
+    /// Passive, and its image is neither here nor pullable: the pod waits for a migration to
+    /// bring the image with the checkpoint.
+    Awaiting,
 }
 
 /// The sidecar's shared state.
@@ -138,7 +141,7 @@ impl Sidecar {
                 "container {name:?} is being checkpointed or restored; try again when it is done"
             )))
             }
-            None => {}
+            Some(Phase::Awaiting) | None => {}
         }
         let pod = self.podinfo.read().await?;
         let start_mode = pod.start_mode();
@@ -182,7 +185,23 @@ impl Sidecar {
         }
         let lookup = |var: &str| std::env::var(var).ok();
         let spec = translate(original, pod.volumes(), &lookup)?;
-        let created = self.engine.create(&spec).await?;
+        let created = match self.engine.create(&spec).await {
+            Ok(created) => created,
+            // A passive pod is a restore target: an image it cannot get comes with the
+            // migration, so it waits instead of failing.
+            Err(
+                e @ (crate::engine::EngineError::PullFailed { .. }
+                | crate::engine::EngineError::ImageMissing { .. }),
+            ) if start_mode == StartMode::Passive => {
+                tracing::warn!(container = name, error = %e, "passive: the image is not here; waiting for a migration to bring it");
+                self.set_phase(name, Some(Phase::Awaiting));
+                return Ok((StatusCode::ACCEPTED, outcome("awaiting", None)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if self.phase(name) == Some(Phase::Awaiting) {
+            self.set_phase(name, None);
+        }
         if start_mode == StartMode::Active {
             self.engine.start(name).await?;
             let started = self.engine.inspect(name).await?;
@@ -196,7 +215,8 @@ impl Sidecar {
         Ok((StatusCode::CREATED, outcome("created", Some(created))))
     }
 
-    /// 200 running (or migrating/migrated), 204 created, 503 exited, 404 unknown.
+    /// 200 running (or migrating/migrated), 204 created (or passive and awaiting its image
+    /// from a migration), 503 exited, 404 unknown.
     pub async fn probe(&self, name: &str) -> Result<ProbeOutcome, ApiError> {
         let probe = |status, state: &str, exit_code| ProbeOutcome {
             status,
@@ -207,9 +227,12 @@ impl Sidecar {
         match self.phase(name) {
             Some(Phase::Migrated) => return Ok(probe(StatusCode::OK, "migrated", None)),
             Some(Phase::Migrating) => return Ok(probe(StatusCode::OK, "migrating", None)),
-            None => {}
+            Some(Phase::Awaiting) | None => {}
         }
         let Some(info) = self.engine.inspect(name).await? else {
+            if self.phase(name) == Some(Phase::Awaiting) {
+                return Ok(probe(StatusCode::NO_CONTENT, "awaiting", None));
+            }
             return Err(ApiError::not_found(format!("no nested container {name:?}")));
         };
         Ok(match info.state.as_str() {

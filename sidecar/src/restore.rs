@@ -30,6 +30,20 @@ pub struct PreflightRequest {
     /// Pod volumes the archive will carry: each must be a volume of this pod.
     #[serde(default)]
     pub volumes: Vec<String>,
+    /// The source can send images this destination lacks (they are then reported, not
+    /// refused).
+    #[serde(default)]
+    pub images_sendable: bool,
+}
+
+/// A preflight's yes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreflightAnswer {
+    pub ok: bool,
+    /// Images this destination lacks, which the source must send.
+    #[serde(default)]
+    pub missing_images: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,8 +146,10 @@ impl Sidecar {
         })
     }
 
-    /// Answers whether an archive like this could be restored here now.
-    pub async fn preflight(&self, request: &PreflightRequest) -> Result<(), ApiError> {
+    /// Answers whether an archive like this could be restored here now, and which images
+    /// it must bring.
+    pub async fn preflight(&self, request: &PreflightRequest) -> Result<PreflightAnswer, ApiError> {
+        let mut missing_images = Vec::new();
         let here = self.engine_info().await?;
         let mut problems = compatibility_problems(&request.source, &here, request.format_version);
         if !request.volumes.is_empty() {
@@ -149,8 +165,13 @@ impl Sidecar {
         }
         for c in &request.containers {
             match self.engine.image_id(&c.image).await? {
+                None if request.images_sendable => {
+                    if !missing_images.contains(&c.image) {
+                        missing_images.push(c.image.clone());
+                    }
+                }
                 None => problems.push(format!(
-                    "image {:?} of container {:?} is not present at the destination",
+                    "image {:?} of container {:?} is not present at the destination (the source may send it: images \"auto\")",
                     c.image, c.name
                 )),
                 Some(id) if id != c.image_id => problems.push(format!(
@@ -169,7 +190,10 @@ impl Sidecar {
             }
         }
         if problems.is_empty() {
-            Ok(())
+            Ok(PreflightAnswer {
+                ok: true,
+                missing_images,
+            })
         } else {
             Err(ApiError::conflict(format!(
                 "destination cannot restore this archive: {}",
@@ -287,6 +311,8 @@ impl Sidecar {
         let pod = self.podinfo.read().await.ok();
         let lookup = |var: &str| std::env::var(var).ok();
         let started = Instant::now();
+        // Images the source sent, loaded (same ID) before anything is restored.
+        self.load_images(manifest, staging).await?;
         // Every digest is verified (unpack); check every container before starting any.
         let mut specs = Vec::new();
         for c in &manifest.containers {
@@ -313,7 +339,23 @@ impl Sidecar {
                 .as_ref()
                 .map(|p| p.volumes().to_vec())
                 .unwrap_or_default();
-            specs.push(translate(original, &volumes, &lookup)?);
+            let mut spec = translate(original, &volumes, &lookup)?;
+            // The checkpoint needs exactly the source's image: present here with its ID (it
+            // came in the archive or was there), never pulled at this point.
+            match self.engine.image_id(&spec.image).await? {
+                Some(id) if id == c.image_id => {}
+                other => {
+                    return Err(ApiError::conflict(format!(
+                        "image {:?} of container {:?} is {} here, the checkpoint needs {}",
+                        spec.image,
+                        c.name,
+                        other.unwrap_or_else(|| "not present".into()),
+                        c.image_id
+                    )))
+                }
+            }
+            spec.pull_policy = crate::spec::PullPolicy::Never;
+            specs.push(spec);
         }
         let mut containers = Vec::new();
         for (c, spec) in manifest.containers.iter().zip(&specs) {

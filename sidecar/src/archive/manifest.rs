@@ -9,13 +9,13 @@ use crate::engine::EngineInfo;
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Every version this build reads: a version-1 archive is a version-2 archive without
-/// volumes.
+/// volumes and images.
 pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 /// The lowest version that can carry `manifest`'s content (an older destination still reads
-/// an archive that needs nothing newer): 2 with volumes, else 1.
+/// an archive that needs nothing newer): 2 with volumes or images, else 1.
 pub fn required_version(manifest: &Manifest) -> u32 {
-    if manifest.volumes.is_empty() {
+    if manifest.volumes.is_empty() && manifest.images.is_empty() {
         1
     } else {
         2
@@ -35,6 +35,9 @@ pub struct Manifest {
     /// The pod volumes carried (version 2), under `volumes/<name>/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeManifest>,
+    /// Images the destination lacked, as `docker save` tars (version 2), under `images/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<ImageManifest>,
     /// Every entry between the manifest and the trailer, in order.
     pub entries: Vec<EntrySummary>,
 }
@@ -74,6 +77,19 @@ pub struct VolumeManifest {
     pub bytes: u64,
     /// Entries (files, directories, links) under it.
     pub entries: u64,
+}
+
+/// One image of the archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageManifest {
+    /// The reference the containers use.
+    pub image: String,
+    /// Its ID at the source; the destination must have this ID after loading it.
+    pub image_id: String,
+    /// The archive entry holding the `docker save` tar (`images/<n>.tar`).
+    pub path: String,
+    pub bytes: u64,
 }
 
 /// One part of a container's memory.

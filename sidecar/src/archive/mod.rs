@@ -12,6 +12,8 @@
 //! ...                                (every container, in manifest order)
 //! volumes/<volume>/<path>            the content of pod volume <volume> (version 2)
 //! ...                                (every volume of the manifest's `volumes`)
+//! images/<n>.tar                     an image the destination lacks, as `docker save` writes
+//!                                    it (version 2; the manifest's `images`)
 //! ums-archive/trailer.json           last entry: the SHA-256 of every entry above
 //! ```
 //!
@@ -49,7 +51,7 @@
 //! | version | adds |
 //! |---|---|
 //! | 1 | containers: CRIU images, root-fs changes, engine files; trailer of digests |
-//! | 2 | `volumes` in the manifest, `volumes/<name>/` entries |
+//! | 2 | `volumes` and `images` in the manifest, `volumes/<name>/` and `images/<n>.tar` entries |
 
 pub mod manifest;
 pub mod pack;
@@ -59,8 +61,8 @@ pub mod unpack;
 mod tests;
 
 pub use manifest::{
-    required_version, ContainerManifest, EntrySummary, Manifest, MemoryPart, Trailer,
-    VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
+    required_version, ContainerManifest, EntrySummary, ImageManifest, Manifest, MemoryPart,
+    Trailer, VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
 };
 
 /// Path of the manifest entry.
@@ -81,6 +83,14 @@ pub fn engine_prefix(container: &str) -> String {
 /// Archive prefix of a container's root-fs changes.
 pub fn rootfs_prefix(container: &str) -> String {
     format!("containers/{container}/rootfs")
+}
+
+/// Archive directory of the images.
+pub const IMAGES_PREFIX: &str = "images";
+
+/// Archive path of the `index`th image.
+pub fn image_path(index: usize) -> String {
+    format!("{IMAGES_PREFIX}/{index}.tar")
 }
 
 /// Archive prefix of a pod volume's content.

@@ -45,6 +45,7 @@ fn manifest(names: &[&str], entries: Vec<EntrySummary>) -> Manifest {
             })
             .collect(),
         volumes: vec![],
+        images: vec![],
         entries,
     }
 }
@@ -502,4 +503,54 @@ fn volume_entries_that_escape_or_are_not_files_are_refused() {
             "{what}: {err}"
         );
     }
+}
+
+#[test]
+fn images_are_carried_only_where_the_manifest_lists_them() {
+    let dir = ("images", tar::EntryType::Directory, &b""[..], None);
+    let image = (
+        "images/0.tar",
+        tar::EntryType::Regular,
+        &b"saved image"[..],
+        None,
+    );
+    let summaries = vec![
+        EntrySummary {
+            path: "images".into(),
+            size: 0,
+        },
+        EntrySummary {
+            path: "images/0.tar".into(),
+            size: 11,
+        },
+    ];
+    let mut with_image = manifest(&["app"], summaries.clone());
+    with_image.images = vec![ImageManifest {
+        image: "reg/app:1".into(),
+        image_id: "sha256:1".into(),
+        path: image_path(0),
+        bytes: 11,
+    }];
+    with_image.format_version = required_version(&with_image);
+    assert_eq!(with_image.format_version, 2);
+    // Accepted as far as the trailer (this raw archive has none): the entry itself is fine.
+    let dst = tempfile::tempdir().unwrap();
+    let err = unpack(
+        raw_archive(&with_image, &[dir, image]).as_slice(),
+        dst.path(),
+        |_| Ok(Default::default()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ArchiveError::BadTrailer(_)), "{err}");
+    assert_eq!(
+        fs::read(dst.path().join("images/0.tar")).unwrap(),
+        b"saved image"
+    );
+    // Not listed: refused.
+    let err = refused(&[dir, image]);
+    assert!(matches!(err, ArchiveError::UnsafeEntry { .. }), "{err}");
+    // Listed at another path: the manifest is refused.
+    with_image.images[0].path = "images/../x".into();
+    let err = unpack::check_manifest(&with_image).unwrap_err();
+    assert!(matches!(err, ArchiveError::BadManifest(_)), "{err}");
 }

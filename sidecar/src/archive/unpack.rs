@@ -10,8 +10,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::pack::{description_digest, EntryKind};
 use super::{
-    criu_prefix, engine_prefix, rootfs_prefix, volume_prefix, ArchiveError, Manifest, MemoryPart,
-    Trailer, MANIFEST_PATH, READABLE_VERSIONS, TRAILER_PATH,
+    criu_prefix, engine_prefix, image_path, rootfs_prefix, volume_prefix, ArchiveError, Manifest,
+    MemoryPart, Trailer, IMAGES_PREFIX, MANIFEST_PATH, READABLE_VERSIONS, TRAILER_PATH,
 };
 
 /// What was unpacked.
@@ -52,11 +52,21 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
             found: manifest.format_version,
         });
     }
-    if manifest.format_version < 2 && !manifest.volumes.is_empty() {
+    if manifest.format_version < 2 && (!manifest.volumes.is_empty() || !manifest.images.is_empty())
+    {
         return Err(ArchiveError::BadManifest(format!(
-            "a version-{} archive cannot carry volumes (version 2 does)",
+            "a version-{} archive cannot carry volumes or images (version 2 does)",
             manifest.format_version
         )));
+    }
+    for (index, image) in manifest.images.iter().enumerate() {
+        if image.path != image_path(index) || image.image.is_empty() || image.image_id.is_empty() {
+            return Err(ArchiveError::BadManifest(format!(
+                "image {index} ({:?}) must be at {:?} with a reference and an ID",
+                image.image,
+                image_path(index)
+            )));
+        }
     }
     let mut seen = BTreeSet::new();
     for v in &manifest.volumes {
@@ -123,6 +133,11 @@ fn check_path(path: &str, manifest: &Manifest) -> Result<Place, ArchiveError> {
             return Ok(Place::RootFs { root: rootfs });
         }
     }
+    if !manifest.images.is_empty()
+        && (path == IMAGES_PREFIX || manifest.images.iter().any(|i| i.path == path))
+    {
+        return Ok(Place::Plain);
+    }
     for v in &manifest.volumes {
         let root = volume_prefix(&v.name);
         if under(path, &root) {
@@ -133,7 +148,7 @@ fn check_path(path: &str, manifest: &Manifest) -> Result<Place, ArchiveError> {
         }
     }
     Err(refuse(
-        "not under containers/<name>/criu, rootfs or engine of a container in the manifest, nor under volumes/<name> of a volume in it",
+        "not under containers/<name>/criu, rootfs or engine of a container in the manifest, nor under volumes/<name> of a volume in it, nor an image it lists",
     ))
 }
 

@@ -8,8 +8,8 @@ use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, ListContainersOptions,
-    LogsOptions, RemoveContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, ImportImageOptions, InspectContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -181,6 +181,57 @@ impl Compat {
             }) => Ok(None),
             Err(e) => Err(self.api_error(format!("inspect image {image}"), e)),
         }
+    }
+
+    /// Writes `image` (by reference, so its tags come along) as a `docker save` tar into `to`;
+    /// returns the bytes written.
+    pub async fn save_image(&self, image: &str, to: &Path) -> Result<u64, EngineError> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut file = tokio::fs::File::create(to)
+            .await
+            .map_err(|e| EngineError::io("create", to, e))?;
+        let mut stream = self.docker.export_image(image);
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.api_error(format!("save image {image}"), e))?;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| EngineError::io("write", to, e))?;
+            written += chunk.len() as u64;
+        }
+        file.flush()
+            .await
+            .map_err(|e| EngineError::io("write", to, e))?;
+        Ok(written)
+    }
+
+    /// Loads a `docker save` tar (the image keeps its ID and tags).
+    pub async fn load_image(&self, from: &Path) -> Result<(), EngineError> {
+        let file = tokio::fs::File::open(from)
+            .await
+            .map_err(|e| EngineError::io("open", from, e))?;
+        let body = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+        let mut progress = self.docker.import_image_stream(
+            ImportImageOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            body,
+            None,
+        );
+        let action = format!("load image from {}", from.display());
+        while let Some(item) = progress.next().await {
+            let info = item.map_err(|e| self.api_error(action.clone(), e))?;
+            if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                return Err(EngineError::Api {
+                    engine: self.kind,
+                    action,
+                    status: None,
+                    message,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Pulls `spec`'s image as its pull policy says, as the kubelet would for the original

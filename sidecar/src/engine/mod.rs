@@ -187,6 +187,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn image_id(&self, image: &str) -> Result<Option<String>, EngineError> {
         self.compat().image_id(image).await
     }
+    /// Writes a local image into a `docker save` tar at `to` (both engines serve it on the
+    /// Docker-compatible API); returns its size.
+    async fn save_image(&self, image: &str, to: &std::path::Path) -> Result<u64, EngineError> {
+        self.compat().save_image(image, to).await
+    }
+    /// Loads an image saved by [`Engine::save_image`]: same ID, same tags.
+    async fn load_image(&self, from: &std::path::Path) -> Result<(), EngineError> {
+        self.compat().load_image(from).await
+    }
     async fn create(&self, spec: &NestedSpec) -> Result<ContainerInfo, EngineError> {
         self.compat().create(spec).await
     }
