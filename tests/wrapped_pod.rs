@@ -43,9 +43,25 @@ async fn running_and_ready(cluster: &Cluster, pod: &str) -> String {
         .await
 }
 
-async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) {
+/// Where the pod goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// A cluster whose pods pull from the registry, as the source's do.
+    Pulls,
+    /// An edge cluster whose pods cannot pull: the images travel with the migration.
+    CannotPull,
+}
+
+async fn migrates_between_clusters(
+    interface: &str,
+    containers: &[(&str, u32)],
+    destination: Destination,
+) {
     let source_cluster = Cluster::start_with_node();
-    let destination_cluster = Cluster::start_with_node();
+    let destination_cluster = match destination {
+        Destination::Pulls => Cluster::start_with_node(),
+        Destination::CannotPull => Cluster::start_edge(),
+    };
     let name = format!("service-{interface}-{}", containers.len());
     let names: Vec<&str> = containers.iter().map(|(n, _)| *n).collect();
 
@@ -93,6 +109,7 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
     let mut sorted = names.clone();
     sorted.sort();
     assert_eq!(running, sorted, "{listed}");
+    let source_image_id = listed[0]["imageId"].as_str().unwrap().to_owned();
 
     // The service answers on the pod IP, on its own ports.
     let mut served_at_source = Vec::new();
@@ -105,7 +122,8 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
         served_at_source.push(tick);
     }
 
-    // A passive copy in the other cluster: created, not started.
+    // A passive copy in the other cluster: created, not started (or, where the image cannot
+    // be pulled, waiting for the migration to bring it).
     destination_cluster.kubectl_with_input(
         User::Jane,
         &["create", "-f", "-"],
@@ -115,7 +133,7 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
     assert_ne!(source_ip, destination_ip);
     for container in &names {
         poll(
-            &format!("the destination's nested {container} to be created (passive)"),
+            &format!("the destination's nested {container} to be created or awaiting (passive)"),
             Duration::from_secs(120),
             || async {
                 let url = format!("http://{destination_ip}:8888/probe/{container}");
@@ -174,6 +192,15 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
         report["totals"]["contentBytes"].as_u64().unwrap() > memory,
         "{report}"
     );
+    // The images went along exactly when the destination could not pull them.
+    let sent = report["images"].as_array().unwrap();
+    match destination {
+        Destination::Pulls => assert!(sent.is_empty(), "{report}"),
+        Destination::CannotPull => {
+            assert_eq!(sent.len(), 1, "one image for every container: {report}");
+            assert_eq!(sent[0]["imageId"], source_image_id.as_str(), "{report}");
+        }
+    }
 
     // The emptyDir travelled, by default; the report says how much of it.
     let volumes = report["volumes"].as_array().unwrap();
@@ -321,15 +348,20 @@ async fn migrates_between_clusters(interface: &str, containers: &[(&str, u32)]) 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dind_pod_migrates_between_clusters() {
-    migrates_between_clusters("dind", &[("app", 64)]).await
+    migrates_between_clusters("dind", &[("app", 64)], Destination::Pulls).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pind_pod_migrates_between_clusters() {
-    migrates_between_clusters("pind", &[("app", 64)]).await
+async fn pind_pod_migrates_to_a_cluster_that_cannot_pull_its_image() {
+    migrates_between_clusters("pind", &[("app", 64)], Destination::CannotPull).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn two_container_dind_pod_migrates_between_clusters() {
-    migrates_between_clusters("dind", &[("front", 16), ("back", 48)]).await
+async fn two_container_dind_pod_migrates_to_a_cluster_that_cannot_pull_its_image() {
+    migrates_between_clusters(
+        "dind",
+        &[("front", 16), ("back", 48)],
+        Destination::CannotPull,
+    )
+    .await
 }

@@ -107,16 +107,23 @@ impl Cluster {
     /// Starts etcd, the webhook container and the API server, then applies the project's
     /// webhook configurations (with this cluster's CA bundle).
     pub fn start() -> Self {
-        Self::start_inner(false)
+        Self::start_inner(false, false)
     }
 
     /// A cluster with one node: `ums-node-agent` runs its pods on the outer engine, each with
     /// its own IP on this cluster's pod network (routable from other clusters' pods).
     pub fn start_with_node() -> Self {
-        Self::start_inner(true)
+        Self::start_inner(true, true)
     }
 
-    fn start_inner(with_node: bool) -> Self {
+    /// A cluster with one node whose wrapped pods cannot pull from the test registry (an edge
+    /// site without a registry): its webhook does not mark the registry, which serves plain
+    /// HTTP, as insecure, so the nested engines' pulls fail.
+    pub fn start_edge() -> Self {
+        Self::start_inner(true, false)
+    }
+
+    fn start_inner(with_node: bool, registry_access: bool) -> Self {
         let binaries = control_plane_binaries();
         let name = crate::unique("ums-cluster-");
         let dir = PathBuf::from(format!("/tmp/{name}"));
@@ -124,7 +131,7 @@ impl Cluster {
 
         // The webhook first: if it fails, nothing else is left running.
         let webhook_container = format!("{name}-webhook");
-        let webhook_address = start_webhook(&dir, &webhook_container, with_node);
+        let webhook_address = start_webhook(&dir, &webhook_container, registry_access);
         let client_port = free_port();
         let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{client_port}");
