@@ -68,8 +68,8 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
             200 => {
                 let state: serde_json::Value = probe.json().await.unwrap_or_default();
                 if state["state"] == "running" {
-                    if let Ok(last) = relay(&http, &base, &name, &after, &auth).await {
-                        after = last;
+                    if relay(&http, &base, &name, &mut after, &auth).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 } else {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -79,7 +79,7 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
                 let state: serde_json::Value = probe.json().await.unwrap_or_default();
                 let code = state["exitCode"].as_i64().unwrap_or(1);
                 // Output written just before the exit.
-                let _ = relay(&http, &base, &name, &after, &auth).await;
+                let _ = relay(&http, &base, &name, &mut after, &auth).await;
                 return Ok(i32::try_from(code).unwrap_or(1));
             }
             404 => {
@@ -94,16 +94,17 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Follows the nested container's output; returns where to resume.
+/// Follows the nested container's output from `after`, which it moves past every line it
+/// relays, also when the stream then breaks (a line is never relayed twice).
 async fn relay(
     http: &reqwest::Client,
     base: &str,
     name: &str,
-    after: &str,
+    after: &mut String,
     auth: &impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-) -> anyhow::Result<String> {
-    let mut last = after.to_owned();
-    let response = auth(http.get(format!("{base}/logs/{name}?follow=true&after={after}")))
+) -> anyhow::Result<()> {
+    let last = after;
+    let response = auth(http.get(format!("{base}/logs/{name}?follow=true&after={last}")))
         .send()
         .await?
         .error_for_status()?;
@@ -115,7 +116,7 @@ async fn relay(
             let line: Vec<u8> = pending.drain(..=end).collect();
             if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) {
                 if let Some(time) = value["time"].as_str() {
-                    last = time.to_owned();
+                    *last = time.to_owned();
                 }
                 let data = value["data"].as_str().unwrap_or("");
                 match value["stream"].as_str() {
@@ -131,5 +132,5 @@ async fn relay(
             }
         }
     }
-    Ok(last)
+    Ok(())
 }
