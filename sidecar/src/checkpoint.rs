@@ -71,6 +71,14 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{nanos:x}")
 }
 
+/// A migration id as it may appear in a file name: letters, digits and '-', at most 64.
+pub fn file_safe_id(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect()
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

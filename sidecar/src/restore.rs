@@ -208,11 +208,7 @@ impl Sidecar {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let safe: String = migration_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(64)
-            .collect();
+        let safe = crate::checkpoint::file_safe_id(migration_id);
         self.engine_root
             .join("ums-staging")
             .join(format!("{safe}-{nanos}"))

@@ -126,11 +126,7 @@ pub fn prepare_incoming(
     migration_id: &str,
 ) -> Result<BTreeMap<String, PathBuf>, VolumeError> {
     let known: Vec<String> = here.iter().map(|v| v.name.clone()).collect();
-    let safe: String = migration_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(64)
-        .collect();
+    let safe = crate::checkpoint::file_safe_id(migration_id);
     let mut incoming = BTreeMap::new();
     for name in names {
         let volume = here
