@@ -13,7 +13,9 @@ use std::time::Duration;
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::poll;
-use ums_tests::service_pod::{ask_service, container_output, service_pod, sidecar};
+use ums_tests::service_pod::{
+    ask_service, container_output, service_pod, sidecar, with_connection, Sink,
+};
 use ums_tests::workload::ticks;
 
 /// Runs a shell command in a pod's runtime container (on the outer engine), returns stdout.
@@ -52,10 +54,15 @@ enum Destination {
     CannotPull,
 }
 
+/// A long-lived TCP connection inside the pod, from one container to another over the pod's
+/// loopback (`with_connection`): both ends travel, so it must survive the migration.
+type Connection<'a> = Option<(&'a str, &'a str)>;
+
 async fn migrates_between_clusters(
     interface: &str,
     containers: &[(&str, u32)],
     destination: Destination,
+    connection: Connection<'_>,
 ) {
     let source_cluster = Cluster::start_with_node();
     let destination_cluster = match destination {
@@ -64,12 +71,23 @@ async fn migrates_between_clusters(
     };
     let name = format!("service-{interface}-{}", containers.len());
     let names: Vec<&str> = containers.iter().map(|(n, _)| *n).collect();
+    let pod_spec = |start_mode| {
+        let pod = service_pod(&name, interface, start_mode, containers);
+        match connection {
+            Some((from, to)) => with_connection(pod, from, to),
+            None => pod,
+        }
+    };
+    // The port of the container at the receiving end of the connection (each container
+    // answers on 8080 + its index).
+    let sink_port =
+        connection.map(|(_, to)| 8080 + names.iter().position(|n| *n == to).unwrap() as u16);
 
     // The user creates the pod; the admission chain wraps it; the node runs it.
     source_cluster.kubectl_with_input(
         User::Jane,
         &["create", "-f", "-"],
-        &service_pod(&name, interface, None, containers).to_string(),
+        &pod_spec(None).to_string(),
     );
     let pod = source_cluster.get_json(&["pod", &name]);
     let wrapped: Vec<&str> = pod["spec"]["containers"]
@@ -115,11 +133,30 @@ async fn migrates_between_clusters(
     let mut served_at_source = Vec::new();
     for i in 0..names.len() {
         let port = 8080 + i as u16;
-        let (tick, memory_ok) = ask_service(&source_ip, port)
+        let answer = ask_service(&source_ip, port)
             .await
             .unwrap_or_else(|| panic!("nothing answers on {source_ip}:{port}"));
-        assert!(memory_ok);
-        served_at_source.push(tick);
+        assert!(answer.memory_ok);
+        served_at_source.push(answer.tick);
+    }
+    // The connection inside the pod carries ticks.
+    let mut sink_at_source = None;
+    if let Some(port) = sink_port {
+        let sink = poll(
+            "the connection inside the pod to carry ticks",
+            Duration::from_secs(60),
+            || async {
+                let sink = ask_service(&source_ip, port).await?.sink?;
+                (sink.lines > 100).then_some(sink)
+            },
+        )
+        .await;
+        assert_eq!(
+            (sink.accepted, sink.closed, sink.gaps),
+            (1, 0, 0),
+            "{sink:?}"
+        );
+        sink_at_source = Some(sink);
     }
 
     // A passive copy in the other cluster: created, not started (or, where the image cannot
@@ -127,7 +164,7 @@ async fn migrates_between_clusters(
     destination_cluster.kubectl_with_input(
         User::Jane,
         &["create", "-f", "-"],
-        &service_pod(&name, interface, Some("passive"), containers).to_string(),
+        &pod_spec(Some("passive")).to_string(),
     );
     let destination_ip = running_and_ready(&destination_cluster, &name).await;
     assert_ne!(source_ip, destination_ip);
@@ -199,6 +236,19 @@ async fn migrates_between_clusters(
         Destination::CannotPull => {
             assert_eq!(sent.len(), 1, "one image for every container: {report}");
             assert_eq!(sent[0]["imageId"], source_image_id.as_str(), "{report}");
+        }
+    }
+
+    // Both ends of the connection inside the pod were carried and kept (their addresses, the
+    // pod's loopback, exist at the destination); no other container holds one.
+    for container in report["containers"].as_array().unwrap() {
+        let connected = connection
+            .is_some_and(|(from, to)| container["name"] == from || container["name"] == to);
+        if connected {
+            assert_eq!(container["tcpConnections"], 1, "{report}");
+            assert_eq!(container["tcp"], "kept", "{report}");
+        } else {
+            assert_eq!(container["tcpConnections"], 0, "{report}");
         }
     }
 
@@ -303,13 +353,34 @@ async fn migrates_between_clusters(
     // The service answers on the destination pod's IP, with the counter it had (and more).
     for (i, at_source) in served_at_source.iter().enumerate() {
         let port = 8080 + i as u16;
-        let (tick, memory_ok) = ask_service(&destination_ip, port)
+        let answer = ask_service(&destination_ip, port)
             .await
             .unwrap_or_else(|| panic!("nothing answers on {destination_ip}:{port}"));
-        assert!(memory_ok && tick > *at_source, "{tick} after {at_source}");
+        assert!(
+            answer.memory_ok && answer.tick > *at_source,
+            "{answer:?} after {at_source}"
+        );
         assert!(
             ask_service(&source_ip, port).await.is_none(),
             "the source pod must not serve any more"
+        );
+    }
+    // The same connection goes on at the destination: still the one connection accepted at
+    // the source, never closed, every tick line after the last one, none missing.
+    if let (Some(port), Some(at_source)) = (sink_port, sink_at_source) {
+        let sink: Sink = poll(
+            "the connection inside the pod to go on at the destination",
+            Duration::from_secs(60),
+            || async {
+                let sink = ask_service(&destination_ip, port).await?.sink?;
+                (sink.lines > at_source.lines + 100).then_some(sink)
+            },
+        )
+        .await;
+        assert_eq!(
+            (sink.accepted, sink.closed, sink.gaps),
+            (1, 0, 0),
+            "the connection did not survive the migration: {sink:?}"
         );
     }
     // The source pod's nested containers are gone.
@@ -348,20 +419,22 @@ async fn migrates_between_clusters(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dind_pod_migrates_between_clusters() {
-    migrates_between_clusters("dind", &[("app", 64)], Destination::Pulls).await
+    migrates_between_clusters("dind", &[("app", 64)], Destination::Pulls, None).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pind_pod_migrates_to_a_cluster_that_cannot_pull_its_image() {
-    migrates_between_clusters("pind", &[("app", 64)], Destination::CannotPull).await
+    migrates_between_clusters("pind", &[("app", 64)], Destination::CannotPull, None).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn two_container_dind_pod_migrates_to_a_cluster_that_cannot_pull_its_image() {
+async fn two_container_dind_pod_with_a_live_connection_migrates_to_a_cluster_that_cannot_pull_its_image(
+) {
     migrates_between_clusters(
         "dind",
         &[("front", 16), ("back", 48)],
         Destination::CannotPull,
+        Some(("front", "back")),
     )
     .await
 }

@@ -17,7 +17,7 @@ use crate::engine::ContainerInfo;
 use crate::error::{chain, ApiError};
 use crate::images::SavedImages;
 use crate::nested::{Phase, Sidecar};
-use crate::tcp::{established_connections, TcpConnection};
+use crate::tcp::{established_connections, ConnectionLock, TcpConnection};
 use crate::volumes::PodVolume;
 
 /// One container of a dump.
@@ -352,6 +352,20 @@ impl Sidecar {
 
     async fn roll_back(&self, progress: &[Progress]) -> Vec<String> {
         let mut report = Vec::new();
+        // Connections between these containers: dropped until every end is back.
+        let connections: Vec<TcpConnection> = progress
+            .iter()
+            .flat_map(|p| p.connections.iter().cloned())
+            .collect();
+        let _lock = match ConnectionLock::hold(&connections) {
+            Ok(lock) => lock,
+            Err(e) => {
+                report.push(format!(
+                    "connections between containers not locked (they may be reset): {e}"
+                ));
+                None
+            }
+        };
         for p in progress {
             let name = &p.info.name;
             let now = self.engine.inspect(name).await.ok().flatten();

@@ -17,7 +17,9 @@ use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
 use crate::spec::translate;
-use crate::tcp::{local_addresses, restore_mode, ClosedRestore, TcpRestore};
+use crate::tcp::{
+    local_addresses, restore_mode, ClosedRestore, ConnectionLock, TcpConnection, TcpRestore,
+};
 use crate::volumes;
 
 /// What a source asks before it freezes anything.
@@ -353,6 +355,18 @@ impl Sidecar {
             spec.pull_policy = crate::spec::PullPolicy::Never;
             specs.push(spec);
         }
+        // Connections from one restored container to another: dropped until both ends exist.
+        let all_connections: Vec<TcpConnection> = manifest
+            .containers
+            .iter()
+            .flat_map(|c| c.tcp_connections.iter().cloned())
+            .collect();
+        let _lock = ConnectionLock::hold(&all_connections).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to lock the connections between containers: {e}"),
+            )
+        })?;
         let mut containers = Vec::new();
         for (c, spec) in manifest.containers.iter().zip(&specs) {
             let one = Instant::now();

@@ -301,6 +301,133 @@ impl Drop for CriuConfigOverride {
     }
 }
 
+/// The connections whose both ends are in `connections` (one container's connection to
+/// another's, over the pod's loopback or its own addresses): each end is restored by its own
+/// CRIU run, one container after the other, so whichever comes back first would send to a
+/// socket that does not exist yet, get a reset, and lose the connection.
+pub fn internal_connections(connections: &[TcpConnection]) -> Vec<TcpConnection> {
+    connections
+        .iter()
+        .filter(|c| {
+            connections
+                .iter()
+                .any(|other| other.local == c.remote && other.remote == c.local)
+        })
+        .cloned()
+        .collect()
+}
+
+/// Failure to hold or release the lock of internal connections.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionLockError {
+    #[error("`{command}` failed: {message}")]
+    Command { command: String, message: String },
+}
+
+/// The netfilter chain that holds the lock (in the pod's network namespace).
+const LOCK_CHAIN: &str = "UMS-RESTORE-LOCK";
+
+/// Packets of connections internal to a restore dropped from the first container's restore
+/// until the last one's (CRIU's own network lock covers one restore run only): TCP
+/// retransmits what was dropped once both ends exist. Released on drop.
+#[derive(Debug)]
+pub struct ConnectionLock {
+    tools: Vec<&'static str>,
+}
+
+fn iptables(tool: &str, args: &[&str]) -> Result<(), ConnectionLockError> {
+    let command = format!("{tool} {}", args.join(" "));
+    let output = std::process::Command::new(tool)
+        .arg("-w")
+        .args(args)
+        .output()
+        .map_err(|e| ConnectionLockError::Command {
+            command: command.clone(),
+            message: e.to_string(),
+        })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(ConnectionLockError::Command {
+            command,
+            message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// The rule that drops one direction of a connection.
+fn drop_rule(c: &TcpConnection) -> Vec<String> {
+    [
+        "-A",
+        LOCK_CHAIN,
+        "-p",
+        "tcp",
+        "-s",
+        &c.local.ip().to_string(),
+        "--sport",
+        &c.local.port().to_string(),
+        "-d",
+        &c.remote.ip().to_string(),
+        "--dport",
+        &c.remote.port().to_string(),
+        "-j",
+        "DROP",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+impl ConnectionLock {
+    /// Locks the connections internal to `connections`; `None` when there are none (no
+    /// netfilter tool is needed then).
+    pub fn hold(connections: &[TcpConnection]) -> Result<Option<Self>, ConnectionLockError> {
+        let internal = internal_connections(connections);
+        if internal.is_empty() {
+            return Ok(None);
+        }
+        let mut lock = ConnectionLock { tools: Vec::new() };
+        for (tool, v4) in [("iptables", true), ("ip6tables", false)] {
+            let family: Vec<_> = internal
+                .iter()
+                .filter(|c| c.local.is_ipv4() == v4)
+                .collect();
+            if family.is_empty() {
+                continue;
+            }
+            // A chain left by a sidecar that died while holding it is reused.
+            if iptables(tool, &["-N", LOCK_CHAIN]).is_err() {
+                iptables(tool, &["-F", LOCK_CHAIN])?;
+            }
+            lock.tools.push(tool);
+            for c in family {
+                let rule = drop_rule(c);
+                iptables(tool, &rule.iter().map(String::as_str).collect::<Vec<_>>())?;
+            }
+            iptables(tool, &["-I", "OUTPUT", "-j", LOCK_CHAIN])?;
+        }
+        tracing::info!(
+            connections = internal.len(),
+            "connections between restored containers locked until all are restored"
+        );
+        Ok(Some(lock))
+    }
+}
+
+impl Drop for ConnectionLock {
+    fn drop(&mut self) {
+        for tool in &self.tools {
+            // The jump may be missing if holding failed half way: only the chain matters then.
+            while iptables(tool, &["-D", "OUTPUT", "-j", LOCK_CHAIN]).is_ok() {}
+            for args in [["-F", LOCK_CHAIN], ["-X", LOCK_CHAIN]] {
+                if let Err(e) = iptables(tool, &args) {
+                    tracing::warn!(error = %e, "failed to release the lock of internal connections");
+                }
+            }
+        }
+    }
+}
+
 /// Keep the connections when every local address exists here, else close them.
 pub fn restore_mode(connections: &[TcpConnection], here: &BTreeSet<IpAddr>) -> TcpRestore {
     if connections.is_empty() {
@@ -382,6 +509,27 @@ mod tests {
         assert_eq!(
             missing_local_addresses(&[c("10.0.0.1:40000"), c("10.0.0.2:40001")], &here),
             BTreeSet::from(["10.0.0.2".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn internal_connections_are_those_whose_peer_end_is_restored_too() {
+        let c = |l: &str, r: &str| TcpConnection {
+            local: l.parse().unwrap(),
+            remote: r.parse().unwrap(),
+        };
+        let front = c("127.0.0.1:40000", "127.0.0.1:9000");
+        let back = c("127.0.0.1:9000", "127.0.0.1:40000");
+        let outside = c("10.0.0.1:40001", "10.0.0.9:5432");
+        // Same port, other peer port: not the other end.
+        let stranger = c("127.0.0.1:9000", "127.0.0.1:40002");
+        let all = [front.clone(), outside.clone(), back.clone(), stranger];
+        assert_eq!(internal_connections(&all), [front.clone(), back.clone()]);
+        assert!(internal_connections(&[front.clone(), outside]).is_empty());
+        assert!(ConnectionLock::hold(&[front]).unwrap().is_none());
+        assert_eq!(
+            drop_rule(&back).join(" "),
+            "-A UMS-RESTORE-LOCK -p tcp -s 127.0.0.1 --sport 9000 -d 127.0.0.1 --dport 40000 -j DROP"
         );
     }
 }

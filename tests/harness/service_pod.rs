@@ -49,9 +49,81 @@ pub fn service_pod(
     })
 }
 
-/// The service's own answer on `ip:port` (the workload's `WORKLOAD_LISTEN`): its counter and
-/// whether its memory check holds; `None` while nothing answers.
-pub async fn ask_service(ip: &str, port: u16) -> Option<(u64, bool)> {
+/// The port of the sink a container opens for a sibling's long-lived connection.
+pub const SINK_PORT: u16 = 9000;
+
+/// Wires one long-lived TCP connection inside the pod: container `from` keeps a connection to
+/// container `to` over the pod's loopback and writes each of its ticks to it; `to` counts them
+/// (the workload's `WORKLOAD_CONNECT` and `WORKLOAD_SINK`). Both ends travel with a migration.
+pub fn with_connection(mut pod: Value, from: &str, to: &str) -> Value {
+    for container in pod["spec"]["containers"].as_array_mut().unwrap() {
+        let env = if container["name"] == from {
+            json!({"name": "WORKLOAD_CONNECT", "value": format!("127.0.0.1:{SINK_PORT}")})
+        } else if container["name"] == to {
+            json!({"name": "WORKLOAD_SINK", "value": SINK_PORT.to_string()})
+        } else {
+            continue;
+        };
+        container["env"].as_array_mut().unwrap().push(env);
+    }
+    pod
+}
+
+/// What a container's sink has received (see `with_connection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sink {
+    pub accepted: u64,
+    pub closed: u64,
+    pub lines: u64,
+    pub last: u64,
+    pub gaps: u64,
+}
+
+/// The service's answer on its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceAnswer {
+    pub tick: u64,
+    pub memory_ok: bool,
+    /// Present when the container runs a sink.
+    pub sink: Option<Sink>,
+}
+
+/// Parses `tick=N mem=ok|BAD[ sink=a/c/l/n/g]`.
+fn parse_answer(line: &str) -> Option<ServiceAnswer> {
+    let mut words = line.split_whitespace();
+    let tick = words.next()?.strip_prefix("tick=")?.parse().ok()?;
+    let memory_ok = words.next()? == "mem=ok";
+    let sink = match words.next() {
+        None => None,
+        Some(word) => {
+            let numbers: Vec<u64> = word
+                .strip_prefix("sink=")?
+                .split('/')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let [accepted, closed, lines, last, gaps] = numbers[..] else {
+                return None;
+            };
+            Some(Sink {
+                accepted,
+                closed,
+                lines,
+                last,
+                gaps,
+            })
+        }
+    };
+    Some(ServiceAnswer {
+        tick,
+        memory_ok,
+        sink,
+    })
+}
+
+/// The service's own answer on `ip:port` (the workload's `WORKLOAD_LISTEN`): its counter,
+/// whether its memory check holds, what its sink received; `None` while nothing answers.
+pub async fn ask_service(ip: &str, port: u16) -> Option<ServiceAnswer> {
     use tokio::io::AsyncReadExt as _;
     let mut stream = tokio::time::timeout(
         Duration::from_secs(2),
@@ -65,13 +137,7 @@ pub async fn ask_service(ip: &str, port: u16) -> Option<(u64, bool)> {
         .await
         .ok()?
         .ok()?;
-    let tick = line
-        .strip_prefix("tick=")?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some((tick, line.contains("mem=ok")))
+    parse_answer(&line)
 }
 
 /// The output of an outer container (an ambassador relays its nested container's output).
@@ -100,4 +166,35 @@ pub async fn sidecar(method: &str, url: String, body: Option<Value>) -> (u16, Va
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_with_and_without_a_sink() {
+        assert_eq!(
+            parse_answer("tick=12 mem=ok\n"),
+            Some(ServiceAnswer {
+                tick: 12,
+                memory_ok: true,
+                sink: None
+            })
+        );
+        let answer = parse_answer("tick=7 mem=BAD sink=1/0/280/279/0\n").unwrap();
+        assert!(!answer.memory_ok);
+        assert_eq!(
+            answer.sink,
+            Some(Sink {
+                accepted: 1,
+                closed: 0,
+                lines: 280,
+                last: 279,
+                gaps: 0
+            })
+        );
+        assert_eq!(parse_answer("tick=7 mem=ok sink=1/0"), None);
+        assert_eq!(parse_answer("HTTP/1.1 400"), None);
+    }
 }

@@ -15,9 +15,15 @@
  * With WORKLOAD_EXIT_AFTER=N (and WORKLOAD_EXIT_CODE=C) it exits with code C after N ticks.
  * With WORKLOAD_CONNECT=a.b.c.d:port it keeps one TCP connection to that server open and writes
  * each tick line to it as well (an established connection a migration must carry or close).
+ * It retries the connect for up to 30 s (the server may be a sibling container still starting).
  * With WORKLOAD_LISTEN=port it serves on that TCP port: each client gets one line,
  * "tick=<counter> mem=<ok|BAD>", and the connection is closed (the service a user reaches on
  * the pod IP; the listening socket travels with the migration).
+ * With WORKLOAD_SINK=port it also accepts long-lived connections on that port (a sibling's
+ * WORKLOAD_CONNECT) and reads their "tick=N" lines; the WORKLOAD_LISTEN answer then ends with
+ * " sink=<connections accepted>/<connections closed>/<lines>/<last N>/<gaps>", a gap being a
+ * line whose N is not the previous N + 1 (a connection that survives a migration: one
+ * connection, none closed, no gap).
  * With WORKLOAD_JOURNAL=path it appends "tick=<counter>\n" to that file every 50 ticks through
  * one descriptor it keeps open (state in a volume: the file must be at the destination, the
  * same size, before the process is restored, and the lines go on without a gap).
@@ -34,6 +40,7 @@
 #include <sys/socket.h>
 #include <signal.h>
 #include <fcntl.h>
+#include <errno.h>
 
 static uint64_t pattern_word(uint64_t seed, uint64_t index) {
     /* splitmix64 of (seed, index): any word can be recomputed independently. */
@@ -83,12 +90,37 @@ int main(int argc, char **argv) {
         addr.sin_family = AF_INET;
         addr.sin_port = htons((unsigned short)port);
         inet_pton(AF_INET, host, &addr.sin_addr);
-        peer = socket(AF_INET, SOCK_STREAM, 0);
-        if (peer < 0 || connect(peer, (struct sockaddr *)&addr, sizeof addr) != 0) {
-            perror("connect");
-            return 5;
+        for (int attempt = 0;; attempt++) {
+            peer = socket(AF_INET, SOCK_STREAM, 0);
+            if (peer >= 0 && connect(peer, (struct sockaddr *)&addr, sizeof addr) == 0) break;
+            if (attempt == 300) {
+                perror("connect");
+                return 5;
+            }
+            if (peer >= 0) close(peer);
+            struct timespec pause = {0, 100 * 1000 * 1000};
+            nanosleep(&pause, NULL);
         }
         signal(SIGPIPE, SIG_IGN);
+    }
+    int sink = -1, sink_client = -1;
+    unsigned long long sink_accepted = 0, sink_closed = 0, sink_lines = 0, sink_last = 0, sink_gaps = 0;
+    char sink_buffer[256];
+    size_t sink_held = 0;
+    const char *sink_port = getenv("WORKLOAD_SINK");
+    if (sink_port && *sink_port) {
+        struct sockaddr_in addr = {0};
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons((unsigned short)atoi(sink_port));
+        addr.sin_addr.s_addr = htonl(INADDR_ANY);
+        int one = 1;
+        sink = socket(AF_INET, SOCK_STREAM, 0);
+        if (sink < 0 || setsockopt(sink, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+            bind(sink, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(sink, 4) != 0) {
+            perror("sink");
+            return 8;
+        }
+        fcntl(sink, F_SETFL, O_NONBLOCK);
     }
     int listener = -1;
     const char *listen_port = getenv("WORKLOAD_LISTEN");
@@ -142,11 +174,51 @@ int main(int argc, char **argv) {
                 peer = -1;
             }
         }
+        if (sink >= 0) {
+            int client;
+            while ((client = accept(sink, NULL, NULL)) >= 0) {
+                if (sink_client >= 0) close(sink_client);
+                fcntl(client, F_SETFL, O_NONBLOCK);
+                sink_client = client;
+                sink_held = 0;
+                sink_accepted++;
+            }
+            while (sink_client >= 0) {
+                if (sink_held == sizeof sink_buffer - 1) sink_held = 0; /* no line that long */
+                ssize_t got = read(sink_client, sink_buffer + sink_held, sizeof sink_buffer - 1 - sink_held);
+                if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+                    close(sink_client);
+                    sink_client = -1;
+                    sink_closed++;
+                    break;
+                }
+                if (got < 0) break;
+                sink_held += (size_t)got;
+                sink_buffer[sink_held] = 0;
+                char *line = sink_buffer, *end;
+                while ((end = strchr(line, '\n')) != NULL) {
+                    unsigned long long n;
+                    if (sscanf(line, "tick=%llu", &n) == 1) {
+                        if (sink_lines > 0 && n != sink_last + 1) sink_gaps++;
+                        sink_last = n;
+                        sink_lines++;
+                    }
+                    line = end + 1;
+                }
+                sink_held = (size_t)(sink_buffer + sink_held - line);
+                memmove(sink_buffer, line, sink_held);
+            }
+        }
         if (listener >= 0) {
             int client;
             while ((client = accept(listener, NULL, NULL)) >= 0) {
-                char line[96];
-                int n = snprintf(line, sizeof line, "tick=%llu mem=%s\n", (unsigned long long)tick, bad ? "BAD" : "ok");
+                char line[192];
+                int n = snprintf(line, sizeof line, "tick=%llu mem=%s", (unsigned long long)tick, bad ? "BAD" : "ok");
+                if (sink >= 0) {
+                    n += snprintf(line + n, sizeof line - (size_t)n, " sink=%llu/%llu/%llu/%llu/%llu",
+                                  sink_accepted, sink_closed, sink_lines, sink_last, sink_gaps);
+                }
+                n += snprintf(line + n, sizeof line - (size_t)n, "\n");
                 if (write(client, line, (size_t)n) < 0) { /* the client left: nothing to do */ }
                 close(client);
             }
