@@ -248,6 +248,22 @@ fn print_report(report: &Value) {
             bytes as f64 / 1048576.0
         );
     }
+    for volume in report["volumes"].as_array().into_iter().flatten() {
+        println!(
+            "  volume {} ({}): {} entries, {} bytes",
+            volume["name"].as_str().unwrap_or("?"),
+            volume["kind"].as_str().unwrap_or("?"),
+            volume["entries"],
+            volume["bytes"]
+        );
+    }
+    for image in report["images"].as_array().into_iter().flatten() {
+        println!(
+            "  image {} sent ({} bytes)",
+            image["image"].as_str().unwrap_or("?"),
+            image["bytes"]
+        );
+    }
     println!("full report: {}", serde_json::to_string(report).unwrap());
 }
 
