@@ -174,7 +174,7 @@ impl Sidecar {
         let selected = self.select(&request.containers).await?;
         let volumes = self.travelling_volumes(&request.volumes).await?;
         // The lowest archive version that carries what this migration sends.
-        let format_version = if volumes.is_empty() { 1 } else { 2 };
+        let format_version = crate::archive::version_for(!volumes.is_empty(), false);
         let migration_id = new_id("m");
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
@@ -280,12 +280,13 @@ impl Sidecar {
             SendImages::Always => selected.iter().map(|c| c.image.clone()).collect(),
         };
         let to_send = images_to_send(&selected, &wanted);
-        if !to_send.is_empty() && !destination_info.format_versions.contains(&2) {
+        let with_images = crate::archive::version_for(!volumes.is_empty(), true);
+        if !to_send.is_empty() && !destination_info.format_versions.contains(&with_images) {
             return Err(failed(
                 StatusCode::CONFLICT,
                 "preflight",
                 format!(
-                    "the destination lacks {wanted:?} and reads archive versions {:?}: sending images needs version 2",
+                    "the destination lacks {wanted:?} and reads archive versions {:?}: sending images needs version {with_images}",
                     destination_info.format_versions
                 ),
                 vec![],

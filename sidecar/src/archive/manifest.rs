@@ -13,12 +13,18 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 /// The lowest version that can carry `manifest`'s content (an older destination still reads
-/// an archive that needs nothing newer): 2 with volumes or images, else 1.
+/// an archive that needs nothing newer).
 pub fn required_version(manifest: &Manifest) -> u32 {
-    if manifest.volumes.is_empty() && manifest.images.is_empty() {
-        1
-    } else {
+    version_for(!manifest.volumes.is_empty(), !manifest.images.is_empty())
+}
+
+/// The lowest version that carries an archive with or without volumes and images: 2 with
+/// either, else 1 (what a source decides before it has a manifest, in its preflight).
+pub fn version_for(volumes: bool, images: bool) -> u32 {
+    if volumes || images {
         2
+    } else {
+        1
     }
 }
 

@@ -61,8 +61,8 @@ pub mod unpack;
 mod tests;
 
 pub use manifest::{
-    required_version, ContainerManifest, EntrySummary, ImageManifest, Manifest, MemoryPart,
-    Trailer, VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
+    required_version, version_for, ContainerManifest, EntrySummary, ImageManifest, Manifest,
+    MemoryPart, Trailer, VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
 };
 
 /// Path of the manifest entry.

@@ -181,15 +181,22 @@ fn raw_archive(
     out
 }
 
-fn refused(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> ArchiveError {
-    let summaries = entries
+/// A raw entry: path, type, content, link target.
+type RawEntry<'a> = (&'a str, tar::EntryType, &'a [u8], Option<&'a str>);
+
+/// The manifest's summaries of raw entries (sizes as the entries claim them).
+fn summaries_of(entries: &[RawEntry]) -> Vec<EntrySummary> {
+    entries
         .iter()
         .map(|(p, _, d, _)| EntrySummary {
             path: (*p).into(),
             size: d.len() as u64,
         })
-        .collect();
-    let bytes = raw_archive(&manifest(&["app"], summaries), entries);
+        .collect()
+}
+
+fn refused(entries: &[RawEntry]) -> ArchiveError {
+    let bytes = raw_archive(&manifest(&["app"], summaries_of(entries)), entries);
     let dst = tempfile::tempdir().unwrap();
     let outside = dst.path().join("outside");
     let staging = dst.path().join("staging");
@@ -423,15 +430,8 @@ fn an_archive_without_volumes_stays_version_1_and_version_1_cannot_carry_volumes
     );
 }
 
-fn refused_in_volume(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> ArchiveError {
-    let summaries = entries
-        .iter()
-        .map(|(p, _, d, _)| EntrySummary {
-            path: (*p).into(),
-            size: d.len() as u64,
-        })
-        .collect();
-    let mut manifest = manifest(&["app"], summaries);
+fn refused_in_volume(entries: &[RawEntry]) -> ArchiveError {
+    let mut manifest = manifest(&["app"], summaries_of(entries));
     manifest.volumes = vec![VolumeManifest {
         name: "data".into(),
         kind: "emptyDir".into(),
