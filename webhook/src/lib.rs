@@ -14,8 +14,9 @@ pub mod metrics;
 pub mod mutate;
 pub mod review;
 pub mod server;
-pub mod tls;
 pub mod validate;
 pub mod wrap;
 
 pub use args::Args;
+/// The serving certificate (shared with the coordinator: `ums-tls`).
+pub use ums_tls::cert as tls;

@@ -1,9 +1,8 @@
 //! The two listeners: admission over TLS, and health plus metrics over plain HTTP.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,25 +11,15 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tracing::Instrument as _;
 
 use crate::config::WrapConfig;
 use crate::metrics::{Endpoint, Metrics, Outcome};
 use crate::review::{mutate_review, parse_review, review_json, validate_review};
-use crate::tls::error_chain;
 use crate::validate::MigrationGuard;
 
 /// Admission request bodies larger than this are refused (the API server's own limit for an
 /// object is 1.5 MiB; a review holds up to two of them).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -176,48 +165,4 @@ fn admit(
     finish(outcome, Json(review_json(response)).into_response())
 }
 
-/// Accepts TLS connections on `listener` and serves `app` on each, until the task is dropped.
-pub async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, app: Router) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "failed to accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(
-            async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("TLS handshake timed out");
-                        return;
-                    }
-                };
-                if let Err(error) = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await
-                {
-                    tracing::debug!(error = %error_chain(error.as_ref()), "connection ended with an error");
-                }
-            }
-            .instrument(tracing::debug_span!("conn", %peer)),
-        );
-    }
-}
-
-/// Binds a TCP listener, with the address in the error.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("failed to bind {addr}: {e}"))
-}
+pub use ums_tls::{bind, serve_tls};

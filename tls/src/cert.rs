@@ -1,4 +1,4 @@
-//! The webhook's serving certificate, re-read when the mounted files change.
+//! A serving certificate, re-read when the mounted files change.
 //!
 //! Kubernetes updates a mounted Secret by swapping a `..data` symlink, which inotify on the
 //! file paths does not see. So the files are polled: their bytes are compared with what was

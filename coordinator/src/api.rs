@@ -1,0 +1,109 @@
+//! The coordinator's HTTPS API: UMS's routes (`GET /`, `POST /migrate` on the source side;
+//! `POST /create`, `/restore`, `/delete` called by a peer on the destination side), plus
+//! `GET /migrations/{id}` (progress) and `GET /healthz`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::destination::{CreateRequest, PodRequest};
+use crate::error::ApiError;
+use crate::migrate::{migration_id, validate, MigrateRequest};
+use crate::peer::Identity;
+use crate::state::Coordinator;
+
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    Router::new()
+        .route("/", get(identity))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/migrate", post(migrate))
+        .route("/migrations/{id}", get(migration))
+        .route("/create", post(create))
+        .route("/restore", post(restore))
+        .route("/delete", post(delete))
+        .with_state(coordinator)
+}
+
+/// A JSON body, or a 400 naming what is wrong with it.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("request body is not the expected JSON: {e}")))
+}
+
+fn answer<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn identity(State(c): State<Arc<Coordinator>>) -> Json<Identity> {
+    Json(Identity {
+        service: "ums-coordinator".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        cluster: c.cluster.clone(),
+        interfaces: vec!["dind".into(), "pind".into()],
+    })
+}
+
+async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    let request = match body::<MigrateRequest>(&bytes).and_then(validate) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let id = migration_id();
+    // The migration runs to its end even if the caller goes away: a half-done migration
+    // would leave the pod locked.
+    let task = tokio::spawn(async move { c.migrate(request, &id).await });
+    answer(match task.await {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format!(
+            "the migration task failed: {e}"
+        ))),
+    })
+}
+
+async fn migration(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    match c.record(&id) {
+        Some(record) => Json(record).into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no migration {id:?} here"))
+            .into_response(),
+    }
+}
+
+async fn create(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    match body::<CreateRequest>(&bytes) {
+        Ok(request) => answer(c.create_destination(request).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn restore(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    match body::<PodRequest>(&bytes) {
+        Ok(request) => answer(c.activate_destination(request).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    match body::<PodRequest>(&bytes) {
+        Ok(request) => answer(c.delete_destination(request).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The JSON every unknown route gets.
+pub async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": "no such endpoint"})),
+    )
+        .into_response()
+}

@@ -1,0 +1,129 @@
+//! Command-line flags (each with an environment variable) and the wiring of the coordinator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tokio_rustls::TlsAcceptor;
+use ums_tls::{bind, serve_tls, ReloadingCert};
+
+use crate::api::{not_found, router};
+use crate::peer::peer_client;
+use crate::state::Coordinator;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// The UMS coordinator of one cluster.
+#[derive(Debug, Parser)]
+#[command(name = "ums-coordinator", version, about)]
+pub struct Args {
+    /// Address of the HTTPS listener (UMS's API, and the peers' calls).
+    #[arg(long, env = "UMS_COORDINATOR_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain served to clients and peers; re-read when it changes.
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_TLS_CERT",
+        default_value = "/etc/ums-coordinator/tls/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key of the certificate.
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_TLS_KEY",
+        default_value = "/etc/ums-coordinator/tls/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// PEM files of the CAs that sign the peer coordinators' certificates (comma-separated);
+    /// a peer whose certificate none of them signed is refused.
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_PEER_CA",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub peer_ca: Vec<PathBuf>,
+    /// This cluster's name, as peers see it.
+    #[arg(long, env = "UMS_CLUSTER_NAME", default_value = "default")]
+    pub cluster: String,
+    /// The sidecars' port in wrapped pods (the webhook's --sidecar-port).
+    #[arg(long, env = "UMS_SIDECAR_PORT", default_value_t = 8888)]
+    pub sidecar_port: u16,
+    /// How long a destination pod may take to run with its sidecar ready, in seconds.
+    #[arg(long, env = "UMS_POD_READY_TIMEOUT_SECONDS", default_value_t = 180)]
+    pub pod_ready_timeout_seconds: u64,
+    #[arg(long, env = "UMS_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kube = kube::Client::try_default()
+            .await
+            .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+        let coordinator = Arc::new(Coordinator {
+            kube,
+            cluster: self.cluster,
+            peers: peer_client(&self.peer_ca)?,
+            sidecars: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .context("failed to build the sidecar client")?,
+            sidecar_port: self.sidecar_port,
+            pod_ready_timeout: Duration::from_secs(self.pod_ready_timeout_seconds),
+            migrations: Mutex::default(),
+        });
+        let cert = ReloadingCert::load(&self.tls_cert, &self.tls_key)
+            .context("failed to load the serving certificate")?;
+        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+        let listener = bind(self.listen).await?;
+        tracing::info!(listen = %listener.local_addr()?, cluster = %coordinator.cluster, "ums-coordinator listening");
+        let watcher = tokio::spawn(cert.watch(Duration::from_secs(10)));
+        let app = router(coordinator).fallback(not_found);
+        let server = tokio::spawn(serve_tls(listener, acceptor, app));
+        let outcome = tokio::select! {
+            _ = shutdown_signal() => Ok(()),
+            r = server => Err(anyhow::anyhow!("listener stopped: {r:?}")),
+        };
+        watcher.abort();
+        tracing::info!("ums-coordinator stopping");
+        outcome
+    }
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}
+
+/// Sets up tracing in the chosen format, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,0 +1,236 @@
+//! The destination side, called by the source cluster's coordinator: create the passive pod
+//! and wait until its sidecar can take a restore, make it active once the state has arrived,
+//! or delete it when the migration is abandoned. Each acts only on a pod that carries the
+//! same migration id.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::Api;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use ums_contract::{MigrationAnnotations, ANNOTATION_ID, ANNOTATION_START_MODE};
+
+use crate::error::ApiError;
+use crate::state::Coordinator;
+
+/// `POST /create`: the pod to create (built by the source's coordinator) in `namespace`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRequest {
+    pub migration_id: String,
+    pub namespace: String,
+    pub pod: Pod,
+}
+
+/// The created pod, ready to take the restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateAnswer {
+    pub name: String,
+    pub namespace: String,
+    pub pod_ip: String,
+    /// Where the source's sidecar sends the state.
+    pub sidecar_url: String,
+    pub create_ms: u64,
+}
+
+/// `POST /restore` (make active) and `POST /delete`: one pod of one migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRequest {
+    pub migration_id: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+fn annotations_of(pod: &Pod) -> MigrationAnnotations {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| MigrationAnnotations::parse(a).ok())
+        .unwrap_or_default()
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+impl Coordinator {
+    /// Creates the passive pod and waits until it runs, is ready and its sidecar has every
+    /// nested container created (or awaiting its image). On any failure the pod is deleted.
+    pub async fn create_destination(
+        &self,
+        request: CreateRequest,
+    ) -> Result<CreateAnswer, ApiError> {
+        let started = Instant::now();
+        let name = request
+            .pod
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| ApiError::bad_request("the pod to create has no name"))?;
+        let locked_by = annotations_of(&request.pod).migration_id;
+        if locked_by.as_deref() != Some(request.migration_id.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "the pod to create must carry {ANNOTATION_ID}={}",
+                request.migration_id
+            )));
+        }
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        let mut pod = request.pod.clone();
+        pod.metadata.namespace = Some(request.namespace.clone());
+        if let Err(e) = pods.create(&PostParams::default(), &pod).await {
+            let e = ApiError::from(e);
+            return Err(if e.status == axum::http::StatusCode::CONFLICT {
+                ApiError::conflict(format!(
+                    "a pod {}/{name} already exists in cluster {}",
+                    request.namespace, self.cluster
+                ))
+            } else {
+                e
+            });
+        }
+        tracing::info!(migration = %request.migration_id, pod = %name, "destination pod created");
+        match self.wait_passive_ready(&pods, &name).await {
+            Ok(ip) => Ok(CreateAnswer {
+                sidecar_url: format!("http://{ip}:{}", self.sidecar_port),
+                name,
+                namespace: request.namespace,
+                pod_ip: ip,
+                create_ms: started.elapsed().as_millis() as u64,
+            }),
+            Err(e) => {
+                if let Err(d) = pods.delete(&name, &DeleteParams::default()).await {
+                    tracing::warn!(pod = %name, error = %d, "failed to delete the destination pod after a failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_passive_ready(&self, pods: &Api<Pod>, name: &str) -> Result<String, ApiError> {
+        let until = Instant::now() + self.pod_ready_timeout;
+        let mut last = String::from("not seen yet");
+        loop {
+            if Instant::now() > until {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "destination pod {name} not ready for the restore within {} s ({last})",
+                        self.pod_ready_timeout.as_secs()
+                    ),
+                ));
+            }
+            let pod = pods.get(name).await?;
+            let phase = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default();
+            if phase == "Failed" || phase == "Succeeded" {
+                return Err(ApiError::bad_gateway(format!(
+                    "destination pod {name} ended ({phase}) before the restore"
+                )));
+            }
+            let ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.clone())
+                .unwrap_or_default();
+            last = format!("phase {phase}, ready {}", is_ready(&pod));
+            if phase == "Running" && is_ready(&pod) && !ip.is_empty() {
+                let containers = annotations_of(&pod).containers.unwrap_or_default();
+                let mut waiting = Vec::new();
+                for c in &containers {
+                    let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
+                    let status = self
+                        .sidecars
+                        .get(&url)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16());
+                    // 204: created and not started (or awaiting its image), as a restore needs.
+                    if status.as_ref().ok() != Some(&204) {
+                        waiting.push(c.name.clone());
+                    }
+                }
+                if !containers.is_empty() && waiting.is_empty() {
+                    return Ok(ip);
+                }
+                last = format!("sidecar has not created {waiting:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The pod of `request`, if it carries the request's migration id.
+    async fn pod_of(&self, request: &PodRequest) -> Result<Option<(Api<Pod>, Pod)>, ApiError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        let Some(pod) = pods.get_opt(&request.name).await? else {
+            return Ok(None);
+        };
+        let id = annotations_of(&pod).migration_id;
+        if id.as_deref() != Some(request.migration_id.as_str()) {
+            return Err(ApiError::conflict(format!(
+                "pod {}/{} is not under migration {} ({ANNOTATION_ID}={})",
+                request.namespace,
+                request.name,
+                request.migration_id,
+                id.as_deref().unwrap_or("absent")
+            )));
+        }
+        Ok(Some((pods, pod)))
+    }
+
+    /// The state has arrived and runs: the pod becomes active and is unlocked.
+    pub async fn activate_destination(
+        &self,
+        request: PodRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        let Some((pods, _)) = self.pod_of(&request).await? else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!("pod {}/{} not found", request.namespace, request.name),
+            ));
+        };
+        let patch = json!({"metadata": {"annotations": {
+            ANNOTATION_START_MODE: "active",
+            ANNOTATION_ID: null,
+        }}});
+        let pod = pods
+            .patch(
+                &request.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        tracing::info!(migration = %request.migration_id, pod = %request.name, "destination pod active");
+        Ok(json!({
+            "name": request.name,
+            "namespace": request.namespace,
+            "podIp": pod.status.and_then(|s| s.pod_ip),
+        }))
+    }
+
+    /// The migration is abandoned: its pod goes (absent already is fine).
+    pub async fn delete_destination(
+        &self,
+        request: PodRequest,
+    ) -> Result<serde_json::Value, ApiError> {
+        let deleted = match self.pod_of(&request).await? {
+            Some((pods, _)) => {
+                pods.delete(&request.name, &DeleteParams::default()).await?;
+                tracing::info!(migration = %request.migration_id, pod = %request.name, "destination pod deleted");
+                true
+            }
+            None => false,
+        };
+        Ok(json!({"deleted": deleted}))
+    }
+}

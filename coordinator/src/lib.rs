@@ -1,0 +1,19 @@
+//! `ums-coordinator`: one per cluster. UMS's `POST /migrate {name, namespace, destinationUrl,
+//! keep, interface}` moves a wrapped pod to another cluster with one request.
+//!
+//! Where things are:
+//! - [`pod`]: pure decisions: is a pod migratable now, and the destination's pod built from it;
+//! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
+//!   its rollback; [`destination`]: the peer's side (create, restore, delete);
+//! - [`peer`]: HTTPS to the other coordinator; [`api`]: the routes; [`state`]: what they share.
+
+pub mod api;
+pub mod args;
+pub mod destination;
+pub mod error;
+pub mod migrate;
+pub mod peer;
+pub mod pod;
+pub mod state;
+
+pub use args::Args;

@@ -1,0 +1,366 @@
+//! The source side of a migration, UMS's `POST /migrate`: check the pod, lock it, have the
+//! destination's coordinator create the passive copy, hand the source sidecar the copy's
+//! address, make the copy active, then delete (or keep) the source. Any failure before the
+//! state has arrived leaves the service running at the source, the copy deleted and the lock
+//! released; the answer says where it failed and what was undone.
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::Api;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use ums_contract::{StartMode, ANNOTATION_ID, ANNOTATION_START_MODE};
+
+use crate::destination::{CreateAnswer, CreateRequest, PodRequest};
+use crate::error::ApiError;
+use crate::peer::{peer_base_url, Peer};
+use crate::pod::{check, destination_pod};
+use crate::state::{new_id, Coordinator};
+
+/// UMS's request body (its names, so UMS users' calls work).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrateRequest {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    /// The destination cluster's coordinator: `host:port` (UMS) or `https://host:port`.
+    pub destination_url: Option<String>,
+    /// Keep the source pod (emptied, `migration-start-mode: null`) instead of deleting it.
+    #[serde(default)]
+    pub keep: bool,
+    /// `dind` or `pind`: must be the pod's own.
+    pub interface: Option<String>,
+}
+
+/// The answer of a successful migration.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrateReport {
+    /// UMS's fields.
+    pub message: &'static str,
+    #[serde(rename = "migration_id")]
+    pub migration_id_ums: String,
+    pub migration_interface: String,
+    pub migration_id: String,
+    pub pod: String,
+    pub destination: DestinationPod,
+    pub source_kept: bool,
+    /// Milliseconds per phase, in order.
+    pub phases: Vec<(String, u64)>,
+    pub total_ms: u64,
+    /// The source sidecar's report (downtime, bytes, containers, volumes, images).
+    pub sidecar: Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationPod {
+    pub url: String,
+    pub cluster: String,
+    pub pod: String,
+    pub pod_ip: String,
+}
+
+/// A request validated: the fields UMS requires, defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub name: String,
+    pub namespace: String,
+    pub destination: String,
+    pub keep: bool,
+    pub interface: Option<String>,
+}
+
+/// UMS's checks on the body: `name` and `destinationUrl` are required; namespace defaults to
+/// `default`.
+pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
+    let name = request
+        .name
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| ApiError::bad_request("name is required (the pod to migrate)"))?;
+    let destination = request
+        .destination_url
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "destinationUrl is required (the destination cluster's coordinator, host:port)",
+            )
+        })
+        .and_then(|d| peer_base_url(&d))?;
+    if let Some(i) = &request.interface {
+        if i != "dind" && i != "pind" {
+            return Err(ApiError::bad_request(format!(
+                "interface {i:?}: the coordinator migrates \"dind\" and \"pind\" pods"
+            )));
+        }
+    }
+    Ok(Validated {
+        name,
+        namespace: request
+            .namespace
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| "default".into()),
+        destination,
+        keep: request.keep,
+        interface: request.interface,
+    })
+}
+
+impl Coordinator {
+    /// Runs one migration to the end; `id` is recorded for `GET /migrations/{id}`.
+    pub async fn migrate(&self, request: Validated, id: &str) -> Result<MigrateReport, ApiError> {
+        let started = Instant::now();
+        let pod_name = format!("{}/{}", request.namespace, request.name);
+        self.begin(id, &pod_name, &request.destination);
+        let result = self.migrate_inner(&request, id, started).await;
+        if let Err(e) = &result {
+            self.fail(id, &e.message);
+            tracing::warn!(migration = id, pod = %pod_name, phase = e.phase.unwrap_or(""), error = %e.message, "migration failed");
+        }
+        result
+    }
+
+    async fn migrate_inner(
+        &self,
+        request: &Validated,
+        id: &str,
+        started: Instant,
+    ) -> Result<MigrateReport, ApiError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        let pod = pods
+            .get_opt(&request.name)
+            .await
+            .map_err(|e| ApiError::from(e).in_phase("checking"))?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("pod {}/{} not found", request.namespace, request.name),
+                )
+                .in_phase("checking")
+            })?;
+        let migratable = check(&pod, request.interface.as_deref()).map_err(|r| {
+            ApiError::new(
+                StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                r.to_string(),
+            )
+            .in_phase("checking")
+        })?;
+        let peer = Peer::new(self.peers.clone(), request.destination.clone());
+        let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
+
+        // Lock, on the version of the pod that was checked: a change in between is a 409.
+        self.enter(id, "locking");
+        let lock = json!({"metadata": {
+            "resourceVersion": migratable.resource_version,
+            "annotations": {ANNOTATION_ID: id},
+        }});
+        pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
+            .await
+            .map_err(|e| {
+                let e = ApiError::from(e);
+                if e.status == StatusCode::CONFLICT {
+                    ApiError::conflict(format!(
+                        "pod {}/{} changed while it was checked (another migration?): try again",
+                        request.namespace, request.name
+                    ))
+                } else {
+                    e
+                }
+                .in_phase("locking")
+            })?;
+        let unlock = || async {
+            let patch = json!({"metadata": {"annotations": {ANNOTATION_ID: null}}});
+            match pods
+                .patch(
+                    &request.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => "source pod unlocked".to_owned(),
+                Err(e) => format!("FAILED to unlock the source pod: {e}"),
+            }
+        };
+
+        // The passive copy at the destination.
+        self.enter(id, "creating");
+        let create = CreateRequest {
+            migration_id: id.to_owned(),
+            namespace: request.namespace.clone(),
+            pod: destination_pod(&pod, &migratable.containers, id),
+        };
+        let created: CreateAnswer = match peer
+            .post(
+                "/create",
+                &create,
+                self.pod_ready_timeout + Duration::from_secs(30),
+            )
+            .await
+        {
+            Ok(created) => created,
+            Err(mut e) => {
+                // The destination deletes what it created when its create fails; a create
+                // that timed out on the way back is deleted here.
+                e.rollback.push(self.delete_copy(&peer, id, request).await);
+                e.rollback.push(unlock().await);
+                return Err(e.in_phase("creating"));
+            }
+        };
+
+        // The state moves sidecar to sidecar.
+        self.enter(id, "migrating");
+        let url = format!("http://{}:{}/migrate", migratable.ip, self.sidecar_port);
+        let sidecar_report = match self
+            .sidecars
+            .post(&url)
+            .json(&json!({"destination": created.sidecar_url}))
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+        {
+            Ok(response) if response.status().is_success() => {
+                response.json::<Value>().await.unwrap_or(Value::Null)
+            }
+            outcome => {
+                let mut e = match outcome {
+                    Ok(response) => {
+                        let status = response.status();
+                        let body: Value = response.json().await.unwrap_or(Value::Null);
+                        let message = body["error"].as_str().unwrap_or("no message").to_owned();
+                        let mut e = ApiError::new(
+                            if status == reqwest::StatusCode::CONFLICT {
+                                StatusCode::CONFLICT
+                            } else {
+                                StatusCode::BAD_GATEWAY
+                            },
+                            format!("source sidecar: {status}: {message}"),
+                        );
+                        if let Some(rollback) = body["rollback"].as_array() {
+                            e.rollback.extend(
+                                rollback
+                                    .iter()
+                                    .filter_map(|r| r.as_str())
+                                    .map(|r| format!("source sidecar: {r}")),
+                            );
+                        }
+                        e
+                    }
+                    Err(e) => ApiError::bad_gateway(format!(
+                        "source sidecar at {url} unreachable: {}",
+                        crate::peer::error_chain(&e)
+                    )),
+                };
+                e.rollback.push(self.delete_copy(&peer, id, request).await);
+                e.rollback.push(unlock().await);
+                return Err(e.in_phase("migrating"));
+            }
+        };
+
+        // The service runs at the destination: from here on nothing is rolled back.
+        self.enter(id, "activating");
+        let pod_request = PodRequest {
+            migration_id: id.to_owned(),
+            namespace: request.namespace.clone(),
+            name: created.name.clone(),
+        };
+        peer.post::<_, Value>("/restore", &pod_request, Duration::from_secs(60))
+            .await
+            .map_err(|e| {
+                ApiError::bad_gateway(format!(
+                    "the service runs at the destination, but its pod could not be made active there: {}",
+                    e.message
+                ))
+                .in_phase("activating")
+            })?;
+
+        self.enter(id, "finishing");
+        if request.keep {
+            let patch = json!({"metadata": {"annotations": {
+                ANNOTATION_ID: null,
+                ANNOTATION_START_MODE: StartMode::Null.as_str(),
+            }}});
+            pods.patch(
+                &request.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| ApiError::from(e).in_phase("finishing"))?;
+        } else {
+            pods.delete(&request.name, &DeleteParams::default())
+                .await
+                .map_err(|e| ApiError::from(e).in_phase("finishing"))?;
+        }
+        self.enter(id, "done");
+        let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
+        tracing::info!(migration = id, pod = %request.name, destination = %request.destination, "migration done");
+        Ok(MigrateReport {
+            message: "migration complete!",
+            migration_id_ums: id.to_owned(),
+            migration_interface: migratable.interface.to_string(),
+            migration_id: id.to_owned(),
+            pod: format!("{}/{}", request.namespace, request.name),
+            destination: DestinationPod {
+                url: request.destination.clone(),
+                cluster: identity.cluster,
+                pod: format!("{}/{}", created.namespace, created.name),
+                pod_ip: created.pod_ip,
+            },
+            source_kept: request.keep,
+            phases,
+            total_ms: started.elapsed().as_millis() as u64,
+            sidecar: sidecar_report,
+        })
+    }
+
+    async fn delete_copy(&self, peer: &Peer, id: &str, request: &Validated) -> String {
+        let pod_request = PodRequest {
+            migration_id: id.to_owned(),
+            namespace: request.namespace.clone(),
+            name: request.name.clone(),
+        };
+        match peer
+            .post::<_, Value>("/delete", &pod_request, Duration::from_secs(60))
+            .await
+        {
+            Ok(answer) if answer["deleted"] == true => "destination pod deleted".to_owned(),
+            Ok(_) => "no destination pod to delete".to_owned(),
+            Err(e) => format!("FAILED to delete the destination pod: {}", e.message),
+        }
+    }
+}
+
+/// A new migration id, for the handler.
+pub fn migration_id() -> String {
+    new_id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: Value) -> Result<Validated, ApiError> {
+        validate(serde_json::from_value(body).unwrap())
+    }
+
+    #[test]
+    fn ums_bodies_validate_with_its_defaults() {
+        let v = request(json!({"name": "svc", "destinationUrl": "cloud:30001"})).unwrap();
+        assert_eq!(v.namespace, "default");
+        assert_eq!(v.destination, "https://cloud:30001");
+        assert!(!v.keep);
+        let v = request(json!({"name": "svc", "namespace": "shop", "destinationUrl": "https://c:1", "keep": true, "interface": "pind"})).unwrap();
+        assert_eq!((v.namespace.as_str(), v.keep), ("shop", true));
+        let e = request(json!({"destinationUrl": "c:1"})).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains("name"), "{e}");
+        let e = request(json!({"name": "svc"})).unwrap_err();
+        assert!(e.message.contains("destinationUrl"), "{e}");
+        let e = request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"}))
+            .unwrap_err();
+        assert!(e.message.contains("ff"), "{e}");
+    }
+}

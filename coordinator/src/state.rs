@@ -1,0 +1,123 @@
+//! What the coordinator's handlers share, and the record of each migration it drives (what
+//! `GET /migrations/{id}` answers while it runs and after).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// The coordinator of one cluster.
+pub struct Coordinator {
+    pub kube: kube::Client,
+    /// This cluster's name, as peers see it.
+    pub cluster: String,
+    /// HTTPS to peer coordinators (their CAs only).
+    pub peers: reqwest::Client,
+    /// To the sidecars of wrapped pods, over the pod network.
+    pub sidecars: reqwest::Client,
+    pub sidecar_port: u16,
+    /// How long a destination pod may take to run with its sidecar ready.
+    pub pod_ready_timeout: Duration,
+    pub migrations: Mutex<BTreeMap<String, MigrationRecord>>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("cluster", &self.cluster)
+            .field("sidecar_port", &self.sidecar_port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One migration this coordinator drives (as the source's coordinator).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationRecord {
+    pub migration_id: String,
+    pub pod: String,
+    pub destination: String,
+    /// `checking`, `locking`, `creating`, `migrating`, `activating`, `finishing`, then `done`
+    /// or `failed`.
+    pub phase: &'static str,
+    pub started_unix_ms: u64,
+    /// Milliseconds spent in each finished phase, in order.
+    pub phases: Vec<(String, u64)>,
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub phase_started: Option<Instant>,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A new migration id: `m` and the time in hex (unique per coordinator, sortable).
+pub fn new_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("m{nanos:x}")
+}
+
+impl Coordinator {
+    /// Records a new migration in its first phase.
+    pub fn begin(&self, id: &str, pod: &str, destination: &str) {
+        let record = MigrationRecord {
+            migration_id: id.to_owned(),
+            pod: pod.to_owned(),
+            destination: destination.to_owned(),
+            phase: "checking",
+            started_unix_ms: unix_ms(),
+            phases: Vec::new(),
+            error: None,
+            phase_started: Some(Instant::now()),
+        };
+        if let Ok(mut all) = self.migrations.lock() {
+            all.insert(id.to_owned(), record);
+        }
+    }
+
+    /// Closes the current phase and opens `phase`; returns the closed phase's milliseconds.
+    pub fn enter(&self, id: &str, phase: &'static str) -> u64 {
+        let Ok(mut all) = self.migrations.lock() else {
+            return 0;
+        };
+        let Some(record) = all.get_mut(id) else {
+            return 0;
+        };
+        let ms = record
+            .phase_started
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0);
+        record.phases.push((record.phase.to_owned(), ms));
+        record.phase = phase;
+        record.phase_started = Some(Instant::now());
+        tracing::info!(migration = id, phase, "migration phase");
+        ms
+    }
+
+    pub fn fail(&self, id: &str, error: &str) {
+        if let Ok(mut all) = self.migrations.lock() {
+            if let Some(record) = all.get_mut(id) {
+                let ms = record
+                    .phase_started
+                    .map(|t| t.elapsed().as_millis() as u64)
+                    .unwrap_or(0);
+                record.phases.push((record.phase.to_owned(), ms));
+                record.phase = "failed";
+                record.phase_started = None;
+                record.error = Some(error.to_owned());
+            }
+        }
+    }
+
+    pub fn record(&self, id: &str) -> Option<MigrationRecord> {
+        self.migrations.lock().ok()?.get(id).cloned()
+    }
+}
