@@ -6,6 +6,8 @@
 
 #[path = "harness/cluster.rs"]
 pub mod cluster;
+#[path = "harness/coordinator.rs"]
+pub mod coordinator;
 #[path = "harness/outer.rs"]
 pub mod outer;
 #[path = "harness/registry.rs"]

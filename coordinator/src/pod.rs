@@ -121,16 +121,6 @@ pub fn check(pod: &Pod, interface: Option<&str>) -> Result<Migratable, Refusal> 
             ))
         }
     };
-    if let Some(id) = &parsed.migration_id {
-        return Err(Refusal::Locked {
-            pod: name,
-            id: id.clone(),
-        });
-    }
-    let mode = parsed.start_mode_or_default();
-    if mode != StartMode::Active {
-        return Err(Refusal::NotActive { pod: name, mode });
-    }
     if let Some(owner) = pod
         .metadata
         .owner_references
@@ -143,6 +133,16 @@ pub fn check(pod: &Pod, interface: Option<&str>) -> Result<Migratable, Refusal> 
             kind: owner.kind.clone(),
             owner: owner.name.clone(),
         });
+    }
+    if let Some(id) = &parsed.migration_id {
+        return Err(Refusal::Locked {
+            pod: name,
+            id: id.clone(),
+        });
+    }
+    let mode = parsed.start_mode_or_default();
+    if mode != StartMode::Active {
+        return Err(Refusal::NotActive { pod: name, mode });
     }
     let status = pod.status.as_ref();
     let phase = status

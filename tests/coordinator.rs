@@ -1,0 +1,254 @@
+//! End to end, as operators run it: two clusters (the test API server, the real webhook image,
+//! a node agent each), a `ums-coordinator` in each with its own certificate, trusting the
+//! other's CA. One UMS-style call on the source cluster's coordinator moves a wrapped pod to
+//! the other cluster: the coordinators create the passive copy, the sidecars move the state
+//! over the pod network, the copy becomes active, the source pod is deleted.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::Duration;
+
+use serde_json::json;
+use ums_tests::cluster::{Cluster, User};
+use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+use ums_tests::poll;
+use ums_tests::service_pod::{ask_service, container_output, service_pod};
+use ums_tests::workload::{registry_workload_image, ticks};
+
+fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
+    cluster.get_json(&["pod", pod])["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let call = |method: &'static str, path: &'static str, body| {
+        edge_coordinator.call(&edge_certs.ca, method, path, body)
+    };
+
+    // The coordinators know each other: the peer's identity over verified TLS.
+    let (status, identity) = cloud_coordinator
+        .call(&cloud_certs.ca, "GET", "/", None)
+        .await;
+    assert_eq!(status, 200, "{identity}");
+    assert_eq!(identity["cluster"], cloud.name.as_str());
+
+    let name = "service";
+    edge.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &service_pod(name, "dind", None, &[("app", 64)]).to_string(),
+    );
+    let source_ip = edge
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let ambassador = edge.pod_container(name, "app");
+    poll(
+        "the source ambassador to relay the workload's ticks",
+        Duration::from_secs(120),
+        || {
+            let n = ticks(&container_output(&ambassador)).len();
+            async move { (n >= 20).then_some(()) }
+        },
+    )
+    .await;
+    let at_source = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(at_source.memory_ok);
+
+    // Bad requests are the caller's errors, named.
+    let (status, answer) = call("POST", "/migrate", Some(json!({}))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("name"),
+        "{answer}"
+    );
+    let (status, answer) = call("POST", "/migrate", Some(json!({"name": name}))).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("destinationUrl"),
+        "{answer}"
+    );
+    let destination = cloud_coordinator.address.clone();
+    let (status, answer) = call(
+        "POST",
+        "/migrate",
+        Some(json!({"name": "absent", "destinationUrl": destination})),
+    )
+    .await;
+    assert_eq!(status, 404, "{answer}");
+
+    // A pod already under migration: 409, and left as it was.
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", name, "migration-id=other"],
+    );
+    let (status, answer) = call(
+        "POST",
+        "/migrate",
+        Some(json!({"name": name, "destinationUrl": destination})),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("being migrated"),
+        "{answer}"
+    );
+    assert_eq!(
+        annotation(&edge, name, "migration-id").as_deref(),
+        Some("other")
+    );
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", name, "migration-id-"],
+    );
+
+    // A pod a controller owns is refused, naming the owner.
+    let mut owned = service_pod("owned", "dind", Some("null"), &[("app", 1)]);
+    owned["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "service-7d9f",
+        "uid": "6f1c2d3e-0000-4000-8000-000000000001", "controller": true
+    }]);
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &owned.to_string());
+    let (status, answer) = call(
+        "POST",
+        "/migrate",
+        Some(json!({"name": "owned", "destinationUrl": destination})),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("ReplicaSet service-7d9f"),
+        "{answer}"
+    );
+
+    // A destination that refuses (a pod of that name is there already): nothing is frozen,
+    // the service keeps running at the source, unlocked, and nothing is left at the
+    // destination but what was there.
+    let squatter = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "other", "image": registry_workload_image(), "args": ["1", "7"]}]}
+    });
+    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &squatter.to_string());
+    let (status, answer) = call(
+        "POST",
+        "/migrate",
+        Some(json!({"name": name, "destinationUrl": destination})),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["phase"], "creating", "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("already exists"),
+        "{answer}"
+    );
+    assert!(
+        answer["rollback"]
+            .to_string()
+            .contains("source pod unlocked"),
+        "{answer}"
+    );
+    assert_eq!(annotation(&edge, name, "migration-id"), None);
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > at_source.tick);
+    assert!(
+        cloud.get_json(&["pod", name])["metadata"]["annotations"]["migration-id"].is_null(),
+        "the destination's own pod is untouched"
+    );
+    cloud.kubectl(
+        User::Jane,
+        &["delete", "pod", name, "--wait=true", "--timeout=120s"],
+    );
+
+    // The UMS call: destinationUrl as UMS writes it (host:port, no scheme).
+    let last_at_source = ticks(&container_output(&ambassador)).last().unwrap().tick;
+    let (status, report) = call(
+        "POST",
+        "/migrate",
+        Some(json!({"name": name, "namespace": "default", "destinationUrl": destination})),
+    )
+    .await;
+    assert_eq!(
+        status,
+        200,
+        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
+    );
+    assert_eq!(report["message"], "migration complete!");
+    let id = report["migration_id"].as_str().unwrap().to_owned();
+    assert_eq!(report["migrationId"], id.as_str());
+    assert_eq!(report["migrationInterface"], "dind");
+    assert_eq!(report["destination"]["cluster"], cloud.name.as_str());
+    assert_eq!(report["destination"]["pod"], "default/service");
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "checking",
+            "locking",
+            "creating",
+            "migrating",
+            "activating",
+            "finishing"
+        ],
+        "{report}"
+    );
+    assert!(
+        report["sidecar"]["totals"]["contentBytes"]
+            .as_u64()
+            .unwrap()
+            > 64 << 20,
+        "{report}"
+    );
+
+    // Progress and outcome are kept for GET /migrations/{id}.
+    let (status, record) = edge_coordinator
+        .call(&edge_certs.ca, "GET", &format!("/migrations/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["phase"], "done");
+
+    // The service runs in cloud, active and unlocked, with the state it had.
+    let destination_ip = report["destination"]["podIp"].as_str().unwrap().to_owned();
+    assert_eq!(
+        annotation(&cloud, name, "migration-start-mode").as_deref(),
+        Some("active")
+    );
+    assert_eq!(annotation(&cloud, name, "migration-id"), None);
+    let moved = ask_service(&destination_ip, 8080).await.unwrap();
+    assert!(
+        moved.memory_ok && moved.tick > last_at_source,
+        "{moved:?} after {last_at_source}"
+    );
+    assert!(
+        moved.tick < last_at_source + 5000,
+        "continued, not restarted: {moved:?}"
+    );
+    // The source pod is gone.
+    poll(
+        "the source pod to be deleted",
+        Duration::from_secs(120),
+        || async {
+            edge.kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}
