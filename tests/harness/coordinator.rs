@@ -1,14 +1,16 @@
-//! A cluster's `ums-coordinator`, run as the binary the coordinator image runs, with the
+//! A cluster's `ums-coordinator`: the real `ums-rs/coordinator` image, as its Deployment
+//! runs it (user 65532, its certificate and its peers' CAs mounted read-only), with the
 //! cluster's coordinator service account (its kubeconfig) and its own serving certificate
-//! from `ums-certs`; peers trust each other's CA only.
+//! from `ums-certs`; peers trust each other's CA only. Host network: the test API server
+//! listens on loopback, and the pod networks are routed from the host.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{workspace_binary, Cluster, User};
+use crate::cluster::{Cluster, User};
 
 /// A coordinator's TLS material.
 #[derive(Debug, Clone)]
@@ -46,45 +48,85 @@ impl CoordinatorCerts {
 /// A running coordinator; stopped on drop.
 #[derive(Debug)]
 pub struct RunningCoordinator {
-    child: Child,
+    container: String,
     /// `127.0.0.1:port`, as UMS's `destinationUrl` names a coordinator.
     pub address: String,
-    log: PathBuf,
 }
 
 impl RunningCoordinator {
     /// Starts the coordinator of `cluster`, trusting the peers' CAs `peer_cas`.
     pub fn start(cluster: &Cluster, certs: &CoordinatorCerts, peer_cas: &[&Path]) -> Self {
+        crate::outer::require_image("ums-rs/coordinator:latest");
         let port = crate::registry::free_port();
         let address = format!("127.0.0.1:{port}");
-        let log = cluster.dir.join("coordinator.log");
-        let peer_ca = peer_cas
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let child = Command::new(workspace_binary("ums-coordinator", "ums-coordinator"))
-            .env("KUBECONFIG", cluster.kubeconfig(User::Coordinator))
-            .env("UMS_COORDINATOR_LISTEN", &address)
-            .env("UMS_COORDINATOR_TLS_CERT", &certs.cert)
-            .env("UMS_COORDINATOR_TLS_KEY", &certs.key)
-            .env("UMS_COORDINATOR_PEER_CA", peer_ca)
-            .env("UMS_CLUSTER_NAME", &cluster.name)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start ums-coordinator");
-        let mut running = RunningCoordinator {
-            child,
-            address,
-            log,
+        // What the Secret, the ConfigMap and the service account token would mount.
+        let mounted = cluster.dir.join("coordinator-mounts");
+        std::fs::create_dir_all(&mounted).unwrap();
+        std::fs::copy(&certs.cert, mounted.join("tls.crt")).unwrap();
+        std::fs::copy(&certs.key, mounted.join("tls.key")).unwrap();
+        // The kubeconfig with the API server's CA inline (its file is on the host).
+        let kubeconfig = std::fs::read_to_string(cluster.kubeconfig(User::Coordinator)).unwrap();
+        let ca_path = cluster.dir.join("apiserver-certs/apiserver.crt");
+        let ca_data = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(std::fs::read(&ca_path).unwrap())
         };
+        let kubeconfig = kubeconfig.replace(
+            &format!("certificate-authority: {}", ca_path.display()),
+            &format!("certificate-authority-data: {ca_data}"),
+        );
+        assert!(
+            kubeconfig.contains("certificate-authority-data"),
+            "{kubeconfig}"
+        );
+        std::fs::write(mounted.join("kubeconfig"), kubeconfig).unwrap();
+        let peers: String = peer_cas
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        std::fs::write(mounted.join("ca.crt"), peers).unwrap();
+        for entry in std::fs::read_dir(&mounted).unwrap() {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = entry.unwrap().path();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let container = format!("{}-coordinator", cluster.name);
+        let mount = format!("{}:/etc/ums-coordinator/files:ro", mounted.display());
+        let output = Command::new("docker")
+            .args(["run", "--detach", "--name", &container, "--network", "host"])
+            .args(["--volume", &mount])
+            .args(["--env", "KUBECONFIG=/etc/ums-coordinator/files/kubeconfig"])
+            .args(["--env", &format!("UMS_CLUSTER_NAME={}", cluster.name)])
+            .args(["--env", "RUST_LOG=info"])
+            .arg("ums-rs/coordinator:latest")
+            .arg(format!("--listen={address}"))
+            .arg("--tls-cert=/etc/ums-coordinator/files/tls.crt")
+            .arg("--tls-key=/etc/ums-coordinator/files/tls.key")
+            .arg("--peer-ca=/etc/ums-coordinator/files/ca.crt")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "docker run ums-rs/coordinator failed"
+        );
+        let running = RunningCoordinator { container, address };
         let until = Instant::now() + Duration::from_secs(30);
         while !running.log().contains("ums-coordinator listening") {
-            if let Ok(Some(status)) = running.child.try_wait() {
-                panic!("ums-coordinator exited ({status}):\n{}", running.log());
-            }
+            let state = Command::new("docker")
+                .args([
+                    "inspect",
+                    "--format",
+                    "{{.State.Running}}",
+                    &running.container,
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&state.stdout).trim() == "true",
+                "ums-coordinator exited:\n{}",
+                running.log()
+            );
             assert!(
                 Instant::now() < until,
                 "ums-coordinator did not listen:\n{}",
@@ -95,8 +137,14 @@ impl RunningCoordinator {
         running
     }
 
+    /// The coordinator's log (its container's output).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let output = Command::new("docker")
+            .args(["logs", &self.container])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr)
     }
 
     /// A call to this coordinator over HTTPS, trusting `ca`; (status, JSON body).
@@ -127,7 +175,8 @@ impl RunningCoordinator {
 
 impl Drop for RunningCoordinator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = Command::new("docker")
+            .args(["rm", "--force", &self.container])
+            .output();
     }
 }
