@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use clap::CommandFactory as _;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -109,26 +108,31 @@ fn port_number(container: &Container, port: &IntOrString) -> i32 {
     }
 }
 
-/// The webhook's flags as the Deployment sets them (args, and env mapped through clap's own
-/// `env = ...` declarations), parsed by the webhook's real argument parser.
-fn webhook_args(container: &Container) -> ums_webhook::Args {
-    let command = ums_webhook::Args::command();
-    let mut argv = vec!["ums-webhook".to_owned()];
+/// A binary's flags as a Deployment sets them (args, and env mapped through clap's own
+/// `env = ...` declarations), parsed by the binary's real argument parser.
+fn deployment_args<A: clap::Parser>(binary: &str, container: &Container) -> A {
+    let command = A::command();
+    let mut argv = vec![binary.to_owned()];
     argv.extend(container.args.iter().flatten().cloned());
     for env in container.env.iter().flatten() {
         let arg = command
             .get_arguments()
             .find(|a| a.get_env().and_then(|e| e.to_str()) == Some(env.name.as_str()))
-            .unwrap_or_else(|| panic!("the webhook reads no environment variable {}", env.name));
+            .unwrap_or_else(|| panic!("{binary} reads no environment variable {}", env.name));
         let long = arg.get_long().expect("env flags have a long form");
         argv.push(format!(
             "--{long}={}",
             env.value.as_deref().expect("plain env value")
         ));
     }
-    <ums_webhook::Args as clap::Parser>::try_parse_from(&argv).unwrap_or_else(|e| {
-        panic!("the Deployment's flags are not accepted by ums-webhook: {e}\n{argv:?}")
+    A::try_parse_from(&argv).unwrap_or_else(|e| {
+        panic!("the Deployment's flags are not accepted by {binary}: {e}\n{argv:?}")
     })
+}
+
+/// The webhook's flags as its Deployment sets them.
+fn webhook_args(container: &Container) -> ums_webhook::Args {
+    deployment_args("ums-webhook", container)
 }
 
 fn check_base(r: &Rendered) {
@@ -404,4 +408,108 @@ fn cert_manager_overlay_issues_the_secret_the_deployment_mounts() {
             injected
         );
     }
+}
+
+#[test]
+fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
+    let base = render("deploy/base");
+    let r = render("deploy/coordinator");
+    let [deployment] = r.deployments.as_slice() else {
+        panic!("one Deployment")
+    };
+    let namespace = deployment.metadata.namespace.as_deref().unwrap();
+    let spec = deployment.spec.as_ref().unwrap();
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(selects(&spec.selector, &pod_labels));
+    let pod = spec.template.spec.as_ref().unwrap();
+    // Its service account is the one the webhook lets change pods under migration, and base
+    // defines it (with its RBAC).
+    let account = pod.service_account_name.as_deref().unwrap();
+    let [webhook] = base.deployments.as_slice() else {
+        panic!("one webhook Deployment")
+    };
+    let webhook_args = webhook_args(
+        &webhook
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0],
+    );
+    assert!(
+        webhook_args
+            .migration_service_accounts
+            .contains(&format!("system:serviceaccount:{namespace}:{account}")),
+        "{:?}",
+        webhook_args.migration_service_accounts
+    );
+    assert!(base
+        .service_accounts
+        .iter()
+        .any(|sa| sa.metadata.name.as_deref() == Some(account)
+            && sa.metadata.namespace.as_deref() == Some(namespace)));
+    let [container] = pod.containers.as_slice() else {
+        panic!("one container")
+    };
+    let args: ums_coordinator::Args = deployment_args("ums-coordinator", container);
+    assert_eq!(
+        i32::from(args.listen.port()),
+        port_number(container, &IntOrString::String("https".into()))
+    );
+    // The certificate, the key and the peers' CAs are in mounted volumes.
+    let mounted = |path: &std::path::Path| {
+        container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| path.starts_with(&m.mount_path))
+            .map(|m| m.name.clone())
+    };
+    let volume = |name: String| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .cloned()
+            .unwrap()
+    };
+    let tls = volume(mounted(&args.tls_cert).expect("certificate mounted"));
+    assert_eq!(
+        tls.secret.unwrap().secret_name.as_deref(),
+        Some("ums-coordinator-tls")
+    );
+    assert_eq!(mounted(&args.tls_key), mounted(&args.tls_cert));
+    let [peer_ca] = args.peer_ca.as_slice() else {
+        panic!("one peer CA file")
+    };
+    let peers = volume(mounted(peer_ca).expect("peer CAs mounted"));
+    assert_eq!(peers.config_map.unwrap().name, "ums-coordinator-peers");
+    // UMS's NodePort, to the HTTPS port.
+    let [service] = r.services.as_slice() else {
+        panic!("one Service")
+    };
+    let service_spec = service.spec.as_ref().unwrap();
+    assert!(selects(
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: service_spec.selector.clone(),
+            ..Default::default()
+        },
+        &pod_labels
+    ));
+    let port = &service_spec.ports.as_ref().unwrap()[0];
+    assert_eq!(port.node_port, Some(30001));
+    assert_eq!(
+        port_number(container, port.target_port.as_ref().unwrap()),
+        i32::from(args.listen.port())
+    );
 }
