@@ -11,10 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
+use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::poll;
 use ums_tests::service_pod::{
-    ask_service, container_output, service_pod, sidecar, with_connection, Sink,
+    ask_service, container_output, service_pod, sidecar, sidecar_as, with_connection, Sink,
 };
 use ums_tests::workload::ticks;
 
@@ -113,8 +114,18 @@ async fn migrates_between_clusters(
         .await;
     }
     // The nested containers run inside the runtime container, on the pod's IP.
+    // Only the coordinator may list and migrate: the tests play its part with its key.
+    let source_token = source_cluster.sidecar_token(&source_ip, Scope::Coordinator, None);
     let (status, listed) =
         sidecar("GET", format!("http://{source_ip}:8888/containers"), None).await;
+    assert_eq!(status, 401, "no credential, no access: {listed}");
+    let (status, listed) = sidecar_as(
+        Some(&source_token),
+        "GET",
+        format!("http://{source_ip}:8888/containers"),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{listed}");
     let mut running: Vec<&str> = listed
         .as_array()
@@ -213,10 +224,35 @@ async fn migrates_between_clusters(
             ticks(&container_output(&ambassador)).last().unwrap().tick
         })
         .collect();
-    let (status, report) = sidecar(
+    // A token for another pod, or the destination's token, does not open the source.
+    let (status, refused) = sidecar_as(
+        Some(&source_cluster.sidecar_token(&destination_ip, Scope::Coordinator, None)),
         "POST",
         format!("http://{source_ip}:8888/migrate"),
-        Some(json!({"destination": format!("http://{destination_ip}:8888")})),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 401, "{refused}");
+    let peer_token = destination_cluster.sidecar_token(&destination_ip, Scope::Peer, Some("e2e-1"));
+    let (status, refused) = sidecar_as(
+        Some(&peer_token),
+        "GET",
+        format!("http://{destination_ip}:8888/containers"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "a peer's token opens the restore only: {refused}"
+    );
+    let (status, report) = sidecar_as(
+        Some(&source_token),
+        "POST",
+        format!("http://{source_ip}:8888/migrate"),
+        Some(json!({
+            "destination": format!("http://{destination_ip}:8888"),
+            "destinationToken": peer_token,
+        })),
     )
     .await;
     assert_eq!(status, 200, "{report}");
@@ -384,7 +420,13 @@ async fn migrates_between_clusters(
         );
     }
     // The source pod's nested containers are gone.
-    let (_, listed) = sidecar("GET", format!("http://{source_ip}:8888/containers"), None).await;
+    let (_, listed) = sidecar_as(
+        Some(&source_token),
+        "GET",
+        format!("http://{source_ip}:8888/containers"),
+        None,
+    )
+    .await;
     assert!(
         listed
             .as_array()

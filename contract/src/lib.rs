@@ -5,6 +5,7 @@
 //! webhook also parses with them, so a pod the sidecar could not read is refused at creation).
 
 pub mod annotations;
+pub mod credential;
 pub mod podinfo;
 pub mod quantity;
 

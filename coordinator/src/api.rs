@@ -50,6 +50,7 @@ async fn identity(State(c): State<Arc<Coordinator>>) -> Json<Identity> {
         version: env!("CARGO_PKG_VERSION").into(),
         cluster: c.cluster.clone(),
         interfaces: vec!["dind".into(), "pind".into()],
+        public_key: c.signing_key.public_key(),
     })
 }
 

@@ -51,6 +51,15 @@ pub struct Args {
         required = true
     )]
     pub peer_ca: Vec<PathBuf>,
+    /// The Ed25519 key (PKCS#8 DER, e.g. `openssl genpkey -algorithm ed25519 -outform DER`)
+    /// that signs the tokens this cluster's sidecars accept; its public key goes to the
+    /// webhook's `UMS_COORDINATOR_KEYS`.
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_SIGNING_KEY",
+        default_value = "/etc/ums-coordinator/signing/signing.key"
+    )]
+    pub signing_key: PathBuf,
     /// This cluster's name, as peers see it.
     #[arg(long, env = "UMS_CLUSTER_NAME", default_value = "default")]
     pub cluster: String,
@@ -67,6 +76,15 @@ pub struct Args {
 impl Args {
     pub async fn run(self) -> anyhow::Result<()> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let der = std::fs::read(&self.signing_key).with_context(|| {
+            format!(
+                "failed to read the signing key {}",
+                self.signing_key.display()
+            )
+        })?;
+        let signing_key = ums_contract::credential::SigningKey::from_pkcs8(&der)
+            .with_context(|| format!("signing key {}", self.signing_key.display()))?;
+        tracing::info!(public_key = %signing_key.public_key(), "signing key loaded: give this public key to the webhook (UMS_COORDINATOR_KEYS)");
         let kube = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
@@ -84,6 +102,7 @@ impl Args {
             sidecar_port: self.sidecar_port,
             pod_ready_timeout: Duration::from_secs(self.pod_ready_timeout_seconds),
             migrations: Mutex::default(),
+            signing_key,
         });
         let cert = ReloadingCert::load(&self.tls_cert, &self.tls_key)
             .context("failed to load the serving certificate")?;

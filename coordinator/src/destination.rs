@@ -33,6 +33,9 @@ pub struct CreateAnswer {
     pub pod_ip: String,
     /// Where the source's sidecar sends the state.
     pub sidecar_url: String,
+    /// The one credential that pod's sidecar takes from the source's sidecar: scoped to this
+    /// migration's restore, for this pod, expiring (see `PEER_TOKEN_SECONDS`).
+    pub sidecar_token: String,
     pub create_ms: u64,
 }
 
@@ -44,6 +47,9 @@ pub struct PodRequest {
     pub namespace: String,
     pub name: String,
 }
+
+/// How long the source's sidecar may take to start sending the state with its peer token.
+pub const PEER_TOKEN_SECONDS: u64 = 1800;
 
 fn annotations_of(pod: &Pod) -> MigrationAnnotations {
     pod.metadata
@@ -99,6 +105,12 @@ impl Coordinator {
         match self.wait_passive_ready(&pods, &name).await {
             Ok(ip) => Ok(CreateAnswer {
                 sidecar_url: format!("http://{ip}:{}", self.sidecar_port),
+                sidecar_token: self.sidecar_token(
+                    &ip,
+                    ums_contract::credential::Scope::Peer,
+                    Some(&request.migration_id),
+                    PEER_TOKEN_SECONDS,
+                ),
                 name,
                 namespace: request.namespace,
                 pod_ip: ip,

@@ -213,10 +213,20 @@ impl Coordinator {
         // The state moves sidecar to sidecar.
         self.enter(id, "migrating");
         let url = format!("http://{}:{}/migrate", migratable.ip, self.sidecar_port);
+        let token = self.sidecar_token(
+            &migratable.ip,
+            ums_contract::credential::Scope::Coordinator,
+            Some(id),
+            300,
+        );
         let sidecar_report = match self
             .sidecars
             .post(&url)
-            .json(&json!({"destination": created.sidecar_url}))
+            .bearer_auth(token)
+            .json(&json!({
+                "destination": created.sidecar_url,
+                "destinationToken": created.sidecar_token,
+            }))
             .timeout(Duration::from_secs(3600))
             .send()
             .await

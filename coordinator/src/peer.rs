@@ -93,6 +93,9 @@ pub struct Identity {
     pub version: String,
     pub cluster: String,
     pub interfaces: Vec<String>,
+    /// The key the cluster's webhook must hand its sidecars (`UMS_COORDINATOR_KEYS`).
+    #[serde(default)]
+    pub public_key: String,
 }
 
 /// The other cluster's coordinator.

@@ -20,6 +20,8 @@ pub struct Coordinator {
     /// How long a destination pod may take to run with its sidecar ready.
     pub pod_ready_timeout: Duration,
     pub migrations: Mutex<BTreeMap<String, MigrationRecord>>,
+    /// Signs the tokens this cluster's sidecars accept (their webhook holds its public key).
+    pub signing_key: ums_contract::credential::SigningKey,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -66,6 +68,23 @@ pub fn new_id() -> String {
 }
 
 impl Coordinator {
+    /// A token for the sidecar of the pod at `pod_ip`: `scope`, for `seconds`, for one
+    /// migration (`mid`) when it is a peer's.
+    pub fn sidecar_token(
+        &self,
+        pod_ip: &str,
+        scope: ums_contract::credential::Scope,
+        mid: Option<&str>,
+        seconds: u64,
+    ) -> String {
+        self.signing_key.sign(&ums_contract::credential::Claims {
+            aud: pod_ip.to_owned(),
+            scope,
+            exp: ums_contract::credential::now_unix() + seconds,
+            mid: mid.map(str::to_owned),
+        })
+    }
+
     /// Records a new migration in its first phase.
     pub fn begin(&self, id: &str, pod: &str, destination: &str) {
         let record = MigrationRecord {

@@ -20,13 +20,27 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
     } = args;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let base = runtime_url.trim_end_matches('/').to_owned();
+    // The runtime's sidecar writes the pod's token when it starts: wait for it.
     let token = match token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("failed to read token file {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
+        Some(path) => {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+            loop {
+                match std::fs::read_to_string(&path) {
+                    Ok(t) if !t.trim().is_empty() => break Some(t.trim().to_owned()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| {
+                            format!("failed to read token file {}", path.display())
+                        })
+                    }
+                    Err(_) => {}
+                }
+                if std::time::Instant::now() > until {
+                    anyhow::bail!("token file {} did not appear within 300 s", path.display());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         None => None,
     };
     let http = reqwest::Client::builder()

@@ -56,23 +56,86 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
         .with_state(sidecar)
 }
 
+/// Who may call what:
+/// - the static token (`--token-file`, outside wrapped pods): everything;
+/// - a token signed by the pod's coordinator for this pod's IP: everything (scope
+///   `coordinator`), or, for another pod's sidecar sending one migration here (scope `peer`),
+///   `/info`, `/restore/preflight` and `/restore`;
+/// - the pod-local token of the ambassadors: `/create/{name}` and `/logs/{name}`.
+///
+/// No credential presented, or one that does not verify: 401; a valid one outside its scope:
+/// 403. Without any credential configured (a sidecar run by hand) everything is open.
 async fn require_token(
     State(sidecar): State<Arc<Sidecar>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &sidecar.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();
-        }
+    if !sidecar.requires_credentials() {
+        return next.run(request).await;
     }
-    next.run(request).await
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    if presented.is_empty() {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a credential is required (Authorization: Bearer ...): only the pod's coordinator may call this endpoint",
+        )
+        .into_response();
+    }
+    let path = request.uri().path().to_owned();
+    let matches = |expected: &Option<String>| {
+        expected
+            .as_ref()
+            .is_some_and(|e| constant_time_eq(presented.as_bytes(), e.as_bytes()))
+    };
+    if matches(&sidecar.token) {
+        return next.run(request).await;
+    }
+    if matches(&sidecar.pod_token) {
+        if path.starts_with("/create/") || path.starts_with("/logs/") {
+            return next.run(request).await;
+        }
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("the pod's own token does not allow {path}"),
+        )
+        .into_response();
+    }
+    if sidecar.coordinator_keys.is_empty() {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();
+    }
+    let ips: Vec<String> = crate::tcp::local_addresses()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    use ums_contract::credential::{now_unix, verify, Scope};
+    match verify(&presented, &sidecar.coordinator_keys, &ips, now_unix()) {
+        Ok(claims) => {
+            let allowed = match claims.scope {
+                Scope::Coordinator => true,
+                Scope::Peer => matches!(path.as_str(), "/info" | "/restore/preflight" | "/restore"),
+            };
+            if allowed {
+                next.run(request).await
+            } else {
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a peer's token (migration {}) does not allow {path}",
+                        claims.mid.as_deref().unwrap_or("?")
+                    ),
+                )
+                .into_response()
+            }
+        }
+        Err(e) => ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
+            .into_response(),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -64,6 +64,14 @@ pub struct ServeArgs {
     /// File holding the bearer token required on every endpoint but /healthz and /probe.
     #[arg(long, env = "UMS_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Where to write a fresh random token for the pod's ambassadors (a volume only the
+    /// runtime and the ambassadors mount); it allows /create and /logs only.
+    #[arg(long, env = "UMS_POD_TOKEN_FILE")]
+    pub pod_token_file: Option<PathBuf>,
+    /// Public keys (base64, comma-separated) of the coordinator(s) whose signed tokens are
+    /// accepted; set by the webhook in wrapped pods.
+    #[arg(long, env = "UMS_COORDINATOR_KEYS")]
+    pub coordinator_keys: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,10 @@ pub struct Sidecar {
     /// The engine's data root (checkpoints, staging of incoming archives).
     pub engine_root: PathBuf,
     pub token: Option<String>,
+    /// The pod-local token the ambassadors present (create and logs only).
+    pub pod_token: Option<String>,
+    /// Public keys of the coordinator(s) whose signed tokens this sidecar accepts.
+    pub coordinator_keys: Vec<Vec<u8>>,
     /// Held by a checkpoint, restore or migration: one at a time.
     pub busy: Arc<tokio::sync::Mutex<()>>,
     /// The engine's facts (version, CRIU, kernel), read once: they do not change while the
@@ -79,11 +83,30 @@ impl Sidecar {
             podinfo,
             engine_root,
             token,
+            pod_token: None,
+            coordinator_keys: Vec::new(),
             busy: Arc::new(tokio::sync::Mutex::new(())),
             creating: tokio::sync::Mutex::new(()),
             engine_info: tokio::sync::OnceCell::new(),
             phases: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The credentials this sidecar accepts besides its static token: the pod-local token of
+    /// its ambassadors, and tokens signed by its coordinator.
+    pub fn with_credentials(
+        mut self,
+        pod_token: Option<String>,
+        coordinator_keys: Vec<Vec<u8>>,
+    ) -> Self {
+        self.pod_token = pod_token;
+        self.coordinator_keys = coordinator_keys;
+        self
+    }
+
+    /// Whether any credential is required.
+    pub fn requires_credentials(&self) -> bool {
+        self.token.is_some() || self.pod_token.is_some() || !self.coordinator_keys.is_empty()
     }
 
     /// Engine, CRIU, kernel and architecture (cached).

@@ -24,6 +24,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         podinfo,
         listen,
         token_file,
+        pod_token_file,
+        coordinator_keys,
     } = args;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let engine_socket = engine_socket.unwrap_or_else(|| {
@@ -57,12 +59,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             connect_with_retry(|| PodmanEngine::connect(&engine_socket, &engine_root)).await?,
         ),
     };
-    let sidecar = Arc::new(Sidecar::new(
-        engine,
-        PodInfo::new(&podinfo),
-        engine_root,
-        token,
-    ));
+    let coordinator_keys = match coordinator_keys.as_deref() {
+        Some(keys) => {
+            ums_contract::credential::parse_public_keys(keys).context("UMS_COORDINATOR_KEYS")?
+        }
+        None => Vec::new(),
+    };
+    let pod_token = match &pod_token_file {
+        Some(path) => Some(write_pod_token(path)?),
+        None => None,
+    };
+    let sidecar = Arc::new(
+        Sidecar::new(engine, PodInfo::new(&podinfo), engine_root, token)
+            .with_credentials(pod_token, coordinator_keys),
+    );
+    tracing::info!(
+        coordinator_keys = sidecar.coordinator_keys.len(),
+        pod_token = sidecar.pod_token.is_some(),
+        open = !sidecar.requires_credentials(),
+        "credentials"
+    );
     // Read once here: later preflights answer from the cache.
     let info = sidecar.engine_info().await?;
     tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
@@ -138,4 +154,25 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminate => {},
     }
+}
+
+/// A fresh random token for the pod's ambassadors, written to `path` (replacing one a
+/// previous run of the runtime container left).
+fn write_pod_token(path: &std::path::Path) -> anyhow::Result<String> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("no randomness for the pod token"))?;
+    let token = hex::encode(bytes);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+    }
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, &token)
+        .with_context(|| format!("failed to write {}", partial.display()))?;
+    std::fs::rename(&partial, path)
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(token)
 }

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::service_pod::{container_output, service_pod, sidecar};
+use ums_tests::service_pod::{container_output, service_pod, sidecar, sidecar_as};
 use ums_tests::workload::ticks;
 
 #[derive(Debug, Parser)]
@@ -127,8 +128,14 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let received_before = rx_bytes(&destination_runtime);
     let migration = tokio::spawn({
         let url = format!("http://{source_ip}:8888/migrate");
-        let body = json!({"destination": format!("http://{destination_ip}:8888")});
-        async move { sidecar("POST", url, Some(body)).await }
+        // The coordinators' part: a token for the source sidecar, and the destination's one
+        // credential for this migration's restore.
+        let token = edge.sidecar_token(&source_ip, Scope::Coordinator, Some("demo-1"));
+        let body = json!({
+            "destination": format!("http://{destination_ip}:8888"),
+            "destinationToken": cloud.sidecar_token(&destination_ip, Scope::Peer, Some("demo-1")),
+        });
+        async move { sidecar_as(Some(&token), "POST", url, Some(body)).await }
     });
     let expected = u64::from(args.mib) << 20;
     let bar = progress_bar(expected);
@@ -191,7 +198,14 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     for line in tail(&container_output(&destination_ambassador), 3) {
         println!("  {line}");
     }
-    let (_, listed) = sidecar("GET", format!("http://{source_ip}:8888/containers"), None).await;
+    let token = edge.sidecar_token(&source_ip, Scope::Coordinator, None);
+    let (_, listed) = sidecar_as(
+        Some(&token),
+        "GET",
+        format!("http://{source_ip}:8888/containers"),
+        None,
+    )
+    .await;
     println!("the edge pod's nested containers now: {listed}");
     edge.kubectl(User::Jane, &["delete", "pod", name, "--wait=false"]);
     println!(

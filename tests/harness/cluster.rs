@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::outer::docker;
 use crate::registry::free_port;
+use ums_contract::credential::{Claims, Scope, SigningKey};
 
 /// The identities the static token file maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +130,14 @@ impl Cluster {
         let dir = PathBuf::from(format!("/tmp/{name}"));
         std::fs::create_dir_all(&dir).unwrap();
 
+        // The coordinator's signing key: its public half goes to the webhook, which hands it
+        // to every wrapped pod's sidecar.
+        let signing_key = SigningKey::generate().unwrap();
+        std::fs::write(dir.join("coordinator-signing.key"), &signing_key).unwrap();
+        let public_key = SigningKey::from_pkcs8(&signing_key).unwrap().public_key();
         // The webhook first: if it fails, nothing else is left running.
         let webhook_container = format!("{name}-webhook");
-        let webhook_address = start_webhook(&dir, &webhook_container, registry_access);
+        let webhook_address = start_webhook(&dir, &webhook_container, registry_access, &public_key);
         let client_port = free_port();
         let peer_port = free_port();
         let etcd_url = format!("http://127.0.0.1:{client_port}");
@@ -295,6 +301,24 @@ impl Cluster {
         }
     }
 
+    /// The coordinator's signing key (PKCS#8 DER file), whose public key this cluster's
+    /// webhook hands the sidecars.
+    pub fn signing_key_file(&self) -> PathBuf {
+        self.dir.join("coordinator-signing.key")
+    }
+
+    /// A token this cluster's coordinator would give for the sidecar of the pod at `pod_ip`
+    /// (the tests and the demo play the coordinator's part where they call sidecars).
+    pub fn sidecar_token(&self, pod_ip: &str, scope: Scope, mid: Option<&str>) -> String {
+        let key = SigningKey::from_pkcs8(&std::fs::read(self.signing_key_file()).unwrap()).unwrap();
+        key.sign(&Claims {
+            aud: pod_ip.to_owned(),
+            scope,
+            exp: ums_contract::credential::now_unix() + 600,
+            mid: mid.map(str::to_owned),
+        })
+    }
+
     /// The kubeconfig file of `user`.
     pub fn kubeconfig(&self, user: User) -> PathBuf {
         self.dir.join(format!("kubeconfig-{}", user.name()))
@@ -451,7 +475,12 @@ impl Cluster {
 
 /// Runs the real ums-rs/webhook image with certificates from ums-certs (for
 /// `ums-webhook.ums-system.svc`); returns its `IP:8443`.
-fn start_webhook(dir: &Path, container: &str, with_registry: bool) -> String {
+fn start_webhook(
+    dir: &Path,
+    container: &str,
+    with_registry: bool,
+    coordinator_key: &str,
+) -> String {
     crate::outer::require_image("ums-rs/webhook:latest");
     let certs = dir.join("webhook-certs");
     let bundle = ums_certs::generate(&ums_certs::CertRequest {
@@ -492,6 +521,8 @@ fn start_webhook(dir: &Path, container: &str, with_registry: bool) -> String {
         &registry,
         "--image-pull-policy",
         "IfNotPresent",
+        "--coordinator-keys",
+        coordinator_key,
     ]);
     let ip = docker(&[
         "inspect",

@@ -64,6 +64,7 @@ impl RunningCoordinator {
         std::fs::create_dir_all(&mounted).unwrap();
         std::fs::copy(&certs.cert, mounted.join("tls.crt")).unwrap();
         std::fs::copy(&certs.key, mounted.join("tls.key")).unwrap();
+        std::fs::copy(cluster.signing_key_file(), mounted.join("signing.key")).unwrap();
         // The kubeconfig with the API server's CA inline (its file is on the host).
         let kubeconfig = std::fs::read_to_string(cluster.kubeconfig(User::Coordinator)).unwrap();
         let ca_path = cluster.dir.join("apiserver-certs/apiserver.crt");
@@ -103,6 +104,7 @@ impl RunningCoordinator {
             .arg("--tls-cert=/etc/ums-coordinator/files/tls.crt")
             .arg("--tls-key=/etc/ums-coordinator/files/tls.key")
             .arg("--peer-ca=/etc/ums-coordinator/files/ca.crt")
+            .arg("--signing-key=/etc/ums-coordinator/files/signing.key")
             .stderr(Stdio::inherit())
             .output()
             .unwrap();

@@ -152,8 +152,20 @@ pub fn container_output(container: &str) -> Vec<String> {
         .collect()
 }
 
-/// A request to a sidecar; (status, JSON body or Null).
+/// A request to a sidecar without a credential (its open endpoints: /healthz, /probe);
+/// (status, JSON body or Null).
 pub async fn sidecar(method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    sidecar_as(None, method, url, body).await
+}
+
+/// A request to a sidecar with a bearer `token` (a coordinator's, see
+/// `Cluster::sidecar_token`); (status, JSON body or Null).
+pub async fn sidecar_as(
+    token: Option<&str>,
+    method: &str,
+    url: String,
+    body: Option<Value>,
+) -> (u16, Value) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
@@ -162,6 +174,10 @@ pub async fn sidecar(method: &str, url: String, body: Option<Value>) -> (u16, Va
     let request = match method {
         "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
         _ => client.get(url),
+    };
+    let request = match token {
+        Some(t) => request.bearer_auth(t),
+        None => request,
     };
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();

@@ -89,6 +89,11 @@ pub struct Args {
     /// a registry inside the cluster without TLS. Passed to every runtime container.
     #[arg(long, env = "UMS_INSECURE_REGISTRIES", value_delimiter = ',')]
     pub insecure_registries: Vec<String>,
+    /// Public keys (base64 Ed25519, comma-separated) of the cluster's coordinator(s): a wrapped
+    /// pod's sidecar accepts only tokens they sign (besides its ambassadors' pod-local token).
+    /// Its coordinator prints its key at start and answers it on `GET /`.
+    #[arg(long, env = "UMS_COORDINATOR_KEYS", value_delimiter = ',')]
+    pub coordinator_keys: Vec<String>,
     /// CPU added to the runtime container on top of the originals' (engine and sidecar).
     #[arg(long, env = "UMS_RUNTIME_CPU_OVERHEAD", default_value = "100m")]
     pub runtime_cpu_overhead: String,
@@ -118,6 +123,7 @@ impl Args {
             image_pull_policy,
             migration_service_accounts,
             insecure_registries,
+            coordinator_keys,
             runtime_cpu_overhead,
             runtime_memory_overhead,
             sidecar_port,
@@ -146,6 +152,11 @@ impl Args {
                 .into_iter()
                 .map(|r| r.trim().to_owned())
                 .filter(|r| !r.is_empty())
+                .collect(),
+            coordinator_keys: coordinator_keys
+                .into_iter()
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
                 .collect(),
         };
         let guard = MigrationGuard {

@@ -21,6 +21,10 @@ pub struct WrapConfig {
     pub sidecar_port: u16,
     /// Plain-HTTP registries the nested engines may pull from (`UMS_INSECURE_REGISTRIES`).
     pub insecure_registries: Vec<String>,
+    /// Public keys of the cluster's coordinator(s) (`UMS_COORDINATOR_KEYS` of the sidecars):
+    /// only tokens they sign open a wrapped pod's sidecar. None: only the pod's ambassadors
+    /// can call it.
+    pub coordinator_keys: Vec<String>,
 }
 
 impl Default for WrapConfig {
@@ -34,6 +38,7 @@ impl Default for WrapConfig {
             runtime_memory_overhead: Quantity("256Mi".into()),
             sidecar_port: ums_contract::DEFAULT_SIDECAR_PORT,
             insecure_registries: Vec::new(),
+            coordinator_keys: Vec::new(),
         }
     }
 }

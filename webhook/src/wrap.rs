@@ -31,8 +31,25 @@ pub const RUNTIME_CONTAINER: &str = "runtime";
 pub const ENGINE_STORAGE_VOLUME: &str = "ums-engine-storage";
 /// Base name of the downward-API volume with the pod's metadata.
 pub const PODINFO_VOLUME: &str = "ums-podinfo";
+/// Base name of the in-memory emptyDir holding the pod-local token the sidecar writes for the
+/// ambassadors (mounted in the runtime and the ambassadors only, never in nested containers).
+pub const POD_TOKEN_VOLUME: &str = "ums-pod-token";
+/// Where that volume is mounted, and the token file in it.
+pub const POD_TOKEN_DIR: &str = "/var/run/ums";
+pub const POD_TOKEN_FILE: &str = "/var/run/ums/pod-token";
 /// Path of the sidecar binary in the ambassador image.
 pub const SIDECAR_BINARY: &str = "/usr/local/bin/ums-sidecar";
+
+/// The names of the volumes the webhook adds to a wrapped pod.
+#[derive(Debug, Clone)]
+struct AddedVolumes {
+    /// The nested engine's storage.
+    storage: String,
+    /// The downward-API files.
+    podinfo: String,
+    /// The pod-local token of the ambassadors.
+    token: String,
+}
 
 /// A pod that cannot be wrapped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +112,7 @@ pub fn wrap_pod(
         original_volumes.iter().map(|v| v.name.as_str()).collect();
     let storage_volume = free_name(ENGINE_STORAGE_VOLUME, &taken_volume_names);
     let podinfo_volume = free_name(PODINFO_VOLUME, &taken_volume_names);
+    let token_volume = free_name(POD_TOKEN_VOLUME, &taken_volume_names);
 
     let volume_paths: Vec<String> = original_volumes
         .iter()
@@ -111,12 +129,19 @@ pub fn wrap_pod(
         interface,
         originals,
         &original_volumes,
-        &storage_volume,
-        &podinfo_volume,
+        &AddedVolumes {
+            storage: storage_volume.clone(),
+            podinfo: podinfo_volume.clone(),
+            token: token_volume.clone(),
+        },
         config,
     )?;
     let mut containers = vec![runtime];
-    containers.extend(originals.iter().map(|c| ambassador_container(c, config)));
+    containers.extend(
+        originals
+            .iter()
+            .map(|c| ambassador_container(c, &token_volume, config)),
+    );
 
     let mut volumes = original_volumes;
     volumes.push(Volume {
@@ -125,6 +150,14 @@ pub fn wrap_pod(
         ..Default::default()
     });
     volumes.push(podinfo_volume_source(podinfo_volume));
+    volumes.push(Volume {
+        name: token_volume,
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Mi".into())),
+        }),
+        ..Default::default()
+    });
 
     let mut wrapped = pod.clone();
     let annotations = wrapped
@@ -319,10 +352,14 @@ fn runtime_container(
     interface: Interface,
     originals: &[Container],
     volumes: &[Volume],
-    storage_volume: &str,
-    podinfo_volume: &str,
+    added: &AddedVolumes,
     config: &WrapConfig,
 ) -> Result<Container, WrapError> {
+    let AddedVolumes {
+        storage: storage_volume,
+        podinfo: podinfo_volume,
+        token: token_volume,
+    } = added;
     let (image, engine, engine_root) = match interface {
         Interface::Pind => (&config.pind_image, "podman", "/var/lib/containers"),
         _ => (&config.dind_image, "docker", "/var/lib/docker"),
@@ -346,13 +383,25 @@ fn runtime_container(
         read_only: Some(true),
         ..Default::default()
     });
+    mounts.push(VolumeMount {
+        name: token_volume.to_owned(),
+        mount_path: POD_TOKEN_DIR.to_owned(),
+        ..Default::default()
+    });
     let ports = union_ports(originals)?;
     let mut env = vec![
         env_var("UMS_ENGINE", engine),
         env_var("UMS_ENGINE_ROOT", engine_root),
         env_var("UMS_LISTEN", &format!("0.0.0.0:{}", config.sidecar_port)),
         env_var("UMS_PODINFO", &format!("{PODINFO_DIR}/annotations")),
+        env_var("UMS_POD_TOKEN_FILE", POD_TOKEN_FILE),
     ];
+    if !config.coordinator_keys.is_empty() {
+        env.push(env_var(
+            "UMS_COORDINATOR_KEYS",
+            &config.coordinator_keys.join(","),
+        ));
+    }
     if !config.insecure_registries.is_empty() {
         env.push(env_var(
             "UMS_INSECURE_REGISTRIES",
@@ -404,7 +453,11 @@ fn forwarded_env(originals: &[Container]) -> Vec<EnvVar> {
         .collect()
 }
 
-fn ambassador_container(original: &Container, config: &WrapConfig) -> Container {
+fn ambassador_container(
+    original: &Container,
+    token_volume: &str,
+    config: &WrapConfig,
+) -> Container {
     let name = &original.name;
     let via_runtime = |base: Option<&Probe>| Probe {
         http_get: Some(
@@ -451,10 +504,19 @@ fn ambassador_container(original: &Container, config: &WrapConfig) -> Container 
             "ambassador".to_owned(),
             name.clone(),
         ]),
-        env: Some(vec![env_var(
-            "UMS_RUNTIME_URL",
-            &format!("http://127.0.0.1:{}", config.sidecar_port),
-        )]),
+        env: Some(vec![
+            env_var(
+                "UMS_RUNTIME_URL",
+                &format!("http://127.0.0.1:{}", config.sidecar_port),
+            ),
+            env_var("UMS_TOKEN_FILE", POD_TOKEN_FILE),
+        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: token_volume.to_owned(),
+            mount_path: POD_TOKEN_DIR.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
         startup_probe: startup,
         readiness_probe: readiness,
         liveness_probe: keep_or_redirect(original.liveness_probe.as_ref()),

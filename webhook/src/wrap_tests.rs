@@ -25,6 +25,7 @@ fn config() -> WrapConfig {
         pind_image: "ums/pind:test".into(),
         ambassador_image: "ums/ambassador:test".into(),
         image_pull_policy: Some("IfNotPresent".into()),
+        coordinator_keys: vec!["key-a".into(), "key-b".into()],
         ..WrapConfig::default()
     }
 }
@@ -97,6 +98,7 @@ fn ums_memhog_dind_example_is_wrapped() {
             ("kube-api-access-7x2kq", "/mount/kube-api-access-7x2kq"),
             ("ums-engine-storage", "/var/lib/docker"),
             ("ums-podinfo", "/etc/podinfo"),
+            ("ums-pod-token", "/var/run/ums"),
         ]
     );
     let env: Vec<(&str, &str)> = runtime
@@ -107,6 +109,10 @@ fn ums_memhog_dind_example_is_wrapped() {
         .map(|e| (e.name.as_str(), e.value.as_deref().unwrap_or("<valueFrom>")))
         .collect();
     assert!(env.contains(&("UMS_ENGINE", "docker")));
+    // The sidecar writes the ambassadors' token into a volume only they and it mount, and
+    // accepts the coordinator's signed tokens.
+    assert!(env.contains(&("UMS_POD_TOKEN_FILE", "/var/run/ums/pod-token")));
+    assert!(env.contains(&("UMS_COORDINATOR_KEYS", "key-a,key-b")));
 
     let ambassador = container(&wrapped, "memhog");
     assert_eq!(ambassador.image.as_deref(), Some("ums/ambassador:test"));
@@ -124,6 +130,28 @@ fn ums_memhog_dind_example_is_wrapped() {
         .unwrap()
         .iter()
         .all(|e| e.name != "MEMORY_LIMIT"));
+    assert!(ambassador.env.as_ref().unwrap().iter().any(
+        |e| e.name == "UMS_TOKEN_FILE" && e.value.as_deref() == Some("/var/run/ums/pod-token")
+    ));
+    let token_mount = &ambassador.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(
+        (token_mount.name.as_str(), token_mount.read_only),
+        ("ums-pod-token", Some(true))
+    );
+    let token_volume = wrapped
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "ums-pod-token")
+        .unwrap();
+    assert_eq!(
+        token_volume.empty_dir.as_ref().unwrap().medium.as_deref(),
+        Some("Memory")
+    );
 
     // The original container travels complete, valueFrom included.
     let originals = parse_containers(annotation(&wrapped, ANNOTATION_CONTAINERS)).unwrap();
@@ -154,7 +182,12 @@ fn ums_memhog_dind_example_is_wrapped() {
         .collect();
     assert_eq!(
         volume_names,
-        ["kube-api-access-7x2kq", "ums-engine-storage", "ums-podinfo"]
+        [
+            "kube-api-access-7x2kq",
+            "ums-engine-storage",
+            "ums-podinfo",
+            "ums-pod-token"
+        ]
     );
     let podinfo = spec.volumes.as_ref().unwrap()[2]
         .downward_api
@@ -495,7 +528,8 @@ fn runtime_name_and_volume_names_do_not_collide() {
             "ums-podinfo",
             "ums-engine-storage",
             "ums-engine-storage-1",
-            "ums-podinfo-1"
+            "ums-podinfo-1",
+            "ums-pod-token"
         ]
     );
     // The ambassador named "runtime" stands in for the original "runtime" container.

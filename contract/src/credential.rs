@@ -1,0 +1,212 @@
+//! Credentials for a wrapped pod's sidecar: short-lived tokens a cluster's coordinator signs
+//! (Ed25519) and the sidecar verifies with the coordinator's public key, which the webhook puts
+//! into the runtime container. No secret is shared with the pod: the sidecar holds only public
+//! keys.
+//!
+//! A token is `ums1.<payload>.<signature>` (both base64url without padding): the payload is
+//! the JSON of [`Claims`], the signature is over the bytes `ums1.<payload>`. A token names the
+//! pod IP it is for (`aud`: a token for one pod is refused by every other), its scope and its
+//! expiry, and, for a peer's token, the one migration it serves.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
+use serde::{Deserialize, Serialize};
+
+const PREFIX: &str = "ums1.";
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// The pod's own coordinator: every endpoint.
+    Coordinator,
+    /// Another pod's sidecar sending one migration here: `/info`, `/restore/preflight` and
+    /// `/restore` only.
+    Peer,
+}
+
+/// The signed content of a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The pod IP the token is for.
+    pub aud: String,
+    pub scope: Scope,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// The migration a peer token serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mid: Option<String>,
+}
+
+/// Why a token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    #[error("not a UMS token")]
+    Malformed,
+    #[error("the token's signature is not from a trusted coordinator")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is for {aud}, not for this pod")]
+    WrongPod { aud: String },
+    #[error("a public key is not base64 Ed25519: {0}")]
+    BadKey(String),
+    #[error("the signing key is not an Ed25519 PKCS#8 key")]
+    BadSigningKey,
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A coordinator's signing key.
+#[derive(Debug)]
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+}
+
+impl SigningKey {
+    /// From PKCS#8 DER, as [`SigningKey::generate`] or
+    /// `openssl genpkey -algorithm ed25519 -outform DER` make it.
+    pub fn from_pkcs8(der: &[u8]) -> Result<Self, CredentialError> {
+        Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+            .map(|pair| SigningKey { pair })
+            .map_err(|_| CredentialError::BadSigningKey)
+    }
+
+    /// A new key, as PKCS#8 DER (to be stored in a Secret).
+    pub fn generate() -> Result<Vec<u8>, CredentialError> {
+        let rng = ring::rand::SystemRandom::new();
+        Ed25519KeyPair::generate_pkcs8(&rng)
+            .map(|doc| doc.as_ref().to_vec())
+            .map_err(|_| CredentialError::BadSigningKey)
+    }
+
+    /// The public key, base64 (what the webhook hands the sidecars).
+    pub fn public_key(&self) -> String {
+        URL_SAFE_NO_PAD.encode(self.pair.public_key().as_ref())
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).unwrap_or_default());
+        let signed = format!("{PREFIX}{payload}");
+        let signature = URL_SAFE_NO_PAD.encode(self.pair.sign(signed.as_bytes()).as_ref());
+        format!("{signed}.{signature}")
+    }
+}
+
+/// Parses comma-separated base64 public keys.
+pub fn parse_public_keys(text: &str) -> Result<Vec<Vec<u8>>, CredentialError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| {
+            let key = URL_SAFE_NO_PAD
+                .decode(k)
+                .map_err(|e| CredentialError::BadKey(e.to_string()))?;
+            if key.len() != 32 {
+                return Err(CredentialError::BadKey(format!(
+                    "{} bytes, an Ed25519 key has 32",
+                    key.len()
+                )));
+            }
+            Ok(key)
+        })
+        .collect()
+}
+
+/// Verifies `token` against `keys`, for a pod whose IPs are `pod_ips`, at `now`.
+pub fn verify(
+    token: &str,
+    keys: &[Vec<u8>],
+    pod_ips: &[String],
+    now: u64,
+) -> Result<Claims, CredentialError> {
+    let rest = token
+        .strip_prefix(PREFIX)
+        .ok_or(CredentialError::Malformed)?;
+    let (payload, signature) = rest.split_once('.').ok_or(CredentialError::Malformed)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| CredentialError::Malformed)?;
+    let signed = &token[..PREFIX.len() + payload.len()];
+    let trusted = keys.iter().any(|key| {
+        UnparsedPublicKey::new(&ED25519, key)
+            .verify(signed.as_bytes(), &signature)
+            .is_ok()
+    });
+    if !trusted {
+        return Err(CredentialError::BadSignature);
+    }
+    let claims: Claims = URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()
+        .and_then(|p| serde_json::from_slice(&p).ok())
+        .ok_or(CredentialError::Malformed)?;
+    if claims.exp <= now {
+        return Err(CredentialError::Expired);
+    }
+    if !pod_ips.contains(&claims.aud) {
+        return Err(CredentialError::WrongPod { aud: claims.aud });
+    }
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_token_verifies_only_for_its_pod_before_expiry_with_the_right_key() {
+        let key = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+        let other = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+        let keys = parse_public_keys(&format!(" {} ,", key.public_key())).unwrap();
+        let claims = Claims {
+            aud: "10.1.0.7".into(),
+            scope: Scope::Peer,
+            exp: 1000,
+            mid: Some("m1".into()),
+        };
+        let token = key.sign(&claims);
+        let ips = ["127.0.0.1".to_owned(), "10.1.0.7".to_owned()];
+        assert_eq!(verify(&token, &keys, &ips, 999).unwrap(), claims);
+        assert_eq!(
+            verify(&token, &keys, &ips, 1000),
+            Err(CredentialError::Expired)
+        );
+        assert!(matches!(
+            verify(&token, &keys, &["10.1.0.8".to_owned()], 999),
+            Err(CredentialError::WrongPod { .. })
+        ));
+        assert_eq!(
+            verify(&other.sign(&claims), &keys, &ips, 999),
+            Err(CredentialError::BadSignature)
+        );
+        // A payload changed after signing (scope raised) is refused.
+        let raised = Claims {
+            scope: Scope::Coordinator,
+            ..claims.clone()
+        };
+        let forged = format!(
+            "{PREFIX}{}.{}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&raised).unwrap()),
+            token.rsplit('.').next().unwrap()
+        );
+        assert_eq!(
+            verify(&forged, &keys, &ips, 999),
+            Err(CredentialError::BadSignature)
+        );
+        assert_eq!(
+            verify("secret", &keys, &ips, 999),
+            Err(CredentialError::Malformed)
+        );
+        assert!(parse_public_keys("abc").is_err());
+    }
+}
