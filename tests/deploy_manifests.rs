@@ -494,6 +494,11 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
     };
     let peers = volume(mounted(peer_ca).expect("peer CAs mounted"));
     assert_eq!(peers.config_map.unwrap().name, "ums-coordinator-peers");
+    let signing = volume(mounted(&args.signing_key).expect("signing key mounted"));
+    assert_eq!(
+        signing.secret.unwrap().secret_name.as_deref(),
+        Some("ums-coordinator-signing")
+    );
     // UMS's NodePort, to the HTTPS port.
     let [service] = r.services.as_slice() else {
         panic!("one Service")
