@@ -10,9 +10,12 @@
 # machine's Docker engine with their own network namespaces and IPs. A user creates the service
 # pod (tests/workload/workload.c: N MiB of seeded memory, a counter and a memory check every
 # 10 ms, a file in its root fs) with `migration-interface` in edge; the admission chain wraps it
-# (runtime container with the nested engine and CRIU, an ambassador); a passive copy waits in
-# cloud; the source pod's sidecar migrates it over the pod network. Progress while it runs,
-# then the report. Everything it started is stopped at the end (or on Ctrl-C).
+# (runtime container with the nested engine and CRIU, an ambassador). Each cluster gets its
+# coordinator (the ums-rs/coordinator image); one UMS-style call on edge's coordinator
+# (POST /migrate {name, destinationUrl}) has cloud's coordinator create the passive copy, the
+# sidecars move the state over the pod network, the copy becomes active, the edge pod is
+# deleted. Progress while it runs (the coordinator's phase, the bytes received), then the
+# report. Everything it started is stopped at the end (or on Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (it runs privileged pod containers)" >&2; exit 1; }

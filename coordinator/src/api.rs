@@ -1,6 +1,6 @@
 //! The coordinator's HTTPS API: UMS's routes (`GET /`, `POST /migrate` on the source side;
 //! `POST /create`, `/restore`, `/delete` called by a peer on the destination side), plus
-//! `GET /migrations/{id}` (progress) and `GET /healthz`.
+//! `GET /migrations` and `GET /migrations/{id}` (progress) and `GET /healthz`.
 
 use std::sync::Arc;
 
@@ -24,6 +24,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/", get(identity))
         .route("/healthz", get(|| async { "ok" }))
         .route("/migrate", post(migrate))
+        .route("/migrations", get(migrations))
         .route("/migrations/{id}", get(migration))
         .route("/create", post(create))
         .route("/restore", post(restore))
@@ -69,6 +70,11 @@ async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
             "the migration task failed: {e}"
         ))),
     })
+}
+
+/// Every migration this coordinator has driven since it started, oldest first.
+async fn migrations(State(c): State<Arc<Coordinator>>) -> Json<Vec<crate::state::MigrationRecord>> {
+    Json(c.records())
 }
 
 async fn migration(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {

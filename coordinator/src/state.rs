@@ -136,6 +136,14 @@ impl Coordinator {
         }
     }
 
+    /// Every record, oldest first (ids are time-ordered).
+    pub fn records(&self) -> Vec<MigrationRecord> {
+        self.migrations
+            .lock()
+            .map(|all| all.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn record(&self, id: &str) -> Option<MigrationRecord> {
         self.migrations.lock().ok()?.get(id).cloned()
     }

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
-use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::service_pod::{container_output, service_pod, sidecar, sidecar_as};
+use ums_tests::coordinator::{call, CoordinatorCerts, RunningCoordinator};
+use ums_tests::service_pod::{container_output, service_pod};
 use ums_tests::workload::ticks;
 
 #[derive(Debug, Parser)]
@@ -58,7 +58,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     step(
         1,
-        "cluster edge: API server (k8s.io/apiserver), webhook image, node agent",
+        "cluster edge: API server (k8s.io/apiserver), webhook image, node agent; its coordinator comes at step 4",
     );
     let edge = Cluster::start_with_node();
     step(2, "cluster cloud: the same");
@@ -105,61 +105,56 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!("        {line}");
     }
 
-    step(4, "a passive copy in cloud (migration-start-mode: passive)");
-    cloud.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &service_pod(name, &args.interface, Some("passive"), &[("app", args.mib)]).to_string(),
-    );
-    let destination_ip = cloud
-        .wait_running_and_ready(name, Duration::from_secs(300))
-        .await;
-    eprintln!("      ready on pod IP {destination_ip}");
-
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
     step(
-        5,
-        &format!("live migration edge -> cloud: POST http://{source_ip}:8888/migrate"),
+        4,
+        &format!(
+            "one UMS call on edge's coordinator: POST https://{}/migrate {{\"name\": \"{name}\", \"destinationUrl\": \"{}\"}}",
+            edge_coordinator.address, cloud_coordinator.address
+        ),
     );
-    edge.kubectl(
-        User::Coordinator,
-        &["annotate", "pod", name, "migration-id=demo-1"],
-    );
-    let destination_runtime = cloud.pod_container(name, "runtime");
-    let received_before = rx_bytes(&destination_runtime);
     let migration = tokio::spawn({
-        let url = format!("http://{source_ip}:8888/migrate");
-        // The coordinators' part: a token for the source sidecar, and the destination's one
-        // credential for this migration's restore.
-        let token = edge.sidecar_token(&source_ip, Scope::Coordinator, Some("demo-1"));
-        let body = json!({
-            "destination": format!("http://{destination_ip}:8888"),
-            "destinationToken": cloud.sidecar_token(&destination_ip, Scope::Peer, Some("demo-1")),
-        });
-        async move { sidecar_as(Some(&token), "POST", url, Some(body)).await }
+        let body = json!({"name": name, "namespace": "default", "destinationUrl": cloud_coordinator.address});
+        let ca = edge_certs.ca.clone();
+        let address = edge_coordinator.address.clone();
+        async move { call(&address, &ca, "POST", "/migrate", Some(body)).await }
     });
+    // Progress: the coordinator's phase (GET /migrations), and the bytes the destination
+    // pod's network interface has received once it exists.
     let expected = u64::from(args.mib) << 20;
     let bar = progress_bar(expected);
     let mut last_print = Instant::now();
     let migration_started = Instant::now();
+    let mut destination: Option<(String, u64)> = None;
     while !migration.is_finished() {
-        let received = rx_bytes(&destination_runtime).saturating_sub(received_before);
-        let (_, probe) = sidecar("GET", format!("http://{source_ip}:8888/probe/app"), None).await;
-        let phase = match (probe["state"].as_str(), received) {
-            (Some("migrating"), 0..=1_000_000) => "freeze + dump",
-            (Some("migrating"), _) => "transfer + restore",
-            (Some("running"), _) => "preflight",
-            (Some(other), _) => other,
-            (None, _) => "restore",
+        let (_, records) = edge_coordinator
+            .call(&edge_certs.ca, "GET", "/migrations", None)
+            .await;
+        let phase = records
+            .as_array()
+            .and_then(|r| r.last())
+            .and_then(|r| r["phase"].as_str())
+            .unwrap_or("starting")
+            .to_owned();
+        if destination.is_none() && phase == "migrating" {
+            let runtime = cloud.pod_container(name, "runtime");
+            let before = rx_bytes(&runtime);
+            destination = Some((runtime, before));
         }
-        .to_owned();
+        let received = destination
+            .as_ref()
+            .map(|(runtime, before)| rx_bytes(runtime).saturating_sub(*before))
+            .unwrap_or(0);
         bar.set_position(received.min(expected));
         bar.set_message(phase.clone());
         if bar.is_hidden() && last_print.elapsed() > Duration::from_secs(1) {
             let seconds = migration_started.elapsed().as_secs_f64();
             eprintln!(
-                "      {phase}: {:.1} MiB received, {:.1} MiB/s, {seconds:.1} s",
+                "      {phase}: {:.1} MiB received by the destination pod, {seconds:.1} s",
                 received as f64 / 1048576.0,
-                received as f64 / 1048576.0 / seconds.max(0.001)
             );
             last_print = Instant::now();
         }
@@ -167,24 +162,16 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let (status, report) = migration.await?;
-    anyhow::ensure!(status == 200, "the migration failed ({status}): {report}");
-    cloud.kubectl(
-        User::Coordinator,
-        &[
-            "annotate",
-            "--overwrite",
-            "pod",
-            name,
-            "migration-start-mode=active",
-        ],
-    );
-    edge.kubectl(
-        User::Coordinator,
-        &["annotate", "pod", name, "migration-id-"],
+    anyhow::ensure!(
+        status == 200,
+        "the migration failed ({status}): {report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
     );
 
-    step(6, "report");
+    step(5, "report");
     print_report(&report);
+    step(6, "the service in cloud");
     let destination_ambassador = cloud.pod_container(name, "app");
     let waiting = spinner("waiting for the service's output in cloud");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -198,19 +185,15 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     for line in tail(&container_output(&destination_ambassador), 3) {
         println!("  {line}");
     }
-    let token = edge.sidecar_token(&source_ip, Scope::Coordinator, None);
-    let (_, listed) = sidecar_as(
-        Some(&token),
-        "GET",
-        format!("http://{source_ip}:8888/containers"),
-        None,
-    )
-    .await;
-    println!("the edge pod's nested containers now: {listed}");
-    edge.kubectl(User::Jane, &["delete", "pod", name, "--wait=false"]);
+    let gone = edge
+        .kubectl_result(User::Admin, &["get", "pod", name])
+        .is_err()
+        || edge.get_json(&["pod", name])["metadata"]["deletionTimestamp"].is_string();
     println!(
-        "done in {:.0} s (the edge pod is deleted; the service runs in cloud)",
-        started.elapsed().as_secs_f64()
+        "done in {:.0} s (the edge pod {}; the service runs in cloud, active: {})",
+        started.elapsed().as_secs_f64(),
+        if gone { "is deleted" } else { "is still there" },
+        cloud.get_json(&["pod", name])["metadata"]["annotations"]["migration-start-mode"]
     );
     if args.keep {
         println!(
@@ -237,12 +220,34 @@ fn rx_bytes(container: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn print_report(report: &Value) {
-    let totals = &report["totals"];
+fn print_report(coordinator_report: &Value) {
     println!(
-        "migration {}",
-        report["migrationId"].as_str().unwrap_or("?")
+        "{} migration {} of {} to {} in cluster {}",
+        coordinator_report["message"].as_str().unwrap_or("?"),
+        coordinator_report["migration_id"].as_str().unwrap_or("?"),
+        coordinator_report["pod"].as_str().unwrap_or("?"),
+        coordinator_report["destination"]["pod"]
+            .as_str()
+            .unwrap_or("?"),
+        coordinator_report["destination"]["cluster"]
+            .as_str()
+            .unwrap_or("?"),
     );
+    println!("  coordinator's phases:");
+    for phase in coordinator_report["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "    {:<14} {:>7} ms",
+            phase[0].as_str().unwrap_or("?"),
+            phase[1]
+        );
+    }
+    println!("  the source sidecar's migration:");
+    let report = &coordinator_report["sidecar"];
+    let totals = &report["totals"];
     for (label, key) in [
         ("preflight", "preflightMs"),
         ("freeze + dump", "freezeDumpMs"),
@@ -278,7 +283,10 @@ fn print_report(report: &Value) {
             image["bytes"]
         );
     }
-    println!("full report: {}", serde_json::to_string(report).unwrap());
+    println!(
+        "full report: {}",
+        serde_json::to_string(coordinator_report).unwrap()
+    );
 }
 
 fn tail(lines: &[String], n: usize) -> Vec<String> {

@@ -157,22 +157,33 @@ impl RunningCoordinator {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let pem = std::fs::read(ca).unwrap();
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-            .timeout(Duration::from_secs(600))
-            .build()
-            .unwrap();
-        let url = format!("https://{}{path}", self.address);
-        let request = match method {
-            "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
-            _ => client.get(url),
-        };
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        call(&self.address, ca, method, path, body).await
     }
+}
+
+/// A call to the coordinator at `address` over HTTPS, trusting `ca`; (status, JSON body).
+pub async fn call(
+    address: &str,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let url = format!("https://{address}{path}");
+    let request = match method {
+        "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
+        _ => client.get(url),
+    };
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 impl Drop for RunningCoordinator {
