@@ -252,3 +252,107 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     )
     .await;
 }
+
+/// The same state machine driven by an object: a `LiveMigration` created by the user moves a
+/// pind pod, keeping the source pod as an empty shell; its status follows the migration.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let crd =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator/crd.yaml");
+    edge.kubectl(User::Admin, &["apply", "-f", crd.to_str().unwrap()]);
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+
+    let name = "service";
+    edge.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &service_pod(name, "pind", None, &[("app", 64)]).to_string(),
+    );
+    let source_ip = edge
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let ambassador = edge.pod_container(name, "app");
+    poll(
+        "the source ambassador to relay the workload's ticks",
+        Duration::from_secs(120),
+        || {
+            let n = ticks(&container_output(&ambassador)).len();
+            async move { (n >= 20).then_some(()) }
+        },
+    )
+    .await;
+    let last_at_source = ask_service(&source_ip, 8080).await.unwrap().tick;
+
+    let migration = json!({
+        "apiVersion": "migration.ums-rs.io/v1alpha1",
+        "kind": "LiveMigration",
+        "metadata": {"name": "to-cloud"},
+        "spec": {"pod": name, "destination": cloud_coordinator.address, "keep": true}
+    });
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
+    let status = poll(
+        "the LiveMigration to finish",
+        Duration::from_secs(300),
+        || async {
+            let status = edge.get_json(&["livemigration", "to-cloud"])["status"].clone();
+            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(
+        status["phase"],
+        "Succeeded",
+        "{status}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
+    );
+    assert_eq!(status["destinationPod"], "default/service");
+    assert_eq!(status["destinationCluster"], cloud.name.as_str());
+    assert!(status["bytes"].as_u64().unwrap() > 64 << 20, "{status}");
+    assert_eq!(status["conditions"][0]["type"], "Succeeded");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    assert!(status["migrationId"].as_str().unwrap().starts_with('m'));
+    let phases: Vec<&str> = status["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"migrating"), "{status}");
+
+    // The service runs in cloud with its state; the source pod is kept, emptied and unlocked.
+    let destination_ip = cloud
+        .wait_running_and_ready(name, Duration::from_secs(60))
+        .await;
+    let moved = ask_service(&destination_ip, 8080).await.unwrap();
+    assert!(moved.memory_ok && moved.tick > last_at_source, "{moved:?}");
+    assert_eq!(
+        annotation(&cloud, name, "migration-start-mode").as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        annotation(&edge, name, "migration-start-mode").as_deref(),
+        Some("null")
+    );
+    assert_eq!(annotation(&edge, name, "migration-id"), None);
+    assert!(
+        ask_service(&source_ip, 8080).await.is_none(),
+        "the kept source serves no more"
+    );
+
+    // Counted: one migration succeeded, its bytes and phases.
+    let metrics = edge_coordinator.metrics(&edge_certs.ca).await;
+    assert!(
+        metrics.contains("ums_coordinator_migrations_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ums_coordinator_phase_duration_seconds_count{phase=\"migrating\"} 1"),
+        "{metrics}"
+    );
+}

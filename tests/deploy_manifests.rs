@@ -32,6 +32,7 @@ struct Rendered {
     pdbs: Vec<PodDisruptionBudget>,
     mutating: Vec<MutatingWebhookConfiguration>,
     validating: Vec<ValidatingWebhookConfiguration>,
+    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
     /// Custom resources (cert-manager), kept as JSON.
     other: Vec<Value>,
 }
@@ -74,6 +75,7 @@ fn render(dir: &str) -> Rendered {
             "PodDisruptionBudget" => rendered.pdbs.push(typed(&doc)),
             "MutatingWebhookConfiguration" => rendered.mutating.push(typed(&doc)),
             "ValidatingWebhookConfiguration" => rendered.validating.push(typed(&doc)),
+            "CustomResourceDefinition" => rendered.crds.push(typed(&doc)),
             "Certificate" | "Issuer" => rendered.other.push(doc),
             other => panic!("{dir}: unexpected kind {other}: add it to this test"),
         }
@@ -499,6 +501,36 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         signing.secret.unwrap().secret_name.as_deref(),
         Some("ums-coordinator-signing")
     );
+    // The LiveMigration resource, and the coordinator's rights on it (base's ClusterRole).
+    let [crd] = r.crds.as_slice() else {
+        panic!("one CustomResourceDefinition")
+    };
+    assert_eq!(crd.spec.group, "migration.ums-rs.io");
+    assert_eq!(crd.spec.names.kind, "LiveMigration");
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let version = &crd.spec.versions[0];
+    assert!(version.subresources.as_ref().unwrap().status.is_some());
+    let role = base
+        .cluster_roles
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("ums-migration-coordinator"))
+        .unwrap();
+    for (resource, verb) in [
+        ("livemigrations", "watch"),
+        ("livemigrations/status", "patch"),
+        ("pods", "create"),
+        ("pods", "delete"),
+    ] {
+        assert!(
+            role.rules.iter().flatten().any(|rule| rule
+                .resources
+                .iter()
+                .flatten()
+                .any(|r| r == resource)
+                && rule.verbs.iter().any(|v| v == verb)),
+            "the coordinator may not {verb} {resource}"
+        );
+    }
     // UMS's NodePort, to the HTTPS port.
     let [service] = r.services.as_slice() else {
         panic!("one Service")

@@ -23,6 +23,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
     Router::new()
         .route("/", get(identity))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/migrate", post(migrate))
         .route("/migrations", get(migrations))
         .route("/migrations/{id}", get(migration))
@@ -70,6 +71,17 @@ async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
             "the migration task failed: {e}"
         ))),
     })
+}
+
+async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        c.metrics.encode(),
+    )
+        .into_response()
 }
 
 /// Every migration this coordinator has driven since it started, oldest first.

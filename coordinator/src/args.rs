@@ -103,6 +103,7 @@ impl Args {
             pod_ready_timeout: Duration::from_secs(self.pod_ready_timeout_seconds),
             migrations: Mutex::default(),
             signing_key,
+            metrics: crate::metrics::Metrics::default(),
         });
         let cert = ReloadingCert::load(&self.tls_cert, &self.tls_key)
             .context("failed to load the serving certificate")?;
@@ -110,6 +111,7 @@ impl Args {
         let listener = bind(self.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, cluster = %coordinator.cluster, "ums-coordinator listening");
         let watcher = tokio::spawn(cert.watch(Duration::from_secs(10)));
+        let reconciler = tokio::spawn(crate::live_migration::reconcile(coordinator.clone()));
         let app = router(coordinator).fallback(not_found);
         let server = tokio::spawn(serve_tls(listener, acceptor, app));
         let outcome = tokio::select! {
@@ -117,6 +119,7 @@ impl Args {
             r = server => Err(anyhow::anyhow!("listener stopped: {r:?}")),
         };
         watcher.abort();
+        reconciler.abort();
         tracing::info!("ums-coordinator stopping");
         outcome
     }

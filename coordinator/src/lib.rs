@@ -5,12 +5,16 @@
 //! - [`pod`]: pure decisions: is a pod migratable now, and the destination's pod built from it;
 //! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
 //!   its rollback; [`destination`]: the peer's side (create, restore, delete);
-//! - [`peer`]: HTTPS to the other coordinator; [`api`]: the routes; [`state`]: what they share.
+//! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
+//! - [`peer`]: HTTPS to the other coordinator; [`api`]: the routes; [`state`]: what they share;
+//!   [`metrics`]: Prometheus.
 
 pub mod api;
 pub mod args;
 pub mod destination;
 pub mod error;
+pub mod live_migration;
+pub mod metrics;
 pub mod migrate;
 pub mod peer;
 pub mod pod;

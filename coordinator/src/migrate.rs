@@ -16,6 +16,7 @@ use ums_contract::{StartMode, ANNOTATION_ID, ANNOTATION_START_MODE};
 
 use crate::destination::{CreateAnswer, CreateRequest, PodRequest};
 use crate::error::ApiError;
+use crate::metrics::Outcome;
 use crate::peer::{peer_base_url, Peer};
 use crate::pod::{check, destination_pod};
 use crate::state::{new_id, Coordinator};
@@ -113,11 +114,30 @@ impl Coordinator {
     pub async fn migrate(&self, request: Validated, id: &str) -> Result<MigrateReport, ApiError> {
         let started = Instant::now();
         let pod_name = format!("{}/{}", request.namespace, request.name);
-        self.begin(id, &pod_name, &request.destination);
+        if self.record(id).is_none() {
+            self.begin(id, &pod_name, &request.destination);
+        }
         let result = self.migrate_inner(&request, id, started).await;
-        if let Err(e) = &result {
-            self.fail(id, &e.message);
-            tracing::warn!(migration = id, pod = %pod_name, phase = e.phase.unwrap_or(""), error = %e.message, "migration failed");
+        match &result {
+            Ok(report) => {
+                let bytes = report.sidecar["totals"]["contentBytes"]
+                    .as_u64()
+                    .unwrap_or(0);
+                self.metrics
+                    .finished(Outcome::succeeded, &report.phases, bytes);
+            }
+            Err(e) => {
+                self.fail(id, &e.message);
+                let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
+                // Refused: nothing was locked (the checks, or the lock itself refused).
+                let outcome = if matches!(e.phase, Some("checking") | Some("locking")) {
+                    Outcome::refused
+                } else {
+                    Outcome::failed
+                };
+                self.metrics.finished(outcome, &phases, 0);
+                tracing::warn!(migration = id, pod = %pod_name, phase = e.phase.unwrap_or(""), error = %e.message, "migration failed");
+            }
         }
         result
     }

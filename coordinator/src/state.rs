@@ -22,6 +22,7 @@ pub struct Coordinator {
     pub migrations: Mutex<BTreeMap<String, MigrationRecord>>,
     /// Signs the tokens this cluster's sidecars accept (their webhook holds its public key).
     pub signing_key: ums_contract::credential::SigningKey,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -134,6 +135,12 @@ impl Coordinator {
                 record.error = Some(error.to_owned());
             }
         }
+    }
+
+    /// Whether this coordinator is driving migration `id` now.
+    pub fn is_driving(&self, id: Option<&str>) -> bool {
+        id.and_then(|id| self.record(id))
+            .is_some_and(|r| !matches!(r.phase, "done" | "failed"))
     }
 
     /// Every record, oldest first (ids are time-ordered).

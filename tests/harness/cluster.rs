@@ -521,8 +521,8 @@ fn start_webhook(
         &registry,
         "--image-pull-policy",
         "IfNotPresent",
-        "--coordinator-keys",
-        coordinator_key,
+        // One argument: a base64url key may start with '-'.
+        &format!("--coordinator-keys={coordinator_key}"),
     ]);
     let ip = docker(&[
         "inspect",

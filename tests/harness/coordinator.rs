@@ -161,6 +161,24 @@ impl RunningCoordinator {
     }
 }
 
+impl RunningCoordinator {
+    /// The coordinator's Prometheus text (`GET /metrics`).
+    pub async fn metrics(&self, ca: &Path) -> String {
+        let pem = std::fs::read(ca).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+            .build()
+            .unwrap();
+        let response = client
+            .get(format!("https://{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        response.text().await.unwrap()
+    }
+}
+
 /// A call to the coordinator at `address` over HTTPS, trusting `ca`; (status, JSON body).
 pub async fn call(
     address: &str,

@@ -1,0 +1,228 @@
+//! The `LiveMigration` resource (`migration.ums-rs.io/v1alpha1`, deploy/coordinator/crd.yaml):
+//! one object, one migration, driven by the same state machine as UMS's `POST /migrate`. The
+//! coordinator watches the objects of its cluster; a new one (no status yet) starts its
+//! migration, whose phase, timings, bytes, destination pod and outcome are written into the
+//! object's status as they happen.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::watcher;
+use kube::Api;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::migrate::{migration_id, validate, MigrateRequest};
+use crate::state::Coordinator;
+
+/// The resource's group, version and kind.
+pub fn resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("migration.ums-rs.io", "v1alpha1", "LiveMigration"),
+        "livemigrations",
+    )
+}
+
+/// What a user writes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Spec {
+    pub pod: String,
+    pub destination: String,
+    #[serde(default)]
+    pub keep: bool,
+}
+
+/// The phases after which nothing changes any more.
+const FINAL: [&str; 2] = ["Succeeded", "Failed"];
+
+fn now() -> String {
+    // RFC 3339, seconds, UTC (what Kubernetes writes in conditions).
+    let secs = ums_contract::credential::now_unix();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn phases_json(phases: &[(String, u64)]) -> Value {
+    phases
+        .iter()
+        .map(|(phase, ms)| json!({"phase": phase, "ms": ms}))
+        .collect()
+}
+
+async fn set_status(api: &Api<DynamicObject>, name: &str, status: Value) {
+    let patch = json!({"status": status});
+    if let Err(e) = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(livemigration = name, error = %e, "failed to write the status");
+    }
+}
+
+/// Watches the cluster's LiveMigrations until the task is dropped.
+pub async fn reconcile(coordinator: Arc<Coordinator>) {
+    let all: Api<DynamicObject> = Api::all_with(coordinator.kube.clone(), &resource());
+    loop {
+        let mut events = watcher(all.clone(), watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let object = match event {
+                Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => o,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LiveMigration watch failed (is the CRD installed?); retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+            };
+            let phase = object.data["status"]["phase"].as_str().unwrap_or("");
+            if FINAL.contains(&phase) {
+                continue;
+            }
+            let (Some(name), Some(namespace)) = (
+                object.metadata.name.clone(),
+                object.metadata.namespace.clone(),
+            ) else {
+                continue;
+            };
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(coordinator.kube.clone(), &namespace, &resource());
+            if !phase.is_empty() {
+                // In flight when this coordinator (re)started: its progress was in the
+                // memory of the one that stopped. The pod may still carry the lock.
+                if !coordinator.is_driving(object.data["status"]["migrationId"].as_str()) {
+                    set_status(&api, &name, json!({
+                        "phase": "Failed",
+                        "message": "the coordinator restarted during the migration; check the pod's migration-id annotation and the destination",
+                        "conditions": [{"type": "Succeeded", "status": "False", "reason": "CoordinatorRestarted", "lastTransitionTime": now()}],
+                    })).await;
+                }
+                continue;
+            }
+            let spec: Result<Spec, _> = serde_json::from_value(object.data["spec"].clone());
+            let request = spec.map_err(|e| format!("spec: {e}")).and_then(|spec| {
+                validate(MigrateRequest {
+                    name: Some(spec.pod),
+                    namespace: Some(namespace.clone()),
+                    destination_url: Some(spec.destination),
+                    keep: spec.keep,
+                    interface: None,
+                })
+                .map_err(|e| e.message)
+            });
+            let request = match request {
+                Ok(r) => r,
+                Err(message) => {
+                    set_status(&api, &name, json!({
+                        "phase": "Failed",
+                        "message": message,
+                        "conditions": [{"type": "Succeeded", "status": "False", "reason": "InvalidSpec", "message": message, "lastTransitionTime": now()}],
+                    })).await;
+                    continue;
+                }
+            };
+            let id = migration_id();
+            coordinator.begin(
+                &id,
+                &format!("{namespace}/{}", request.name),
+                &request.destination,
+            );
+            set_status(&api, &name, json!({"phase": "Pending", "migrationId": id})).await;
+            tracing::info!(livemigration = %name, migration = %id, "LiveMigration started");
+            tokio::spawn(drive(coordinator.clone(), api, name, request, id));
+        }
+    }
+}
+
+/// Runs one migration, mirroring its phase into the object's status.
+async fn drive(
+    coordinator: Arc<Coordinator>,
+    api: Api<DynamicObject>,
+    name: String,
+    request: crate::migrate::Validated,
+    id: String,
+) {
+    let running = {
+        let coordinator = coordinator.clone();
+        let id = id.clone();
+        tokio::spawn(async move { coordinator.migrate(request, &id).await })
+    };
+    let mut shown = String::new();
+    while !running.is_finished() {
+        if let Some(record) = coordinator.record(&id) {
+            if record.phase != shown && !matches!(record.phase, "done" | "failed") {
+                shown = record.phase.to_owned();
+                set_status(
+                    &api,
+                    &name,
+                    json!({"phase": shown, "phases": phases_json(&record.phases)}),
+                )
+                .await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let status = match running.await {
+        Ok(Ok(report)) => json!({
+            "phase": "Succeeded",
+            "message": report.message,
+            "phases": phases_json(&report.phases),
+            "destinationPod": report.destination.pod,
+            "destinationCluster": report.destination.cluster,
+            "bytes": report.sidecar["totals"]["contentBytes"],
+            "downtimeMs": report.sidecar["totals"]["downtimeMs"],
+            "conditions": [{"type": "Succeeded", "status": "True", "reason": "Migrated", "message": "the service runs at the destination", "lastTransitionTime": now()}],
+        }),
+        Ok(Err(e)) => json!({
+            "phase": "Failed",
+            "message": format!("{}{}", e.message, if e.rollback.is_empty() { String::new() } else { format!(" (undone: {})", e.rollback.join("; ")) }),
+            "phases": phases_json(&coordinator.record(&id).map(|r| r.phases).unwrap_or_default()),
+            "conditions": [{"type": "Succeeded", "status": "False", "reason": e.phase.map(|p| format!("Failed{}", capitalized(p))).unwrap_or_else(|| "Failed".into()), "message": e.message, "lastTransitionTime": now()}],
+        }),
+        Err(e) => json!({"phase": "Failed", "message": format!("the migration task failed: {e}")}),
+    };
+    set_status(&api, &name, status).await;
+}
+
+fn capitalized(word: &str) -> String {
+    let mut chars = word.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().collect::<String>() + chars.as_str(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339_utc() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(capitalized("creating"), "Creating");
+    }
+}
