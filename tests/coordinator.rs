@@ -21,6 +21,30 @@ fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A user's 64 MiB service pod in `cluster`, wrapped for `interface`, running and relaying its
+/// ticks; its pod IP and its ambassador's outer container.
+async fn start_service(cluster: &Cluster, name: &str, interface: &str) -> (String, String) {
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &service_pod(name, interface, None, &[("app", 64)]).to_string(),
+    );
+    let ip = cluster
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let ambassador = cluster.pod_container(name, "app");
+    poll(
+        "the source ambassador to relay the workload's ticks",
+        Duration::from_secs(120),
+        || {
+            let n = ticks(&container_output(&ambassador)).len();
+            async move { (n >= 20).then_some(()) }
+        },
+    )
+    .await;
+    (ip, ambassador)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     let edge = Cluster::start_with_node();
@@ -41,24 +65,7 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     assert_eq!(identity["cluster"], cloud.name.as_str());
 
     let name = "service";
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &service_pod(name, "dind", None, &[("app", 64)]).to_string(),
-    );
-    let source_ip = edge
-        .wait_running_and_ready(name, Duration::from_secs(180))
-        .await;
-    let ambassador = edge.pod_container(name, "app");
-    poll(
-        "the source ambassador to relay the workload's ticks",
-        Duration::from_secs(120),
-        || {
-            let n = ticks(&container_output(&ambassador)).len();
-            async move { (n >= 20).then_some(()) }
-        },
-    )
-    .await;
+    let (source_ip, ambassador) = start_service(&edge, name, "dind").await;
     let at_source = ask_service(&source_ip, 8080).await.unwrap();
     assert!(at_source.memory_ok);
 
@@ -268,24 +275,7 @@ async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
     let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
 
     let name = "service";
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &service_pod(name, "pind", None, &[("app", 64)]).to_string(),
-    );
-    let source_ip = edge
-        .wait_running_and_ready(name, Duration::from_secs(180))
-        .await;
-    let ambassador = edge.pod_container(name, "app");
-    poll(
-        "the source ambassador to relay the workload's ticks",
-        Duration::from_secs(120),
-        || {
-            let n = ticks(&container_output(&ambassador)).len();
-            async move { (n >= 20).then_some(()) }
-        },
-    )
-    .await;
+    let (source_ip, _) = start_service(&edge, name, "pind").await;
     let last_at_source = ask_service(&source_ip, 8080).await.unwrap().tick;
 
     let migration = json!({

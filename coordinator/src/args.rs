@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use tokio_rustls::TlsAcceptor;
-use ums_tls::{bind, serve_tls, ReloadingCert};
+use ums_tls::{bind, serve_tls, shutdown_signal, ReloadingCert};
 
 use crate::api::{not_found, router};
 use crate::peer::peer_client;
@@ -122,21 +122,6 @@ impl Args {
         reconciler.abort();
         tracing::info!("ums-coordinator stopping");
         outcome
-    }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = terminate => {},
     }
 }
 

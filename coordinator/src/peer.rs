@@ -174,17 +174,7 @@ impl Peer {
     }
 }
 
-/// An error with its causes, on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
+pub use ums_tls::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -56,6 +56,22 @@ static long arg_or_env(int argc, char **argv, int i, const char *env, long fallb
     return v ? atol(v) : fallback;
 }
 
+/* A non-blocking TCP listener on every address, or -1 (errno set). */
+static int listen_on(const char *port, int backlog) {
+    struct sockaddr_in addr = {0};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((unsigned short)atoi(port));
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    int one = 1;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, backlog) != 0) {
+        return -1;
+    }
+    fcntl(fd, F_SETFL, O_NONBLOCK);
+    return fd;
+}
+
 int main(int argc, char **argv) {
     long mib = arg_or_env(argc, argv, 1, "WORKLOAD_MIB", 64);
     uint64_t seed = (uint64_t)arg_or_env(argc, argv, 2, "WORKLOAD_SEED", 42);
@@ -109,34 +125,20 @@ int main(int argc, char **argv) {
     size_t sink_held = 0;
     const char *sink_port = getenv("WORKLOAD_SINK");
     if (sink_port && *sink_port) {
-        struct sockaddr_in addr = {0};
-        addr.sin_family = AF_INET;
-        addr.sin_port = htons((unsigned short)atoi(sink_port));
-        addr.sin_addr.s_addr = htonl(INADDR_ANY);
-        int one = 1;
-        sink = socket(AF_INET, SOCK_STREAM, 0);
-        if (sink < 0 || setsockopt(sink, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-            bind(sink, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(sink, 4) != 0) {
+        sink = listen_on(sink_port, 4);
+        if (sink < 0) {
             perror("sink");
             return 8;
         }
-        fcntl(sink, F_SETFL, O_NONBLOCK);
     }
     int listener = -1;
     const char *listen_port = getenv("WORKLOAD_LISTEN");
     if (listen_port && *listen_port) {
-        struct sockaddr_in addr = {0};
-        addr.sin_family = AF_INET;
-        addr.sin_port = htons((unsigned short)atoi(listen_port));
-        addr.sin_addr.s_addr = htonl(INADDR_ANY);
-        int one = 1;
-        listener = socket(AF_INET, SOCK_STREAM, 0);
-        if (listener < 0 || setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
-            bind(listener, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(listener, 16) != 0) {
+        listener = listen_on(listen_port, 16);
+        if (listener < 0) {
             perror("listen");
             return 6;
         }
-        fcntl(listener, F_SETFL, O_NONBLOCK);
         signal(SIGPIPE, SIG_IGN);
     }
     int journal = -1;

@@ -6,4 +6,4 @@ pub mod cert;
 pub mod serve;
 
 pub use cert::{crypto_provider, error_chain, ReloadingCert, TlsError};
-pub use serve::{bind, serve_tls};
+pub use serve::{bind, serve_tls, shutdown_signal};

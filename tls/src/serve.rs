@@ -61,3 +61,19 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .await
         .map_err(|e| anyhow::anyhow!("failed to bind {addr}: {e}"))
 }
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}

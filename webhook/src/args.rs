@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::server::{admin_router, admission_router, bind, serve_tls, AppState};
 use crate::tls::ReloadingCert;
 use crate::validate::MigrationGuard;
+use ums_tls::shutdown_signal;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,21 +199,6 @@ impl Args {
         watcher.abort();
         tracing::info!("ums-webhook stopping");
         outcome
-    }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = terminate => {},
     }
 }
 
