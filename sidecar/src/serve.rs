@@ -89,7 +89,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "ums-sidecar listening");
     tokio::spawn(follow_start_mode(sidecar.clone()));
     axum::serve(listener, crate::api::router(sidecar))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(ums_tls::shutdown_signal())
         .await?;
     Ok(())
 }
@@ -138,21 +138,6 @@ async fn follow_start_mode(sidecar: Arc<Sidecar>) {
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = terminate => {},
     }
 }
 
