@@ -15,8 +15,9 @@ use serde_json::json;
 
 use crate::destination::{CreateRequest, PodRequest};
 use crate::error::ApiError;
-use crate::migrate::{migration_id, validate, MigrateRequest};
+use crate::migrate::{validate, MigrateRequest};
 use crate::peer::Identity;
+use crate::state::new_id;
 use crate::state::Coordinator;
 
 pub fn router(coordinator: Arc<Coordinator>) -> Router {
@@ -61,7 +62,7 @@ async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let id = migration_id();
+    let id = new_id();
     // The migration runs to its end even if the caller goes away: a half-done migration
     // would leave the pod locked.
     let task = tokio::spawn(async move { c.migrate(request, &id).await });

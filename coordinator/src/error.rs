@@ -43,6 +43,18 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
     }
 
+    /// A peer's (a coordinator's or a sidecar's) error answer passed on: its refusals (409:
+    /// a name taken, a preflight that says no) stay refusals, anything else is a gateway's
+    /// failure (502).
+    pub fn from_peer(status: reqwest::StatusCode, message: impl Into<String>) -> Self {
+        let code = if status == reqwest::StatusCode::CONFLICT {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Self::new(code, message)
+    }
+
     /// The same error, as the failure of `phase`.
     pub fn in_phase(mut self, phase: &'static str) -> Self {
         self.phase.get_or_insert(phase);

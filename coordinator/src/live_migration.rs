@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::runtime::watcher;
 use kube::Api;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::migrate::{migration_id, validate, MigrateRequest};
+use crate::migrate::{validate, MigrateRequest};
+use crate::state::new_id;
 use crate::state::Coordinator;
 
 /// The resource's group, version and kind.
@@ -37,32 +39,10 @@ pub struct Spec {
 /// The phases after which nothing changes any more.
 const FINAL: [&str; 2] = ["Succeeded", "Failed"];
 
-fn now() -> String {
-    // RFC 3339, seconds, UTC (what Kubernetes writes in conditions).
-    let secs = ums_contract::credential::now_unix();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+/// Now, as Kubernetes writes times in conditions (k8s-openapi's `Time`: RFC 3339, seconds,
+/// UTC).
+fn now() -> Value {
+    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).unwrap_or(Value::Null)
 }
 
 fn phases_json(phases: &[(String, u64)]) -> Value {
@@ -143,7 +123,7 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                     continue;
                 }
             };
-            let id = migration_id();
+            let id = new_id();
             coordinator.begin(
                 &id,
                 &format!("{namespace}/{}", request.name),
@@ -219,10 +199,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dates_are_rfc3339_utc() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    fn condition_times_are_rfc3339_seconds_utc_and_reasons_capitalized() {
+        let now = now();
+        let text = now.as_str().unwrap();
+        assert_eq!(text.len(), "2026-11-23T02:50:00Z".len(), "{text}");
+        assert!(text.ends_with('Z') && text.as_bytes()[10] == b'T', "{text}");
         assert_eq!(capitalized("creating"), "Creating");
     }
 }

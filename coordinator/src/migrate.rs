@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use crate::metrics::Outcome;
 use crate::peer::{peer_base_url, Peer};
 use crate::pod::{check, destination_pod};
-use crate::state::{new_id, Coordinator};
+use crate::state::Coordinator;
 
 /// UMS's request body (its names, so UMS users' calls work).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -260,12 +260,8 @@ impl Coordinator {
                         let status = response.status();
                         let body: Value = response.json().await.unwrap_or(Value::Null);
                         let message = body["error"].as_str().unwrap_or("no message").to_owned();
-                        let mut e = ApiError::new(
-                            if status == reqwest::StatusCode::CONFLICT {
-                                StatusCode::CONFLICT
-                            } else {
-                                StatusCode::BAD_GATEWAY
-                            },
+                        let mut e = ApiError::from_peer(
+                            status,
                             format!("source sidecar: {status}: {message}"),
                         );
                         if let Some(rollback) = body["rollback"].as_array() {
@@ -361,11 +357,6 @@ impl Coordinator {
             Err(e) => format!("FAILED to delete the destination pod: {}", e.message),
         }
     }
-}
-
-/// A new migration id, for the handler.
-pub fn migration_id() -> String {
-    new_id()
 }
 
 #[cfg(test)]

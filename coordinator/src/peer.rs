@@ -129,14 +129,8 @@ impl Peer {
                 .ok()
                 .and_then(|v| v["error"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-            // The destination's refusals (409: the pod's name taken, ...) stay refusals.
-            let code = if status == reqwest::StatusCode::CONFLICT {
-                axum::http::StatusCode::CONFLICT
-            } else {
-                axum::http::StatusCode::BAD_GATEWAY
-            };
-            return Err(ApiError::new(
-                code,
+            return Err(ApiError::from_peer(
+                status,
                 format!("destination coordinator ({what}): {status}: {message}"),
             ));
         }

@@ -103,37 +103,38 @@ impl Coordinator {
         }
     }
 
-    /// Closes the current phase and opens `phase`; returns the closed phase's milliseconds.
-    pub fn enter(&self, id: &str, phase: &'static str) -> u64 {
+    /// Closes the current phase and opens `phase`.
+    pub fn enter(&self, id: &str, phase: &'static str) {
+        self.close_phase(id, phase, None);
+        tracing::info!(migration = id, phase, "migration phase");
+    }
+
+    /// Closes the current phase; the migration has failed with `error`.
+    pub fn fail(&self, id: &str, error: &str) {
+        self.close_phase(id, "failed", Some(error));
+    }
+
+    /// Records how long the current phase took and moves to `next`.
+    fn close_phase(&self, id: &str, next: &'static str, error: Option<&str>) {
         let Ok(mut all) = self.migrations.lock() else {
-            return 0;
+            return;
         };
         let Some(record) = all.get_mut(id) else {
-            return 0;
+            return;
         };
         let ms = record
             .phase_started
             .map(|t| t.elapsed().as_millis() as u64)
             .unwrap_or(0);
         record.phases.push((record.phase.to_owned(), ms));
-        record.phase = phase;
-        record.phase_started = Some(Instant::now());
-        tracing::info!(migration = id, phase, "migration phase");
-        ms
-    }
-
-    pub fn fail(&self, id: &str, error: &str) {
-        if let Ok(mut all) = self.migrations.lock() {
-            if let Some(record) = all.get_mut(id) {
-                let ms = record
-                    .phase_started
-                    .map(|t| t.elapsed().as_millis() as u64)
-                    .unwrap_or(0);
-                record.phases.push((record.phase.to_owned(), ms));
-                record.phase = "failed";
-                record.phase_started = None;
-                record.error = Some(error.to_owned());
-            }
+        record.phase = next;
+        record.phase_started = if matches!(next, "done" | "failed") {
+            None
+        } else {
+            Some(Instant::now())
+        };
+        if let Some(error) = error {
+            record.error = Some(error.to_owned());
         }
     }
 

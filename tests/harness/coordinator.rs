@@ -164,12 +164,7 @@ impl RunningCoordinator {
 impl RunningCoordinator {
     /// The coordinator's Prometheus text (`GET /metrics`).
     pub async fn metrics(&self, ca: &Path) -> String {
-        let pem = std::fs::read(ca).unwrap();
-        let client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-            .build()
-            .unwrap();
-        let response = client
+        let response = client(ca)
             .get(format!("https://{}/metrics", self.address))
             .send()
             .await
@@ -177,6 +172,17 @@ impl RunningCoordinator {
         assert!(response.status().is_success());
         response.text().await.unwrap()
     }
+}
+
+/// An HTTPS client that trusts `ca` only.
+fn client(ca: &Path) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
 }
 
 /// A call to the coordinator at `address` over HTTPS, trusting `ca`; (status, JSON body).
@@ -187,13 +193,7 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let pem = std::fs::read(ca).unwrap();
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
+    let client = client(ca);
     let url = format!("https://{address}{path}");
     let request = match method {
         "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),

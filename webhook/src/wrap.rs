@@ -110,9 +110,11 @@ pub fn wrap_pod(
     let original_volumes: Vec<Volume> = spec.volumes.clone().unwrap_or_default();
     let taken_volume_names: BTreeSet<&str> =
         original_volumes.iter().map(|v| v.name.as_str()).collect();
-    let storage_volume = free_name(ENGINE_STORAGE_VOLUME, &taken_volume_names);
-    let podinfo_volume = free_name(PODINFO_VOLUME, &taken_volume_names);
-    let token_volume = free_name(POD_TOKEN_VOLUME, &taken_volume_names);
+    let added = AddedVolumes {
+        storage: free_name(ENGINE_STORAGE_VOLUME, &taken_volume_names),
+        podinfo: free_name(PODINFO_VOLUME, &taken_volume_names),
+        token: free_name(POD_TOKEN_VOLUME, &taken_volume_names),
+    };
 
     let volume_paths: Vec<String> = original_volumes
         .iter()
@@ -129,29 +131,25 @@ pub fn wrap_pod(
         interface,
         originals,
         &original_volumes,
-        &AddedVolumes {
-            storage: storage_volume.clone(),
-            podinfo: podinfo_volume.clone(),
-            token: token_volume.clone(),
-        },
+        &added,
         config,
     )?;
     let mut containers = vec![runtime];
     containers.extend(
         originals
             .iter()
-            .map(|c| ambassador_container(c, &token_volume, config)),
+            .map(|c| ambassador_container(c, &added.token, config)),
     );
 
     let mut volumes = original_volumes;
     volumes.push(Volume {
-        name: storage_volume,
+        name: added.storage,
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Default::default()
     });
-    volumes.push(podinfo_volume_source(podinfo_volume));
+    volumes.push(podinfo_volume_source(added.podinfo));
     volumes.push(Volume {
-        name: token_volume,
+        name: added.token,
         empty_dir: Some(EmptyDirVolumeSource {
             medium: Some("Memory".into()),
             size_limit: Some(Quantity("1Mi".into())),
