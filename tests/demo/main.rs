@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::{call, CoordinatorCerts, RunningCoordinator};
 use ums_tests::service_pod::{container_output, service_pod};
@@ -196,9 +197,21 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         cloud.get_json(&["pod", name])["metadata"]["annotations"]["migration-start-mode"]
     );
     if args.keep {
+        let destination_ip = report["destination"]["podIp"].as_str().unwrap_or("?");
+        // A credential as cloud's coordinator would give it, for trying the sidecar by hand.
+        let token = cloud.sidecar_token(destination_ip, Scope::Coordinator, None);
+        println!("KEEP: both clusters and their coordinators stay up until Ctrl-C");
         println!(
-            "KEEP: both clusters stay up until Ctrl-C; kubectl --kubeconfig {} get pods -o wide",
+            "  kubectl --kubeconfig {} get pods -o wide",
             cloud.kubeconfig(User::Admin).display()
+        );
+        println!(
+            "  curl --cacert {} https://{}/migrations",
+            edge_certs.ca.display(),
+            edge_coordinator.address
+        );
+        println!(
+            "  curl -H 'Authorization: Bearer {token}' http://{destination_ip}:8888/containers   # token valid 10 minutes"
         );
         tokio::signal::ctrl_c().await?;
     }
