@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+use ums_tests::coordinator::{CoordinatorCerts, Credential, RunningCoordinator};
 use ums_tests::poll;
 use ums_tests::service_pod::{ask_service, container_output, service_pod};
 use ums_tests::workload::{registry_workload_image, ticks};
@@ -136,6 +136,106 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
             .unwrap()
             .contains("ReplicaSet service-7d9f"),
         "{answer}"
+    );
+
+    // Who may call what: operators (the API token) start migrations; peers (mutual TLS)
+    // create, restore and delete copies; a credential on the wrong side is a 403.
+    let migrate_body = json!({"name": name, "destinationUrl": destination});
+    let (status, answer) = edge_coordinator
+        .call_as(&edge_certs.ca, &Credential::None, "POST", "/migrate", Some(migrate_body.clone()))
+        .await;
+    assert_eq!(status, 401, "no credential: {answer}");
+    assert!(answer["error"].as_str().unwrap().contains("operator"), "{answer}");
+    let (status, answer) = edge_coordinator
+        .call_as(&edge_certs.ca, &Credential::None, "GET", "/migrations", None)
+        .await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = edge_coordinator
+        .call_as(
+            &edge_certs.ca,
+            &Credential::Bearer(cloud_coordinator.api_token.clone()),
+            "POST",
+            "/migrate",
+            Some(migrate_body.clone()),
+        )
+        .await;
+    assert_eq!(status, 401, "another cluster's operator token: {answer}");
+    let as_edge_peer = Credential::ClientCertificate {
+        cert: edge_certs.cert.clone(),
+        key: edge_certs.key.clone(),
+    };
+    let (status, answer) = cloud_coordinator
+        .call_as(&cloud_certs.ca, &as_edge_peer, "POST", "/migrate", Some(migrate_body.clone()))
+        .await;
+    assert_eq!(status, 403, "a peer may not start migrations: {answer}");
+    let create_body = json!({"migrationId": "m0", "namespace": "default", "pod": {"metadata": {"name": "x"}}});
+    let (status, answer) = cloud_coordinator
+        .call_as(&cloud_certs.ca, &Credential::None, "POST", "/create", Some(create_body.clone()))
+        .await;
+    assert_eq!(status, 401, "/create without a client certificate: {answer}");
+    let (status, answer) = cloud_coordinator
+        .call(&cloud_certs.ca, "POST", "/create", Some(create_body.clone()))
+        .await;
+    assert_eq!(status, 403, "an operator may not create copies: {answer}");
+    let (status, answer) = cloud_coordinator
+        .call_as(
+            &cloud_certs.ca,
+            &as_edge_peer,
+            "POST",
+            "/restore",
+            Some(json!({"migrationId": "m0", "namespace": "default", "name": name})),
+        )
+        .await;
+    assert_eq!(status, 401, "/restore without the migration's credential: {answer}");
+    // (The peers' own calls with their certificates and credentials are the migrations below.)
+
+    // The destination coordinator is killed while it creates the copy: the source rolls back
+    // (the service never stopped), and the restarted coordinator deletes the abandoned copy.
+    let killed = tokio::spawn({
+        let (address, ca, token) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            Credential::Bearer(edge_coordinator.api_token.clone()),
+        );
+        let body = migrate_body.clone();
+        async move { ums_tests::coordinator::call(&address, &ca, &token, "POST", "/migrate", Some(body)).await }
+    });
+    poll(
+        "cloud's coordinator to create the copy",
+        Duration::from_secs(60),
+        || async { cloud.kubectl_result(User::Admin, &["get", "pod", name]).ok().map(|_| ()) },
+    )
+    .await;
+    cloud_coordinator.kill();
+    let (status, answer) = killed.await.unwrap();
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["phase"], "creating", "{answer}");
+    let rollback = answer["rollback"].to_string();
+    assert!(rollback.contains("source pod unlocked"), "{answer}");
+    assert!(rollback.contains("FAILED to delete the destination pod"), "{answer}");
+    assert_eq!(annotation(&edge, name, "migration-id"), None);
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > at_source.tick);
+    assert_eq!(
+        annotation(&cloud, name, "migration-start-mode").as_deref(),
+        Some("passive"),
+        "the copy is left while cloud's coordinator is down"
+    );
+    cloud_coordinator.restart();
+    poll(
+        "the restarted coordinator to delete the abandoned copy",
+        Duration::from_secs(120),
+        || async {
+            cloud.kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        cloud_coordinator.log().contains("deleted a passive copy abandoned by a restart"),
+        "{}",
+        cloud_coordinator.log()
     );
 
     // A destination that refuses (a pod of that name is there already): nothing is frozen,

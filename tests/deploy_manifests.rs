@@ -501,6 +501,11 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         signing.secret.unwrap().secret_name.as_deref(),
         Some("ums-coordinator-signing")
     );
+    let api = volume(mounted(&args.api_tokens).expect("operators' tokens mounted"));
+    assert_eq!(
+        api.secret.unwrap().secret_name.as_deref(),
+        Some("ums-coordinator-api")
+    );
     // The LiveMigration resource, and the coordinator's rights on it (base's ClusterRole).
     let [crd] = r.crds.as_slice() else {
         panic!("one CustomResourceDefinition")

@@ -245,17 +245,50 @@ async fn migrates_between_clusters(
         status, 403,
         "a peer's token opens the restore only: {refused}"
     );
+    // Sidecar to sidecar is TLS: the destination takes a peer's token over TLS only, and the
+    // source accepts only the certificate the destination's GET /tls names.
+    let (status, refused) = sidecar_as(
+        Some(&peer_token),
+        "GET",
+        format!("http://{destination_ip}:8888/info"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "a peer's token over plain HTTP: {refused}");
+    assert!(refused["error"].as_str().unwrap().contains("TLS"), "{refused}");
+    let (status, tls) = sidecar("GET", format!("http://{destination_ip}:8888/tls"), None).await;
+    assert_eq!(status, 200, "{tls}");
+    let pin = tls["certificateSha256"].as_str().unwrap().to_owned();
+    let (_, source_tls) = sidecar("GET", format!("http://{source_ip}:8888/tls"), None).await;
+    let wrong_pin = source_tls["certificateSha256"].as_str().unwrap().to_owned();
+    assert_ne!(pin, wrong_pin, "each sidecar makes its own certificate");
+    let (status, refused) = sidecar_as(
+        Some(&source_token),
+        "POST",
+        format!("http://{source_ip}:8888/migrate"),
+        Some(json!({
+            "destination": format!("https://{destination_ip}:8888"),
+            "destinationToken": peer_token,
+            "destinationCertificateSha256": wrong_pin,
+        })),
+    )
+    .await;
+    assert_eq!(status, 502, "another certificate than the pinned one: {refused}");
+    assert_eq!(refused["detail"]["sourceState"], "untouched", "{refused}");
     let (status, report) = sidecar_as(
         Some(&source_token),
         "POST",
         format!("http://{source_ip}:8888/migrate"),
         Some(json!({
-            "destination": format!("http://{destination_ip}:8888"),
+            "destination": format!("https://{destination_ip}:8888"),
             "destinationToken": peer_token,
+            "destinationCertificateSha256": pin,
+            "migrationId": "e2e-1",
         })),
     )
     .await;
     assert_eq!(status, 200, "{report}");
+    assert_eq!(report["migrationId"], "e2e-1", "the caller's migration id: {report}");
     assert_eq!(report["containers"].as_array().unwrap().len(), names.len());
     let memory: u64 = containers
         .iter()

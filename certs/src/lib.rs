@@ -46,6 +46,9 @@ pub struct CertRequest {
     pub extra_names: Vec<String>,
     /// How long the certificates are valid.
     pub valid_for: Duration,
+    /// The serving certificate also authenticates its holder as a TLS client (a coordinator
+    /// presents it to its peers: mutual TLS).
+    pub client_auth: bool,
 }
 
 /// PEM-encoded CA certificate, serving certificate chain and serving key.
@@ -149,6 +152,11 @@ pub fn generate(request: &CertRequest) -> Result<CertBundle, CertsError> {
         .distinguished_name
         .push(DnType::CommonName, server_names[0].clone());
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    if request.client_auth {
+        server_params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
     server_params.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -244,6 +252,7 @@ mod tests {
             namespace: "ums-system".into(),
             extra_names: vec!["127.0.0.1".into(), "localhost".into()],
             valid_for: Duration::days(365),
+            client_auth: false,
         }
     }
 

@@ -28,6 +28,10 @@ struct Args {
     /// Validity in days.
     #[arg(long, env = "UMS_CERTS_DAYS", default_value_t = 365)]
     days: i64,
+    /// The certificate also authenticates as a TLS client: for coordinators, which present it
+    /// to their peers (mutual TLS).
+    #[arg(long, env = "UMS_CERTS_CLIENT_AUTH")]
+    client_auth: bool,
     /// Directory to write into (created if missing). Never commit its contents.
     #[arg(long, env = "UMS_CERTS_OUT", default_value = "certs/out")]
     out: PathBuf,
@@ -40,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         secret_name,
         extra_names,
         days,
+        client_auth,
         out,
     } = Args::parse();
     anyhow::ensure!(days > 0, "--days must be positive, got {days}");
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         namespace: namespace.clone(),
         extra_names,
         valid_for: time::Duration::days(days),
+        client_auth,
     })?;
     let files = write_bundle(&bundle, &out, &secret_name, &namespace)?;
     println!(

@@ -26,6 +26,9 @@ pub enum Scope {
     /// Another pod's sidecar sending one migration here: `/info`, `/restore/preflight` and
     /// `/restore` only.
     Peer,
+    /// A peer coordinator finishing (`/restore`) or abandoning (`/delete`) one migration at the
+    /// coordinator that signed it (`aud` is `coordinator:<cluster>`); no sidecar takes it.
+    Migration,
 }
 
 /// The signed content of a token.
@@ -57,6 +60,14 @@ pub enum CredentialError {
     BadKey(String),
     #[error("the signing key is not an Ed25519 PKCS#8 key")]
     BadSigningKey,
+}
+
+/// Compares two secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn now_unix() -> u64 {
@@ -92,6 +103,11 @@ impl SigningKey {
     /// The public key, base64 (what the webhook hands the sidecars).
     pub fn public_key(&self) -> String {
         URL_SAFE_NO_PAD.encode(self.pair.public_key().as_ref())
+    }
+
+    /// The public key's 32 bytes (what [`verify`] takes).
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
     }
 
     pub fn sign(&self, claims: &Claims) -> String {

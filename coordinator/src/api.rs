@@ -1,6 +1,7 @@
 //! The coordinator's HTTPS API: UMS's routes (`GET /`, `POST /migrate` on the source side;
 //! `POST /create`, `/restore`, `/delete` called by a peer on the destination side), plus
-//! `GET /migrations` and `GET /migrations/{id}` (progress) and `GET /healthz`.
+//! `GET /migrations` and `GET /migrations/{id}` (progress) and `GET /healthz`. Who may call
+//! which is in [`crate::auth`].
 
 use std::sync::Arc;
 
@@ -9,10 +10,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::auth::MigrationCredential;
 use crate::destination::{CreateRequest, PodRequest};
 use crate::error::ApiError;
 use crate::migrate::{validate, MigrateRequest};
@@ -31,6 +33,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/create", post(create))
         .route("/restore", post(restore))
         .route("/delete", post(delete))
+        .route_layer(axum::middleware::from_fn_with_state(
+            coordinator.clone(),
+            crate::auth::require_credential,
+        ))
         .with_state(coordinator)
 }
 
@@ -105,11 +111,23 @@ async fn create(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
     }
 }
 
-async fn restore(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
-    match body::<PodRequest>(&bytes) {
-        Ok(request) => answer(c.activate_destination(request).await),
-        Err(e) => e.into_response(),
+async fn restore(
+    State(c): State<Arc<Coordinator>>,
+    credential: Option<Extension<MigrationCredential>>,
+    bytes: Bytes,
+) -> Response {
+    let request = match body::<PodRequest>(&bytes) {
+        Ok(request) => request,
+        Err(e) => return e.into_response(),
+    };
+    // The middleware lets /restore through only with a verified credential.
+    let Some(Extension(credential)) = credential else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "no migration credential").into_response();
+    };
+    if let Err(e) = credential.check(&request.migration_id) {
+        return e.into_response();
     }
+    answer(c.activate_destination(request).await)
 }
 
 async fn delete(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {

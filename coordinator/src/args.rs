@@ -11,7 +11,7 @@ use tokio_rustls::TlsAcceptor;
 use ums_tls::{bind, serve_tls, shutdown_signal, ReloadingCert};
 
 use crate::api::{not_found, router};
-use crate::peer::peer_client;
+use crate::peer::{peer_client, peer_roots};
 use crate::state::Coordinator;
 
 /// Log line format.
@@ -42,8 +42,11 @@ pub struct Args {
         default_value = "/etc/ums-coordinator/tls/tls.key"
     )]
     pub tls_key: PathBuf,
-    /// PEM files of the CAs that sign the peer coordinators' certificates (comma-separated);
-    /// a peer whose certificate none of them signed is refused.
+    /// PEM files of the CAs that sign the peer coordinators' certificates (comma-separated):
+    /// a peer whose server certificate none of them signed is refused, and only a client
+    /// certificate they signed opens `/create`, `/restore`, `/delete` (mutual TLS). This
+    /// coordinator's own certificate (`--tls-cert`, made with `ums-certs --client-auth`) is
+    /// the one it presents to its peers.
     #[arg(
         long,
         env = "UMS_COORDINATOR_PEER_CA",
@@ -60,6 +63,14 @@ pub struct Args {
         default_value = "/etc/ums-coordinator/signing/signing.key"
     )]
     pub signing_key: PathBuf,
+    /// The operators' bearer tokens for `POST /migrate` and `GET /migrations` (one per line;
+    /// re-read on each call, so a rotated Secret needs no restart).
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_API_TOKENS",
+        default_value = "/etc/ums-coordinator/api/tokens"
+    )]
+    pub api_tokens: PathBuf,
     /// This cluster's name, as peers see it.
     #[arg(long, env = "UMS_CLUSTER_NAME", default_value = "default")]
     pub cluster: String,
@@ -85,13 +96,17 @@ impl Args {
         let signing_key = ums_contract::credential::SigningKey::from_pkcs8(&der)
             .with_context(|| format!("signing key {}", self.signing_key.display()))?;
         tracing::info!(public_key = %signing_key.public_key(), "signing key loaded: give this public key to the webhook (UMS_COORDINATOR_KEYS)");
+        let api_tokens = crate::auth::ApiTokens::load(&self.api_tokens)?;
+        let cert = ReloadingCert::load(&self.tls_cert, &self.tls_key)
+            .context("failed to load the serving certificate")?;
         let kube = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
         let coordinator = Arc::new(Coordinator {
             kube,
             cluster: self.cluster,
-            peers: peer_client(&self.peer_ca)?,
+            peers: peer_client(&self.peer_ca, cert.clone())?,
+            api_tokens,
             // Plain HTTP on the pod network (see the README's trust model): no TLS roots, so
             // the image needs no system CA bundle.
             sidecars: reqwest::Client::builder()
@@ -102,15 +117,27 @@ impl Args {
             sidecar_port: self.sidecar_port,
             pod_ready_timeout: Duration::from_secs(self.pod_ready_timeout_seconds),
             migrations: Mutex::default(),
+            signing_key_public: signing_key.public_key_bytes(),
             signing_key,
             metrics: crate::metrics::Metrics::default(),
         });
-        let cert = ReloadingCert::load(&self.tls_cert, &self.tls_key)
-            .context("failed to load the serving certificate")?;
-        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+        // Clients may connect without a certificate (operators); peers present theirs.
+        let acceptor = TlsAcceptor::from(Arc::new(
+            cert.server_config_with_client_cas(peer_roots(&self.peer_ca)?)?,
+        ));
         let listener = bind(self.listen).await?;
         tracing::info!(listen = %listener.local_addr()?, cluster = %coordinator.cluster, "ums-coordinator listening");
         let watcher = tokio::spawn(cert.watch(Duration::from_secs(10)));
+        {
+            let coordinator = coordinator.clone();
+            tokio::spawn(async move {
+                match coordinator.sweep_abandoned_copies().await {
+                    Ok(deleted) if !deleted.is_empty() => tracing::info!(?deleted, "abandoned copies deleted"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not look for abandoned copies"),
+                }
+            });
+        }
         let reconciler = tokio::spawn(crate::live_migration::reconcile(coordinator.clone()));
         let app = router(coordinator).fallback(not_found);
         let server = tokio::spawn(serve_tls(listener, acceptor, app));

@@ -31,8 +31,14 @@ pub struct CreateAnswer {
     pub name: String,
     pub namespace: String,
     pub pod_ip: String,
-    /// Where the source's sidecar sends the state.
+    /// Where the source's sidecar sends the state (`https://<pod IP>:<port>`).
     pub sidecar_url: String,
+    /// The SHA-256 of the certificate that pod's sidecar serves (a throwaway one it made at
+    /// start): the source's sidecar accepts no other.
+    pub sidecar_certificate_sha256: String,
+    /// What the source's coordinator presents to make the copy active (`/restore`): for this
+    /// migration only, signed by this coordinator.
+    pub migration_credential: String,
     /// The one credential that pod's sidecar takes from the source's sidecar: scoped to this
     /// migration's restore, for this pod, expiring (see `PEER_TOKEN_SECONDS`).
     pub sidecar_token: String,
@@ -47,6 +53,9 @@ pub struct PodRequest {
     pub namespace: String,
     pub name: String,
 }
+
+/// Marks a pod this coordinator created as a migration's destination (its value: the cluster).
+pub const ANNOTATION_COPY_OF: &str = "migration.ums-rs.io/created-by-coordinator";
 
 /// How long the source's sidecar may take to start sending the state with its peer token.
 pub const PEER_TOKEN_SECONDS: u64 = 1800;
@@ -90,6 +99,11 @@ impl Coordinator {
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
         let mut pod = request.pod.clone();
         pod.metadata.namespace = Some(request.namespace.clone());
+        // Marked as this coordinator's copy: one a restart finds still passive is abandoned.
+        pod.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
         if let Err(e) = pods.create(&PostParams::default(), &pod).await {
             let e = ApiError::from(e);
             return Err(if e.status == axum::http::StatusCode::CONFLICT {
@@ -103,8 +117,10 @@ impl Coordinator {
         }
         tracing::info!(migration = %request.migration_id, pod = %name, "destination pod created");
         match self.wait_passive_ready(&pods, &name).await {
-            Ok(ip) => Ok(CreateAnswer {
-                sidecar_url: format!("http://{ip}:{}", self.sidecar_port),
+            Ok((ip, pin)) => Ok(CreateAnswer {
+                sidecar_url: format!("https://{ip}:{}", self.sidecar_port),
+                sidecar_certificate_sha256: pin,
+                migration_credential: self.migration_credential(&request.migration_id),
                 sidecar_token: self.sidecar_token(
                     &ip,
                     ums_contract::credential::Scope::Peer,
@@ -125,7 +141,13 @@ impl Coordinator {
         }
     }
 
-    async fn wait_passive_ready(&self, pods: &Api<Pod>, name: &str) -> Result<String, ApiError> {
+    /// Waits until the pod runs, is ready and its sidecar has created every container; its
+    /// IP and its sidecar's certificate pin.
+    async fn wait_passive_ready(
+        &self,
+        pods: &Api<Pod>,
+        name: &str,
+    ) -> Result<(String, String), ApiError> {
         let until = Instant::now() + self.pod_ready_timeout;
         let mut last = String::from("not seen yet");
         loop {
@@ -173,12 +195,98 @@ impl Coordinator {
                     }
                 }
                 if !containers.is_empty() && waiting.is_empty() {
-                    return Ok(ip);
+                    let pin = self.sidecar_pin(&ip).await?;
+                    return Ok((ip, pin));
                 }
                 last = format!("sidecar has not created {waiting:?}");
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// The certificate the sidecar at `ip` serves its TLS with (`GET /tls`, asked over the
+    /// cluster's own pod network, as the kubelet's probes are).
+    async fn sidecar_pin(&self, ip: &str) -> Result<String, ApiError> {
+        let url = format!("http://{ip}:{}/tls", self.sidecar_port);
+        let answer: serde_json::Value = self
+            .sidecars
+            .get(&url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| {
+                ApiError::bad_gateway(format!(
+                    "the destination pod's sidecar did not say its certificate ({url}): {e}"
+                ))
+            })?
+            .json()
+            .await
+            .map_err(|e| ApiError::bad_gateway(format!("{url}: unreadable answer: {e}")))?;
+        answer["certificateSha256"]
+            .as_str()
+            .filter(|pin| pin.len() == 64)
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::bad_gateway(format!("{url}: no certificateSha256")))
+    }
+
+    /// At start: the copies this coordinator created for migrations that were coming in when
+    /// it stopped are abandoned — the source's coordinator has lost its peer, rolls back, and
+    /// the service runs at the source. A copy still passive whose containers were never
+    /// started (no state restored into it) is deleted; one whose containers run holds the
+    /// service (the state arrived, the source has let go) and is left for the source's
+    /// `/restore`, which it retries.
+    pub async fn sweep_abandoned_copies(&self) -> Result<Vec<String>, ApiError> {
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        let mut deleted = Vec::new();
+        for pod in pods.list(&Default::default()).await? {
+            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+            if annotations.get(ANNOTATION_COPY_OF) != Some(&self.cluster) {
+                continue;
+            }
+            let parsed = annotations_of(&pod);
+            let passive = parsed.start_mode == Some(ums_contract::StartMode::Passive);
+            if !passive || parsed.migration_id.is_none() {
+                continue;
+            }
+            let (Some(name), Some(namespace)) =
+                (pod.metadata.name.clone(), pod.metadata.namespace.clone())
+            else {
+                continue;
+            };
+            if self.holds_restored_state(&pod).await {
+                tracing::warn!(pod = %name, namespace = %namespace, "a passive copy from before the restart runs restored containers: left for the source's /restore");
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+            api.delete(&name, &DeleteParams::default()).await?;
+            tracing::info!(pod = %name, namespace = %namespace, migration = parsed.migration_id.as_deref().unwrap_or(""), "deleted a passive copy abandoned by a restart");
+            deleted.push(format!("{namespace}/{name}"));
+        }
+        Ok(deleted)
+    }
+
+    /// Whether any container of the pod's sidecar runs (a restore happened), asked with the
+    /// pod's probes; an unreachable sidecar holds nothing.
+    async fn holds_restored_state(&self, pod: &Pod) -> bool {
+        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+            return false;
+        };
+        for c in annotations_of(pod).containers.unwrap_or_default() {
+            let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
+            let status = self
+                .sidecars
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map(|r| r.status().as_u16());
+            // 204 is "created, not started"; anything else answered means it ran.
+            if matches!(status, Ok(s) if s != 204 && s != 404) {
+                return true;
+            }
+        }
+        false
     }
 
     /// The pod of `request`, if it carries the request's migration id.
@@ -236,6 +344,14 @@ impl Coordinator {
         request: PodRequest,
     ) -> Result<serde_json::Value, ApiError> {
         let deleted = match self.pod_of(&request).await? {
+            Some((_, pod))
+                if annotations_of(&pod).start_mode != Some(ums_contract::StartMode::Passive) =>
+            {
+                return Err(ApiError::conflict(format!(
+                    "pod {}/{} is not a passive copy any more: not deleted",
+                    request.namespace, request.name
+                )));
+            }
             Some((pods, _)) => {
                 pods.delete(&request.name, &DeleteParams::default()).await?;
                 tracing::info!(migration = %request.migration_id, pod = %request.name, "destination pod deleted");

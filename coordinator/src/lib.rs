@@ -6,11 +6,13 @@
 //! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
 //!   its rollback; [`destination`]: the peer's side (create, restore, delete);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
-//! - [`peer`]: HTTPS to the other coordinator; [`api`]: the routes; [`state`]: what they share;
+//! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
+//!   which route; [`state`]: what they share;
 //!   [`metrics`]: Prometheus.
 
 pub mod api;
 pub mod args;
+pub mod auth;
 pub mod destination;
 pub mod error;
 pub mod live_migration;

@@ -244,8 +244,10 @@ impl Coordinator {
             .post(&url)
             .bearer_auth(token)
             .json(&json!({
+                "migrationId": id,
                 "destination": created.sidecar_url,
                 "destinationToken": created.sidecar_token,
+                "destinationCertificateSha256": created.sidecar_certificate_sha256,
             }))
             .timeout(Duration::from_secs(3600))
             .send()
@@ -292,7 +294,7 @@ impl Coordinator {
             namespace: request.namespace.clone(),
             name: created.name.clone(),
         };
-        peer.post::<_, Value>("/restore", &pod_request, Duration::from_secs(60))
+        self.activate_copy(&peer, &pod_request, &created.migration_credential)
             .await
             .map_err(|e| {
                 ApiError::bad_gateway(format!(
@@ -340,6 +342,29 @@ impl Coordinator {
             total_ms: started.elapsed().as_millis() as u64,
             sidecar: sidecar_report,
         })
+    }
+
+    /// `/restore` at the destination, retried for two minutes while the peer is unreachable
+    /// (a destination coordinator restarting keeps a copy that holds the service for it).
+    async fn activate_copy(
+        &self,
+        peer: &Peer,
+        request: &PodRequest,
+        credential: &str,
+    ) -> Result<Value, ApiError> {
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            match peer
+                .post_with::<_, Value>("/restore", request, Some(credential), Duration::from_secs(60))
+                .await
+            {
+                Err(e) if e.status == StatusCode::BAD_GATEWAY && Instant::now() < until => {
+                    tracing::warn!(migration = %request.migration_id, error = %e.message, "making the copy active failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     async fn delete_copy(&self, peer: &Peer, id: &str, request: &Validated) -> String {

@@ -1,5 +1,5 @@
-//! Talking to the other cluster's coordinator: HTTPS, its certificate verified against the
-//! configured peer CAs (never the system's roots, never unverified).
+//! Talking to the other cluster's coordinator: mutual TLS, its certificate verified against the
+//! configured peer CAs (never the system's roots, never unverified), ours presented to it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,8 +27,8 @@ pub enum PeerConfigError {
     Client(String),
 }
 
-/// An HTTPS client that trusts exactly the peer CAs.
-pub fn peer_client(ca_files: &[PathBuf]) -> Result<reqwest::Client, PeerConfigError> {
+/// The peer CAs, from PEM files.
+pub fn peer_roots(ca_files: &[PathBuf]) -> Result<rustls::RootCertStore, PeerConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     for path in ca_files {
         let pem = std::fs::read(path).map_err(|source| PeerConfigError::Read {
@@ -46,12 +46,22 @@ pub fn peer_client(ca_files: &[PathBuf]) -> Result<reqwest::Client, PeerConfigEr
             return Err(PeerConfigError::NoCertificate { path: path.clone() });
         }
     }
+    Ok(roots)
+}
+
+/// An HTTPS client that trusts exactly the peer CAs and presents `identity` (this
+/// coordinator's own certificate, reloaded with it) as its client certificate.
+pub fn peer_client(
+    ca_files: &[PathBuf],
+    identity: Arc<ums_tls::ReloadingCert>,
+) -> Result<reqwest::Client, PeerConfigError> {
+    let roots = peer_roots(ca_files)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| PeerConfigError::Client(e.to_string()))?
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_client_cert_resolver(identity);
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(Duration::from_secs(10))
@@ -157,13 +167,26 @@ impl Peer {
         body: &B,
         timeout: Duration,
     ) -> Result<T, ApiError> {
-        let response = self
+        self.post_with(path, body, None, timeout).await
+    }
+
+    /// As [`Peer::post`], with the migration credential the peer issued.
+    pub async fn post_with<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        credential: Option<&str>,
+        timeout: Duration,
+    ) -> Result<T, ApiError> {
+        let mut request = self
             .client
             .post(format!("{}{path}", self.base))
             .json(body)
-            .timeout(timeout)
-            .send()
-            .await;
+            .timeout(timeout);
+        if let Some(credential) = credential {
+            request = request.bearer_auth(credential);
+        }
+        let response = request.send().await;
         self.answer(path, response).await
     }
 }

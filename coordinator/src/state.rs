@@ -12,8 +12,10 @@ pub struct Coordinator {
     pub kube: kube::Client,
     /// This cluster's name, as peers see it.
     pub cluster: String,
-    /// HTTPS to peer coordinators (their CAs only).
+    /// HTTPS to peer coordinators (their CAs only), presenting this coordinator's certificate.
     pub peers: reqwest::Client,
+    /// The operators' tokens (`POST /migrate`, `GET /migrations`).
+    pub api_tokens: crate::auth::ApiTokens,
     /// To the sidecars of wrapped pods, over the pod network.
     pub sidecars: reqwest::Client,
     pub sidecar_port: u16,
@@ -22,6 +24,8 @@ pub struct Coordinator {
     pub migrations: Mutex<BTreeMap<String, MigrationRecord>>,
     /// Signs the tokens this cluster's sidecars accept (their webhook holds its public key).
     pub signing_key: ums_contract::credential::SigningKey,
+    /// Its public key, which verifies the migration credentials this coordinator issues.
+    pub signing_key_public: Vec<u8>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -83,6 +87,19 @@ impl Coordinator {
             scope,
             exp: ums_contract::credential::now_unix() + seconds,
             mid: mid.map(str::to_owned),
+        })
+    }
+
+    /// The credential a peer coordinator needs to finish migration `mid` here (`/restore`):
+    /// valid as long as the sidecar's peer token, plus an hour for the restore itself.
+    pub fn migration_credential(&self, mid: &str) -> String {
+        self.signing_key.sign(&ums_contract::credential::Claims {
+            aud: crate::auth::credential_audience(&self.cluster),
+            scope: ums_contract::credential::Scope::Migration,
+            exp: ums_contract::credential::now_unix()
+                + crate::destination::PEER_TOKEN_SECONDS
+                + 3600,
+            mid: Some(mid.to_owned()),
         })
     }
 

@@ -13,6 +13,8 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::Deserialize;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
+use ums_contract::credential::constant_time_eq;
+
 use crate::checkpoint::{archive_stream, new_id};
 use crate::engine::{LogChunk, LogStreamKind};
 use crate::error::ApiError;
@@ -21,8 +23,8 @@ use crate::nested::Sidecar;
 use crate::restore::PreflightRequest;
 use crate::volumes::VolumeChoice;
 
-/// The router: `/healthz` and `/probe/{name}` are open, everything else needs the token
-/// (when one is configured).
+/// The router: `/healthz`, `/probe/{name}` and `/tls` are open, everything else needs the
+/// token (when one is configured).
 pub fn router(sidecar: Arc<Sidecar>) -> Router {
     let protected = Router::new()
         .route("/info", get(info))
@@ -45,6 +47,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/probe/{name}", get(probe))
+        .route("/tls", get(tls))
         .merge(protected)
         .fallback(|| async { ApiError::not_found("no such endpoint: see GET /openapi.json") })
         .method_not_allowed_fallback(|| async {
@@ -60,7 +63,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
 /// - the static token (`--token-file`, outside wrapped pods): everything;
 /// - a token signed by the pod's coordinator for this pod's IP: everything (scope
 ///   `coordinator`), or, for another pod's sidecar sending one migration here (scope `peer`),
-///   `/info`, `/restore/preflight` and `/restore`;
+///   `/info`, `/restore/preflight` and `/restore`, over TLS only;
 /// - the pod-local token of the ambassadors: `/create/{name}` and `/logs/{name}`.
 ///
 /// No credential presented, or one that does not verify: 401; a valid one outside its scope:
@@ -114,11 +117,21 @@ async fn require_token(
         .map(|ip| ip.to_string())
         .collect();
     use ums_contract::credential::{now_unix, verify, Scope};
+    let over_tls = request
+        .extensions()
+        .get::<ums_tls::ConnectionInfo>()
+        .is_some_and(|c| c.tls);
     match verify(&presented, &sidecar.coordinator_keys, &ips, now_unix()) {
+        Ok(claims) if claims.scope == Scope::Peer && !over_tls => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a peer's token is taken over TLS only (https:// with the certificate GET /tls names)",
+        )
+        .into_response(),
         Ok(claims) => {
             let allowed = match claims.scope {
                 Scope::Coordinator => true,
                 Scope::Peer => matches!(path.as_str(), "/info" | "/restore/preflight" | "/restore"),
+                Scope::Migration => false,
             };
             if allowed {
                 next.run(request).await
@@ -138,15 +151,16 @@ async fn require_token(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn healthz(State(sidecar): State<Arc<Sidecar>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "engine": sidecar.engine.kind() }))
+}
+
+/// The SHA-256 of the certificate this sidecar serves TLS with: public, and what a peer pins.
+async fn tls(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError> {
+    match &sidecar.tls_sha256 {
+        Some(pin) => Ok(Json(serde_json::json!({ "certificateSha256": pin })).into_response()),
+        None => Err(ApiError::not_found("this sidecar serves no TLS")),
+    }
 }
 
 async fn info(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, ApiError> {

@@ -34,6 +34,13 @@ pub struct MigrateRequest {
     /// Bearer token of the destination (default: this sidecar's own token).
     #[serde(default)]
     pub destination_token: Option<String>,
+    /// SHA-256 (hex) of the certificate the destination serves: required for an `https://`
+    /// destination, which is accepted with that certificate only.
+    #[serde(default)]
+    pub destination_certificate_sha256: Option<String>,
+    /// The migration's id (the coordinator's, so both report the same); default: a new one.
+    #[serde(default)]
+    pub migration_id: Option<String>,
     /// Volumes to carry besides the pod-local ones (`include`), or pod-local ones to leave
     /// (`exclude`), by pod volume name.
     #[serde(default)]
@@ -99,13 +106,25 @@ pub struct MigrationReport {
     pub cleanup_warnings: Vec<String>,
 }
 
-/// A client for the destination sidecar.
-fn client() -> Result<reqwest::Client, ApiError> {
+/// A client for the destination sidecar: over TLS, it accepts only the certificate `pin`
+/// names.
+fn client(pin: Option<&str>) -> Result<reqwest::Client, ApiError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
+    let mut builder =
+        reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pin) = pin {
+        let tls = ums_tls::pinned_client_config(pin)
+            .map_err(|e| ApiError::bad_request(format!("destinationCertificateSha256: {e}")))?;
+        builder = builder.tls_backend_preconfigured(tls);
+    }
+    builder
         .build()
         .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))
+}
+
+/// A migration id given by the caller: what ids are made of (letters, digits, `-`), 1-63.
+fn valid_migration_id(id: &str) -> bool {
+    (1..=63).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 fn failed(
@@ -153,6 +172,19 @@ impl Sidecar {
                 "destination {destination:?} must be an http or https URL"
             )));
         }
+        let pin = request.destination_certificate_sha256.as_deref();
+        if url.scheme() == "https" && pin.is_none() {
+            return Err(ApiError::bad_request(
+                "an https destination needs destinationCertificateSha256 (what its GET /tls says): sidecars have no CA",
+            ));
+        }
+        if let Some(id) = &request.migration_id {
+            if !valid_migration_id(id) {
+                return Err(ApiError::bad_request(format!(
+                    "migrationId {id:?}: letters, digits and '-', at most 63"
+                )));
+            }
+        }
         let zstd_level = match request.compression.as_deref() {
             None | Some("none") => None,
             Some("zstd") => Some(1),
@@ -170,12 +202,12 @@ impl Sidecar {
             Some(t) => builder.bearer_auth(t),
             None => builder,
         };
-        let http = client()?;
+        let http = client(pin.filter(|_| url.scheme() == "https"))?;
         let selected = self.select(&request.containers).await?;
         let volumes = self.travelling_volumes(&request.volumes).await?;
         // The lowest archive version that carries what this migration sends.
         let format_version = crate::archive::version_for(!volumes.is_empty(), false);
-        let migration_id = new_id("m");
+        let migration_id = request.migration_id.clone().unwrap_or_else(|| new_id("m"));
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
         // 1. Preflight: nothing is frozen until the destination says it can restore.
@@ -183,7 +215,7 @@ impl Sidecar {
             failed(
                 StatusCode::BAD_GATEWAY,
                 "preflight",
-                format!("destination {destination} is unreachable: {e}"),
+                format!("destination {destination} is unreachable: {}", chain(&e)),
                 vec![],
             )
         };

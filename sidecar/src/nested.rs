@@ -39,6 +39,8 @@ pub struct Sidecar {
     pub pod_token: Option<String>,
     /// Public keys of the coordinator(s) whose signed tokens this sidecar accepts.
     pub coordinator_keys: Vec<Vec<u8>>,
+    /// The SHA-256 of the throwaway certificate this sidecar serves TLS with (`GET /tls`).
+    pub tls_sha256: Option<String>,
     /// Held by a checkpoint, restore or migration: one at a time.
     pub busy: Arc<tokio::sync::Mutex<()>>,
     /// The engine's facts (version, CRIU, kernel), read once: they do not change while the
@@ -85,6 +87,7 @@ impl Sidecar {
             token,
             pod_token: None,
             coordinator_keys: Vec::new(),
+            tls_sha256: None,
             busy: Arc::new(tokio::sync::Mutex::new(())),
             creating: tokio::sync::Mutex::new(()),
             engine_info: tokio::sync::OnceCell::new(),
@@ -101,6 +104,12 @@ impl Sidecar {
     ) -> Self {
         self.pod_token = pod_token;
         self.coordinator_keys = coordinator_keys;
+        self
+    }
+
+    /// The pin peers are given for this sidecar's TLS.
+    pub fn with_tls(mut self, sha256: String) -> Self {
+        self.tls_sha256 = Some(sha256);
         self
     }
 

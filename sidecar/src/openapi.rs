@@ -14,7 +14,8 @@ pub const ERRORS: &[(u16, &str, &str)] = &[
     (400, "/checkpoint, /migrate", "bad query or body: unknown field, invalid destination URL, unknown compression, a volume the pod does not have, a volume both included and excluded"),
     (400, "/restore/preflight", "the body is not a preflight request"),
     (400, "/restore", "the body is not a tar stream or ends early (names where it broke), or is not valid zstd"),
-    (401, "all but /healthz and /probe/{name}", "missing or wrong bearer token"),
+    (401, "all but /healthz, /probe/{name} and /tls", "missing or wrong bearer token"),
+    (403, "all but /healthz, /probe/{name} and /tls", "a valid credential outside its scope: the ambassadors' token beyond /create and /logs; a peer's token beyond /info, /restore/preflight and /restore, or over plain HTTP"),
     (404, "/probe/{name}, /logs/{name}, /create/{name}, /checkpoint, /migrate", "no such container (in the engine or in migration-containers)"),
     (404, "any other path", "no such endpoint"),
     (405, "any", "method not allowed"),
@@ -50,7 +51,7 @@ pub fn document() -> Value {
         "info": {
             "title": "ums-sidecar",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": format!("The runtime container's agent: nested containers, checkpoint archives, live migration. Every endpoint but /healthz and /probe/{{name}} requires `Authorization: Bearer <token>` when the sidecar has a token file.{}", error_table())
+            "description": format!("The runtime container's agent: nested containers, checkpoint archives, live migration. Every endpoint but /healthz, /probe/{{name}} and /tls requires `Authorization: Bearer <token>` when the sidecar has credentials. The port speaks plain HTTP and TLS (a throwaway certificate, pinned by peers through GET /tls).{}", error_table())
         },
         "x-error-table": ERRORS.iter().map(|(status, endpoints, cause)| json!({ "status": status, "endpoints": endpoints, "cause": cause })).collect::<Vec<_>>(),
         "components": {
@@ -67,6 +68,8 @@ pub fn document() -> Value {
                     "compression": { "type": "string", "enum": ["none", "zstd"], "default": "none" },
                     "images": { "type": "string", "enum": ["auto", "always", "never"], "default": "auto", "description": "send images in the archive: those the destination lacks (auto), all, or none (a destination without an image refuses)" },
                     "destinationToken": { "type": "string" },
+                    "destinationCertificateSha256": { "type": "string", "description": "SHA-256 (hex) of the destination's certificate, from its GET /tls: required for an https destination, which is accepted with that certificate only" },
+                    "migrationId": { "type": "string", "description": "the migration's id (e.g. the coordinator's); default: a new one" },
                     "volumes": { "type": "object", "additionalProperties": false, "description": "pod volumes (by name) to carry besides the pod-local kinds (emptyDir, ephemeral), or pod-local ones to leave",
                         "properties": { "include": { "type": "array", "items": { "type": "string" } }, "exclude": { "type": "array", "items": { "type": "string" } } } } } },
                 "MigrationReport": { "type": "object", "properties": {
@@ -90,6 +93,7 @@ pub fn document() -> Value {
         "security": [{ "bearer": [] }],
         "paths": {
             "/healthz": { "get": { "summary": "liveness of the sidecar", "security": [], "responses": { "200": { "description": "ok" } } } },
+            "/tls": { "get": { "summary": "the SHA-256 of the throwaway certificate this sidecar serves TLS with on the same port (a peer's token is taken over TLS only)", "security": [], "responses": { "200": { "description": "{\"certificateSha256\": \"<hex>\"}" } } } },
             "/info": { "get": { "summary": "engine, CRIU, kernel, architecture, archive versions and compressions accepted", "responses": { "200": { "description": "sidecar info" }, "401": error_response("missing or wrong token") } } },
             "/containers": { "get": { "summary": "the nested containers", "responses": {
                 "200": { "description": "list", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Container" } } } } },

@@ -69,9 +69,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(write_pod_token(path)?),
         None => None,
     };
+    // TLS for the peers that send a migration here: a certificate made now, in memory; peers
+    // learn its SHA-256 through the coordinators (`GET /tls` on this cluster's side).
+    let tls = ums_tls::EphemeralCert::generate("ums-sidecar")
+        .context("failed to make the sidecar's TLS certificate")?;
     let sidecar = Arc::new(
         Sidecar::new(engine, PodInfo::new(&podinfo), engine_root, token)
-            .with_credentials(pod_token, coordinator_keys),
+            .with_credentials(pod_token, coordinator_keys)
+            .with_tls(tls.sha256().to_owned()),
     );
     tracing::info!(
         coordinator_keys = sidecar.coordinator_keys.len(),
@@ -86,11 +91,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("failed to bind {listen}"))?;
-    tracing::info!(listen = %listener.local_addr()?, "ums-sidecar listening");
+    tracing::info!(listen = %listener.local_addr()?, tls_sha256 = %tls.sha256(), "ums-sidecar listening (HTTP, and TLS for peers on the same port)");
     tokio::spawn(follow_start_mode(sidecar.clone()));
-    axum::serve(listener, crate::api::router(sidecar))
-        .with_graceful_shutdown(ums_tls::shutdown_signal())
-        .await?;
+    ums_tls::serve(
+        listener,
+        ums_tls::Transport::TlsOrPlain(tokio_rustls::TlsAcceptor::from(tls.server_config())),
+        crate::api::router(sidecar),
+        ums_tls::shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::{call, CoordinatorCerts, RunningCoordinator};
+use ums_tests::coordinator::{call, CoordinatorCerts, Credential, RunningCoordinator};
 use ums_tests::service_pod::{container_output, service_pod};
 use ums_tests::workload::ticks;
 
@@ -113,7 +113,7 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     step(
         4,
         &format!(
-            "one UMS call on edge's coordinator: POST https://{}/migrate {{\"name\": \"{name}\", \"destinationUrl\": \"{}\"}}",
+            "one UMS call on edge's coordinator (an operator's token): POST https://{}/migrate {{\"name\": \"{name}\", \"destinationUrl\": \"{}\"}}",
             edge_coordinator.address, cloud_coordinator.address
         ),
     );
@@ -121,7 +121,8 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         let body = json!({"name": name, "namespace": "default", "destinationUrl": cloud_coordinator.address});
         let ca = edge_certs.ca.clone();
         let address = edge_coordinator.address.clone();
-        async move { call(&address, &ca, "POST", "/migrate", Some(body)).await }
+        let operator = Credential::Bearer(edge_coordinator.api_token.clone());
+        async move { call(&address, &ca, &operator, "POST", "/migrate", Some(body)).await }
     });
     // Progress: the coordinator's phase (GET /migrations), and the bytes the destination
     // pod's network interface has received once it exists.
@@ -206,8 +207,9 @@ async fn run(args: &Args) -> anyhow::Result<()> {
             cloud.kubeconfig(User::Admin).display()
         );
         println!(
-            "  curl --cacert {} https://{}/migrations",
+            "  curl --cacert {} -H 'Authorization: Bearer {}' https://{}/migrations",
             edge_certs.ca.display(),
+            edge_coordinator.api_token,
             edge_coordinator.address
         );
         println!(

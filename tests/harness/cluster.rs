@@ -488,6 +488,7 @@ fn start_webhook(
         namespace: "ums-system".into(),
         extra_names: vec![],
         valid_for: time::Duration::days(1),
+        client_auth: false,
     })
     .unwrap();
     let files = ums_certs::write_bundle(&bundle, &certs, "ums-webhook-tls", "ums-system").unwrap();

@@ -28,6 +28,7 @@ impl CoordinatorCerts {
             namespace: "ums-system".into(),
             extra_names: vec!["127.0.0.1".into()],
             valid_for: time::Duration::days(1),
+            client_auth: true,
         })
         .unwrap();
         let files = ums_certs::write_bundle(
@@ -51,6 +52,18 @@ pub struct RunningCoordinator {
     container: String,
     /// `127.0.0.1:port`, as UMS's `destinationUrl` names a coordinator.
     pub address: String,
+    /// The operators' token (what the `ums-coordinator-api` Secret would hold).
+    pub api_token: String,
+}
+
+/// What a caller presents to a coordinator.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    None,
+    /// `Authorization: Bearer`.
+    Bearer(String),
+    /// A client certificate and its key (PEM files): mutual TLS, as a peer coordinator.
+    ClientCertificate { cert: PathBuf, key: PathBuf },
 }
 
 impl RunningCoordinator {
@@ -65,6 +78,16 @@ impl RunningCoordinator {
         std::fs::copy(&certs.cert, mounted.join("tls.crt")).unwrap();
         std::fs::copy(&certs.key, mounted.join("tls.key")).unwrap();
         std::fs::copy(cluster.signing_key_file(), mounted.join("signing.key")).unwrap();
+        let api_token = format!(
+            "{:016x}{:016x}",
+            rand_u64(),
+            rand_u64() ^ u64::from(std::process::id())
+        );
+        std::fs::write(
+            mounted.join("api-tokens"),
+            format!("# the operators' tokens\n{api_token}\n"),
+        )
+        .unwrap();
         // The kubeconfig with the API server's CA inline (its file is on the host).
         let kubeconfig = std::fs::read_to_string(cluster.kubeconfig(User::Coordinator)).unwrap();
         let ca_path = cluster.dir.join("apiserver-certs/apiserver.crt");
@@ -105,6 +128,7 @@ impl RunningCoordinator {
             .arg("--tls-key=/etc/ums-coordinator/files/tls.key")
             .arg("--peer-ca=/etc/ums-coordinator/files/ca.crt")
             .arg("--signing-key=/etc/ums-coordinator/files/signing.key")
+            .arg("--api-tokens=/etc/ums-coordinator/files/api-tokens")
             .stderr(Stdio::inherit())
             .output()
             .unwrap();
@@ -112,9 +136,20 @@ impl RunningCoordinator {
             output.status.success(),
             "docker run ums-rs/coordinator failed"
         );
-        let running = RunningCoordinator { container, address };
+        let running = RunningCoordinator {
+            container,
+            address,
+            api_token,
+        };
+        running.wait_listening(1);
+        running
+    }
+
+    /// Waits until the log says "listening" `times` times (once per start).
+    fn wait_listening(&self, times: usize) {
+        let running = self;
         let until = Instant::now() + Duration::from_secs(30);
-        while !running.log().contains("ums-coordinator listening") {
+        while running.log().matches("ums-coordinator listening").count() < times {
             let state = Command::new("docker")
                 .args([
                     "inspect",
@@ -136,7 +171,26 @@ impl RunningCoordinator {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        running
+    }
+
+    /// Kills the coordinator's process (SIGKILL: no goodbye to anyone).
+    pub fn kill(&self) {
+        let output = Command::new("docker")
+            .args(["kill", &self.container])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "docker kill {}", self.container);
+    }
+
+    /// Starts the killed coordinator again, as its Deployment would (same flags, same port).
+    pub fn restart(&self) {
+        let starts = self.log().matches("ums-coordinator listening").count();
+        let output = Command::new("docker")
+            .args(["start", &self.container])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "docker start {}", self.container);
+        self.wait_listening(starts + 1);
     }
 
     /// The coordinator's log (its container's output).
@@ -149,7 +203,8 @@ impl RunningCoordinator {
             + &String::from_utf8_lossy(&output.stderr)
     }
 
-    /// A call to this coordinator over HTTPS, trusting `ca`; (status, JSON body).
+    /// A call to this coordinator over HTTPS as an operator (its API token), trusting `ca`;
+    /// (status, JSON body).
     pub async fn call(
         &self,
         ca: &Path,
@@ -157,7 +212,20 @@ impl RunningCoordinator {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        call(&self.address, ca, method, path, body).await
+        let credential = Credential::Bearer(self.api_token.clone());
+        call(&self.address, ca, &credential, method, path, body).await
+    }
+
+    /// As [`RunningCoordinator::call`], presenting `credential`.
+    pub async fn call_as(
+        &self,
+        ca: &Path,
+        credential: &Credential,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        call(&self.address, ca, credential, method, path, body).await
     }
 }
 
@@ -176,29 +244,51 @@ impl RunningCoordinator {
 
 /// An HTTPS client that trusts `ca` only.
 fn client(ca: &Path) -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let pem = std::fs::read(ca).unwrap();
-    reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap()
+    client_with(ca, &Credential::None)
 }
 
-/// A call to the coordinator at `address` over HTTPS, trusting `ca`; (status, JSON body).
+fn client_with(ca: &Path, credential: &Credential) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pem = std::fs::read(ca).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .timeout(Duration::from_secs(600));
+    if let Credential::ClientCertificate { cert, key } = credential {
+        let mut identity = std::fs::read(key).unwrap();
+        identity.extend(std::fs::read(cert).unwrap());
+        builder = builder.identity(reqwest::Identity::from_pem(&identity).unwrap());
+    }
+    builder.build().unwrap()
+}
+
+/// A random number from the kernel.
+fn rand_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+/// A call to the coordinator at `address` over HTTPS, trusting `ca`, presenting
+/// `credential`; (status, JSON body).
 pub async fn call(
     address: &str,
     ca: &Path,
+    credential: &Credential,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let client = client(ca);
+    let client = client_with(ca, credential);
     let url = format!("https://{address}{path}");
-    let request = match method {
+    let mut request = match method {
         "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
         _ => client.get(url),
     };
+    if let Credential::Bearer(token) = credential {
+        request = request.bearer_auth(token);
+    }
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))

@@ -15,9 +15,10 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
+use rustls::{RootCertStore, ServerConfig, SignatureScheme};
 
 /// Failure to load the serving certificate.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,15 @@ pub enum TlsError {
     /// rustls refused the key, or the key does not belong to the certificate.
     #[error("failed to use the certificate and key")]
     Rustls(#[from] rustls::Error),
+    /// The CAs that verify clients cannot be used.
+    #[error("failed to use the client CAs: {0}")]
+    ClientCas(String),
+    /// A certificate could not be made.
+    #[error("failed to generate a certificate: {0}")]
+    Generate(String),
+    /// A pinned certificate digest is not 64 hex digits.
+    #[error("certificate pin {0:?} is not a SHA-256 in hex (64 digits)")]
+    BadPin(String),
 }
 
 /// The crypto provider used everywhere in the webhook (ring: no C toolchain beyond cc needed).
@@ -130,6 +140,44 @@ impl ReloadingCert {
             .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
+    }
+}
+
+impl ReloadingCert {
+    /// As [`ReloadingCert::server_config`], and asks clients for a certificate, verified
+    /// against `client_cas`: a client may still connect without one (the handlers decide what
+    /// needs it, see `ConnectionInfo`), but one that presents an unverifiable certificate is
+    /// refused in the handshake.
+    pub fn server_config_with_client_cas(
+        self: &Arc<Self>,
+        client_cas: RootCertStore,
+    ) -> Result<ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(client_cas), self.provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::ClientCas(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// The same certificate presented as a client's (a coordinator to its peers), reloaded too.
+impl ResolvesClientCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 

@@ -1,9 +1,12 @@
 //! `ums-tls`: the TLS serving shared by UMS-rs's HTTPS servers (the admission webhook, the
-//! coordinator): a certificate re-read when its mounted files change, and an axum router served
-//! over it.
+//! coordinator, the sidecar): a certificate re-read when its mounted files change, an axum
+//! router served over it (with the client's verified certificate, for mutual TLS between
+//! coordinators), and throwaway pinned certificates for TLS between sidecars.
 
 pub mod cert;
+pub mod pinned;
 pub mod serve;
 
 pub use cert::{crypto_provider, error_chain, ReloadingCert, TlsError};
-pub use serve::{bind, serve_tls, shutdown_signal};
+pub use pinned::{certificate_sha256, pinned_client_config, EphemeralCert};
+pub use serve::{bind, serve, serve_tls, shutdown_signal, ConnectionInfo, Transport};

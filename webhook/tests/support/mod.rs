@@ -22,6 +22,7 @@ pub fn make_certs() -> CertBundle {
         namespace: "ums-system".into(),
         extra_names: vec!["localhost".into(), "127.0.0.1".into()],
         valid_for: time::Duration::days(1),
+        client_auth: false,
     })
     .expect("certificates")
 }
