@@ -238,6 +238,52 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         cloud_coordinator.log()
     );
 
+    // Now the source's coordinator is killed while the copy is made: the destination sees its
+    // caller gone and deletes the copy; the restarted source coordinator finds the pod it had
+    // locked, asks its sidecar, and unlocks it (the service never stopped).
+    let orphaned = tokio::spawn({
+        let (address, ca, token) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            Credential::Bearer(edge_coordinator.api_token.clone()),
+        );
+        let body = migrate_body.clone();
+        async move { ums_tests::coordinator::call_result(&address, &ca, &token, "POST", "/migrate", Some(body)).await }
+    });
+    poll(
+        "cloud's coordinator to create the copy",
+        Duration::from_secs(60),
+        || async { cloud.kubectl_result(User::Admin, &["get", "pod", name]).ok().map(|_| ()) },
+    )
+    .await;
+    edge_coordinator.kill();
+    assert!(orphaned.await.unwrap().is_err(), "the caller's connection broke");
+    assert!(annotation(&edge, name, "migration-id").is_some(), "locked by the dead coordinator");
+    poll(
+        "cloud's coordinator to delete the copy its caller abandoned",
+        Duration::from_secs(120),
+        || async {
+            cloud.kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    edge_coordinator.restart();
+    poll(
+        "the restarted source coordinator to unlock the pod",
+        Duration::from_secs(60),
+        || async { annotation(&edge, name, "migration-id").is_none().then_some(()) },
+    )
+    .await;
+    assert!(
+        edge_coordinator.log().contains("unlocked a pod whose migration stopped with the coordinator"),
+        "{}",
+        edge_coordinator.log()
+    );
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > at_source.tick);
+
     // A destination that refuses (a pod of that name is there already): nothing is frozen,
     // the service keeps running at the source, unlocked, and nothing is left at the
     // destination but what was there.

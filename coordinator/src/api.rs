@@ -105,9 +105,60 @@ async fn migration(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) ->
 }
 
 async fn create(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
-    match body::<CreateRequest>(&bytes) {
-        Ok(request) => answer(c.create_destination(request).await),
-        Err(e) => e.into_response(),
+    let request = match body::<CreateRequest>(&bytes) {
+        Ok(request) => request,
+        Err(e) => return e.into_response(),
+    };
+    let abandoned = PodRequest {
+        migration_id: request.migration_id.clone(),
+        namespace: request.namespace.clone(),
+        name: request.pod.metadata.name.clone().unwrap_or_default(),
+    };
+    let task = tokio::spawn({
+        let c = c.clone();
+        async move { c.create_destination(request).await }
+    });
+    // If the caller goes away while the copy is made (its coordinator died), this handler is
+    // dropped: the guard stops the creation and deletes the copy.
+    let guard = AbandonedCreate {
+        coordinator: c,
+        task: task.abort_handle(),
+        pod: Some(abandoned),
+    };
+    let result = task.await;
+    guard.disarm();
+    answer(match result {
+        Ok(result) => result,
+        Err(e) => Err(ApiError::internal(format!("the create task failed: {e}"))),
+    })
+}
+
+/// Deletes the copy of a `/create` whose caller went away before the answer.
+struct AbandonedCreate {
+    coordinator: Arc<Coordinator>,
+    task: tokio::task::AbortHandle,
+    pod: Option<PodRequest>,
+}
+
+impl AbandonedCreate {
+    fn disarm(mut self) {
+        self.pod = None;
+    }
+}
+
+impl Drop for AbandonedCreate {
+    fn drop(&mut self) {
+        let Some(pod) = self.pod.take() else {
+            return;
+        };
+        self.task.abort();
+        let c = self.coordinator.clone();
+        tokio::spawn(async move {
+            match c.delete_destination(pod.clone()).await {
+                Ok(_) => tracing::warn!(migration = %pod.migration_id, pod = %pod.name, "the source went away during /create: the copy is deleted"),
+                Err(e) => tracing::warn!(migration = %pod.migration_id, pod = %pod.name, error = %e, "the source went away during /create; deleting the copy failed"),
+            }
+        });
     }
 }
 

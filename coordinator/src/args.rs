@@ -131,11 +131,8 @@ impl Args {
         {
             let coordinator = coordinator.clone();
             tokio::spawn(async move {
-                match coordinator.sweep_abandoned_copies().await {
-                    Ok(deleted) if !deleted.is_empty() => tracing::info!(?deleted, "abandoned copies deleted"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "could not look for abandoned copies"),
-                }
+                coordinator.recover().await;
+                coordinator.sweep_periodically().await
             });
         }
         let reconciler = tokio::spawn(crate::live_migration::reconcile(coordinator.clone()));

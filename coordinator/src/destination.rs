@@ -13,6 +13,7 @@ use serde_json::json;
 use ums_contract::{MigrationAnnotations, ANNOTATION_ID, ANNOTATION_START_MODE};
 
 use crate::error::ApiError;
+use crate::recovery::{ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 use crate::state::Coordinator;
 
 /// `POST /create`: the pod to create (built by the source's coordinator) in `namespace`.
@@ -53,9 +54,6 @@ pub struct PodRequest {
     pub namespace: String,
     pub name: String,
 }
-
-/// Marks a pod this coordinator created as a migration's destination (its value: the cluster).
-pub const ANNOTATION_COPY_OF: &str = "migration.ums-rs.io/created-by-coordinator";
 
 /// How long the source's sidecar may take to start sending the state with its peer token.
 pub const PEER_TOKEN_SECONDS: u64 = 1800;
@@ -99,11 +97,11 @@ impl Coordinator {
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
         let mut pod = request.pod.clone();
         pod.metadata.namespace = Some(request.namespace.clone());
-        // Marked as this coordinator's copy: one a restart finds still passive is abandoned.
-        pod.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
+        // Marked as this coordinator's copy (one a restart finds still passive is abandoned),
+        // and not as the source coordinator's lock.
+        let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+        annotations.remove(ANNOTATION_LOCKED_BY);
+        annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
         if let Err(e) = pods.create(&PostParams::default(), &pod).await {
             let e = ApiError::from(e);
             return Err(if e.status == axum::http::StatusCode::CONFLICT {
@@ -228,65 +226,6 @@ impl Coordinator {
             .filter(|pin| pin.len() == 64)
             .map(str::to_owned)
             .ok_or_else(|| ApiError::bad_gateway(format!("{url}: no certificateSha256")))
-    }
-
-    /// At start: the copies this coordinator created for migrations that were coming in when
-    /// it stopped are abandoned — the source's coordinator has lost its peer, rolls back, and
-    /// the service runs at the source. A copy still passive whose containers were never
-    /// started (no state restored into it) is deleted; one whose containers run holds the
-    /// service (the state arrived, the source has let go) and is left for the source's
-    /// `/restore`, which it retries.
-    pub async fn sweep_abandoned_copies(&self) -> Result<Vec<String>, ApiError> {
-        let pods: Api<Pod> = Api::all(self.kube.clone());
-        let mut deleted = Vec::new();
-        for pod in pods.list(&Default::default()).await? {
-            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-            if annotations.get(ANNOTATION_COPY_OF) != Some(&self.cluster) {
-                continue;
-            }
-            let parsed = annotations_of(&pod);
-            let passive = parsed.start_mode == Some(ums_contract::StartMode::Passive);
-            if !passive || parsed.migration_id.is_none() {
-                continue;
-            }
-            let (Some(name), Some(namespace)) =
-                (pod.metadata.name.clone(), pod.metadata.namespace.clone())
-            else {
-                continue;
-            };
-            if self.holds_restored_state(&pod).await {
-                tracing::warn!(pod = %name, namespace = %namespace, "a passive copy from before the restart runs restored containers: left for the source's /restore");
-                continue;
-            }
-            let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
-            api.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!(pod = %name, namespace = %namespace, migration = parsed.migration_id.as_deref().unwrap_or(""), "deleted a passive copy abandoned by a restart");
-            deleted.push(format!("{namespace}/{name}"));
-        }
-        Ok(deleted)
-    }
-
-    /// Whether any container of the pod's sidecar runs (a restore happened), asked with the
-    /// pod's probes; an unreachable sidecar holds nothing.
-    async fn holds_restored_state(&self, pod: &Pod) -> bool {
-        let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-            return false;
-        };
-        for c in annotations_of(pod).containers.unwrap_or_default() {
-            let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
-            let status = self
-                .sidecars
-                .get(&url)
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .map(|r| r.status().as_u16());
-            // 204 is "created, not started"; anything else answered means it ran.
-            if matches!(status, Ok(s) if s != 204 && s != 404) {
-                return true;
-            }
-        }
-        false
     }
 
     /// The pod of `request`, if it carries the request's migration id.

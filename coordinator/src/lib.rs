@@ -5,6 +5,7 @@
 //! - [`pod`]: pure decisions: is a pod migratable now, and the destination's pod built from it;
 //! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
 //!   its rollback; [`destination`]: the peer's side (create, restore, delete);
+//! - [`recovery`]: at start, the migrations a stop interrupted (copies deleted, locks released);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod peer;
 pub mod pod;
+pub mod recovery;
 pub mod state;
 
 pub use args::Args;

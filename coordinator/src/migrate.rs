@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::metrics::Outcome;
 use crate::peer::{peer_base_url, Peer};
 use crate::pod::{check, destination_pod};
+use crate::recovery::ANNOTATION_LOCKED_BY;
 use crate::state::Coordinator;
 
 /// UMS's request body (its names, so UMS users' calls work).
@@ -174,7 +175,7 @@ impl Coordinator {
         self.enter(id, "locking");
         let lock = json!({"metadata": {
             "resourceVersion": migratable.resource_version,
-            "annotations": {ANNOTATION_ID: id},
+            "annotations": {ANNOTATION_ID: id, ANNOTATION_LOCKED_BY: &self.cluster},
         }});
         pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
             .await
@@ -191,7 +192,7 @@ impl Coordinator {
                 .in_phase("locking")
             })?;
         let unlock = || async {
-            let patch = json!({"metadata": {"annotations": {ANNOTATION_ID: null}}});
+            let patch = json!({"metadata": {"annotations": {ANNOTATION_ID: null, ANNOTATION_LOCKED_BY: null}}});
             match pods
                 .patch(
                     &request.name,
@@ -308,6 +309,7 @@ impl Coordinator {
         if request.keep {
             let patch = json!({"metadata": {"annotations": {
                 ANNOTATION_ID: null,
+                ANNOTATION_LOCKED_BY: null,
                 ANNOTATION_START_MODE: StartMode::Null.as_str(),
             }}});
             pods.patch(

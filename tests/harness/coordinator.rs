@@ -270,6 +270,29 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// As [`call`], with a broken connection as an error instead of a panic.
+pub async fn call_result(
+    address: &str,
+    ca: &Path,
+    credential: &Credential,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), reqwest::Error> {
+    let client = client_with(ca, credential);
+    let url = format!("https://{address}{path}");
+    let mut request = match method {
+        "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
+        _ => client.get(url),
+    };
+    if let Credential::Bearer(token) = credential {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
 /// A call to the coordinator at `address` over HTTPS, trusting `ca`, presenting
 /// `credential`; (status, JSON body).
 pub async fn call(
@@ -280,18 +303,9 @@ pub async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let client = client_with(ca, credential);
-    let url = format!("https://{address}{path}");
-    let mut request = match method {
-        "POST" => client.post(url).json(&body.unwrap_or(Value::Null)),
-        _ => client.get(url),
-    };
-    if let Credential::Bearer(token) = credential {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    call_result(address, ca, credential, method, path, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} https://{address}{path}: {e}"))
 }
 
 impl Drop for RunningCoordinator {

@@ -1,0 +1,234 @@
+//! What a coordinator finds when it starts again: the migrations that were under way when it
+//! stopped, on either side.
+//!
+//! - As a destination: the passive copies it created whose containers never started are
+//!   deleted (the source's coordinator lost its peer and rolled back); a copy whose restored
+//!   containers run holds the service and is left for the source's `/restore`. The same sweep
+//!   runs every five minutes for copies older than their peer token.
+//! - As a source: the pods it locked are unlocked once their sidecar says the service runs
+//!   there (no migration under way, nothing migrated away); a pod whose state has left
+//!   (`migrated`) stays locked, with a warning: the service runs in the other cluster's copy,
+//!   which only that cluster can make active.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::json;
+use ums_contract::{MigrationAnnotations, StartMode, ANNOTATION_ID};
+
+use crate::error::ApiError;
+use crate::state::Coordinator;
+
+/// Marks a pod this coordinator created as a migration's destination (value: the cluster).
+pub const ANNOTATION_COPY_OF: &str = "migration.ums-rs.io/created-by-coordinator";
+/// Marks a pod this coordinator locked as a migration's source (value: the cluster).
+pub const ANNOTATION_LOCKED_BY: &str = "migration.ums-rs.io/locked-by-coordinator";
+
+/// How often, and how long, a source pod whose sidecar is still migrating is asked again.
+const RETRY_EVERY: Duration = Duration::from_secs(10);
+const RETRY_FOR: Duration = Duration::from_secs(600);
+
+fn annotations_of(pod: &Pod) -> MigrationAnnotations {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| MigrationAnnotations::parse(a).ok())
+        .unwrap_or_default()
+}
+
+fn marked(pod: &Pod, key: &str, cluster: &str) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .is_some_and(|v| v == cluster)
+}
+
+fn name_of(pod: &Pod) -> Option<(String, String)> {
+    Some((pod.metadata.namespace.clone()?, pod.metadata.name.clone()?))
+}
+
+/// What a source pod's sidecar says of its containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceState {
+    /// The service runs here: nothing under way.
+    Here,
+    /// The sidecar is migrating (its own rollback or success will settle it).
+    Migrating,
+    /// The state left: the service runs at the destination.
+    Left,
+    /// The sidecar does not answer.
+    Unknown,
+}
+
+impl Coordinator {
+    /// Runs both recoveries, logging what they did; the source side retries a while.
+    pub async fn recover(&self) {
+        self.sweep_logged(None).await;
+        let until = tokio::time::Instant::now() + RETRY_FOR;
+        loop {
+            match self.release_orphaned_locks().await {
+                Ok(0) => break,
+                Ok(pending) if tokio::time::Instant::now() < until => {
+                    tracing::info!(pending, "source pods still migrating; asking again");
+                    tokio::time::sleep(RETRY_EVERY).await;
+                }
+                Ok(pending) => {
+                    tracing::warn!(pending, "source pods still locked after 10 minutes");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for pods locked before the restart");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Every five minutes: copies older than a peer token (their source can no longer send
+    /// them anything) that never started, e.g. one whose `/create` answer found its caller gone.
+    pub async fn sweep_periodically(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(300));
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let max_life = Duration::from_secs(crate::destination::PEER_TOKEN_SECONDS + 60);
+            self.sweep_logged(Some(max_life)).await;
+        }
+    }
+
+    async fn sweep_logged(&self, min_age: Option<Duration>) {
+        match self.sweep_abandoned_copies(min_age).await {
+            Ok(deleted) if !deleted.is_empty() => {
+                tracing::info!(?deleted, "abandoned copies deleted")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not look for abandoned copies"),
+        }
+    }
+
+    /// Deletes the passive copies this coordinator created that hold no restored state (those
+    /// at least `min_age` old, when given).
+    pub async fn sweep_abandoned_copies(
+        &self,
+        min_age: Option<Duration>,
+    ) -> Result<Vec<String>, ApiError> {
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        let mut deleted = Vec::new();
+        for pod in pods.list(&Default::default()).await? {
+            let parsed = annotations_of(&pod);
+            if !marked(&pod, ANNOTATION_COPY_OF, &self.cluster)
+                || parsed.start_mode != Some(StartMode::Passive)
+                || parsed.migration_id.is_none()
+            {
+                continue;
+            }
+            let Some((namespace, name)) = name_of(&pod) else {
+                continue;
+            };
+            let age = pod
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| {
+                    let created = t.0.as_second().max(0) as u64;
+                    ums_contract::credential::now_unix().saturating_sub(created)
+                })
+                .unwrap_or(0);
+            if min_age.is_some_and(|min| age < min.as_secs()) {
+                continue;
+            }
+            if self.any_started(&pod).await {
+                tracing::warn!(pod = %name, namespace = %namespace, "a passive copy from before the restart runs restored containers: left for the source's /restore");
+                continue;
+            }
+            let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+            api.delete(&name, &DeleteParams::default()).await?;
+            tracing::info!(pod = %name, namespace = %namespace, migration = parsed.migration_id.as_deref().unwrap_or(""), "deleted a passive copy abandoned by a restart");
+            deleted.push(format!("{namespace}/{name}"));
+        }
+        Ok(deleted)
+    }
+
+    /// Unlocks the pods this coordinator locked whose service runs at the source; the number
+    /// still migrating (to ask again).
+    pub async fn release_orphaned_locks(&self) -> Result<usize, ApiError> {
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        let mut pending = 0;
+        for pod in pods.list(&Default::default()).await? {
+            let parsed = annotations_of(&pod);
+            let Some(id) = parsed.migration_id.clone() else {
+                continue;
+            };
+            if !marked(&pod, ANNOTATION_LOCKED_BY, &self.cluster) || self.is_driving(Some(&id)) {
+                continue;
+            }
+            let Some((namespace, name)) = name_of(&pod) else {
+                continue;
+            };
+            match self.source_state(&pod).await {
+                SourceState::Here => {
+                    let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+                    let patch = json!({"metadata": {
+                        "resourceVersion": pod.metadata.resource_version,
+                        "annotations": {ANNOTATION_ID: null, ANNOTATION_LOCKED_BY: null},
+                    }});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                    tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked a pod whose migration stopped with the coordinator: the service runs here");
+                }
+                SourceState::Migrating | SourceState::Unknown => pending += 1,
+                SourceState::Left => tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "the state of this locked pod left before the restart: the service runs in the destination's copy; make that copy active there and delete this pod"),
+            }
+        }
+        Ok(pending)
+    }
+
+    /// The states of the pod's nested containers, from its sidecar's probes.
+    async fn probe_states(&self, pod: &Pod) -> Option<Vec<(u16, String)>> {
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+        let mut states = Vec::new();
+        for c in annotations_of(pod).containers.unwrap_or_default() {
+            let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
+            let response = self
+                .sidecars
+                .get(&url)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            let status = response.status().as_u16();
+            let state = response
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .and_then(|v| v["state"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            states.push((status, state));
+        }
+        Some(states)
+    }
+
+    async fn source_state(&self, pod: &Pod) -> SourceState {
+        let Some(states) = self.probe_states(pod).await else {
+            return SourceState::Unknown;
+        };
+        if states.iter().any(|(_, s)| s == "migrating") {
+            SourceState::Migrating
+        } else if states.iter().any(|(_, s)| s == "migrated") {
+            SourceState::Left
+        } else {
+            SourceState::Here
+        }
+    }
+
+    /// Whether any nested container of the pod has been started (204 is "created, not
+    /// started"; 404 "not there").
+    async fn any_started(&self, pod: &Pod) -> bool {
+        self.probe_states(pod)
+            .await
+            .is_some_and(|states| states.iter().any(|(status, _)| *status != 204 && *status != 404))
+    }
+}
