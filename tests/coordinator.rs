@@ -142,12 +142,27 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     // create, restore and delete copies; a credential on the wrong side is a 403.
     let migrate_body = json!({"name": name, "destinationUrl": destination});
     let (status, answer) = edge_coordinator
-        .call_as(&edge_certs.ca, &Credential::None, "POST", "/migrate", Some(migrate_body.clone()))
+        .call_as(
+            &edge_certs.ca,
+            &Credential::None,
+            "POST",
+            "/migrate",
+            Some(migrate_body.clone()),
+        )
         .await;
     assert_eq!(status, 401, "no credential: {answer}");
-    assert!(answer["error"].as_str().unwrap().contains("operator"), "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("operator"),
+        "{answer}"
+    );
     let (status, answer) = edge_coordinator
-        .call_as(&edge_certs.ca, &Credential::None, "GET", "/migrations", None)
+        .call_as(
+            &edge_certs.ca,
+            &Credential::None,
+            "GET",
+            "/migrations",
+            None,
+        )
         .await;
     assert_eq!(status, 401, "{answer}");
     let (status, answer) = edge_coordinator
@@ -165,16 +180,37 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         key: edge_certs.key.clone(),
     };
     let (status, answer) = cloud_coordinator
-        .call_as(&cloud_certs.ca, &as_edge_peer, "POST", "/migrate", Some(migrate_body.clone()))
+        .call_as(
+            &cloud_certs.ca,
+            &as_edge_peer,
+            "POST",
+            "/migrate",
+            Some(migrate_body.clone()),
+        )
         .await;
     assert_eq!(status, 403, "a peer may not start migrations: {answer}");
-    let create_body = json!({"migrationId": "m0", "namespace": "default", "pod": {"metadata": {"name": "x"}}});
+    let create_body =
+        json!({"migrationId": "m0", "namespace": "default", "pod": {"metadata": {"name": "x"}}});
     let (status, answer) = cloud_coordinator
-        .call_as(&cloud_certs.ca, &Credential::None, "POST", "/create", Some(create_body.clone()))
+        .call_as(
+            &cloud_certs.ca,
+            &Credential::None,
+            "POST",
+            "/create",
+            Some(create_body.clone()),
+        )
         .await;
-    assert_eq!(status, 401, "/create without a client certificate: {answer}");
+    assert_eq!(
+        status, 401,
+        "/create without a client certificate: {answer}"
+    );
     let (status, answer) = cloud_coordinator
-        .call(&cloud_certs.ca, "POST", "/create", Some(create_body.clone()))
+        .call(
+            &cloud_certs.ca,
+            "POST",
+            "/create",
+            Some(create_body.clone()),
+        )
         .await;
     assert_eq!(status, 403, "an operator may not create copies: {answer}");
     let (status, answer) = cloud_coordinator
@@ -186,7 +222,10 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
             Some(json!({"migrationId": "m0", "namespace": "default", "name": name})),
         )
         .await;
-    assert_eq!(status, 401, "/restore without the migration's credential: {answer}");
+    assert_eq!(
+        status, 401,
+        "/restore without the migration's credential: {answer}"
+    );
     // (The peers' own calls with their certificates and credentials are the migrations below.)
 
     // The destination coordinator is killed while it creates the copy: the source rolls back
@@ -198,12 +237,20 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
             Credential::Bearer(edge_coordinator.api_token.clone()),
         );
         let body = migrate_body.clone();
-        async move { ums_tests::coordinator::call(&address, &ca, &token, "POST", "/migrate", Some(body)).await }
+        async move {
+            ums_tests::coordinator::call(&address, &ca, &token, "POST", "/migrate", Some(body))
+                .await
+        }
     });
     poll(
         "cloud's coordinator to create the copy",
         Duration::from_secs(60),
-        || async { cloud.kubectl_result(User::Admin, &["get", "pod", name]).ok().map(|_| ()) },
+        || async {
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
+                .ok()
+                .map(|_| ())
+        },
     )
     .await;
     cloud_coordinator.kill();
@@ -212,7 +259,10 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     assert_eq!(answer["phase"], "creating", "{answer}");
     let rollback = answer["rollback"].to_string();
     assert!(rollback.contains("source pod unlocked"), "{answer}");
-    assert!(rollback.contains("FAILED to delete the destination pod"), "{answer}");
+    assert!(
+        rollback.contains("FAILED to delete the destination pod"),
+        "{answer}"
+    );
     assert_eq!(annotation(&edge, name, "migration-id"), None);
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok && still.tick > at_source.tick);
@@ -226,14 +276,17 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         "the restarted coordinator to delete the abandoned copy",
         Duration::from_secs(120),
         || async {
-            cloud.kubectl_result(User::Admin, &["get", "pod", name])
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
                 .is_err()
                 .then_some(())
         },
     )
     .await;
     assert!(
-        cloud_coordinator.log().contains("deleted a passive copy abandoned by a restart"),
+        cloud_coordinator
+            .log()
+            .contains("deleted a passive copy abandoned by a restart"),
         "{}",
         cloud_coordinator.log()
     );
@@ -248,22 +301,44 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
             Credential::Bearer(edge_coordinator.api_token.clone()),
         );
         let body = migrate_body.clone();
-        async move { ums_tests::coordinator::call_result(&address, &ca, &token, "POST", "/migrate", Some(body)).await }
+        async move {
+            ums_tests::coordinator::call_result(
+                &address,
+                &ca,
+                &token,
+                "POST",
+                "/migrate",
+                Some(body),
+            )
+            .await
+        }
     });
     poll(
         "cloud's coordinator to create the copy",
         Duration::from_secs(60),
-        || async { cloud.kubectl_result(User::Admin, &["get", "pod", name]).ok().map(|_| ()) },
+        || async {
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
+                .ok()
+                .map(|_| ())
+        },
     )
     .await;
     edge_coordinator.kill();
-    assert!(orphaned.await.unwrap().is_err(), "the caller's connection broke");
-    assert!(annotation(&edge, name, "migration-id").is_some(), "locked by the dead coordinator");
+    assert!(
+        orphaned.await.unwrap().is_err(),
+        "the caller's connection broke"
+    );
+    assert!(
+        annotation(&edge, name, "migration-id").is_some(),
+        "locked by the dead coordinator"
+    );
     poll(
         "cloud's coordinator to delete the copy its caller abandoned",
         Duration::from_secs(120),
         || async {
-            cloud.kubectl_result(User::Admin, &["get", "pod", name])
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
                 .is_err()
                 .then_some(())
         },
@@ -273,11 +348,17 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     poll(
         "the restarted source coordinator to unlock the pod",
         Duration::from_secs(60),
-        || async { annotation(&edge, name, "migration-id").is_none().then_some(()) },
+        || async {
+            annotation(&edge, name, "migration-id")
+                .is_none()
+                .then_some(())
+        },
     )
     .await;
     assert!(
-        edge_coordinator.log().contains("unlocked a pod whose migration stopped with the coordinator"),
+        edge_coordinator
+            .log()
+            .contains("unlocked a pod whose migration stopped with the coordinator"),
         "{}",
         edge_coordinator.log()
     );

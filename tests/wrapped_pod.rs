@@ -255,7 +255,10 @@ async fn migrates_between_clusters(
     )
     .await;
     assert_eq!(status, 403, "a peer's token over plain HTTP: {refused}");
-    assert!(refused["error"].as_str().unwrap().contains("TLS"), "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("TLS"),
+        "{refused}"
+    );
     let (status, tls) = sidecar("GET", format!("http://{destination_ip}:8888/tls"), None).await;
     assert_eq!(status, 200, "{tls}");
     let pin = tls["certificateSha256"].as_str().unwrap().to_owned();
@@ -273,7 +276,10 @@ async fn migrates_between_clusters(
         })),
     )
     .await;
-    assert_eq!(status, 502, "another certificate than the pinned one: {refused}");
+    assert_eq!(
+        status, 502,
+        "another certificate than the pinned one: {refused}"
+    );
     assert_eq!(refused["detail"]["sourceState"], "untouched", "{refused}");
     let (status, report) = sidecar_as(
         Some(&source_token),
@@ -288,7 +294,10 @@ async fn migrates_between_clusters(
     )
     .await;
     assert_eq!(status, 200, "{report}");
-    assert_eq!(report["migrationId"], "e2e-1", "the caller's migration id: {report}");
+    assert_eq!(
+        report["migrationId"], "e2e-1",
+        "the caller's migration id: {report}"
+    );
     assert_eq!(report["containers"].as_array().unwrap().len(), names.len());
     let memory: u64 = containers
         .iter()

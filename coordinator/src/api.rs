@@ -155,8 +155,12 @@ impl Drop for AbandonedCreate {
         let c = self.coordinator.clone();
         tokio::spawn(async move {
             match c.delete_destination(pod.clone()).await {
-                Ok(_) => tracing::warn!(migration = %pod.migration_id, pod = %pod.name, "the source went away during /create: the copy is deleted"),
-                Err(e) => tracing::warn!(migration = %pod.migration_id, pod = %pod.name, error = %e, "the source went away during /create; deleting the copy failed"),
+                Ok(_) => {
+                    tracing::warn!(migration = %pod.migration_id, pod = %pod.name, "the source went away during /create: the copy is deleted")
+                }
+                Err(e) => {
+                    tracing::warn!(migration = %pod.migration_id, pod = %pod.name, error = %e, "the source went away during /create; deleting the copy failed")
+                }
             }
         });
     }

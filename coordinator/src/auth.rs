@@ -95,7 +95,9 @@ pub enum Audience {
     Anyone,
     Operator,
     /// A peer coordinator (mutual TLS); `with_credential`: also the migration's credential.
-    Peer { with_credential: bool },
+    Peer {
+        with_credential: bool,
+    },
 }
 
 /// The audience of a request (unknown routes are left to the router's 404).
@@ -233,9 +235,7 @@ pub async fn require_credential(
             }
             match migration_claims() {
                 Some(claims) => {
-                    request
-                        .extensions_mut()
-                        .insert(MigrationCredential(claims));
+                    request.extensions_mut().insert(MigrationCredential(claims));
                     next.run(request).await
                 }
                 None => unauthorized(
@@ -306,6 +306,9 @@ mod tests {
             mid: Some("m1".into()),
         });
         assert!(credential.check("m1").is_ok());
-        assert_eq!(credential.check("m2").unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            credential.check("m2").unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
     }
 }

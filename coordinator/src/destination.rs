@@ -99,7 +99,10 @@ impl Coordinator {
         pod.metadata.namespace = Some(request.namespace.clone());
         // Marked as this coordinator's copy (one a restart finds still passive is abandoned),
         // and not as the source coordinator's lock.
-        let annotations = pod.metadata.annotations.get_or_insert_with(Default::default);
+        let annotations = pod
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
         annotations.remove(ANNOTATION_LOCKED_BY);
         annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
         if let Err(e) = pods.create(&PostParams::default(), &pod).await {

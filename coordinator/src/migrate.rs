@@ -357,7 +357,12 @@ impl Coordinator {
         let until = Instant::now() + Duration::from_secs(120);
         loop {
             match peer
-                .post_with::<_, Value>("/restore", request, Some(credential), Duration::from_secs(60))
+                .post_with::<_, Value>(
+                    "/restore",
+                    request,
+                    Some(credential),
+                    Duration::from_secs(60),
+                )
                 .await
             {
                 Err(e) if e.status == StatusCode::BAD_GATEWAY && Instant::now() < until => {

@@ -180,7 +180,9 @@ impl Coordinator {
                     tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked a pod whose migration stopped with the coordinator: the service runs here");
                 }
                 SourceState::Migrating | SourceState::Unknown => pending += 1,
-                SourceState::Left => tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "the state of this locked pod left before the restart: the service runs in the destination's copy; make that copy active there and delete this pod"),
+                SourceState::Left => {
+                    tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "the state of this locked pod left before the restart: the service runs in the destination's copy; make that copy active there and delete this pod")
+                }
             }
         }
         Ok(pending)
@@ -227,8 +229,10 @@ impl Coordinator {
     /// Whether any nested container of the pod has been started (204 is "created, not
     /// started"; 404 "not there").
     async fn any_started(&self, pod: &Pod) -> bool {
-        self.probe_states(pod)
-            .await
-            .is_some_and(|states| states.iter().any(|(status, _)| *status != 204 && *status != 404))
+        self.probe_states(pod).await.is_some_and(|states| {
+            states
+                .iter()
+                .any(|(status, _)| *status != 204 && *status != 404)
+        })
     }
 }

@@ -63,7 +63,10 @@ pub enum Credential {
     /// `Authorization: Bearer`.
     Bearer(String),
     /// A client certificate and its key (PEM files): mutual TLS, as a peer coordinator.
-    ClientCertificate { cert: PathBuf, key: PathBuf },
+    ClientCertificate {
+        cert: PathBuf,
+        key: PathBuf,
+    },
 }
 
 impl RunningCoordinator {

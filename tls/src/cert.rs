@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig, SignatureScheme};
@@ -152,11 +152,13 @@ impl ReloadingCert {
         self: &Arc<Self>,
         client_cas: RootCertStore,
     ) -> Result<ServerConfig, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(client_cas), self.provider.clone())
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| TlsError::ClientCas(e.to_string()))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(client_cas),
+            self.provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::ClientCas(e.to_string()))?;
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_client_cert_verifier(verifier)

@@ -178,7 +178,10 @@ mod tests {
         };
         assert_eq!(connect(server.sha256().to_owned()).await.unwrap(), "hello");
         let refused = connect(other.sha256().to_owned()).await.unwrap_err();
-        assert!(refused.to_string().contains("invalid peer certificate"), "{refused}");
+        assert!(
+            refused.to_string().contains("invalid peer certificate"),
+            "{refused}"
+        );
         assert!(matches!(
             pinned_client_config("abc"),
             Err(TlsError::BadPin(_))

@@ -134,7 +134,10 @@ pub async fn serve(
 }
 
 enum Accepted {
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, ConnectionInfo),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        ConnectionInfo,
+    ),
     Plain(TcpStream),
 }
 
