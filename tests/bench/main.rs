@@ -1,0 +1,479 @@
+//! `ums-bench`: one run, on this machine, of every way to move the same stateful workload
+//! between two runtime pods (the real ums-rs/dind and ums-rs/pind images, nested engines with
+//! their CRIU), at several sizes:
+//!
+//! - `staged`: the engines' own commands, as UMS does minus rsync. Docker: `docker checkpoint
+//!   create` -> copy the checkpoint directory -> `docker create` + `docker start --checkpoint`;
+//!   Podman: `podman container checkpoint --export` (zstd) -> copy the file ->
+//!   `podman container restore --import`.
+//! - `sidecar`: the source sidecar's `POST /migrate` to the destination's (its report's
+//!   downtime and total), and the sidecars' peak RSS (VmHWM).
+//! - `criu`: CRIU's own dump (to tmpfs) and restore of the same workload run as a plain
+//!   process in the runtime container: the floor an engine path is compared with.
+//!
+//! Prints one table (downtime and total per method, the ratios to staged and to CRIU) and
+//! writes it as JSON and as an SVG bar chart (`--out`, default `docs/bench`).
+//!
+//!   scripts/bench.sh [--sizes 256,1024] [--engines docker,podman] [--out docs/bench]
+
+#![allow(clippy::unwrap_used)] // a benchmark on the test harness: a panic is the failure report
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Serialize;
+use serde_json::json;
+use ums_sidecar::engine::EngineKind;
+use ums_tests::poll;
+use ums_tests::runtime_pod::RuntimePod;
+use ums_tests::workload::{
+    pod_annotations, registry_workload_image, workload_binary, WorkloadContainer,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "ums-bench", about = "staged vs sidecar vs CRIU, one run")]
+struct Args {
+    /// Workload sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    sizes: Vec<u32>,
+    /// Engines: docker (dind), podman (pind).
+    #[arg(long, value_delimiter = ',', default_value = "podman,docker")]
+    engines: Vec<String>,
+    /// Where the JSON and the SVG go (`<out>.json`, `<out>.svg`).
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+}
+
+const TOKEN: &str = "bench-token";
+const NAME: &str = "app";
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Row {
+    engine: String,
+    mib: u32,
+    method: &'static str,
+    downtime_ms: u64,
+    total_ms: u64,
+    /// The parts, milliseconds.
+    parts: BTreeMap<String, u64>,
+    /// Peak RSS of the sidecars (source, destination), KiB; sidecar rows only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sidecar_peak_rss_kib: Option<(u64, u64)>,
+}
+
+/// Runs `sh -c script` in the outer container `pod`; panics with its output on failure.
+fn sh(pod: &RuntimePod, script: &str) -> String {
+    let output = Command::new("docker")
+        .args(["exec", &pod.name, "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{script:?} in {} failed: {}{}",
+        pod.name,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Copies `path` from one runtime container to the other (tar through two `docker exec`s).
+fn copy_between(from: &RuntimePod, to: &RuntimePod, path: &str) {
+    let (dir, base) = path.rsplit_once('/').unwrap();
+    let mut reader = Command::new("docker")
+        .args(["exec", &from.name, "tar", "-C", dir, "-c", base])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writer = Command::new("docker")
+        .args([
+            "exec",
+            "-i",
+            &to.name,
+            "sh",
+            "-c",
+            &format!("mkdir -p {dir} && tar -C {dir} -x"),
+        ])
+        .stdin(reader.stdout.take().unwrap())
+        .status()
+        .unwrap();
+    assert!(
+        reader.wait().unwrap().success() && writer.success(),
+        "copy of {path}"
+    );
+}
+
+fn workload(mib: u32) -> WorkloadContainer<'static> {
+    WorkloadContainer {
+        name: NAME,
+        image: registry_workload_image(),
+        mib,
+        seed: 7,
+        env: vec![],
+        pull_policy: None,
+    }
+}
+
+fn annotations(kind: EngineKind, mib: u32, mode: &str) -> BTreeMap<String, String> {
+    let mut a = pod_annotations(&[workload(mib)], mode);
+    a.insert(
+        "migration-interface".into(),
+        if kind == EngineKind::Podman {
+            "pind"
+        } else {
+            "dind"
+        }
+        .into(),
+    );
+    a
+}
+
+/// A source pod running the workload (memory filled) and a passive destination.
+async fn pair(kind: EngineKind, mib: u32) -> (RuntimePod, RuntimePod) {
+    let source = RuntimePod::start(kind, &annotations(kind, mib, "active"), Some(TOKEN));
+    let destination = RuntimePod::start(kind, &annotations(kind, mib, "passive"), Some(TOKEN));
+    for (pod, status) in [(&source, 200), (&destination, 204)] {
+        poll(
+            "the workload container",
+            Duration::from_secs(120),
+            || async { (pod.get(&format!("/probe/{NAME}")).await.0 == status).then_some(()) },
+        )
+        .await;
+    }
+    // The workload fills its memory before its first tick.
+    poll(
+        "the workload's memory",
+        Duration::from_secs(300),
+        || async {
+            let lines = source.output_lines(NAME).await;
+            lines.iter().any(|l| l.contains("tick=")).then_some(())
+        },
+    )
+    .await;
+    (source, destination)
+}
+
+/// The workload's tick is running again after a restore (its memory check intact).
+async fn check_running(pod: &RuntimePod, container: &str) {
+    let logs = |pod: &RuntimePod| {
+        Command::new("docker")
+            .args([
+                "exec",
+                &pod.name,
+                pod_cli(pod),
+                "logs",
+                "--tail",
+                "3",
+                container,
+            ])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default()
+    };
+    let first = logs(pod);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = logs(pod);
+    assert!(
+        second.contains("mem=ok") && second != first,
+        "{container} does not run with its memory after the restore:\n{second}"
+    );
+}
+
+fn pod_cli(pod: &RuntimePod) -> &'static str {
+    match pod.kind {
+        EngineKind::Docker => "docker",
+        EngineKind::Podman => "podman",
+    }
+}
+
+async fn staged(kind: EngineKind, mib: u32) -> Row {
+    let (source, destination) = pair(kind, mib).await;
+    let cli = pod_cli(&source);
+    let mut parts = BTreeMap::new();
+    let started = Instant::now();
+    match kind {
+        EngineKind::Podman => {
+            let file = "/var/lib/containers/bench-checkpoint.tar.zst";
+            let t = Instant::now();
+            sh(
+                &source,
+                &format!("podman container checkpoint --export {file} --compress zstd {NAME}"),
+            );
+            parts.insert("dump".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            copy_between(&source, &destination, file);
+            parts.insert("copy".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            sh(
+                &destination,
+                &format!("podman container restore --import {file} --name bench-restored"),
+            );
+            parts.insert("restore".into(), t.elapsed().as_millis() as u64);
+        }
+        EngineKind::Docker => {
+            let dir = "/var/lib/docker/bench-checkpoints";
+            let t = Instant::now();
+            sh(
+                &source,
+                &format!(
+                    "mkdir -p {dir} && docker checkpoint create --checkpoint-dir {dir} {NAME} cp1"
+                ),
+            );
+            parts.insert("dump".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            copy_between(&source, &destination, dir);
+            parts.insert("copy".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            let image = registry_workload_image();
+            sh(&destination, &format!(
+                "docker create --name bench-restored {image} {mib} 7 >/dev/null && docker start --checkpoint cp1 --checkpoint-dir {dir} bench-restored"
+            ));
+            parts.insert("restore".into(), t.elapsed().as_millis() as u64);
+        }
+    }
+    let total = started.elapsed().as_millis() as u64;
+    check_running(&destination, "bench-restored").await;
+    Row {
+        engine: cli.into(),
+        mib,
+        method: "staged",
+        downtime_ms: total,
+        total_ms: total,
+        parts,
+        sidecar_peak_rss_kib: None,
+    }
+}
+
+fn peak_rss_kib(pod: &RuntimePod) -> u64 {
+    sh(pod, "grep VmHWM /proc/$(pidof ums-sidecar)/status")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn sidecar(kind: EngineKind, mib: u32) -> Row {
+    let (source, destination) = pair(kind, mib).await;
+    let (status, report) = source
+        .post("/migrate", &json!({ "destination": destination.url }))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let totals = &report["totals"];
+    let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
+    let parts = ["preflightMs", "freezeDumpMs", "transferMs", "restoreMs"]
+        .iter()
+        .map(|k| (k.trim_end_matches("Ms").to_owned(), ms(k)))
+        .collect();
+    let rss = (peak_rss_kib(&source), peak_rss_kib(&destination));
+    check_running(&destination, NAME).await;
+    Row {
+        engine: pod_cli(&source).into(),
+        mib,
+        method: "sidecar",
+        downtime_ms: ms("downtimeMs"),
+        total_ms: ms("totalMs"),
+        parts,
+        sidecar_peak_rss_kib: Some(rss),
+    }
+}
+
+/// CRIU's own dump to tmpfs and restore of the workload as a plain process in the runtime
+/// container (no engine, no transfer).
+async fn criu(kind: EngineKind, mib: u32) -> Row {
+    let pod = RuntimePod::start(kind, &annotations(kind, mib, "null"), Some(TOKEN));
+    let copied = Command::new("docker")
+        .arg("cp")
+        .arg(workload_binary())
+        .arg(format!("{}:/usr/local/bin/bench-workload", pod.name))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let pid = sh(
+        &pod,
+        &format!(
+            "cd /tmp && setsid bench-workload {mib} 7 </dev/null >/tmp/bench.log 2>&1 & echo $!"
+        ),
+    );
+    poll(
+        "the plain workload's memory",
+        Duration::from_secs(300),
+        || async {
+            sh(&pod, "cat /tmp/bench.log")
+                .contains("tick=")
+                .then_some(())
+        },
+    )
+    .await;
+    let images = "/dev/shm/bench-criu";
+    let t = Instant::now();
+    sh(
+        &pod,
+        &format!("mkdir -p {images} && criu dump -t {pid} -D {images} --shell-job"),
+    );
+    let dump = t.elapsed().as_millis() as u64;
+    let t = Instant::now();
+    sh(&pod, &format!("criu restore -D {images} --shell-job -d"));
+    let restore = t.elapsed().as_millis() as u64;
+    let before = sh(&pod, "tail -1 /tmp/bench.log");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = sh(&pod, "tail -1 /tmp/bench.log");
+    assert!(
+        after.contains("mem=ok") && after != before,
+        "CRIU's restore runs: {after}"
+    );
+    Row {
+        engine: pod_cli(&pod).into(),
+        mib,
+        method: "criu",
+        downtime_ms: dump + restore,
+        total_ms: dump + restore,
+        parts: BTreeMap::from([("dump".into(), dump), ("restore".into(), restore)]),
+        sidecar_peak_rss_kib: None,
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | sidecar peak RSS MiB (src/dst) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let of = |method: &str| {
+            rows.iter()
+                .find(|r| r.engine == row.engine && r.mib == row.mib && r.method == method)
+                .map(|r| r.downtime_ms)
+        };
+        let ratio = |base: Option<u64>| match base {
+            Some(b) if b > 0 => format!("{:.2}", row.downtime_ms as f64 / b as f64),
+            _ => "-".into(),
+        };
+        let parts: Vec<String> = row.parts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let rss = row
+            .sidecar_peak_rss_kib
+            .map(|(s, d)| format!("{:.1} / {:.1}", s as f64 / 1024.0, d as f64 / 1024.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+            row.engine,
+            row.mib,
+            row.method,
+            row.downtime_ms as f64 / 1000.0,
+            row.total_ms as f64 / 1000.0,
+            ratio(of("staged")),
+            ratio(of("criu")),
+            parts.join(", "),
+            rss
+        );
+    }
+}
+
+/// A grouped bar chart of the downtimes: one group per engine and size, one bar per method.
+fn svg(rows: &[Row]) -> String {
+    let mut groups: Vec<(String, u32)> = Vec::new();
+    for r in rows {
+        if !groups.contains(&(r.engine.clone(), r.mib)) {
+            groups.push((r.engine.clone(), r.mib));
+        }
+    }
+    let methods = ["staged", "sidecar", "criu"];
+    let colors = ["#9e9e9e", "#1f77b4", "#2ca02c"];
+    let max = rows.iter().map(|r| r.downtime_ms).max().unwrap_or(1).max(1) as f64;
+    let (bar, gap, height, left, top) = (28.0, 30.0, 300.0, 60.0, 40.0);
+    let width = left + groups.len() as f64 * (3.0 * bar + gap) + 160.0;
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"14\">Downtime (s), one run of scripts/bench.sh</text>\n",
+        height + top + 60.0
+    );
+    out.push_str(&format!(
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+        top + height,
+        width - 150.0,
+        top + height
+    ));
+    for (g, (engine, mib)) in groups.iter().enumerate() {
+        let x0 = left + g as f64 * (3.0 * bar + gap) + gap / 2.0;
+        for (m, method) in methods.iter().enumerate() {
+            if let Some(r) = rows
+                .iter()
+                .find(|r| &r.engine == engine && r.mib == *mib && r.method == *method)
+            {
+                let h = r.downtime_ms as f64 / max * height;
+                let x = x0 + m as f64 * bar;
+                out.push_str(&format!(
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{:.1}</text>\n",
+                    top + height - h,
+                    bar - 2.0,
+                    colors[m],
+                    x + bar / 2.0,
+                    top + height - h - 3.0,
+                    r.downtime_ms as f64 / 1000.0
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{engine} {mib} MiB</text>\n",
+            x0 + 1.5 * bar,
+            top + height + 18.0
+        ));
+    }
+    for (m, method) in methods.iter().enumerate() {
+        let y = top + 20.0 * m as f64;
+        out.push_str(&format!(
+            "<rect x=\"{:.1}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{method}</text>\n",
+            width - 140.0,
+            colors[m],
+            width - 122.0,
+            y + 11.0
+        ));
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut rows = Vec::new();
+    for engine in &args.engines {
+        let kind = match engine.as_str() {
+            "docker" => EngineKind::Docker,
+            "podman" => EngineKind::Podman,
+            other => anyhow::bail!("unknown engine {other:?}: docker or podman"),
+        };
+        for &mib in &args.sizes {
+            for method in ["staged", "sidecar", "criu"] {
+                eprint!("[bench] {engine} {mib} MiB {method} ... ");
+                std::io::stderr().flush().ok();
+                let row = match method {
+                    "staged" => staged(kind, mib).await,
+                    "sidecar" => sidecar(kind, mib).await,
+                    _ => criu(kind, mib).await,
+                };
+                eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
+                rows.push(row);
+            }
+        }
+    }
+    print_table(&rows);
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let json_path = args.out.with_extension("json");
+    let svg_path = args.out.with_extension("svg");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&rows)? + "\n")?;
+    std::fs::write(&svg_path, svg(&rows))?;
+    println!(
+        "\nwritten: {} and {}",
+        json_path.display(),
+        svg_path.display()
+    );
+    Ok(())
+}
