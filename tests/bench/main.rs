@@ -30,9 +30,7 @@ use serde_json::json;
 use ums_sidecar::engine::EngineKind;
 use ums_tests::poll;
 use ums_tests::runtime_pod::RuntimePod;
-use ums_tests::workload::{
-    pod_annotations, registry_workload_image, workload_binary, WorkloadContainer,
-};
+use ums_tests::workload::{pod_annotations, registry_workload_image, WorkloadContainer};
 
 #[derive(Debug, Parser)]
 #[command(name = "ums-bench", about = "staged vs sidecar vs CRIU, one run")]
@@ -82,9 +80,15 @@ fn sh(pod: &RuntimePod, script: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// Copies `path` from one runtime container to the other (tar through two `docker exec`s).
+/// Copies `path` from one runtime container to the same place in the other.
 fn copy_between(from: &RuntimePod, to: &RuntimePod, path: &str) {
     let (dir, base) = path.rsplit_once('/').unwrap();
+    copy_into(from, dir, base, to, dir);
+}
+
+/// Copies `dir/base` from one runtime container into `to_dir` of the other (tar through two
+/// `docker exec`s).
+fn copy_into(from: &RuntimePod, dir: &str, base: &str, to: &RuntimePod, to_dir: &str) {
     let mut reader = Command::new("docker")
         .args(["exec", &from.name, "tar", "-C", dir, "-c", base])
         .stdout(Stdio::piped())
@@ -97,14 +101,14 @@ fn copy_between(from: &RuntimePod, to: &RuntimePod, path: &str) {
             &to.name,
             "sh",
             "-c",
-            &format!("mkdir -p {dir} && tar -C {dir} -x"),
+            &format!("mkdir -p {to_dir} && tar -C {to_dir} -x"),
         ])
         .stdin(reader.stdout.take().unwrap())
         .status()
         .unwrap();
     assert!(
         reader.wait().unwrap().success() && writer.success(),
-        "copy of {path}"
+        "copy of {dir}/{base}"
     );
 }
 
@@ -219,23 +223,34 @@ async fn staged(kind: EngineKind, mib: u32) -> Row {
             parts.insert("restore".into(), t.elapsed().as_millis() as u64);
         }
         EngineKind::Docker => {
-            let dir = "/var/lib/docker/bench-checkpoints";
+            // Docker 26 restores only from a container's own checkpoint directory
+            // (`custom checkpointdir is not supported`): the checkpoint is copied into the
+            // destination container's, as UMS does.
             let t = Instant::now();
-            sh(
-                &source,
-                &format!(
-                    "mkdir -p {dir} && docker checkpoint create --checkpoint-dir {dir} {NAME} cp1"
-                ),
-            );
+            sh(&source, &format!("docker checkpoint create {NAME} cp1"));
             parts.insert("dump".into(), t.elapsed().as_millis() as u64);
-            let t = Instant::now();
-            copy_between(&source, &destination, dir);
-            parts.insert("copy".into(), t.elapsed().as_millis() as u64);
+            let source_id = sh(
+                &source,
+                &format!("docker inspect --format '{{{{.Id}}}}' {NAME}"),
+            );
             let t = Instant::now();
             let image = registry_workload_image();
-            sh(&destination, &format!(
-                "docker create --name bench-restored {image} {mib} 7 >/dev/null && docker start --checkpoint cp1 --checkpoint-dir {dir} bench-restored"
-            ));
+            let destination_id = sh(
+                &destination,
+                &format!("docker create --name bench-restored {image} {mib} 7"),
+            );
+            parts.insert("create".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            copy_into(
+                &source,
+                &format!("/var/lib/docker/containers/{source_id}/checkpoints"),
+                "cp1",
+                &destination,
+                &format!("/var/lib/docker/containers/{destination_id}/checkpoints"),
+            );
+            parts.insert("copy".into(), t.elapsed().as_millis() as u64);
+            let t = Instant::now();
+            sh(&destination, "docker start --checkpoint cp1 bench-restored");
             parts.insert("restore".into(), t.elapsed().as_millis() as u64);
         }
     }
@@ -289,13 +304,23 @@ async fn sidecar(kind: EngineKind, mib: u32) -> Row {
 /// container (no engine, no transfer).
 async fn criu(kind: EngineKind, mib: u32) -> Row {
     let pod = RuntimePod::start(kind, &annotations(kind, mib, "null"), Some(TOKEN));
+    // The harness removes its build of the workload once the image is made: build it again.
+    let binary = std::env::temp_dir().join(format!("ums-bench-workload-{}", std::process::id()));
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/workload/workload.c"))
+        .status()
+        .unwrap();
+    assert!(built.success(), "gcc of the workload");
     let copied = Command::new("docker")
         .arg("cp")
-        .arg(workload_binary())
+        .arg(&binary)
         .arg(format!("{}:/usr/local/bin/bench-workload", pod.name))
         .status()
         .unwrap();
     assert!(copied.success());
+    let _ = std::fs::remove_file(&binary);
     let pid = sh(
         &pod,
         &format!(
@@ -312,7 +337,15 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
         },
     )
     .await;
-    let images = "/dev/shm/bench-criu";
+    // A tmpfs of its own (the container's /dev/shm holds 64 MiB).
+    let images = "/run/bench-criu";
+    sh(
+        &pod,
+        &format!(
+            "mkdir -p {images} && mount -t tmpfs -o size={}m tmpfs {images}",
+            mib * 2 + 256
+        ),
+    );
     let t = Instant::now();
     sh(
         &pod,
