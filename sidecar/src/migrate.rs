@@ -206,7 +206,8 @@ impl Sidecar {
         let selected = self.select(&request.containers).await?;
         let volumes = self.travelling_volumes(&request.volumes).await?;
         // The lowest archive version that carries what this migration sends.
-        let format_version = crate::archive::version_for(!volumes.is_empty(), false);
+        let format_version =
+            crate::archive::version_for(self.engine.kind(), !volumes.is_empty(), false);
         let migration_id = request.migration_id.clone().unwrap_or_else(|| new_id("m"));
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
@@ -312,7 +313,8 @@ impl Sidecar {
             SendImages::Always => selected.iter().map(|c| c.image.clone()).collect(),
         };
         let to_send = images_to_send(&selected, &wanted);
-        let with_images = crate::archive::version_for(!volumes.is_empty(), true);
+        let with_images =
+            crate::archive::version_for(self.engine.kind(), !volumes.is_empty(), true);
         if !to_send.is_empty() && !destination_info.format_versions.contains(&with_images) {
             return Err(failed(
                 StatusCode::CONFLICT,

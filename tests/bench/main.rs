@@ -41,6 +41,13 @@ struct Args {
     /// Engines: docker (dind), podman (pind).
     #[arg(long, value_delimiter = ',', default_value = "podman,docker")]
     engines: Vec<String>,
+    /// Methods: staged, sidecar, criu.
+    #[arg(long, value_delimiter = ',', default_value = "staged,sidecar,criu")]
+    methods: Vec<String>,
+    /// Set up a source (workload running) and a passive destination for the first engine and
+    /// size, print their names and URLs, and wait (Ctrl-C removes them): for experiments.
+    #[arg(long)]
+    hold: bool,
     /// Where the JSON and the SVG go (`<out>.json`, `<out>.svg`).
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
@@ -481,8 +488,21 @@ async fn main() -> anyhow::Result<()> {
             "podman" => EngineKind::Podman,
             other => anyhow::bail!("unknown engine {other:?}: docker or podman"),
         };
+        if args.hold {
+            let mib = args.sizes.first().copied().unwrap_or(256);
+            let (source, destination) = pair(kind, mib).await;
+            println!(
+                "source {} {}\ndestination {} {}\ntoken {TOKEN}\n(Ctrl-C to remove them)",
+                source.name, source.url, destination.name, destination.url
+            );
+            tokio::signal::ctrl_c().await?;
+            return Ok(());
+        }
         for &mib in &args.sizes {
             for method in ["staged", "sidecar", "criu"] {
+                if !args.methods.iter().any(|m| m == method) {
+                    continue;
+                }
                 eprint!("[bench] {engine} {mib} MiB {method} ... ");
                 std::io::stderr().flush().ok();
                 let row = match method {

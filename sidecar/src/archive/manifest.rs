@@ -3,25 +3,33 @@
 use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineInfo;
+use crate::engine::{EngineInfo, EngineKind};
 
 /// The newest archive format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Every version this build reads: a version-1 archive is a version-2 archive without
-/// volumes and images.
-pub const READABLE_VERSIONS: [u32; 2] = [1, 2];
+/// volumes and images; version 3 only changes what a Podman source's engine files are.
+pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
 
 /// The lowest version that can carry `manifest`'s content (an older destination still reads
 /// an archive that needs nothing newer).
 pub fn required_version(manifest: &Manifest) -> u32 {
-    version_for(!manifest.volumes.is_empty(), !manifest.images.is_empty())
+    version_for(
+        manifest.source.kind,
+        !manifest.volumes.is_empty(),
+        !manifest.images.is_empty(),
+    )
 }
 
-/// The lowest version that carries an archive with or without volumes and images: 2 with
-/// either, else 1 (what a source decides before it has a manifest, in its preflight).
-pub fn version_for(volumes: bool, images: bool) -> u32 {
-    if volumes || images {
+/// The lowest version that carries an archive from a `kind` engine with or without volumes
+/// and images (what a source decides before it has a manifest, in its preflight): 3 from
+/// Podman (its checkpoint as the container's own files, no export tar), else 2 with volumes
+/// or images, else 1.
+pub fn version_for(kind: EngineKind, volumes: bool, images: bool) -> u32 {
+    if kind == EngineKind::Podman {
+        3
+    } else if volumes || images {
         2
     } else {
         1

@@ -52,6 +52,7 @@
 //! |---|---|
 //! | 1 | containers: CRIU images, root-fs changes, engine files; trailer of digests |
 //! | 2 | `volumes` and `images` in the manifest, `volumes/<name>/` and `images/<n>.tar` entries |
+//! | 3 | from Podman: its checkpoint's own files (CRIU images, the writable layer as `rootfs/`, `network.status` and `devshm-checkpoint.tar` as engine files) instead of its export tar; older destinations refuse it by its version |
 
 pub mod manifest;
 pub mod pack;

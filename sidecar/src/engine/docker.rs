@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use super::compat::Compat;
+use super::files::{merge_into, move_into};
 use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind};
 use crate::spec::NestedSpec;
 
@@ -183,38 +184,4 @@ impl Engine for DockerEngine {
             Err(e) => Err(EngineError::io("remove checkpoint", dir, e)),
         }
     }
-}
-
-/// Moves a staged directory to `target` (same file system: a rename).
-fn move_into(staged: &Path, target: &Path) -> std::io::Result<()> {
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    if target.exists() {
-        std::fs::remove_dir_all(target)?;
-    }
-    std::fs::rename(staged, target)
-}
-
-/// Moves the staged root-fs changes into the container's writable layer, entry by entry.
-fn merge_into(staged: &Path, target: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(target)?;
-    for entry in std::fs::read_dir(staged)? {
-        let entry = entry?;
-        let to = target.join(entry.file_name());
-        let from_is_dir = entry.file_type()?.is_dir();
-        match std::fs::symlink_metadata(&to) {
-            Ok(meta) if meta.is_dir() && from_is_dir => merge_into(&entry.path(), &to)?,
-            Ok(meta) => {
-                if meta.is_dir() {
-                    std::fs::remove_dir_all(&to)?;
-                } else {
-                    std::fs::remove_file(&to)?;
-                }
-                std::fs::rename(entry.path(), &to)?;
-            }
-            Err(_) => std::fs::rename(entry.path(), &to)?,
-        }
-    }
-    Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod compat;
 pub mod docker;
+pub mod files;
 pub mod podman;
 pub mod unix_http;
 
