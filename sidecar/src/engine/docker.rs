@@ -6,6 +6,13 @@
 //! whose checkpoint directory holds the files, which is how a checkpoint made by another
 //! engine is restored. The root-fs changes are the container's overlay2 upper directory
 //! (`GraphDriver.Data.UpperDir`), copied into the new container's before it starts.
+//!
+//! The dump goes to runc directly (`runc checkpoint --image-path <Docker's checkpoint dir>`
+//! on the container containerd's runc shim runs): Docker's own checkpoint API has containerd
+//! dump into a work directory, tar it into its content store and Docker untar it again, 15 s
+//! of a 16 s dump at 1 GiB against 0.6 s for runc. Docker sees the container exit as it would
+//! after its own checkpoint, and restores from the directory as from one it made. Where runc's
+//! state is not where Docker 20.10+ keeps it, Docker's API is used.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +20,9 @@ use super::compat::Compat;
 use super::files::{merge_into, move_into};
 use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind};
 use crate::spec::NestedSpec;
+
+/// Where Docker's runc shim keeps its containers' state (`<exec-root>/runtime-runc/moby`).
+const RUNC_ROOT: &str = "/run/docker/runtime-runc/moby";
 
 /// The Docker engine of one runtime container.
 #[derive(Debug, Clone)]
@@ -36,6 +46,90 @@ impl DockerEngine {
             .join(container_id)
             .join("checkpoints")
             .join(checkpoint_id)
+    }
+
+    /// Dumps container `id` with runc into `dir`; `Ok(false)` when runc does not know it
+    /// (another exec root): the caller uses Docker's API.
+    async fn runc_checkpoint(
+        &self,
+        name: &str,
+        id: &str,
+        dir: &Path,
+        leave_running: bool,
+        tcp_established: bool,
+    ) -> Result<bool, EngineError> {
+        let root = Path::new(RUNC_ROOT);
+        if !root.join(id).join("state.json").exists() {
+            tracing::debug!(
+                container = name,
+                root = RUNC_ROOT,
+                "runc does not know the container: Docker's checkpoint API"
+            );
+            return Ok(false);
+        }
+        let work = self.data_root.join("ums-checkpoint-work").join(id);
+        for d in [dir, work.as_path()] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
+        }
+        let mut runc = tokio::process::Command::new("runc");
+        runc.arg("--root")
+            .arg(root)
+            .arg("checkpoint")
+            .arg("--image-path")
+            .arg(dir)
+            .arg("--work-path")
+            .arg(&work)
+            .arg("--file-locks");
+        if leave_running {
+            runc.arg("--leave-running");
+        }
+        if tcp_established {
+            runc.arg("--tcp-established");
+        }
+        let output = runc
+            .arg(id)
+            .output()
+            .await
+            .map_err(|e| EngineError::io("run runc checkpoint into", dir, e))?;
+        let log = std::fs::read_to_string(work.join("dump.log")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&work);
+        if !output.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            return Err(EngineError::Api {
+                engine: EngineKind::Docker,
+                action: format!("checkpoint {name} with runc"),
+                status: None,
+                message: format!(
+                    "{}; CRIU's log ends: {}",
+                    String::from_utf8_lossy(&output.stderr).trim(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ),
+            });
+        }
+        if !leave_running {
+            // runc killed the dumped processes; Docker learns it from containerd's exit event.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self
+                .compat
+                .inspect(name)
+                .await?
+                .is_some_and(|c| c.is_running() || c.state == "paused")
+            {
+                if std::time::Instant::now() > until {
+                    return Err(EngineError::Api {
+                        engine: EngineKind::Docker,
+                        action: format!("checkpoint {name} with runc"),
+                        status: None,
+                        message:
+                            "Docker still reports the container running 10 s after runc dumped it"
+                                .into(),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        Ok(true)
     }
 
     async fn start_from_checkpoint(
@@ -119,6 +213,17 @@ impl Engine for DockerEngine {
             });
         }
         let id = self.compat.container_id(name).await?;
+        let dir = self.checkpoint_dir(&id, checkpoint_id);
+        if self
+            .runc_checkpoint(name, &id, &dir, leave_running, tcp_established)
+            .await?
+        {
+            return Ok(CheckpointFiles {
+                criu_dir: dir,
+                rootfs_dir: self.compat.upper_dir(name).await?,
+                engine_dir: None,
+            });
+        }
         self.compat
             .docker
             .create_checkpoint(
