@@ -41,8 +41,13 @@ struct Args {
     /// Engines: docker (dind), podman (pind).
     #[arg(long, value_delimiter = ',', default_value = "podman,docker")]
     engines: Vec<String>,
-    /// Methods: staged, sidecar, criu.
-    #[arg(long, value_delimiter = ',', default_value = "staged,sidecar,criu")]
+    /// Methods: staged, sidecar, criu, shaped (the sidecar over a link shaped to 1 Gbit/s
+    /// with tc between the two pods' network namespaces).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "staged,sidecar,criu,shaped"
+    )]
     methods: Vec<String>,
     /// Set up a source (workload running) and a passive destination for the first engine and
     /// size, print their names and URLs, and wait (Ctrl-C removes them): for experiments.
@@ -69,6 +74,9 @@ struct Row {
     /// Peak RSS of the sidecars (source, destination), KiB; sidecar rows only.
     #[serde(skip_serializing_if = "Option::is_none")]
     sidecar_peak_rss_kib: Option<(u64, u64)>,
+    /// Bytes on the wire (sidecar rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_sent: Option<u64>,
 }
 
 /// Runs `sh -c script` in the outer container `pod`; panics with its output on failure.
@@ -169,6 +177,13 @@ async fn pair(kind: EngineKind, mib: u32) -> (RuntimePod, RuntimePod) {
     (source, destination)
 }
 
+/// Lets the machine settle before a timed part: dirty pages of the set-up written back, the
+/// previous run's containers gone, so each method starts from the same state.
+async fn settle() {
+    let _ = Command::new("sync").status();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
 /// The workload's tick is running again after a restore (its memory check intact).
 async fn check_running(pod: &RuntimePod, container: &str) {
     let logs = |pod: &RuntimePod| {
@@ -207,6 +222,7 @@ fn pod_cli(pod: &RuntimePod) -> &'static str {
 
 async fn staged(kind: EngineKind, mib: u32) -> Row {
     let (source, destination) = pair(kind, mib).await;
+    settle().await;
     let cli = pod_cli(&source);
     let mut parts = BTreeMap::new();
     let started = Instant::now();
@@ -271,6 +287,7 @@ async fn staged(kind: EngineKind, mib: u32) -> Row {
         total_ms: total,
         parts,
         sidecar_peak_rss_kib: None,
+        bytes_sent: None,
     }
 }
 
@@ -282,8 +299,19 @@ fn peak_rss_kib(pod: &RuntimePod) -> u64 {
         .unwrap_or(0)
 }
 
-async fn sidecar(kind: EngineKind, mib: u32) -> Row {
+/// The link rate of the `shaped` method, bits per second (tc's `1gbit`).
+const SHAPED_RATE_BITS: u64 = 1_000_000_000;
+
+async fn sidecar(kind: EngineKind, mib: u32, shaped: bool) -> Row {
     let (source, destination) = pair(kind, mib).await;
+    if shaped {
+        // The source pod's egress (the state's direction) through a token bucket at 1 Gbit/s.
+        sh(
+            &source,
+            "tc qdisc add dev eth0 root tbf rate 1gbit burst 1mb latency 100ms",
+        );
+    }
+    settle().await;
     let (status, report) = source
         .post("/migrate", &json!({ "destination": destination.url }))
         .await;
@@ -299,11 +327,12 @@ async fn sidecar(kind: EngineKind, mib: u32) -> Row {
     Row {
         engine: pod_cli(&source).into(),
         mib,
-        method: "sidecar",
+        method: if shaped { "shaped" } else { "sidecar" },
         downtime_ms: ms("downtimeMs"),
         total_ms: ms("totalMs"),
         parts,
         sidecar_peak_rss_kib: Some(rss),
+        bytes_sent: Some(ms("bytesSent")),
     }
 }
 
@@ -353,6 +382,7 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
             mib * 2 + 256
         ),
     );
+    settle().await;
     let t = Instant::now();
     sh(
         &pod,
@@ -377,6 +407,7 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
         total_ms: dump + restore,
         parts: BTreeMap::from([("dump".into(), dump), ("restore".into(), restore)]),
         sidecar_peak_rss_kib: None,
+        bytes_sent: None,
     }
 }
 
@@ -413,6 +444,43 @@ fn print_table(rows: &[Row]) {
             rss
         );
     }
+    let shaped: Vec<&Row> = rows.iter().filter(|r| r.method == "shaped").collect();
+    if shaped.is_empty() {
+        return;
+    }
+    println!(
+        "\nOver a link shaped to {} Gbit/s (tc tbf on the source pod's eth0):\n",
+        SHAPED_RATE_BITS / 1_000_000_000
+    );
+    println!("| engine | MiB | total s | bytes | bytes / rate + CRIU s | total / that |");
+    println!("|---|---|---|---|---|---|");
+    for row in shaped {
+        let criu = rows
+            .iter()
+            .find(|r| r.engine == row.engine && r.mib == row.mib && r.method == "criu")
+            .map(|r| r.downtime_ms);
+        let bytes = row.bytes_sent.unwrap_or(0);
+        let wire_s = bytes as f64 * 8.0 / SHAPED_RATE_BITS as f64;
+        let (bound, ratio) = match criu {
+            Some(c) => {
+                let bound = wire_s + c as f64 / 1000.0;
+                (
+                    format!("{bound:.2}"),
+                    format!("{:.2}", row.total_ms as f64 / 1000.0 / bound),
+                )
+            }
+            None => ("- (no criu row)".into(), "-".into()),
+        };
+        println!(
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            row.engine,
+            row.mib,
+            row.total_ms as f64 / 1000.0,
+            bytes,
+            bound,
+            ratio
+        );
+    }
 }
 
 /// A grouped bar chart of the downtimes: one group per engine and size, one bar per method.
@@ -425,7 +493,13 @@ fn svg(rows: &[Row]) -> String {
     }
     let methods = ["staged", "sidecar", "criu"];
     let colors = ["#9e9e9e", "#1f77b4", "#2ca02c"];
-    let max = rows.iter().map(|r| r.downtime_ms).max().unwrap_or(1).max(1) as f64;
+    let max = rows
+        .iter()
+        .filter(|r| methods.contains(&r.method))
+        .map(|r| r.downtime_ms)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
     let (bar, gap, height, left, top) = (28.0, 30.0, 300.0, 60.0, 40.0);
     let width = left + groups.len() as f64 * (3.0 * bar + gap) + 160.0;
     let mut out = format!(
@@ -499,7 +573,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         for &mib in &args.sizes {
-            for method in ["staged", "sidecar", "criu"] {
+            for method in ["staged", "sidecar", "criu", "shaped"] {
                 if !args.methods.iter().any(|m| m == method) {
                     continue;
                 }
@@ -507,7 +581,8 @@ async fn main() -> anyhow::Result<()> {
                 std::io::stderr().flush().ok();
                 let row = match method {
                     "staged" => staged(kind, mib).await,
-                    "sidecar" => sidecar(kind, mib).await,
+                    "sidecar" => sidecar(kind, mib, false).await,
+                    "shaped" => sidecar(kind, mib, true).await,
                     _ => criu(kind, mib).await,
                 };
                 eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
