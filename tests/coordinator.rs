@@ -21,6 +21,57 @@ fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Until pod `name` exists in `cluster` (`present`) or is gone, for at most `within`.
+async fn wait_pod(cluster: &Cluster, name: &str, present: bool, within: Duration, what: &str) {
+    poll(what, within, || async {
+        (cluster
+            .kubectl_result(User::Admin, &["get", "pod", name])
+            .is_ok()
+            == present)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Starts the UMS call `body` on `coordinator` in the background and returns it once `cloud`
+/// holds the copy `name`: the moment to kill a coordinator mid-migration.
+async fn migrate_until_copy(
+    coordinator: &RunningCoordinator,
+    ca: &std::path::Path,
+    body: &serde_json::Value,
+    cloud: &Cluster,
+    name: &str,
+) -> tokio::task::JoinHandle<Result<(u16, serde_json::Value), reqwest::Error>> {
+    let call = tokio::spawn({
+        let (address, ca, token, body) = (
+            coordinator.address.clone(),
+            ca.to_owned(),
+            Credential::Bearer(coordinator.api_token.clone()),
+            body.clone(),
+        );
+        async move {
+            ums_tests::coordinator::call_result(
+                &address,
+                &ca,
+                &token,
+                "POST",
+                "/migrate",
+                Some(body),
+            )
+            .await
+        }
+    });
+    wait_pod(
+        cloud,
+        name,
+        true,
+        Duration::from_secs(60),
+        "cloud's coordinator to create the copy",
+    )
+    .await;
+    call
+}
+
 /// A user's 64 MiB service pod in `cluster`, wrapped for `interface`, running and relaying its
 /// ticks; its pod IP and its ambassador's outer container.
 async fn start_service(cluster: &Cluster, name: &str, interface: &str) -> (String, String) {
@@ -230,31 +281,19 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
 
     // The destination coordinator is killed while it creates the copy: the source rolls back
     // (the service never stopped), and the restarted coordinator deletes the abandoned copy.
-    let killed = tokio::spawn({
-        let (address, ca, token) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            Credential::Bearer(edge_coordinator.api_token.clone()),
-        );
-        let body = migrate_body.clone();
-        async move {
-            ums_tests::coordinator::call(&address, &ca, &token, "POST", "/migrate", Some(body))
-                .await
-        }
-    });
-    poll(
-        "cloud's coordinator to create the copy",
-        Duration::from_secs(60),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .ok()
-                .map(|_| ())
-        },
+    let killed = migrate_until_copy(
+        &edge_coordinator,
+        &edge_certs.ca,
+        &migrate_body,
+        &cloud,
+        name,
     )
     .await;
     cloud_coordinator.kill();
-    let (status, answer) = killed.await.unwrap();
+    let (status, answer) = killed
+        .await
+        .unwrap()
+        .expect("edge's coordinator answers the call");
     assert_eq!(status, 502, "{answer}");
     assert_eq!(answer["phase"], "creating", "{answer}");
     let rollback = answer["rollback"].to_string();
@@ -272,15 +311,12 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         "the copy is left while cloud's coordinator is down"
     );
     cloud_coordinator.restart();
-    poll(
-        "the restarted coordinator to delete the abandoned copy",
+    wait_pod(
+        &cloud,
+        name,
+        false,
         Duration::from_secs(120),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .is_err()
-                .then_some(())
-        },
+        "the restarted coordinator to delete the abandoned copy",
     )
     .await;
     assert!(
@@ -294,34 +330,12 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
     // Now the source's coordinator is killed while the copy is made: the destination sees its
     // caller gone and deletes the copy; the restarted source coordinator finds the pod it had
     // locked, asks its sidecar, and unlocks it (the service never stopped).
-    let orphaned = tokio::spawn({
-        let (address, ca, token) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            Credential::Bearer(edge_coordinator.api_token.clone()),
-        );
-        let body = migrate_body.clone();
-        async move {
-            ums_tests::coordinator::call_result(
-                &address,
-                &ca,
-                &token,
-                "POST",
-                "/migrate",
-                Some(body),
-            )
-            .await
-        }
-    });
-    poll(
-        "cloud's coordinator to create the copy",
-        Duration::from_secs(60),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .ok()
-                .map(|_| ())
-        },
+    let orphaned = migrate_until_copy(
+        &edge_coordinator,
+        &edge_certs.ca,
+        &migrate_body,
+        &cloud,
+        name,
     )
     .await;
     edge_coordinator.kill();
@@ -333,15 +347,12 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         annotation(&edge, name, "migration-id").is_some(),
         "locked by the dead coordinator"
     );
-    poll(
-        "cloud's coordinator to delete the copy its caller abandoned",
+    wait_pod(
+        &cloud,
+        name,
+        false,
         Duration::from_secs(120),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .is_err()
-                .then_some(())
-        },
+        "cloud's coordinator to delete the copy its caller abandoned",
     )
     .await;
     edge_coordinator.restart();
@@ -475,14 +486,12 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
         "continued, not restarted: {moved:?}"
     );
     // The source pod is gone.
-    poll(
-        "the source pod to be deleted",
+    wait_pod(
+        &edge,
+        name,
+        false,
         Duration::from_secs(120),
-        || async {
-            edge.kubectl_result(User::Admin, &["get", "pod", name])
-                .is_err()
-                .then_some(())
-        },
+        "the source pod to be deleted",
     )
     .await;
 }

@@ -182,16 +182,8 @@ impl Coordinator {
                 let containers = annotations_of(&pod).containers.unwrap_or_default();
                 let mut waiting = Vec::new();
                 for c in &containers {
-                    let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
-                    let status = self
-                        .sidecars
-                        .get(&url)
-                        .timeout(Duration::from_secs(5))
-                        .send()
-                        .await
-                        .map(|r| r.status().as_u16());
                     // 204: created and not started (or awaiting its image), as a restore needs.
-                    if status.as_ref().ok() != Some(&204) {
+                    if self.probe(&ip, &c.name).await.map(|(status, _)| status) != Some(204) {
                         waiting.push(c.name.clone());
                     }
                 }

@@ -193,22 +193,7 @@ impl Coordinator {
         let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
         let mut states = Vec::new();
         for c in annotations_of(pod).containers.unwrap_or_default() {
-            let url = format!("http://{ip}:{}/probe/{}", self.sidecar_port, c.name);
-            let response = self
-                .sidecars
-                .get(&url)
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .ok()?;
-            let status = response.status().as_u16();
-            let state = response
-                .json::<serde_json::Value>()
-                .await
-                .ok()
-                .and_then(|v| v["state"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            states.push((status, state));
+            states.push(self.probe(&ip, &c.name).await?);
         }
         Some(states)
     }

@@ -90,6 +90,28 @@ impl Coordinator {
         })
     }
 
+    /// The sidecar's probe of nested container `name` in the pod at `ip`: its status (200
+    /// running, 204 created and not started, ...) and the state it names; `None` when the
+    /// sidecar does not answer.
+    pub async fn probe(&self, ip: &str, name: &str) -> Option<(u16, String)> {
+        let url = format!("http://{ip}:{}/probe/{name}", self.sidecar_port);
+        let response = self
+            .sidecars
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let state = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        Some((status, state))
+    }
+
     /// The credential a peer coordinator needs to finish migration `mid` here (`/restore`):
     /// valid as long as the sidecar's peer token, plus an hour for the restore itself.
     pub fn migration_credential(&self, mid: &str) -> String {

@@ -94,15 +94,16 @@ impl PodmanEngine {
     /// The container's `userdata` directory (its runtime spec, checkpoint, network status).
     async fn userdata(&self, name: &str) -> Result<PathBuf, EngineError> {
         let inspect = self.libpod_inspect(name).await?;
-        if let Some(dir) = inspect["StaticDir"].as_str().filter(|d| !d.is_empty()) {
-            return Ok(PathBuf::from(dir));
-        }
-        let id = inspect["Id"].as_str().unwrap_or_default();
-        Ok(self
-            .storage_root
-            .join("storage/overlay-containers")
-            .join(id)
-            .join("userdata"))
+        self.userdata_of(name, &inspect)
+    }
+
+    /// `userdata` from libpod's inspect of `name` (`StaticDir`).
+    fn userdata_of(&self, name: &str, inspect: &serde_json::Value) -> Result<PathBuf, EngineError> {
+        inspect["StaticDir"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| self.api_error(format!("inspect {name}"), 200, b"no StaticDir"))
     }
 
     /// `POST` on libpod; any answer but 2xx is an error of `action`.
@@ -126,39 +127,30 @@ impl PodmanEngine {
     async fn prepare_for_restore(&self, name: &str) -> Result<PathBuf, EngineError> {
         let inspect = self.libpod_inspect(name).await?;
         let state = inspect["State"]["Status"].as_str().unwrap_or("").to_owned();
-        match state.as_str() {
-            "running" | "paused" => {
-                return Err(self.api_error(
-                    format!("restore {name}"),
-                    409,
-                    format!("the container is {state}").as_bytes(),
-                ))
-            }
-            "created" | "configured" => {
-                self.post(
-                    name,
-                    &format!("{LIBPOD}/containers/{name}/init"),
-                    format!("initialise {name} for the restore"),
-                )
-                .await?;
-                self.post(
-                    name,
-                    &format!("{LIBPOD}/containers/{name}/stop?timeout=0"),
-                    format!("stop the initialised {name}"),
-                )
-                .await?;
-            }
-            "initialized" => {
-                self.post(
-                    name,
-                    &format!("{LIBPOD}/containers/{name}/stop?timeout=0"),
-                    format!("stop the initialised {name}"),
-                )
-                .await?;
-            }
-            _ => {}
+        if matches!(state.as_str(), "running" | "paused") {
+            return Err(self.api_error(
+                format!("restore {name}"),
+                409,
+                format!("the container is {state}").as_bytes(),
+            ));
         }
-        let userdata = self.userdata(name).await?;
+        if matches!(state.as_str(), "created" | "configured") {
+            self.post(
+                name,
+                &format!("{LIBPOD}/containers/{name}/init"),
+                format!("initialise {name} for the restore"),
+            )
+            .await?;
+        }
+        if matches!(state.as_str(), "created" | "configured" | "initialized") {
+            self.post(
+                name,
+                &format!("{LIBPOD}/containers/{name}/stop?timeout=0"),
+                format!("stop the initialised {name}"),
+            )
+            .await?;
+        }
+        let userdata = self.userdata_of(name, &inspect)?;
         let spec = userdata.join("config.json");
         if !spec.exists() {
             return Err(self.api_error(
