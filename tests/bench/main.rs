@@ -28,6 +28,7 @@ use clap::Parser;
 use serde::Serialize;
 use serde_json::json;
 use ums_sidecar::engine::EngineKind;
+use ums_tests::outer::docker;
 use ums_tests::poll;
 use ums_tests::runtime_pod::RuntimePod;
 use ums_tests::workload::{pod_annotations, registry_workload_image, WorkloadContainer};
@@ -81,18 +82,7 @@ struct Row {
 
 /// Runs `sh -c script` in the outer container `pod`; panics with its output on failure.
 fn sh(pod: &RuntimePod, script: &str) -> String {
-    let output = Command::new("docker")
-        .args(["exec", &pod.name, "sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{script:?} in {} failed: {}{}",
-        pod.name,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    docker(&["exec", &pod.name, "sh", "-c", script])
 }
 
 /// Copies `path` from one runtime container to the same place in the other.
@@ -191,7 +181,7 @@ async fn check_running(pod: &RuntimePod, container: &str) {
             .args([
                 "exec",
                 &pod.name,
-                pod_cli(pod),
+                pod.engine_cli(),
                 "logs",
                 "--tail",
                 "3",
@@ -213,17 +203,10 @@ async fn check_running(pod: &RuntimePod, container: &str) {
     );
 }
 
-fn pod_cli(pod: &RuntimePod) -> &'static str {
-    match pod.kind {
-        EngineKind::Docker => "docker",
-        EngineKind::Podman => "podman",
-    }
-}
-
 async fn staged(kind: EngineKind, mib: u32) -> Row {
     let (source, destination) = pair(kind, mib).await;
     settle().await;
-    let cli = pod_cli(&source);
+    let cli = source.engine_cli();
     let mut parts = BTreeMap::new();
     let started = Instant::now();
     match kind {
@@ -325,7 +308,7 @@ async fn sidecar(kind: EngineKind, mib: u32, shaped: bool) -> Row {
     let rss = (peak_rss_kib(&source), peak_rss_kib(&destination));
     check_running(&destination, NAME).await;
     Row {
-        engine: pod_cli(&source).into(),
+        engine: source.engine_cli().into(),
         mib,
         method: if shaped { "shaped" } else { "sidecar" },
         downtime_ms: ms("downtimeMs"),
@@ -400,7 +383,7 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
         "CRIU's restore runs: {after}"
     );
     Row {
-        engine: pod_cli(&pod).into(),
+        engine: pod.engine_cli().into(),
         mib,
         method: "criu",
         downtime_ms: dump + restore,

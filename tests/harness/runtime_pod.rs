@@ -196,7 +196,8 @@ impl RuntimePod {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    fn engine_cli(&self) -> &'static str {
+    /// The nested engine's CLI: `docker` or `podman`.
+    pub fn engine_cli(&self) -> &'static str {
         match self.kind {
             EngineKind::Docker => "docker",
             EngineKind::Podman => "podman",
