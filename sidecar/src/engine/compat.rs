@@ -416,6 +416,7 @@ impl Compat {
         self.container_id(name).await?;
         let engine = self.clone();
         let owned_name = name.to_owned();
+        let mut last: Option<LogChunk> = None;
         // The engines filter by whole seconds; the exact cut is made here on each line's
         // timestamp, so a reader that resumes never sees a line twice.
         let since_seconds = i32::try_from(after_nanos.div_euclid(1_000_000_000)).unwrap_or(0);
@@ -434,29 +435,35 @@ impl Compat {
                 }),
             )
             .filter_map(move |item| {
-                let engine = engine.clone();
-                let name = owned_name.clone();
-                async move {
-                    let (stream, message) = match item {
-                        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                            (LogStreamKind::Stdout, message)
-                        }
-                        Ok(LogOutput::StdErr { message }) => (LogStreamKind::Stderr, message),
-                        Ok(LogOutput::StdIn { .. }) => return None,
-                        Err(e) => {
-                            return Some(Err(engine.api_error(format!("read logs of {name}"), e)))
-                        }
-                    };
-                    let (time_nanos, data) = split_timestamp(&message);
-                    if after_nanos > 0 && time_nanos.is_some_and(|t| t <= after_nanos) {
-                        return None;
+                let (stream, message) = match item {
+                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                        (LogStreamKind::Stdout, message)
                     }
-                    Some(Ok(LogChunk {
-                        stream,
-                        time_nanos,
-                        data,
-                    }))
+                    Ok(LogOutput::StdErr { message }) => (LogStreamKind::Stderr, message),
+                    Ok(LogOutput::StdIn { .. }) => return std::future::ready(None),
+                    Err(e) => {
+                        return std::future::ready(Some(Err(
+                            engine.api_error(format!("read logs of {owned_name}"), e)
+                        )))
+                    }
+                };
+                let (time_nanos, data) = split_timestamp(&message);
+                if after_nanos > 0 && time_nanos.is_some_and(|t| t <= after_nanos) {
+                    return std::future::ready(None);
                 }
+                let chunk = LogChunk {
+                    stream,
+                    time_nanos,
+                    data,
+                };
+                // Docker's json-file follow can hand the line written as the container exits
+                // out twice (read from the file, then again from its watcher): the same
+                // stream, nanosecond time and bytes twice in a row is one line.
+                if time_nanos.is_some() && last.as_ref() == Some(&chunk) {
+                    return std::future::ready(None);
+                }
+                last = Some(chunk.clone());
+                std::future::ready(Some(Ok(chunk)))
             });
         Ok(Box::pin(stream))
     }
