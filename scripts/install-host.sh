@@ -64,6 +64,12 @@ if ! docker version >/dev/null 2>&1; then
 fi
 # Pod networks are routed between bridges by the host (two clusters on one machine).
 sysctl -qw net.ipv4.ip_forward=1
+# Post-copy: CRIU's page server makes a 4 MiB pipe. A privileged pod on a real node has
+# CAP_SYS_RESOURCE for it; this machine's runtime containers cannot (the sandbox's bounding
+# set lacks it), so the node-wide limit is raised instead (docs/state-paths.md).
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+  sysctl -qw fs.pipe-max-size=4194304
+fi
 
 log "dockerd: $(docker version --format '{{.Server.Version}}')"
 log "registry: $(docker-registry --version 2>/dev/null | head -n1)"

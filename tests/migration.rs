@@ -1105,3 +1105,127 @@ macro_rules! engine_suite {
 
 engine_suite!(docker, EngineKind::Docker);
 engine_suite!(podman, EngineKind::Podman);
+
+/// Post-copy (Podman): the destination resumes the processes before their memory has arrived;
+/// CRIU's lazy pages follow over the sidecars' own connection.
+mod post_copy {
+    use super::*;
+    use ums_tests::outer::docker;
+
+    fn migrate_post_copy(pair: &Pair) -> tokio::task::JoinHandle<(u16, Value)> {
+        let client = pair.source.client();
+        let url = format!("{}/migrate", pair.source.url);
+        let body = json!({ "destination": pair.destination.url, "postCopy": true });
+        tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn resumes_before_the_pages_arrive_and_the_memory_is_whole() {
+        let pair = pair(EngineKind::Podman, &[("app", 256, 7)]).await;
+        ticks_at_least(&pair.source, "app", 20).await;
+        // What post-copy refuses, before anything is frozen.
+        let (status, body) = pair
+            .source
+            .post(
+                "/migrate",
+                &json!({ "destination": pair.destination.url, "postCopy": true, "leaveRunning": true }),
+            )
+            .await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("leaveRunning"), "{body}");
+
+        let follower = pair.source.follow_output("app");
+        let (status, report) = migrate_post_copy(&pair).await.unwrap();
+        assert_eq!(status, 200, "post-copy migration failed: {report}");
+        let totals = &report["totals"];
+        assert!(totals["postCopyMs"].is_u64(), "no postCopyMs: {report}");
+        // The archive carried no memory; the pages came through the page stream.
+        assert!(
+            totals["bytesSent"].as_u64().unwrap() < 16 << 20,
+            "the archive must not carry the memory: {report}"
+        );
+        assert!(
+            totals["pageBytes"].as_u64().unwrap() >= 256 << 20,
+            "every page must come through the page stream: {report}"
+        );
+        // The counter continues and the whole memory checks out at the destination.
+        let last = ticks(&follower.await.unwrap()).last().unwrap().tick;
+        assert_continues(&pair.destination, "app", last, 256).await;
+        let (status, probe) = pair.source.get("/probe/app").await;
+        assert_eq!((status, probe["state"].as_str()), (200, Some("migrated")));
+        assert!(pair.source.container_names().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_link_dies_mid_post_copy_and_the_source_runs_on() {
+        let pair = pair(EngineKind::Podman, &[("app", 256, 9)]).await;
+        ticks_at_least(&pair.source, "app", 20).await;
+        // Pages slow enough to cut the link while they flow: 256 MiB at 40 Mbit/s is a minute.
+        docker(&[
+            "exec", &pair.source.name, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
+            "40mbit", "burst", "256kb", "latency", "200ms",
+        ]);
+        let migration = migrate_post_copy(&pair);
+        probe_until(&pair.destination, "app", 200, "running at the destination").await;
+        // The copy runs there while its pages are still coming.
+        poll(
+            "the copy to print at the destination during post-copy",
+            Duration::from_secs(60),
+            || async {
+                (!ticks(&pair.destination.output_lines("app").await).is_empty()).then_some(())
+            },
+        )
+        .await;
+        // The link goes: every packet between the two pods is answered with a reset.
+        for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
+            docker(&[
+                "exec", &pair.source.name, "iptables", "-I", chain[0], chain[1],
+                &pair.destination.ip, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset",
+            ]);
+        }
+        let (status, body) = migration.await.unwrap();
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(body["detail"]["phase"], "transfer/restore", "{body}");
+        // The source runs on from where it was frozen: one unbroken counter, memory ok.
+        probe_until(&pair.source, "app", 200, "running again at the source").await;
+        let before = ticks(&pair.source.output_lines("app").await).len();
+        let all = poll(
+            "the source to go on printing",
+            Duration::from_secs(60),
+            || async {
+                let t = ticks(&pair.source.output_lines("app").await);
+                (t.len() > before + 300).then_some(t)
+            },
+        )
+        .await;
+        for w in all.windows(2) {
+            assert_eq!(w[1].tick, w[0].tick + 1, "gap or repeat at the source");
+        }
+        assert!(all.iter().all(|t| t.memory_ok), "memory check at the source");
+        // The copy at the destination, without the rest of its memory, goes.
+        poll(
+            "the copy at the destination to be removed",
+            Duration::from_secs(60),
+            || async {
+                let (_, listed) = pair.destination.get("/containers").await;
+                listed
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|c| c["state"] != "running")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}

@@ -35,6 +35,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
         .route("/checkpoint", post(checkpoint))
         .route("/restore/preflight", post(preflight))
         .route("/restore", post(restore))
+        .route("/restore/pages/{migration_id}", post(restore_pages))
         .route("/migrate", post(migrate))
         .route(
             "/openapi.json",
@@ -130,7 +131,10 @@ async fn require_token(
         Ok(claims) => {
             let allowed = match claims.scope {
                 Scope::Coordinator => true,
-                Scope::Peer => matches!(path.as_str(), "/info" | "/restore/preflight" | "/restore"),
+                Scope::Peer => {
+                    matches!(path.as_str(), "/info" | "/restore/preflight" | "/restore")
+                        || path.starts_with("/restore/pages/")
+                }
                 Scope::Migration => false,
             };
             if allowed {
@@ -301,6 +305,7 @@ async fn checkpoint(
             &Default::default(),
             &id,
             query.leave_running,
+            false,
         )
         .await
         .map_err(|f| {
@@ -387,6 +392,24 @@ async fn restore(
         }
     };
     Ok(Json(report).into_response())
+}
+
+/// Post-copy: the source's CRIU page server, carried both ways (request body: from the source;
+/// response body: from this side's lazy-pages daemon) while the restore of `migration_id`
+/// runs. Not serialised by `busy`: the restore it serves holds it.
+async fn restore_pages(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(migration_id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let incoming = body.into_data_stream().map_err(std::io::Error::other);
+    let back = crate::postcopy::serve_pages(&sidecar.page_tunnels, &migration_id, incoming)
+        .await
+        .map_err(ApiError::conflict)?;
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(back))
+        .map_err(|e| ApiError::internal(e.to_string()))
 }
 
 async fn migrate(

@@ -43,6 +43,63 @@ pub struct Dump {
     /// From the first freeze to the last dump written.
     pub freeze_dump_ms: u64,
     pub leave_running: bool,
+    /// Post-copy: the memory is still at the source, served by CRIU.
+    pub lazy: Option<LazySource>,
+}
+
+/// The source end of a post-copy dump: CRIU serving the pages, and the engine's checkpoint
+/// call that ends with it.
+#[derive(Debug, Clone)]
+pub struct LazySource {
+    pub page_server: std::net::SocketAddr,
+    done: std::sync::Arc<tokio::sync::Mutex<Option<CheckpointCall>>>,
+}
+
+/// The engine's checkpoint call of a lazy dump.
+type CheckpointCall = tokio::task::JoinHandle<Result<(), String>>;
+
+impl LazySource {
+    /// Waits for the engine's checkpoint call: every page served (the source processes are
+    /// gone), or CRIU gave up (it thawed them).
+    pub async fn finished(&self) -> Result<(), String> {
+        let handle = self.done.lock().await.take();
+        match handle {
+            Some(h) => h.await.map_err(|e| e.to_string()).and_then(|r| r),
+            None => Ok(()),
+        }
+    }
+
+    /// The pages will not be fetched: a CRIU still waiting is killed (the processes stay
+    /// frozen for the rollback to thaw) and the call's end awaited.
+    pub async fn abandon(&self) -> String {
+        // A reset page stream ends it by itself; one never connected waits: killed.
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until
+            && self
+                .done
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|h| !h.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let running = self
+            .done
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|h| !h.is_finished());
+        if running {
+            let killed = crate::postcopy::kill_criu();
+            tracing::warn!(killed, "lazy dump abandoned: CRIU killed");
+        }
+        match tokio::time::timeout(Duration::from_secs(60), self.finished()).await {
+            Ok(Ok(())) => "lazy dump: CRIU finished".into(),
+            Ok(Err(e)) => format!("lazy dump ended: {e}"),
+            Err(_) => "lazy dump: the engine's checkpoint call did not end in 60 s".into(),
+        }
+    }
 }
 
 /// How far a container got, for the way back.
@@ -150,6 +207,7 @@ impl Sidecar {
         images: &SavedImages,
         migration_id: &str,
         leave_running: bool,
+        post_copy: bool,
     ) -> Result<Dump, DumpFailure> {
         let pod = self.podinfo.read().await.map_err(|e| DumpFailure {
             error: e.into(),
@@ -180,6 +238,7 @@ impl Sidecar {
         for p in &progress {
             self.set_phase(&p.info.name, Some(Phase::Migrating));
         }
+        let mut lazy = None;
         let result = self
             .dump_all(
                 &mut progress,
@@ -187,6 +246,7 @@ impl Sidecar {
                 images,
                 migration_id,
                 leave_running,
+                post_copy.then_some(&mut lazy),
                 &pod,
                 source,
                 frozen_at,
@@ -195,7 +255,11 @@ impl Sidecar {
         match result {
             Ok(dump) => Ok(dump),
             Err(error) => {
-                let rollback = self.roll_back(&progress).await;
+                let mut rollback = Vec::new();
+                if let Some(lazy) = &lazy {
+                    rollback.push(lazy.abandon().await);
+                }
+                rollback.extend(self.roll_back(&progress).await);
                 Err(DumpFailure { error, rollback })
             }
         }
@@ -209,6 +273,7 @@ impl Sidecar {
         images: &SavedImages,
         migration_id: &str,
         leave_running: bool,
+        mut lazy: Option<&mut Option<LazySource>>,
         pod: &crate::podinfo::PodState,
         source: crate::engine::EngineInfo,
         frozen_at: Instant,
@@ -228,15 +293,29 @@ impl Sidecar {
             let name = p.info.name.clone();
             let checkpoint_id = format!("ums-{migration_id}");
             let started = Instant::now();
-            let files = self
-                .engine
-                .checkpoint(
-                    &name,
-                    &checkpoint_id,
-                    leave_running,
-                    !p.connections.is_empty(),
-                )
-                .await?;
+            let files = match lazy.as_deref_mut() {
+                Some(slot) => {
+                    let made = self
+                        .engine
+                        .checkpoint_lazy(&name, &checkpoint_id, !p.connections.is_empty())
+                        .await?;
+                    *slot = Some(LazySource {
+                        page_server: made.page_server,
+                        done: std::sync::Arc::new(tokio::sync::Mutex::new(Some(made.done))),
+                    });
+                    made.files
+                }
+                None => {
+                    self.engine
+                        .checkpoint(
+                            &name,
+                            &checkpoint_id,
+                            leave_running,
+                            !p.connections.is_empty(),
+                        )
+                        .await?
+                }
+            };
             p.checkpoint_id = Some(checkpoint_id.clone());
             let dump_ms = ms(started.elapsed());
             let mut container_sources = vec![PackSource {
@@ -277,7 +356,11 @@ impl Sidecar {
                 image: p.info.image.clone(),
                 image_id: p.info.image_id.clone(),
                 checkpoint_id: checkpoint_id.clone(),
-                memory_parts: vec![MemoryPart::Full],
+                memory_parts: vec![if lazy.is_some() {
+                    MemoryPart::Lazy
+                } else {
+                    MemoryPart::Full
+                }],
                 criu_bytes,
                 rootfs_bytes,
                 engine_bytes,
@@ -347,6 +430,7 @@ impl Sidecar {
             frozen_at,
             freeze_dump_ms,
             leave_running,
+            lazy: lazy.and_then(|slot| slot.clone()),
         })
     }
 

@@ -6,7 +6,8 @@
 //! - [`engine`] is the engine trait and its Docker driver;
 //! - [`archive`] packs and unpacks migration archives (format documented there);
 //! - [`volumes`] decides which pod volumes travel and puts arrived ones in place;
-//! - [`api`] is the HTTP API, [`migrate`] the live migration, [`ambassador`] the stand-in.
+//! - [`api`] is the HTTP API, [`migrate`] the live migration, [`postcopy`] its lazy-pages
+//!   mode, [`ambassador`] the stand-in.
 
 pub mod ambassador;
 pub mod api;
@@ -20,6 +21,7 @@ pub mod migrate;
 pub mod nested;
 pub mod openapi;
 pub mod podinfo;
+pub mod postcopy;
 pub mod quantity_bytes;
 pub mod restore;
 pub mod serve;

@@ -49,6 +49,12 @@ pub struct MigrateRequest {
     /// `always`, or `never` (a destination without an image refuses).
     #[serde(default)]
     pub images: SendImages,
+    /// Post-copy: the destination resumes the processes before their memory has arrived;
+    /// pages follow on demand (CRIU lazy pages). One running container, Podman, not with
+    /// `leaveRunning`. The source stays frozen until the last page has arrived; if the page
+    /// stream breaks before, the copy at the destination is removed and the source runs on.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// Totals of a migration.
@@ -66,6 +72,13 @@ pub struct MigrationTotals {
     pub freeze_dump_ms: u64,
     pub transfer_ms: u64,
     pub restore_ms: u64,
+    /// Post-copy: from running at the destination to the last page arrived (the service runs
+    /// meanwhile; not part of the downtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_ms: Option<u64>,
+    /// Post-copy: bytes of CRIU's page stream sent to the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_bytes: Option<u64>,
     /// Frozen at the source until running at the destination.
     pub downtime_ms: u64,
     pub total_ms: u64,
@@ -120,6 +133,40 @@ fn client(pin: Option<&str>) -> Result<reqwest::Client, ApiError> {
     builder
         .build()
         .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))
+}
+
+/// What post-copy needs of a migration before anything is frozen.
+fn check_post_copy(
+    request: &MigrateRequest,
+    kind: crate::engine::EngineKind,
+    selected: &[crate::engine::ContainerInfo],
+) -> Result<(), ApiError> {
+    if request.leave_running {
+        return Err(ApiError::bad_request(
+            "postCopy moves the service: it cannot be combined with leaveRunning",
+        ));
+    }
+    if kind != crate::engine::EngineKind::Podman {
+        return Err(ApiError::bad_request(format!(
+            "postCopy is built for Podman (pind) only; this pod's engine is {kind}"
+        )));
+    }
+    match selected {
+        [one] if one.is_running() => {}
+        [one] => {
+            return Err(ApiError::conflict(format!(
+                "postCopy needs a running container; {:?} is {}",
+                one.name, one.state
+            )))
+        }
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "postCopy moves one container at a time; this migration has {} (name one in containers)",
+                selected.len()
+            )))
+        }
+    }
+    crate::postcopy::lazy_pages_possible().map_err(ApiError::conflict)
 }
 
 /// A migration id given by the caller: what ids are made of (letters, digits, `-`), 1-63.
@@ -205,9 +252,15 @@ impl Sidecar {
         let http = client(pin.filter(|_| url.scheme() == "https"))?;
         let selected = self.select(&request.containers).await?;
         let volumes = self.travelling_volumes(&request.volumes).await?;
+        if request.post_copy {
+            check_post_copy(&request, self.engine.kind(), &selected)?;
+        }
         // The lowest archive version that carries what this migration sends.
-        let format_version =
+        let mut format_version =
             crate::archive::version_for(self.engine.kind(), !volumes.is_empty(), false);
+        if request.post_copy {
+            format_version = format_version.max(crate::archive::LAZY_VERSION);
+        }
         let migration_id = request.migration_id.clone().unwrap_or_else(|| new_id("m"));
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
 
@@ -340,6 +393,7 @@ impl Sidecar {
                 &images,
                 &migration_id,
                 request.leave_running,
+                request.post_copy,
             )
             .await
         {
@@ -358,6 +412,17 @@ impl Sidecar {
         // 3. Stream the archive into the destination's /restore; it answers once the
         //    containers run there.
         let transfer_started = Instant::now();
+        // Post-copy: CRIU's page server, carried to the destination while it restores.
+        let (verdict, decided) = tokio::sync::oneshot::channel::<bool>();
+        let pages = dump.lazy.as_ref().map(|lazy| {
+            tokio::spawn(crate::postcopy::carry_pages(
+                http.clone(),
+                format!("{destination}/restore/pages/{migration_id}"),
+                token.clone(),
+                lazy.page_server,
+                decided,
+            ))
+        });
         let (stream, writer) = archive_stream(&dump, zstd_level);
         let mut post =
             authorized(http.post(format!("{destination}/restore?migrationId={migration_id}")))
@@ -389,11 +454,20 @@ impl Sidecar {
                     }
                     _ => error,
                 };
-                let rollback = if dump.leave_running {
-                    vec![]
-                } else {
-                    self.roll_back_dump(&dump).await
-                };
+                let mut rollback = vec![];
+                // CRIU here is told the pages were not all fetched: it thaws the processes.
+                let _ = verdict.send(false);
+                if let Some(pages) = pages {
+                    if let Ok(Err(e)) = pages.await {
+                        tracing::warn!(error = %e, "page stream");
+                    }
+                }
+                if let Some(lazy) = &dump.lazy {
+                    rollback.push(lazy.abandon().await);
+                }
+                if !dump.leave_running {
+                    rollback.extend(self.roll_back_dump(&dump).await);
+                }
                 let _ = self.remove_checkpoints(&dump).await;
                 return Err(failed(
                     StatusCode::BAD_GATEWAY,
@@ -403,8 +477,25 @@ impl Sidecar {
                 ));
             }
         };
-        let downtime_ms = ms(dump.frozen_at.elapsed());
-        let round_trip_ms = ms(transfer_started.elapsed());
+        // Post-copy: the destination has every page; CRIU at this end ends with its stream.
+        let mut page_bytes = None;
+        let _ = verdict.send(true);
+        if let Some(lazy) = &dump.lazy {
+            if let Err(e) = lazy.finished().await {
+                tracing::warn!(error = %e, "the destination has every page but CRIU's dump here reported a failure");
+            }
+            if let Some(pages) = pages {
+                match pages.await {
+                    Ok(Ok(n)) => page_bytes = Some(n),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "page stream"),
+                    Err(e) => tracing::warn!(error = %e, "page stream task"),
+                }
+            }
+        }
+        let post_copy_ms = restore_report.post_copy_ms;
+        let downtime_ms = ms(dump.frozen_at.elapsed()).saturating_sub(post_copy_ms.unwrap_or(0));
+        let round_trip_ms =
+            ms(transfer_started.elapsed()).saturating_sub(post_copy_ms.unwrap_or(0));
         let bytes_sent = written.unwrap_or(0);
 
         // 4. The destination runs the containers: they go here.
@@ -462,6 +553,8 @@ impl Sidecar {
                 freeze_dump_ms: dump.freeze_dump_ms,
                 transfer_ms: round_trip_ms.saturating_sub(restore_report.restore_ms),
                 restore_ms: restore_report.restore_ms,
+                post_copy_ms,
+                page_bytes,
                 downtime_ms: if dump.leave_running { 0 } else { downtime_ms },
                 total_ms: ms(started.elapsed()),
             },

@@ -43,6 +43,8 @@ pub struct Sidecar {
     pub tls_sha256: Option<String>,
     /// Held by a checkpoint, restore or migration: one at a time.
     pub busy: Arc<tokio::sync::Mutex<()>>,
+    /// Post-copy restores here waiting for their source's page stream.
+    pub page_tunnels: Arc<crate::postcopy::PageTunnels>,
     /// The engine's facts (version, CRIU, kernel), read once: they do not change while the
     /// sidecar runs, and Podman takes hundreds of milliseconds to answer.
     engine_info: tokio::sync::OnceCell<crate::engine::EngineInfo>,
@@ -89,6 +91,7 @@ impl Sidecar {
             coordinator_keys: Vec::new(),
             tls_sha256: None,
             busy: Arc::new(tokio::sync::Mutex::new(())),
+            page_tunnels: Default::default(),
             creating: tokio::sync::Mutex::new(()),
             engine_info: tokio::sync::OnceCell::new(),
             phases: std::sync::Mutex::new(HashMap::new()),

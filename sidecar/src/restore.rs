@@ -10,15 +10,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::unpack::{check_manifest, unpack, Unpacked};
 use crate::archive::{
-    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, READABLE_VERSIONS,
+    criu_prefix, engine_prefix, rootfs_prefix, ArchiveError, Manifest, MemoryPart,
+    READABLE_VERSIONS,
 };
 use crate::checkpoint::ms;
 use crate::engine::{CheckpointFiles, EngineInfo};
 use crate::error::{chain, ApiError};
 use crate::nested::Sidecar;
+use crate::postcopy::LazyDaemon;
 use crate::spec::translate;
 use crate::tcp::{
-    local_addresses, restore_mode, ClosedRestore, ConnectionLock, TcpConnection, TcpRestore,
+    local_addresses, restore_mode, ClosedRestore, ConnectionLock, CriuConfigOverride,
+    TcpConnection, TcpRestore, RUNC_CRIU_CONFIG,
 };
 use crate::volumes;
 
@@ -136,6 +139,9 @@ pub struct RestoreReport {
     pub receive_ms: u64,
     /// From the trailer verified to every container running.
     pub restore_ms: u64,
+    /// Post-copy: from the processes running here to the last page arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_ms: Option<u64>,
     pub containers: Vec<RestoredContainer>,
 }
 
@@ -154,6 +160,14 @@ impl Sidecar {
         let mut missing_images = Vec::new();
         let here = self.engine_info().await?;
         let mut problems = compatibility_problems(&request.source, &here, request.format_version);
+        if request.format_version >= crate::archive::LAZY_VERSION
+            && here.kind != crate::engine::EngineKind::Podman
+        {
+            problems.push(format!(
+                "post-copy restores are built for Podman only; this is {}",
+                here.kind
+            ));
+        }
         if !request.volumes.is_empty() {
             let mine = self.pod_volumes().await?;
             for name in &request.volumes {
@@ -368,6 +382,7 @@ impl Sidecar {
             )
         })?;
         let mut containers = Vec::new();
+        let mut post_copy_ms = None;
         for (c, spec) in manifest.containers.iter().zip(&specs) {
             let one = Instant::now();
             let staged = CheckpointFiles {
@@ -390,17 +405,76 @@ impl Sidecar {
             } else {
                 None
             };
-            if let Err(e) = self
+            // Post-copy: CRIU's lazy-pages daemon first, and the restore told to use it.
+            let lazy = if c.memory_parts == [MemoryPart::Lazy] {
+                let daemon = LazyDaemon::start(
+                    &self.engine_root,
+                    &manifest.migration_id,
+                    &staged.criu_dir,
+                    self.page_tunnels.clone(),
+                )
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("failed to restore {:?}: {}", c.name, chain(&e)),
+                    )
+                })?;
+                Some(daemon)
+            } else {
+                None
+            };
+            let lazy_config = match &lazy {
+                Some(daemon) => {
+                    let options = daemon.restore_options();
+                    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+                    Some(
+                        CriuConfigOverride::set(Path::new(RUNC_CRIU_CONFIG), &options).map_err(
+                            |e| {
+                                ApiError::internal(format!(
+                                    "failed to write {RUNC_CRIU_CONFIG} for the lazy restore: {e}"
+                                ))
+                            },
+                        )?,
+                    )
+                }
+                None => None,
+            };
+            let restored = self
                 .engine
                 .restore_imported(spec, &c.checkpoint_id, &staged, tcp)
-                .await
-            {
+                .await;
+            drop(lazy_config);
+            if let Err(e) = restored {
+                self.page_tunnels.forget(&manifest.migration_id);
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     format!("failed to restore {:?}: {}", c.name, chain(&e)),
                 ));
             }
             let state = self.wait_running(&c.name, Duration::from_secs(60)).await?;
+            let resumed_ms = ms(one.elapsed());
+            if let Some(daemon) = lazy {
+                let pages = Instant::now();
+                let finished = daemon.finish().await;
+                self.page_tunnels.forget(&manifest.migration_id);
+                if let Err(e) = finished {
+                    // Pages that will never come: the copy here cannot go on.
+                    let removed = match self.engine.remove(&c.name).await {
+                        Ok(()) => "the copy here was removed".to_owned(),
+                        Err(r) => format!("the copy here could NOT be removed: {}", chain(&r)),
+                    };
+                    return Err(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "post-copy of {:?} failed after it resumed here: {}; {removed}",
+                            c.name,
+                            chain(&e)
+                        ),
+                    ));
+                }
+                post_copy_ms = Some(ms(pages.elapsed()));
+            }
             let _ = self
                 .engine
                 .remove_checkpoint(&c.name, &c.checkpoint_id)
@@ -410,7 +484,7 @@ impl Sidecar {
                 tcp_connections: c.tcp_connections.len(),
                 tcp,
                 state,
-                restore_ms: ms(one.elapsed()),
+                restore_ms: resumed_ms,
             });
         }
         let report = RestoreReport {
@@ -418,7 +492,8 @@ impl Sidecar {
             entries: unpacked.entries,
             content_bytes: unpacked.content_bytes,
             receive_ms,
-            restore_ms: ms(started.elapsed()),
+            restore_ms: ms(started.elapsed()) - post_copy_ms.unwrap_or(0),
+            post_copy_ms,
             containers,
         };
         tracing::info!(migration = %report.migration_id, restore_ms = report.restore_ms, "restored");

@@ -42,12 +42,13 @@ struct Args {
     /// Engines: docker (dind), podman (pind).
     #[arg(long, value_delimiter = ',', default_value = "podman,docker")]
     engines: Vec<String>,
-    /// Methods: staged, sidecar, criu, shaped (the sidecar over a link shaped to 1 Gbit/s
-    /// with tc between the two pods' network namespaces).
+    /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`, Podman only), criu,
+    /// shaped (the sidecar over a link shaped to 1 Gbit/s with tc between the two pods'
+    /// network namespaces).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "staged,sidecar,criu,shaped"
+        default_value = "staged,sidecar,postcopy,criu,shaped"
     )]
     methods: Vec<String>,
     /// Set up a source (workload running) and a passive destination for the first engine and
@@ -285,7 +286,7 @@ fn peak_rss_kib(pod: &RuntimePod) -> u64 {
 /// The link rate of the `shaped` method, bits per second (tc's `1gbit`).
 const SHAPED_RATE_BITS: u64 = 1_000_000_000;
 
-async fn sidecar(kind: EngineKind, mib: u32, shaped: bool) -> Row {
+async fn sidecar(kind: EngineKind, mib: u32, shaped: bool, post_copy: bool) -> Row {
     let (source, destination) = pair(kind, mib).await;
     if shaped {
         // The source pod's egress (the state's direction) through a token bucket at 1 Gbit/s.
@@ -296,21 +297,31 @@ async fn sidecar(kind: EngineKind, mib: u32, shaped: bool) -> Row {
     }
     settle().await;
     let (status, report) = source
-        .post("/migrate", &json!({ "destination": destination.url }))
+        .post(
+            "/migrate",
+            &json!({ "destination": destination.url, "postCopy": post_copy }),
+        )
         .await;
     assert_eq!(status, 200, "{report}");
     let totals = &report["totals"];
     let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
-    let parts = ["preflightMs", "freezeDumpMs", "transferMs", "restoreMs"]
+    let mut parts: BTreeMap<String, u64> = ["preflightMs", "freezeDumpMs", "transferMs", "restoreMs"]
         .iter()
         .map(|k| (k.trim_end_matches("Ms").to_owned(), ms(k)))
         .collect();
+    if post_copy {
+        parts.insert("postCopy".into(), ms("postCopyMs"));
+    }
     let rss = (peak_rss_kib(&source), peak_rss_kib(&destination));
     check_running(&destination, NAME).await;
     Row {
         engine: source.engine_cli().into(),
         mib,
-        method: if shaped { "shaped" } else { "sidecar" },
+        method: match (shaped, post_copy) {
+            (true, _) => "shaped",
+            (false, true) => "postcopy",
+            (false, false) => "sidecar",
+        },
         downtime_ms: ms("downtimeMs"),
         total_ms: ms("totalMs"),
         parts,
@@ -474,8 +485,8 @@ fn svg(rows: &[Row]) -> String {
             groups.push((r.engine.clone(), r.mib));
         }
     }
-    let methods = ["staged", "sidecar", "criu"];
-    let colors = ["#9e9e9e", "#1f77b4", "#2ca02c"];
+    let methods = ["staged", "sidecar", "postcopy", "criu"];
+    let colors = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c"];
     let max = rows
         .iter()
         .filter(|r| methods.contains(&r.method))
@@ -484,7 +495,7 @@ fn svg(rows: &[Row]) -> String {
         .unwrap_or(1)
         .max(1) as f64;
     let (bar, gap, height, left, top) = (28.0, 30.0, 300.0, 60.0, 40.0);
-    let width = left + groups.len() as f64 * (3.0 * bar + gap) + 160.0;
+    let width = left + groups.len() as f64 * (4.0 * bar + gap) + 160.0;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"14\">Downtime (s), one run of scripts/bench.sh</text>\n",
         height + top + 60.0
@@ -496,7 +507,7 @@ fn svg(rows: &[Row]) -> String {
         top + height
     ));
     for (g, (engine, mib)) in groups.iter().enumerate() {
-        let x0 = left + g as f64 * (3.0 * bar + gap) + gap / 2.0;
+        let x0 = left + g as f64 * (4.0 * bar + gap) + gap / 2.0;
         for (m, method) in methods.iter().enumerate() {
             if let Some(r) = rows
                 .iter()
@@ -517,7 +528,7 @@ fn svg(rows: &[Row]) -> String {
         }
         out.push_str(&format!(
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{engine} {mib} MiB</text>\n",
-            x0 + 1.5 * bar,
+            x0 + 2.0 * bar,
             top + height + 18.0
         ));
     }
@@ -556,16 +567,21 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         for &mib in &args.sizes {
-            for method in ["staged", "sidecar", "criu", "shaped"] {
+            for method in ["staged", "sidecar", "postcopy", "criu", "shaped"] {
                 if !args.methods.iter().any(|m| m == method) {
+                    continue;
+                }
+                if method == "postcopy" && kind != EngineKind::Podman {
+                    eprintln!("[bench] {engine} {mib} MiB postcopy: not built for this engine");
                     continue;
                 }
                 eprint!("[bench] {engine} {mib} MiB {method} ... ");
                 std::io::stderr().flush().ok();
                 let row = match method {
                     "staged" => staged(kind, mib).await,
-                    "sidecar" => sidecar(kind, mib, false).await,
-                    "shaped" => sidecar(kind, mib, true).await,
+                    "sidecar" => sidecar(kind, mib, false, false).await,
+                    "postcopy" => sidecar(kind, mib, false, true).await,
+                    "shaped" => sidecar(kind, mib, true, false).await,
                     _ => criu(kind, mib).await,
                 };
                 eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);

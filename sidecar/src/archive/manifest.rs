@@ -6,20 +6,33 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{EngineInfo, EngineKind};
 
 /// The newest archive format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Every version this build reads: a version-1 archive is a version-2 archive without
-/// volumes and images; version 3 only changes what a Podman source's engine files are.
-pub const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
+/// volumes and images; version 3 only changes what a Podman source's engine files are; version 4
+/// adds memory that follows the restore (`lazy`, post-copy).
+pub const READABLE_VERSIONS: [u32; 4] = [1, 2, 3, 4];
+
+/// The version an archive whose memory follows the restore needs (post-copy).
+pub const LAZY_VERSION: u32 = 4;
 
 /// The lowest version that can carry `manifest`'s content (an older destination still reads
 /// an archive that needs nothing newer).
 pub fn required_version(manifest: &Manifest) -> u32 {
-    version_for(
+    let lazy = manifest
+        .containers
+        .iter()
+        .any(|c| c.memory_parts.contains(&MemoryPart::Lazy));
+    let version = version_for(
         manifest.source.kind,
         !manifest.volumes.is_empty(),
         !manifest.images.is_empty(),
-    )
+    );
+    if lazy {
+        version.max(LAZY_VERSION)
+    } else {
+        version
+    }
 }
 
 /// The lowest version that carries an archive from a `kind` engine with or without volumes
@@ -112,6 +125,9 @@ pub struct ImageManifest {
 pub enum MemoryPart {
     /// Every page is in the container's `criu/` images.
     Full,
+    /// No page is in the archive: the source's CRIU serves them once the destination has
+    /// resumed the processes (post-copy, version 4; `POST /restore/pages/{migrationId}`).
+    Lazy,
 }
 
 /// An entry as listed in the manifest.

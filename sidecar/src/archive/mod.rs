@@ -63,7 +63,7 @@ mod tests;
 
 pub use manifest::{
     required_version, version_for, ContainerManifest, EntrySummary, ImageManifest, Manifest,
-    MemoryPart, Trailer, VolumeManifest, FORMAT_VERSION, READABLE_VERSIONS,
+    MemoryPart, Trailer, VolumeManifest, FORMAT_VERSION, LAZY_VERSION, READABLE_VERSIONS,
 };
 
 /// Path of the manifest entry.

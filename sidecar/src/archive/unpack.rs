@@ -11,7 +11,8 @@ use sha2::{Digest as _, Sha256};
 use super::pack::{description_digest, EntryKind};
 use super::{
     criu_prefix, engine_prefix, image_path, rootfs_prefix, volume_prefix, ArchiveError, Manifest,
-    MemoryPart, Trailer, IMAGES_PREFIX, MANIFEST_PATH, READABLE_VERSIONS, TRAILER_PATH,
+    MemoryPart, Trailer, IMAGES_PREFIX, LAZY_VERSION, MANIFEST_PATH, READABLE_VERSIONS,
+    TRAILER_PATH,
 };
 
 /// What was unpacked.
@@ -77,12 +78,23 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(), ArchiveError> {
             )));
         }
     }
+    let lazy = manifest
+        .containers
+        .iter()
+        .any(|c| c.memory_parts == [MemoryPart::Lazy]);
     for c in &manifest.containers {
-        if c.memory_parts != [MemoryPart::Full] {
+        let readable = c.memory_parts == [MemoryPart::Full]
+            || (c.memory_parts == [MemoryPart::Lazy] && manifest.format_version >= LAZY_VERSION);
+        if !readable {
             return Err(ArchiveError::BadManifest(format!(
-                "container {:?} has memory parts {:?}; this sidecar restores one full part",
+                "container {:?} has memory parts {:?}; this sidecar restores one full part, or one lazy part (version {LAZY_VERSION})",
                 c.name, c.memory_parts
             )));
+        }
+        if lazy && manifest.containers.len() != 1 {
+            return Err(ArchiveError::BadManifest(
+                "a lazy (post-copy) archive holds one container".into(),
+            ));
         }
         if !valid_name(&c.name) {
             return Err(ArchiveError::BadManifest(format!(

@@ -77,6 +77,17 @@ pub struct CheckpointFiles {
     pub engine_dir: Option<PathBuf>,
 }
 
+/// A lazy checkpoint under way (post-copy): every image but the memory is written, and CRIU
+/// serves the pages on `page_server` until the destination has fetched them all.
+#[derive(Debug)]
+pub struct LazyCheckpoint {
+    pub files: CheckpointFiles,
+    pub page_server: std::net::SocketAddr,
+    /// The engine's checkpoint call: it ends once CRIU has served every page (the source
+    /// processes are then gone) or failed (CRIU thawed them).
+    pub done: tokio::task::JoinHandle<Result<(), String>>,
+}
+
 /// Which stream a line of output came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogStreamKind {
@@ -236,6 +247,22 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
         leave_running: bool,
         tcp_established: bool,
     ) -> Result<CheckpointFiles, EngineError>;
+    /// Dumps the (frozen) container lazily for post-copy: returns once the non-memory images
+    /// are written and CRIU serves the pages (see [`crate::postcopy`]).
+    async fn checkpoint_lazy(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        tcp_established: bool,
+    ) -> Result<LazyCheckpoint, EngineError> {
+        let _ = (checkpoint_id, tcp_established);
+        Err(EngineError::Api {
+            engine: self.kind(),
+            action: format!("checkpoint {name} lazily"),
+            status: None,
+            message: "post-copy is not built for this engine".into(),
+        })
+    }
     /// Restores `name` in place from a checkpoint this engine made (the way back after a
     /// failed migration).
     async fn restore_in_place(

@@ -25,7 +25,7 @@ use tokio_util::io::{ReaderStream, SyncIoBridge};
 
 use super::compat::Compat;
 use super::files::{merge_into, move_into};
-use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind};
+use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind, LazyCheckpoint};
 use crate::spec::NestedSpec;
 
 const LIBPOD: &str = "/v5.0.0/libpod";
@@ -366,6 +366,104 @@ impl Engine for PodmanEngine {
             criu_dir,
             rootfs_dir: self.compat.upper_dir(name).await?,
             engine_dir: Some(engine_dir),
+        })
+    }
+
+    async fn checkpoint_lazy(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        tcp_established: bool,
+    ) -> Result<LazyCheckpoint, EngineError> {
+        // Read before the call: Podman holds the container's lock until every page is served.
+        let userdata = self.userdata(name).await?;
+        let rootfs_dir = self.compat.upper_dir(name).await?;
+        let base = self.checkpoint_base(checkpoint_id, name);
+        let engine_dir = base.join("engine");
+        let criu_dir = base.join("criu");
+        let _ = tokio::fs::remove_dir_all(&base).await;
+        for d in [&engine_dir, &criu_dir] {
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(|e| EngineError::io("create", d, e))?;
+        }
+        let log = userdata.join("dump.log");
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_dir_all(userdata.join("checkpoint"));
+        let port = crate::postcopy::free_loopback_port()
+            .map_err(|e| EngineError::io("find a free port on", "127.0.0.1", e))?;
+        let page_server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let config = crate::tcp::CriuConfigOverride::set(
+            Path::new(crate::tcp::RUNC_CRIU_CONFIG),
+            &["lazy-pages", "address 127.0.0.1", &format!("port {port}")],
+        )
+        .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
+        let socket = self.compat.socket.clone();
+        let path = format!(
+            "{LIBPOD}/containers/{name}/checkpoint?keep=true&fileLocks=true&tcpEstablished={tcp_established}"
+        );
+        let mut done = tokio::spawn(async move {
+            let response = unix_http::request(&socket, "POST", &path, None).await?;
+            match response.status {
+                200..=299 => Ok(()),
+                status => Err(format!(
+                    "Podman answered {status}: {}",
+                    String::from_utf8_lossy(&response.body).trim()
+                )),
+            }
+        });
+        // Ready when CRIU says it serves the pages; the call ending first is a failure.
+        let until = Instant::now() + Duration::from_secs(300);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Starting lazy pages server") {
+                break;
+            }
+            if done.is_finished() {
+                let outcome = (&mut done).await.map_err(|e| e.to_string()).and_then(|r| r);
+                drop(config);
+                let message = match outcome {
+                    Err(e) => format!("{e}; CRIU's log: {}", crate::postcopy::log_tail(&text)),
+                    Ok(()) => format!(
+                        "the checkpoint ended without serving pages lazily ({} not read?)",
+                        crate::tcp::RUNC_CRIU_CONFIG
+                    ),
+                };
+                return Err(EngineError::Api {
+                    engine: EngineKind::Podman,
+                    action: format!("checkpoint {name} lazily"),
+                    status: None,
+                    message,
+                });
+            }
+            if Instant::now() > until {
+                drop(config);
+                crate::postcopy::kill_criu();
+                return Err(EngineError::Api {
+                    engine: EngineKind::Podman,
+                    action: format!("checkpoint {name} lazily"),
+                    status: None,
+                    message: "CRIU did not start serving pages in 300 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(config);
+        // The non-memory images are written: copied (CRIU still runs in that directory).
+        let images = userdata.join("checkpoint");
+        for entry in std::fs::read_dir(&images).map_err(|e| EngineError::io("read", &images, e))? {
+            let entry = entry.map_err(|e| EngineError::io("read", &images, e))?;
+            let to = criu_dir.join(entry.file_name());
+            std::fs::copy(entry.path(), &to).map_err(|e| EngineError::io("copy", &to, e))?;
+        }
+        Ok(LazyCheckpoint {
+            files: CheckpointFiles {
+                criu_dir,
+                rootfs_dir,
+                engine_dir: Some(engine_dir),
+            },
+            page_server,
+            done,
         })
     }
 
