@@ -1106,7 +1106,7 @@ macro_rules! engine_suite {
 engine_suite!(docker, EngineKind::Docker);
 engine_suite!(podman, EngineKind::Podman);
 
-/// Post-copy (Podman): the destination resumes the processes before their memory has arrived;
+/// Post-copy: the destination resumes the processes before their memory has arrived;
 /// CRIU's lazy pages follow over the sidecars' own connection.
 mod post_copy {
     use super::*;
@@ -1130,8 +1130,27 @@ mod post_copy {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn resumes_before_the_pages_arrive_and_the_memory_is_whole() {
-        let pair = pair(EngineKind::Podman, &[("app", 256, 7)]).await;
+    async fn podman_resumes_before_the_pages_arrive() {
+        resumes_before_the_pages_arrive_and_the_memory_is_whole(EngineKind::Podman).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn docker_resumes_before_the_pages_arrive() {
+        resumes_before_the_pages_arrive_and_the_memory_is_whole(EngineKind::Docker).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn podman_link_dies_and_the_source_runs_on() {
+        the_link_dies_mid_post_copy_and_the_source_runs_on(EngineKind::Podman).await
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn docker_link_dies_and_the_source_runs_on() {
+        the_link_dies_mid_post_copy_and_the_source_runs_on(EngineKind::Docker).await
+    }
+
+    async fn resumes_before_the_pages_arrive_and_the_memory_is_whole(kind: EngineKind) {
+        let pair = pair(kind, &[("app", 256, 7)]).await;
         ticks_at_least(&pair.source, "app", 20).await;
         // What post-copy refuses, before anything is frozen.
         let (status, body) = pair
@@ -1142,7 +1161,10 @@ mod post_copy {
             )
             .await;
         assert_eq!(status, 400, "{body}");
-        assert!(body["error"].as_str().unwrap().contains("leaveRunning"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("leaveRunning"),
+            "{body}"
+        );
 
         let follower = pair.source.follow_output("app");
         let (status, report) = migrate_post_copy(&pair).await.unwrap();
@@ -1166,14 +1188,26 @@ mod post_copy {
         assert!(pair.source.container_names().is_empty());
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn the_link_dies_mid_post_copy_and_the_source_runs_on() {
-        let pair = pair(EngineKind::Podman, &[("app", 256, 9)]).await;
+    async fn the_link_dies_mid_post_copy_and_the_source_runs_on(kind: EngineKind) {
+        let pair = pair(kind, &[("app", 256, 9)]).await;
         ticks_at_least(&pair.source, "app", 20).await;
         // Pages slow enough to cut the link while they flow: 256 MiB at 40 Mbit/s is a minute.
         docker(&[
-            "exec", &pair.source.name, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
-            "40mbit", "burst", "256kb", "latency", "200ms",
+            "exec",
+            &pair.source.name,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "eth0",
+            "root",
+            "tbf",
+            "rate",
+            "40mbit",
+            "burst",
+            "256kb",
+            "latency",
+            "200ms",
         ]);
         let migration = migrate_post_copy(&pair);
         probe_until(&pair.destination, "app", 200, "running at the destination").await;
@@ -1189,8 +1223,19 @@ mod post_copy {
         // The link goes: every packet between the two pods is answered with a reset.
         for chain in [["OUTPUT", "-d"], ["INPUT", "-s"]] {
             docker(&[
-                "exec", &pair.source.name, "iptables", "-I", chain[0], chain[1],
-                &pair.destination.ip, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset",
+                "exec",
+                &pair.source.name,
+                "iptables",
+                "-I",
+                chain[0],
+                chain[1],
+                &pair.destination.ip,
+                "-p",
+                "tcp",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
             ]);
         }
         let (status, body) = migration.await.unwrap();
@@ -1211,7 +1256,10 @@ mod post_copy {
         for w in all.windows(2) {
             assert_eq!(w[1].tick, w[0].tick + 1, "gap or repeat at the source");
         }
-        assert!(all.iter().all(|t| t.memory_ok), "memory check at the source");
+        assert!(
+            all.iter().all(|t| t.memory_ok),
+            "memory check at the source"
+        );
         // The copy at the destination, without the rest of its memory, goes.
         poll(
             "the copy at the destination to be removed",

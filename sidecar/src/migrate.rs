@@ -50,7 +50,7 @@ pub struct MigrateRequest {
     #[serde(default)]
     pub images: SendImages,
     /// Post-copy: the destination resumes the processes before their memory has arrived;
-    /// pages follow on demand (CRIU lazy pages). One running container, Podman, not with
+    /// pages follow on demand (CRIU lazy pages). One running container, not with
     /// `leaveRunning`. The source stays frozen until the last page has arrived; if the page
     /// stream breaks before, the copy at the destination is removed and the source runs on.
     #[serde(default)]
@@ -138,18 +138,12 @@ fn client(pin: Option<&str>) -> Result<reqwest::Client, ApiError> {
 /// What post-copy needs of a migration before anything is frozen.
 fn check_post_copy(
     request: &MigrateRequest,
-    kind: crate::engine::EngineKind,
     selected: &[crate::engine::ContainerInfo],
 ) -> Result<(), ApiError> {
     if request.leave_running {
         return Err(ApiError::bad_request(
             "postCopy moves the service: it cannot be combined with leaveRunning",
         ));
-    }
-    if kind != crate::engine::EngineKind::Podman {
-        return Err(ApiError::bad_request(format!(
-            "postCopy is built for Podman (pind) only; this pod's engine is {kind}"
-        )));
     }
     match selected {
         [one] if one.is_running() => {}
@@ -253,7 +247,7 @@ impl Sidecar {
         let selected = self.select(&request.containers).await?;
         let volumes = self.travelling_volumes(&request.volumes).await?;
         if request.post_copy {
-            check_post_copy(&request, self.engine.kind(), &selected)?;
+            check_post_copy(&request, &selected)?;
         }
         // The lowest archive version that carries what this migration sends.
         let mut format_version =

@@ -142,7 +142,10 @@ impl StreamProgress {
     }
 
     fn idle(&self) -> Duration {
-        self.last.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
     }
 
     fn ended(&self) -> Option<String> {
@@ -210,7 +213,9 @@ impl LazyDaemon {
         images: &Path,
         tunnels: std::sync::Arc<PageTunnels>,
     ) -> Result<Self, PostCopyError> {
-        let dir = root.join("ums-lazy").join(crate::checkpoint::file_safe_id(id));
+        let dir = root
+            .join("ums-lazy")
+            .join(crate::checkpoint::file_safe_id(id));
         let copy = dir.join("images");
         let work = dir.join("work");
         let _ = std::fs::remove_dir_all(&dir);
@@ -302,7 +307,8 @@ impl LazyDaemon {
         let status = loop {
             match tokio::time::timeout(Duration::from_millis(200), self.child.wait()).await {
                 Ok(status) => {
-                    break status.map_err(|e| PostCopyError::io("wait for", "criu lazy-pages", e))?
+                    break status
+                        .map_err(|e| PostCopyError::io("wait for", "criu lazy-pages", e))?
                 }
                 Err(_) => {
                     // A stream that ended may still be followed by the daemon's own exit.
@@ -354,9 +360,22 @@ impl Drop for LazyDaemon {
 pub fn log_tail(log: &str) -> String {
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("Error")).collect();
     let lines: Vec<&str> = if errors.is_empty() {
-        log.lines().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()
+        log.lines()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
     } else {
-        errors.into_iter().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect()
+        errors
+            .into_iter()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
     };
     if lines.is_empty() {
         "(no log)".into()
@@ -522,7 +541,11 @@ pub fn kill_criu() -> usize {
     let mut killed = 0;
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();

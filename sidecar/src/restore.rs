@@ -160,14 +160,6 @@ impl Sidecar {
         let mut missing_images = Vec::new();
         let here = self.engine_info().await?;
         let mut problems = compatibility_problems(&request.source, &here, request.format_version);
-        if request.format_version >= crate::archive::LAZY_VERSION
-            && here.kind != crate::engine::EngineKind::Podman
-        {
-            problems.push(format!(
-                "post-copy restores are built for Podman only; this is {}",
-                here.kind
-            ));
-        }
         if !request.volumes.is_empty() {
             let mine = self.pod_volumes().await?;
             for name in &request.volumes {

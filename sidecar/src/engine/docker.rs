@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use super::compat::Compat;
 use super::files::{merge_into, move_into};
-use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind};
+use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind, LazyCheckpoint};
 use crate::spec::NestedSpec;
 
 /// Where Docker's runc shim keeps its containers' state (`<exec-root>/runtime-runc/moby`).
@@ -240,6 +240,135 @@ impl Engine for DockerEngine {
             criu_dir: self.checkpoint_dir(&id, checkpoint_id),
             rootfs_dir: self.compat.upper_dir(name).await?,
             engine_dir: None,
+        })
+    }
+
+    async fn checkpoint_lazy(
+        &self,
+        name: &str,
+        checkpoint_id: &str,
+        tcp_established: bool,
+    ) -> Result<LazyCheckpoint, EngineError> {
+        let failed = |message: String| EngineError::Api {
+            engine: EngineKind::Docker,
+            action: format!("checkpoint {name} lazily"),
+            status: None,
+            message,
+        };
+        if tcp_established && !self.carries_tcp_connections() {
+            return Err(failed(format!(
+                "{} does not set tcp-established; established TCP connections cannot be dumped",
+                crate::tcp::RUNC_CRIU_CONFIG
+            )));
+        }
+        let id = self.compat.container_id(name).await?;
+        let root = Path::new(RUNC_ROOT);
+        if !root.join(&id).join("state.json").exists() {
+            return Err(failed(format!(
+                "post-copy dumps with runc, which does not know the container under {RUNC_ROOT}"
+            )));
+        }
+        let rootfs_dir = self.compat.upper_dir(name).await?;
+        let dir = self.checkpoint_dir(&id, checkpoint_id);
+        let work = self.data_root.join("ums-checkpoint-work").join(&id);
+        for d in [dir.as_path(), work.as_path()] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
+        }
+        let port = crate::postcopy::free_loopback_port()
+            .map_err(|e| EngineError::io("find a free port on", "127.0.0.1", e))?;
+        let page_server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let config = crate::tcp::CriuConfigOverride::set(
+            Path::new(crate::tcp::RUNC_CRIU_CONFIG),
+            &["lazy-pages", "address 127.0.0.1", &format!("port {port}")],
+        )
+        .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
+        let mut runc = tokio::process::Command::new("runc");
+        runc.arg("--root")
+            .arg(root)
+            .arg("checkpoint")
+            .arg("--image-path")
+            .arg(&dir)
+            .arg("--work-path")
+            .arg(&work)
+            .arg("--file-locks");
+        if tcp_established {
+            runc.arg("--tcp-established");
+        }
+        let child = runc
+            .arg(&id)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| EngineError::io("run runc checkpoint into", &dir, e))?;
+        let log = work.join("dump.log");
+        let compat = self.compat.clone();
+        let container = name.to_owned();
+        let work_for_done = work.clone();
+        let mut done = tokio::spawn(async move {
+            let output = child.wait_with_output().await.map_err(|e| e.to_string())?;
+            let log = std::fs::read_to_string(work_for_done.join("dump.log")).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&work_for_done);
+            if !output.status.success() {
+                return Err(format!(
+                    "runc checkpoint failed ({}): {}; CRIU's log: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim(),
+                    crate::postcopy::log_tail(&log)
+                ));
+            }
+            // Every page served: runc killed the processes; Docker learns it from containerd.
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while compat
+                .inspect(&container)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some_and(|c| c.is_running() || c.state == "paused")
+            {
+                if std::time::Instant::now() > until {
+                    return Err(
+                        "Docker still reports the container running 10 s after runc dumped it"
+                            .into(),
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(())
+        });
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Starting lazy pages server") {
+                break;
+            }
+            if done.is_finished() {
+                drop(config);
+                let outcome = (&mut done).await.map_err(|e| e.to_string()).and_then(|r| r);
+                return Err(failed(match outcome {
+                    Err(e) => e,
+                    Ok(()) => format!(
+                        "the checkpoint ended without serving pages lazily ({} not read?)",
+                        crate::tcp::RUNC_CRIU_CONFIG
+                    ),
+                }));
+            }
+            if std::time::Instant::now() > until {
+                drop(config);
+                crate::postcopy::kill_criu();
+                return Err(failed("CRIU did not start serving pages in 300 s".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        drop(config);
+        Ok(LazyCheckpoint {
+            files: CheckpointFiles {
+                criu_dir: dir,
+                rootfs_dir,
+                engine_dir: None,
+            },
+            page_server,
+            done,
         })
     }
 
