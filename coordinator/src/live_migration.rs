@@ -34,6 +34,8 @@ pub struct Spec {
     pub destination: String,
     #[serde(default)]
     pub keep: bool,
+    #[serde(default, rename = "postCopy")]
+    pub post_copy: bool,
 }
 
 /// The phases after which nothing changes any more.
@@ -109,6 +111,7 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                     destination_url: Some(spec.destination),
                     keep: spec.keep,
                     interface: None,
+                    post_copy: spec.post_copy,
                 })
                 .map_err(|e| e.message)
             });
@@ -205,5 +208,15 @@ mod tests {
         assert_eq!(text.len(), "2026-11-23T02:50:00Z".len(), "{text}");
         assert!(text.ends_with('Z') && text.as_bytes()[10] == b'T', "{text}");
         assert_eq!(capitalized("creating"), "Creating");
+    }
+
+    #[test]
+    fn the_spec_takes_post_copy_as_the_crd_names_it() {
+        let spec: Spec =
+            serde_json::from_value(json!({"pod": "p", "destination": "c:1", "postCopy": true}))
+                .unwrap();
+        assert!(spec.post_copy);
+        let spec: Spec = serde_json::from_value(json!({"pod": "p", "destination": "c:1"})).unwrap();
+        assert!(!spec.post_copy && !spec.keep);
     }
 }

@@ -35,6 +35,9 @@ pub struct MigrateRequest {
     pub keep: bool,
     /// `dind` or `pind`: must be the pod's own.
     pub interface: Option<String>,
+    /// Post-copy: the destination resumes before the memory has arrived (one container).
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// The answer of a successful migration.
@@ -74,6 +77,7 @@ pub struct Validated {
     pub destination: String,
     pub keep: bool,
     pub interface: Option<String>,
+    pub post_copy: bool,
 }
 
 /// UMS's checks on the body: `name` and `destinationUrl` are required; namespace defaults to
@@ -107,6 +111,7 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         destination,
         keep: request.keep,
         interface: request.interface,
+        post_copy: request.post_copy,
     })
 }
 
@@ -249,6 +254,7 @@ impl Coordinator {
                 "destination": created.sidecar_url,
                 "destinationToken": created.sidecar_token,
                 "destinationCertificateSha256": created.sidecar_certificate_sha256,
+                "postCopy": request.post_copy,
             }))
             .timeout(Duration::from_secs(3600))
             .send()
@@ -405,8 +411,10 @@ mod tests {
         assert_eq!(v.namespace, "default");
         assert_eq!(v.destination, "https://cloud:30001");
         assert!(!v.keep);
-        let v = request(json!({"name": "svc", "namespace": "shop", "destinationUrl": "https://c:1", "keep": true, "interface": "pind"})).unwrap();
+        assert!(!v.post_copy);
+        let v = request(json!({"name": "svc", "namespace": "shop", "destinationUrl": "https://c:1", "keep": true, "interface": "pind", "postCopy": true})).unwrap();
         assert_eq!((v.namespace.as_str(), v.keep), ("shop", true));
+        assert!(v.post_copy);
         let e = request(json!({"destinationUrl": "c:1"})).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.contains("name"), "{e}");

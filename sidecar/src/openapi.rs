@@ -11,11 +11,11 @@ fn error_response(description: &str) -> Value {
 /// its engine or the destination failed. Rendered into the document's description and its
 /// `x-error-table`.
 pub const ERRORS: &[(u16, &str, &str)] = &[
-    (400, "/checkpoint, /migrate", "bad query or body: unknown field, invalid destination URL, unknown compression, a volume the pod does not have, a volume both included and excluded"),
+    (400, "/checkpoint, /migrate", "bad query or body: unknown field, invalid destination URL, unknown compression, a volume the pod does not have, a volume both included and excluded; postCopy with leaveRunning or with more than one container"),
     (400, "/restore/preflight", "the body is not a preflight request"),
     (400, "/restore", "the body is not a tar stream or ends early (names where it broke), or is not valid zstd"),
     (401, "all but /healthz, /probe/{name} and /tls", "missing or wrong bearer token"),
-    (403, "all but /healthz, /probe/{name} and /tls", "a valid credential outside its scope: the ambassadors' token beyond /create and /logs; a peer's token beyond /info, /restore/preflight and /restore, or over plain HTTP"),
+    (403, "all but /healthz, /probe/{name} and /tls", "a valid credential outside its scope: the ambassadors' token beyond /create and /logs; a peer's token beyond /info, /restore/preflight, /restore and /restore/pages/{migrationId}, or over plain HTTP"),
     (404, "/probe/{name}, /logs/{name}, /create/{name}, /checkpoint, /migrate", "no such container (in the engine or in migration-containers)"),
     (404, "any other path", "no such endpoint"),
     (405, "any", "method not allowed"),
@@ -24,12 +24,15 @@ pub const ERRORS: &[(u16, &str, &str)] = &[
     (409, "/migrate", "the destination refused in its preflight (detail.problems: engine, CRIU, kernel, architecture, archive version, a missing image with images=never, a volume it lacks, a container already running there); sourceState untouched"),
     (409, "/restore", "a container of the archive already runs here, or its image here has another ID"),
     (409, "/create/{name}", "the container was migrated away from this pod"),
+    (409, "/migrate", "postCopy: the container is not running, or CRIU's page server cannot work here (no CAP_SYS_RESOURCE and fs.pipe-max-size below 4 MiB)"),
+    (409, "/restore/pages/{migrationId}", "no lazy restore of that migration here connected in 120 s, or its pages are already being carried"),
     (415, "/restore", "Content-Encoding other than identity or zstd"),
     (422, "/restore", "archive refused, naming the entry or field: digest mismatch, unsafe path or link, entry not in the manifest, unsupported format version, bad manifest or trailer, engine or kernel mismatch, a volume this pod does not mount, an image that does not load with its ID"),
     (422, "/create/{name}", "the container cannot run nested: image missing with imagePullPolicy Never, unresolved env, unknown volume, bad pull policy"),
     (500, "/restore", "the sidecar could not write the archive to its staging directory or put a volume in place"),
     (502, "/create/{name}, /checkpoint, /restore, /info", "the nested engine failed (a pull, naming the image and the registry's answer; a dump or restore, with CRIU's message)"),
     (502, "/migrate", "the destination is unreachable, or the migration failed after the freeze; detail: phase, error, rollback, sourceState"),
+    (502, "/restore", "post-copy: the source's page stream ended, broke or stalled 30 s before the last page; the copy here was removed"),
     (503, "/create/{name}, /checkpoint, /migrate, /info", "start mode fail, the podinfo file unreadable, or the nested engine unreachable"),
     (503, "/probe/{name}", "the container exited (not an error of the call: the body holds the exit code, for the ambassador's probe)"),
     (504, "/restore", "a restored container did not run within 60 s"),
@@ -70,6 +73,7 @@ pub fn document() -> Value {
                     "destinationToken": { "type": "string" },
                     "destinationCertificateSha256": { "type": "string", "description": "SHA-256 (hex) of the destination's certificate, from its GET /tls: required for an https destination, which is accepted with that certificate only" },
                     "migrationId": { "type": "string", "description": "the migration's id (e.g. the coordinator's); default: a new one" },
+                    "postCopy": { "type": "boolean", "default": false, "description": "resume at the destination before the memory has arrived; CRIU's lazy pages follow over this migration's connection (one running container; not with leaveRunning). The source stays frozen until the last page arrived; if the page stream breaks first, the copy at the destination is removed and the source runs on" },
                     "volumes": { "type": "object", "additionalProperties": false, "description": "pod volumes (by name) to carry besides the pod-local kinds (emptyDir, ephemeral), or pod-local ones to leave",
                         "properties": { "include": { "type": "array", "items": { "type": "string" } }, "exclude": { "type": "array", "items": { "type": "string" } } } } } },
                 "MigrationReport": { "type": "object", "properties": {
@@ -83,11 +87,13 @@ pub fn document() -> Value {
                     "totals": { "type": "object", "properties": {
                         "bytesSent": { "type": "integer" }, "contentBytes": { "type": "integer" }, "preflightMs": { "type": "integer" },
                         "imageSaveMs": { "type": "integer" }, "freezeDumpMs": { "type": "integer" }, "transferMs": { "type": "integer" }, "restoreMs": { "type": "integer" },
+                        "postCopyMs": { "type": "integer", "description": "postCopy: from running at the destination to the last page arrived (not downtime)" },
+                        "pageBytes": { "type": "integer", "description": "postCopy: bytes of CRIU's page stream" },
                         "downtimeMs": { "type": "integer" }, "totalMs": { "type": "integer" } } },
                     "cleanupWarnings": { "type": "array", "items": { "type": "string" } } } },
                 "RestoreReport": { "type": "object", "properties": {
                     "migrationId": { "type": "string" }, "entries": { "type": "integer" }, "contentBytes": { "type": "integer" },
-                    "receiveMs": { "type": "integer" }, "restoreMs": { "type": "integer" }, "containers": { "type": "array", "items": { "type": "object" } } } }
+                    "receiveMs": { "type": "integer" }, "restoreMs": { "type": "integer" }, "postCopyMs": { "type": "integer" }, "containers": { "type": "array", "items": { "type": "object" } } } }
             }
         },
         "security": [{ "bearer": [] }],
@@ -139,12 +145,17 @@ pub fn document() -> Value {
                     "500": error_response("the sidecar could not write the archive to its staging directory or put a volume in place"),
                     "502": error_response("the nested engine failed to restore a container, or it exited right after"),
                     "504": error_response("a restored container did not run within 60 s") } } },
+            "/restore/pages/{migrationId}": { "post": { "summary": "post-copy: the source's CRIU page server, carried both ways while the restore of migrationId runs (request body: from the source; response body: from this side's lazy-pages daemon)",
+                "parameters": [{ "name": "migrationId", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "requestBody": { "content": { "application/octet-stream": {} } },
+                "responses": { "200": { "description": "the daemon's side of the stream", "content": { "application/octet-stream": {} } },
+                    "409": error_response("no lazy restore of that migration connected in 120 s, or its pages are already being carried") } } },
             "/migrate": { "post": { "summary": "live-migrate the nested containers to a destination sidecar",
                 "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/MigrateRequest" } } } },
                 "responses": { "200": { "description": "migrated", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/MigrationReport" } } } },
                     "400": error_response("bad body: unknown field, invalid destination URL, unknown compression or images mode, a volume the pod does not have"),
                     "404": error_response("no such container"),
-                    "409": error_response("a migration is already in progress, or the destination refused in its preflight (detail.problems), or an image cannot be sent"),
+                    "409": error_response("a migration is already in progress, or the destination refused in its preflight (detail.problems), or an image cannot be sent, or postCopy cannot work here"),
                     "502": error_response("the destination is unreachable, or the migration failed after the freeze; detail says in which phase and how the source was brought back"),
                     "503": error_response("podinfo unreadable or engine unreachable") } } },
             "/openapi.json": { "get": { "summary": "this document", "responses": { "200": { "description": "OpenAPI 3.1" } } } }
