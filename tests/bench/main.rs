@@ -42,13 +42,13 @@ struct Args {
     /// Engines: docker (dind), podman (pind).
     #[arg(long, value_delimiter = ',', default_value = "podman,docker")]
     engines: Vec<String>,
-    /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`), criu,
-    /// shaped (the sidecar over a link shaped to 1 Gbit/s with tc between the two pods'
-    /// network namespaces).
+    /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`), criu, shaped and
+    /// shaped-postcopy (the sidecar over a link shaped to 1 Gbit/s with tc between the two
+    /// pods' network namespaces).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "staged,sidecar,postcopy,criu,shaped"
+        default_value = "staged,sidecar,postcopy,criu,shaped,shaped-postcopy"
     )]
     methods: Vec<String>,
     /// Set up a source (workload running) and a passive destination for the first engine and
@@ -319,7 +319,8 @@ async fn sidecar(kind: EngineKind, mib: u32, shaped: bool, post_copy: bool) -> R
         engine: source.engine_cli().into(),
         mib,
         method: match (shaped, post_copy) {
-            (true, _) => "shaped",
+            (true, true) => "shaped-postcopy",
+            (true, false) => "shaped",
             (false, true) => "postcopy",
             (false, false) => "sidecar",
         },
@@ -327,7 +328,7 @@ async fn sidecar(kind: EngineKind, mib: u32, shaped: bool, post_copy: bool) -> R
         total_ms: ms("totalMs"),
         parts,
         sidecar_peak_rss_kib: Some(rss),
-        bytes_sent: Some(ms("bytesSent")),
+        bytes_sent: Some(ms("bytesSent") + ms("pageBytes")),
     }
 }
 
@@ -439,7 +440,10 @@ fn print_table(rows: &[Row]) {
             rss
         );
     }
-    let shaped: Vec<&Row> = rows.iter().filter(|r| r.method == "shaped").collect();
+    let shaped: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.method.starts_with("shaped"))
+        .collect();
     if shaped.is_empty() {
         return;
     }
@@ -447,8 +451,10 @@ fn print_table(rows: &[Row]) {
         "\nOver a link shaped to {} Gbit/s (tc tbf on the source pod's eth0):\n",
         SHAPED_RATE_BITS / 1_000_000_000
     );
-    println!("| engine | MiB | total s | bytes | bytes / rate + CRIU s | total / that |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| engine | MiB | method | downtime s | total s | bytes | bytes / rate + CRIU s | total / that |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for row in shaped {
         let criu = rows
             .iter()
@@ -467,9 +473,11 @@ fn print_table(rows: &[Row]) {
             None => ("- (no criu row)".into(), "-".into()),
         };
         println!(
-            "| {} | {} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.2} | {} | {} | {} |",
             row.engine,
             row.mib,
+            row.method,
+            row.downtime_ms as f64 / 1000.0,
             row.total_ms as f64 / 1000.0,
             bytes,
             bound,
@@ -568,7 +576,14 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         for &mib in &args.sizes {
-            for method in ["staged", "sidecar", "postcopy", "criu", "shaped"] {
+            for method in [
+                "staged",
+                "sidecar",
+                "postcopy",
+                "criu",
+                "shaped",
+                "shaped-postcopy",
+            ] {
                 if !args.methods.iter().any(|m| m == method) {
                     continue;
                 }
@@ -579,6 +594,7 @@ async fn main() -> anyhow::Result<()> {
                     "sidecar" => sidecar(kind, mib, false, false).await,
                     "postcopy" => sidecar(kind, mib, false, true).await,
                     "shaped" => sidecar(kind, mib, true, false).await,
+                    "shaped-postcopy" => sidecar(kind, mib, true, true).await,
                     _ => criu(kind, mib).await,
                 };
                 eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
