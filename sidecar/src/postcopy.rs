@@ -360,27 +360,64 @@ impl Drop for LazyDaemon {
 pub fn log_tail(log: &str) -> String {
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("Error")).collect();
     let lines: Vec<&str> = if errors.is_empty() {
-        log.lines()
-            .rev()
-            .take(4)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect()
+        log.lines().collect()
     } else {
         errors
-            .into_iter()
-            .rev()
-            .take(4)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect()
     };
     if lines.is_empty() {
-        "(no log)".into()
-    } else {
-        lines.join(" | ")
+        return "(no log)".into();
+    }
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
+/// Source side: the CRIU configuration of one lazy dump (`lazy-pages`, its page server on a
+/// free loopback port), in force until dropped.
+#[derive(Debug)]
+pub struct LazyDumpConfig {
+    pub page_server: SocketAddr,
+    _config: crate::tcp::CriuConfigOverride,
+}
+
+impl LazyDumpConfig {
+    pub fn set() -> std::io::Result<Self> {
+        let port = free_loopback_port()?;
+        let config = crate::tcp::CriuConfigOverride::set(
+            Path::new(RUNC_CRIU_CONFIG),
+            &["lazy-pages", "address 127.0.0.1", &format!("port {port}")],
+        )?;
+        Ok(LazyDumpConfig {
+            page_server: SocketAddr::from(([127, 0, 0, 1], port)),
+            _config: config,
+        })
+    }
+}
+
+/// Source side: waits until the lazy dump whose CRIU log is `log` serves its pages. The
+/// engine's checkpoint call (`done`) ending first is a failure (its error, or the log's).
+pub async fn wait_until_serving(
+    log: &Path,
+    done: &mut tokio::task::JoinHandle<Result<(), String>>,
+) -> Result<(), String> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("Starting lazy pages server") {
+            return Ok(());
+        }
+        if done.is_finished() {
+            let outcome = done.await.map_err(|e| e.to_string()).and_then(|r| r);
+            return Err(match outcome {
+                Err(e) => format!("{e}; CRIU's log: {}", log_tail(&text)),
+                Ok(()) => format!(
+                    "the checkpoint ended without serving pages lazily ({RUNC_CRIU_CONFIG} not read?)"
+                ),
+            });
+        }
+        if tokio::time::Instant::now() > until {
+            kill_criu();
+            return Err("CRIU did not start serving pages in 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -444,7 +444,17 @@ impl Sidecar {
                     format!("failed to restore {:?}: {}", c.name, chain(&e)),
                 ));
             }
-            let state = self.wait_running(&c.name, Duration::from_secs(60)).await?;
+            let state = match self.wait_running(&c.name, Duration::from_secs(60)).await {
+                Ok(state) => state,
+                Err(e) => {
+                    if lazy.is_some() {
+                        // Its pages will not come (the daemon goes with `lazy`).
+                        self.page_tunnels.forget(&manifest.migration_id);
+                        let _ = self.engine.remove(&c.name).await;
+                    }
+                    return Err(e);
+                }
+            };
             let resumed_ms = ms(one.elapsed());
             if let Some(daemon) = lazy {
                 let pages = Instant::now();
@@ -484,7 +494,7 @@ impl Sidecar {
             entries: unpacked.entries,
             content_bytes: unpacked.content_bytes,
             receive_ms,
-            restore_ms: ms(started.elapsed()) - post_copy_ms.unwrap_or(0),
+            restore_ms: ms(started.elapsed()).saturating_sub(post_copy_ms.unwrap_or(0)),
             post_copy_ms,
             containers,
         };

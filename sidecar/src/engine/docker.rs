@@ -275,14 +275,8 @@ impl Engine for DockerEngine {
             let _ = std::fs::remove_dir_all(d);
             std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
         }
-        let port = crate::postcopy::free_loopback_port()
-            .map_err(|e| EngineError::io("find a free port on", "127.0.0.1", e))?;
-        let page_server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let config = crate::tcp::CriuConfigOverride::set(
-            Path::new(crate::tcp::RUNC_CRIU_CONFIG),
-            &["lazy-pages", "address 127.0.0.1", &format!("port {port}")],
-        )
-        .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
+        let config = crate::postcopy::LazyDumpConfig::set()
+            .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
         let mut runc = tokio::process::Command::new("runc");
         runc.arg("--root")
             .arg(root)
@@ -336,31 +330,10 @@ impl Engine for DockerEngine {
             }
             Ok(())
         });
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Starting lazy pages server") {
-                break;
-            }
-            if done.is_finished() {
-                drop(config);
-                let outcome = (&mut done).await.map_err(|e| e.to_string()).and_then(|r| r);
-                return Err(failed(match outcome {
-                    Err(e) => e,
-                    Ok(()) => format!(
-                        "the checkpoint ended without serving pages lazily ({} not read?)",
-                        crate::tcp::RUNC_CRIU_CONFIG
-                    ),
-                }));
-            }
-            if std::time::Instant::now() > until {
-                drop(config);
-                crate::postcopy::kill_criu();
-                return Err(failed("CRIU did not start serving pages in 300 s".into()));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let serving = crate::postcopy::wait_until_serving(&log, &mut done).await;
+        let page_server = config.page_server;
         drop(config);
+        serving.map_err(failed)?;
         Ok(LazyCheckpoint {
             files: CheckpointFiles {
                 criu_dir: dir,

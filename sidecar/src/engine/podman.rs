@@ -390,14 +390,8 @@ impl Engine for PodmanEngine {
         let log = userdata.join("dump.log");
         let _ = std::fs::remove_file(&log);
         let _ = std::fs::remove_dir_all(userdata.join("checkpoint"));
-        let port = crate::postcopy::free_loopback_port()
-            .map_err(|e| EngineError::io("find a free port on", "127.0.0.1", e))?;
-        let page_server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let config = crate::tcp::CriuConfigOverride::set(
-            Path::new(crate::tcp::RUNC_CRIU_CONFIG),
-            &["lazy-pages", "address 127.0.0.1", &format!("port {port}")],
-        )
-        .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
+        let config = crate::postcopy::LazyDumpConfig::set()
+            .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
         let socket = self.compat.socket.clone();
         let path = format!(
             "{LIBPOD}/containers/{name}/checkpoint?keep=true&fileLocks=true&tcpEstablished={tcp_established}"
@@ -412,43 +406,15 @@ impl Engine for PodmanEngine {
                 )),
             }
         });
-        // Ready when CRIU says it serves the pages; the call ending first is a failure.
-        let until = Instant::now() + Duration::from_secs(300);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Starting lazy pages server") {
-                break;
-            }
-            if done.is_finished() {
-                let outcome = (&mut done).await.map_err(|e| e.to_string()).and_then(|r| r);
-                drop(config);
-                let message = match outcome {
-                    Err(e) => format!("{e}; CRIU's log: {}", crate::postcopy::log_tail(&text)),
-                    Ok(()) => format!(
-                        "the checkpoint ended without serving pages lazily ({} not read?)",
-                        crate::tcp::RUNC_CRIU_CONFIG
-                    ),
-                };
-                return Err(EngineError::Api {
-                    engine: EngineKind::Podman,
-                    action: format!("checkpoint {name} lazily"),
-                    status: None,
-                    message,
-                });
-            }
-            if Instant::now() > until {
-                drop(config);
-                crate::postcopy::kill_criu();
-                return Err(EngineError::Api {
-                    engine: EngineKind::Podman,
-                    action: format!("checkpoint {name} lazily"),
-                    status: None,
-                    message: "CRIU did not start serving pages in 300 s".into(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let serving = crate::postcopy::wait_until_serving(&log, &mut done).await;
+        let page_server = config.page_server;
         drop(config);
+        serving.map_err(|message| EngineError::Api {
+            engine: EngineKind::Podman,
+            action: format!("checkpoint {name} lazily"),
+            status: None,
+            message,
+        })?;
         // The non-memory images are written: copied (CRIU still runs in that directory).
         let images = userdata.join("checkpoint");
         for entry in std::fs::read_dir(&images).map_err(|e| EngineError::io("read", &images, e))? {
