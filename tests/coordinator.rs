@@ -518,7 +518,7 @@ async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
         "apiVersion": "migration.ums-rs.io/v1alpha1",
         "kind": "LiveMigration",
         "metadata": {"name": "to-cloud"},
-        "spec": {"pod": name, "destination": cloud_coordinator.address, "keep": true}
+        "spec": {"pod": name, "destination": cloud_coordinator.address, "keep": true, "postCopy": true}
     });
     edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
     let status = poll(
@@ -540,6 +540,8 @@ async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
     assert_eq!(status["destinationPod"], "default/service");
     assert_eq!(status["destinationCluster"], cloud.name.as_str());
     assert!(status["bytes"].as_u64().unwrap() > 64 << 20, "{status}");
+    // Post-copy: the service ran at the destination before its pages had all arrived.
+    assert!(status["postCopyMs"].is_u64(), "{status}");
     assert_eq!(status["conditions"][0]["type"], "Succeeded");
     assert_eq!(status["conditions"][0]["status"], "True");
     assert!(status["migrationId"].as_str().unwrap().starts_with('m'));

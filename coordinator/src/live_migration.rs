@@ -174,8 +174,11 @@ async fn drive(
             "phases": phases_json(&report.phases),
             "destinationPod": report.destination.pod,
             "destinationCluster": report.destination.cluster,
-            "bytes": report.sidecar["totals"]["contentBytes"],
+            // The state carried: the archive's content, and with post-copy the page stream.
+            "bytes": report.sidecar["totals"]["contentBytes"].as_u64().unwrap_or(0)
+                + report.sidecar["totals"]["pageBytes"].as_u64().unwrap_or(0),
             "downtimeMs": report.sidecar["totals"]["downtimeMs"],
+            "postCopyMs": report.sidecar["totals"]["postCopyMs"],
             "conditions": [{"type": "Succeeded", "status": "True", "reason": "Migrated", "message": "the service runs at the destination", "lastTransitionTime": now()}],
         }),
         Ok(Err(e)) => json!({
