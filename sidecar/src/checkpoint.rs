@@ -72,29 +72,19 @@ impl LazySource {
     /// The pages will not be fetched: a CRIU still waiting is killed (the processes stay
     /// frozen for the rollback to thaw) and the call's end awaited.
     pub async fn abandon(&self) -> String {
+        let Some(mut call) = self.done.lock().await.take() else {
+            return "lazy dump: CRIU finished".into();
+        };
         // A reset page stream ends it by itself; one never connected waits: killed.
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until
-            && self
-                .done
-                .lock()
-                .await
-                .as_ref()
-                .is_some_and(|h| !h.is_finished())
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let running = self
-            .done
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|h| !h.is_finished());
-        if running {
-            let killed = crate::postcopy::kill_criu();
-            tracing::warn!(killed, "lazy dump abandoned: CRIU killed");
-        }
-        match tokio::time::timeout(Duration::from_secs(60), self.finished()).await {
+        let ended = match tokio::time::timeout(Duration::from_secs(10), &mut call).await {
+            Ok(ended) => Ok(ended),
+            Err(_) => {
+                let killed = crate::postcopy::kill_criu();
+                tracing::warn!(killed, "lazy dump abandoned: CRIU killed");
+                tokio::time::timeout(Duration::from_secs(60), call).await
+            }
+        };
+        match ended.map(|r| r.map_err(|e| e.to_string()).and_then(|r| r)) {
             Ok(Ok(())) => "lazy dump: CRIU finished".into(),
             Ok(Err(e)) => format!("lazy dump ended: {e}"),
             Err(_) => "lazy dump: the engine's checkpoint call did not end in 60 s".into(),

@@ -193,8 +193,8 @@ impl PageTunnels {
     }
 }
 
-/// Destination side: one restore's `criu lazy-pages` daemon. Killed and its directory removed
-/// on drop.
+/// Destination side: one restore's `criu lazy-pages` daemon. Killed, its directory removed and
+/// its migration's page stream forgotten on drop.
 #[derive(Debug)]
 pub struct LazyDaemon {
     child: tokio::process::Child,
@@ -202,6 +202,8 @@ pub struct LazyDaemon {
     work: PathBuf,
     accept: tokio::task::JoinHandle<()>,
     progress: std::sync::Arc<StreamProgress>,
+    tunnels: std::sync::Arc<PageTunnels>,
+    id: String,
 }
 
 impl LazyDaemon {
@@ -222,11 +224,8 @@ impl LazyDaemon {
         for d in [&copy, &work] {
             std::fs::create_dir_all(d).map_err(|e| PostCopyError::io("create", d, e))?;
         }
-        for entry in std::fs::read_dir(images).map_err(|e| PostCopyError::io("read", images, e))? {
-            let entry = entry.map_err(|e| PostCopyError::io("read", images, e))?;
-            let to = copy.join(entry.file_name());
-            std::fs::copy(entry.path(), &to).map_err(|e| PostCopyError::io("copy", &to, e))?;
-        }
+        crate::engine::files::copy_files(images, &copy)
+            .map_err(|e| PostCopyError::io("copy the CRIU images from", images, e))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| PostCopyError::io("bind", "127.0.0.1:0", e))?;
@@ -248,7 +247,7 @@ impl LazyDaemon {
                 Err(e) => tracing::warn!(error = %e, "lazy-pages daemon's connection not accepted"),
             }
         });
-        let child = tokio::process::Command::new("criu")
+        let spawned = tokio::process::Command::new("criu")
             .arg("lazy-pages")
             .arg("--page-server")
             .args(["--address", "127.0.0.1", "--port", &port.to_string()])
@@ -261,14 +260,23 @@ impl LazyDaemon {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| PostCopyError::io("run", "criu lazy-pages", e))?;
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                accept.abort();
+                tunnels.forget(id);
+                return Err(PostCopyError::io("run", "criu lazy-pages", e));
+            }
+        };
         let mut daemon = LazyDaemon {
             child,
             dir,
             work,
             accept,
             progress,
+            tunnels,
+            id: id.to_owned(),
         };
         let socket = daemon.work.join("lazy-pages.socket");
         let until = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -291,12 +299,13 @@ impl LazyDaemon {
         Ok(daemon)
     }
 
-    /// What the engine's restore must be told (lines of [`RUNC_CRIU_CONFIG`]).
-    pub fn restore_options(&self) -> Vec<String> {
-        vec![
-            "lazy-pages".into(),
-            format!("work-dir {}", self.work.display()),
-        ]
+    /// Tells the engine's restore, through [`RUNC_CRIU_CONFIG`], to restore lazily from this
+    /// daemon (`lazy-pages`, its `work-dir`), until dropped.
+    pub fn configure_restore(&self) -> std::io::Result<crate::tcp::CriuConfigOverride> {
+        crate::tcp::CriuConfigOverride::set(
+            Path::new(RUNC_CRIU_CONFIG),
+            &["lazy-pages", &format!("work-dir {}", self.work.display())],
+        )
     }
 
     /// Waits until every page has been delivered (the daemon exits 0). The source's stream
@@ -352,6 +361,7 @@ impl Drop for LazyDaemon {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
         self.accept.abort();
+        self.tunnels.forget(&self.id);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

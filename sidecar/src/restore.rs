@@ -20,8 +20,8 @@ use crate::nested::Sidecar;
 use crate::postcopy::LazyDaemon;
 use crate::spec::translate;
 use crate::tcp::{
-    local_addresses, restore_mode, ClosedRestore, ConnectionLock, CriuConfigOverride,
-    TcpConnection, TcpRestore, RUNC_CRIU_CONFIG,
+    local_addresses, restore_mode, ClosedRestore, ConnectionLock, TcpConnection, TcpRestore,
+    RUNC_CRIU_CONFIG,
 };
 use crate::volumes;
 
@@ -417,19 +417,11 @@ impl Sidecar {
                 None
             };
             let lazy_config = match &lazy {
-                Some(daemon) => {
-                    let options = daemon.restore_options();
-                    let options: Vec<&str> = options.iter().map(String::as_str).collect();
-                    Some(
-                        CriuConfigOverride::set(Path::new(RUNC_CRIU_CONFIG), &options).map_err(
-                            |e| {
-                                ApiError::internal(format!(
-                                    "failed to write {RUNC_CRIU_CONFIG} for the lazy restore: {e}"
-                                ))
-                            },
-                        )?,
-                    )
-                }
+                Some(daemon) => Some(daemon.configure_restore().map_err(|e| {
+                    ApiError::internal(format!(
+                        "failed to write {RUNC_CRIU_CONFIG} for the lazy restore: {e}"
+                    ))
+                })?),
                 None => None,
             };
             let restored = self
@@ -438,7 +430,6 @@ impl Sidecar {
                 .await;
             drop(lazy_config);
             if let Err(e) = restored {
-                self.page_tunnels.forget(&manifest.migration_id);
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     format!("failed to restore {:?}: {}", c.name, chain(&e)),
@@ -449,7 +440,6 @@ impl Sidecar {
                 Err(e) => {
                     if lazy.is_some() {
                         // Its pages will not come (the daemon goes with `lazy`).
-                        self.page_tunnels.forget(&manifest.migration_id);
                         let _ = self.engine.remove(&c.name).await;
                     }
                     return Err(e);
@@ -458,9 +448,7 @@ impl Sidecar {
             let resumed_ms = ms(one.elapsed());
             if let Some(daemon) = lazy {
                 let pages = Instant::now();
-                let finished = daemon.finish().await;
-                self.page_tunnels.forget(&manifest.migration_id);
-                if let Err(e) = finished {
+                if let Err(e) = daemon.finish().await {
                     // Pages that will never come: the copy here cannot go on.
                     let removed = match self.engine.remove(&c.name).await {
                         Ok(()) => "the copy here was removed".to_owned(),

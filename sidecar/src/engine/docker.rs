@@ -48,6 +48,39 @@ impl DockerEngine {
             .join(checkpoint_id)
     }
 
+    /// `runc checkpoint` of container `id` into `dir` (emptied), with a fresh work directory
+    /// (returned: CRIU's `dump.log` is there).
+    fn runc_dump(
+        &self,
+        id: &str,
+        dir: &Path,
+        leave_running: bool,
+        tcp_established: bool,
+    ) -> Result<(tokio::process::Command, PathBuf), EngineError> {
+        let work = self.data_root.join("ums-checkpoint-work").join(id);
+        for d in [dir, work.as_path()] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
+        }
+        let mut runc = tokio::process::Command::new("runc");
+        runc.arg("--root")
+            .arg(RUNC_ROOT)
+            .arg("checkpoint")
+            .arg("--image-path")
+            .arg(dir)
+            .arg("--work-path")
+            .arg(&work)
+            .arg("--file-locks");
+        if leave_running {
+            runc.arg("--leave-running");
+        }
+        if tcp_established {
+            runc.arg("--tcp-established");
+        }
+        runc.arg(id);
+        Ok((runc, work))
+    }
+
     /// Dumps container `id` with runc into `dir`; `Ok(false)` when runc does not know it
     /// (another exec root): the caller uses Docker's API.
     async fn runc_checkpoint(
@@ -67,28 +100,8 @@ impl DockerEngine {
             );
             return Ok(false);
         }
-        let work = self.data_root.join("ums-checkpoint-work").join(id);
-        for d in [dir, work.as_path()] {
-            let _ = std::fs::remove_dir_all(d);
-            std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
-        }
-        let mut runc = tokio::process::Command::new("runc");
-        runc.arg("--root")
-            .arg(root)
-            .arg("checkpoint")
-            .arg("--image-path")
-            .arg(dir)
-            .arg("--work-path")
-            .arg(&work)
-            .arg("--file-locks");
-        if leave_running {
-            runc.arg("--leave-running");
-        }
-        if tcp_established {
-            runc.arg("--tcp-established");
-        }
+        let (mut runc, work) = self.runc_dump(id, dir, leave_running, tcp_established)?;
         let output = runc
-            .arg(id)
             .output()
             .await
             .map_err(|e| EngineError::io("run runc checkpoint into", dir, e))?;
@@ -108,26 +121,7 @@ impl DockerEngine {
             });
         }
         if !leave_running {
-            // runc killed the dumped processes; Docker learns it from containerd's exit event.
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while self
-                .compat
-                .inspect(name)
-                .await?
-                .is_some_and(|c| c.is_running() || c.state == "paused")
-            {
-                if std::time::Instant::now() > until {
-                    return Err(EngineError::Api {
-                        engine: EngineKind::Docker,
-                        action: format!("checkpoint {name} with runc"),
-                        status: None,
-                        message:
-                            "Docker still reports the container running 10 s after runc dumped it"
-                                .into(),
-                    });
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+            wait_until_exited(&self.compat, name).await?;
         }
         Ok(true)
     }
@@ -270,27 +264,10 @@ impl Engine for DockerEngine {
         }
         let rootfs_dir = self.compat.upper_dir(name).await?;
         let dir = self.checkpoint_dir(&id, checkpoint_id);
-        let work = self.data_root.join("ums-checkpoint-work").join(&id);
-        for d in [dir.as_path(), work.as_path()] {
-            let _ = std::fs::remove_dir_all(d);
-            std::fs::create_dir_all(d).map_err(|e| EngineError::io("create", d, e))?;
-        }
+        let (mut runc, work) = self.runc_dump(&id, &dir, false, tcp_established)?;
         let config = crate::postcopy::LazyDumpConfig::set()
             .map_err(|e| EngineError::io("write", crate::tcp::RUNC_CRIU_CONFIG, e))?;
-        let mut runc = tokio::process::Command::new("runc");
-        runc.arg("--root")
-            .arg(root)
-            .arg("checkpoint")
-            .arg("--image-path")
-            .arg(&dir)
-            .arg("--work-path")
-            .arg(&work)
-            .arg("--file-locks");
-        if tcp_established {
-            runc.arg("--tcp-established");
-        }
         let child = runc
-            .arg(&id)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -312,23 +289,10 @@ impl Engine for DockerEngine {
                     crate::postcopy::log_tail(&log)
                 ));
             }
-            // Every page served: runc killed the processes; Docker learns it from containerd.
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while compat
-                .inspect(&container)
+            // Every page served: runc killed the processes.
+            wait_until_exited(&compat, &container)
                 .await
-                .map_err(|e| e.to_string())?
-                .is_some_and(|c| c.is_running() || c.state == "paused")
-            {
-                if std::time::Instant::now() > until {
-                    return Err(
-                        "Docker still reports the container running 10 s after runc dumped it"
-                            .into(),
-                    );
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Ok(())
+                .map_err(|e| e.to_string())
         });
         let serving = crate::postcopy::wait_until_serving(&log, &mut done).await;
         let page_server = config.page_server;
@@ -391,4 +355,27 @@ impl Engine for DockerEngine {
             Err(e) => Err(EngineError::io("remove checkpoint", dir, e)),
         }
     }
+}
+
+/// After runc dumped a container without leaving it running: waits (10 s) until Docker, which
+/// learns it from containerd's exit event, no longer reports it running.
+async fn wait_until_exited(compat: &Compat, name: &str) -> Result<(), EngineError> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while compat
+        .inspect(name)
+        .await?
+        .is_some_and(|c| c.is_running() || c.state == "paused")
+    {
+        if std::time::Instant::now() > until {
+            return Err(EngineError::Api {
+                engine: EngineKind::Docker,
+                action: format!("checkpoint {name} with runc"),
+                status: None,
+                message: "Docker still reports the container running 10 s after runc dumped it"
+                    .into(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
 }

@@ -15,6 +15,15 @@ pub fn move_into(staged: &Path, target: &Path) -> std::io::Result<()> {
     rename_or_copy(staged, target)
 }
 
+/// Copies the files of the flat directory `from` (CRIU's images) into `to`, which exists.
+pub fn copy_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
 /// Renames `from` to `to`, or copies it where they are on different mounts.
 fn rename_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::rename(from, to) {

@@ -24,7 +24,7 @@ use hyper::body::Frame;
 use tokio_util::io::{ReaderStream, SyncIoBridge};
 
 use super::compat::Compat;
-use super::files::{merge_into, move_into};
+use super::files::{copy_files, merge_into, move_into};
 use super::{unix_http, CheckpointFiles, Engine, EngineError, EngineKind, LazyCheckpoint};
 use crate::spec::NestedSpec;
 
@@ -417,11 +417,8 @@ impl Engine for PodmanEngine {
         })?;
         // The non-memory images are written: copied (CRIU still runs in that directory).
         let images = userdata.join("checkpoint");
-        for entry in std::fs::read_dir(&images).map_err(|e| EngineError::io("read", &images, e))? {
-            let entry = entry.map_err(|e| EngineError::io("read", &images, e))?;
-            let to = criu_dir.join(entry.file_name());
-            std::fs::copy(entry.path(), &to).map_err(|e| EngineError::io("copy", &to, e))?;
-        }
+        copy_files(&images, &criu_dir)
+            .map_err(|e| EngineError::io("copy the CRIU images from", &images, e))?;
         Ok(LazyCheckpoint {
             files: CheckpointFiles {
                 criu_dir,
