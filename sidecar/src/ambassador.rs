@@ -118,6 +118,9 @@ async fn relay(
     auth: &impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
 ) -> anyhow::Result<()> {
     let last = after;
+    // A resumed stream says where it resumed and where its first line is (stderr): a line
+    // relayed twice across a resume (the flake in ums-tests' ambassador test) shows its times.
+    let mut resumed_from = (!last.is_empty()).then(|| last.clone());
     let response = auth(http.get(format!("{base}/logs/{name}?follow=true&after={last}")))
         .send()
         .await?
@@ -130,6 +133,9 @@ async fn relay(
             let line: Vec<u8> = pending.drain(..=end).collect();
             if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) {
                 if let Some(time) = value["time"].as_str() {
+                    if let Some(from) = resumed_from.take() {
+                        eprintln!("[ums-ambassador] {name}: output resumed after {from}, first line at {time}");
+                    }
                     *last = time.to_owned();
                 }
                 let data = value["data"].as_str().unwrap_or("");
