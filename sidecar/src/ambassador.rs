@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 
 use crate::cli::AmbassadorArgs;
+use crate::engine::{LogResume, LogStreamKind};
 
 /// Runs until the nested container exits; returns its exit code.
 pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
@@ -70,8 +71,9 @@ pub async fn run(args: AmbassadorArgs) -> anyhow::Result<i32> {
     eprintln!("[ums-ambassador] {name}: {body}");
 
     // 3. Relay output until the container exits.
-    // The `time` of the last line relayed: a resumed stream starts right after it.
-    let mut after = String::new();
+    // The `time` of the last line relayed on each stream: a resumed stream starts right after
+    // them (each stream at its own point: their times interleave out of order).
+    let mut after = LogResume::default();
     loop {
         let probe = http.get(format!("{base}/probe/{name}")).send().await;
         let Ok(probe) = probe else {
@@ -114,17 +116,15 @@ async fn relay(
     http: &reqwest::Client,
     base: &str,
     name: &str,
-    after: &mut String,
+    after: &mut LogResume,
     auth: &impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
 ) -> anyhow::Result<()> {
     let last = after;
-    // A resumed stream says where it resumed and where its first line is (stderr): a line
-    // relayed twice across a resume (the flake in ums-tests' ambassador test) shows its times.
-    let mut resumed_from = (!last.is_empty()).then(|| last.clone());
-    let response = auth(http.get(format!("{base}/logs/{name}?follow=true&after={last}")))
-        .send()
-        .await?
-        .error_for_status()?;
+    let url = format!(
+        "{base}/logs/{name}?follow=true&after={}&afterStderr={}",
+        last.stdout_after, last.stderr_after
+    );
+    let response = auth(http.get(url)).send().await?.error_for_status()?;
     let mut stream = response.bytes_stream();
     let mut pending = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -132,15 +132,16 @@ async fn relay(
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) {
-                if let Some(time) = value["time"].as_str() {
-                    if let Some(from) = resumed_from.take() {
-                        eprintln!("[ums-ambassador] {name}: output resumed after {from}, first line at {time}");
-                    }
-                    *last = time.to_owned();
+                let stream = match value["stream"].as_str() {
+                    Some("stderr") => LogStreamKind::Stderr,
+                    _ => LogStreamKind::Stdout,
+                };
+                if let Some(time) = value["time"].as_str().and_then(|t| t.parse::<i128>().ok()) {
+                    last.advance(stream, time);
                 }
                 let data = value["data"].as_str().unwrap_or("");
-                match value["stream"].as_str() {
-                    Some("stderr") => {
+                match stream {
+                    LogStreamKind::Stderr => {
                         let _ = std::io::stderr().write_all(data.as_bytes());
                     }
                     _ => {

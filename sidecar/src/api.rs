@@ -16,7 +16,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use ums_contract::credential::constant_time_eq;
 
 use crate::checkpoint::{archive_stream, new_id};
-use crate::engine::{LogChunk, LogStreamKind};
+use crate::engine::{LogChunk, LogResume, LogStreamKind};
 use crate::error::ApiError;
 use crate::migrate::MigrateRequest;
 use crate::nested::Sidecar;
@@ -190,7 +190,7 @@ async fn create(
     State(sidecar): State<Arc<Sidecar>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let (status, outcome) = sidecar.create(&name).await?;
+    let (status, outcome) = sidecar.create_for_ambassador(&name).await?;
     Ok((status, Json(outcome)).into_response())
 }
 
@@ -208,9 +208,24 @@ struct LogsQuery {
     #[serde(default)]
     follow: bool,
     /// Only output after this UNIX time in nanoseconds (exclusive), as a decimal string: the
-    /// `time` of the last line a reader saw.
+    /// `time` of the last stdout line a reader saw (and of the last stderr line unless
+    /// `afterStderr` says otherwise).
     #[serde(default)]
     after: Option<String>,
+    /// Only stderr output after this time: the `time` of the last stderr line a reader saw.
+    /// Docker stamps the two streams in separate copiers, so their times interleave out of
+    /// order; a reader resumes each where it left it.
+    #[serde(default)]
+    after_stderr: Option<String>,
+}
+
+fn unix_nanos(field: &str, text: Option<&str>) -> Result<Option<i128>, ApiError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse::<i128>().map(Some).map_err(|_| {
+            ApiError::bad_request(format!("{field}={text:?} is not UNIX nanoseconds"))
+        }),
+    }
 }
 
 /// The nested container's output as NDJSON lines `{"stream":"stdout","data":"..."}`.
@@ -219,13 +234,12 @@ async fn logs(
     Path(name): Path<String>,
     Query(query): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    let after = match query.after.as_deref() {
-        None | Some("") => 0,
-        Some(text) => text.parse::<i128>().map_err(|_| {
-            ApiError::bad_request(format!("after={text:?} is not UNIX nanoseconds"))
-        })?,
+    let after = unix_nanos("after", query.after.as_deref())?.unwrap_or(0);
+    let resume = LogResume {
+        stdout_after: after,
+        stderr_after: unix_nanos("afterStderr", query.after_stderr.as_deref())?.unwrap_or(after),
     };
-    let stream = sidecar.engine.logs(&name, query.follow, after).await?;
+    let stream = sidecar.engine.logs(&name, query.follow, resume).await?;
     let lines = stream.map(|chunk| {
         let line = match chunk {
             Ok(LogChunk {

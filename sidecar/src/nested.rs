@@ -148,10 +148,23 @@ impl Sidecar {
     }
 
     /// Creates (and, in `active` mode, starts) nested container `name` from the pod's
-    /// `migration-containers`. Idempotent.
+    /// `migration-containers`. Idempotent while the container exists and has not ended.
     pub async fn create(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
         let _one_at_a_time = self.creating.lock().await;
-        self.create_locked(name).await
+        self.create_locked(name, false).await
+    }
+
+    /// What an ambassador asks for when it starts: the container runs. The kubelet starts an
+    /// ambassador again only when it wants its container run again (its restart policy, after
+    /// the ambassador relayed the container's exit, or after the runtime container itself was
+    /// restarted and the nested container died with it), so a container that has ended is
+    /// made anew, as the kubelet makes a restarted container anew.
+    pub async fn create_for_ambassador(
+        &self,
+        name: &str,
+    ) -> Result<(StatusCode, CreateOutcome), ApiError> {
+        let _one_at_a_time = self.creating.lock().await;
+        self.create_locked(name, true).await
     }
 
     /// Marks containers as being restored here: from then on `create` leaves them alone (an
@@ -164,7 +177,11 @@ impl Sidecar {
         }
     }
 
-    async fn create_locked(&self, name: &str) -> Result<(StatusCode, CreateOutcome), ApiError> {
+    async fn create_locked(
+        &self,
+        name: &str,
+        renew_ended: bool,
+    ) -> Result<(StatusCode, CreateOutcome), ApiError> {
         match self.phase(name) {
             Some(Phase::Migrated) => {
                 return Err(ApiError::conflict(format!(
@@ -205,7 +222,18 @@ impl Sidecar {
                     .collect::<Vec<_>>()
             ))
         })?;
-        if let Some(existing) = self.engine.inspect(name).await? {
+        let existing = self.engine.inspect(name).await?;
+        let ended = existing
+            .as_ref()
+            .is_some_and(|c| matches!(c.state.as_str(), "exited" | "dead" | "stopped"));
+        if renew_ended && ended && start_mode == StartMode::Active && self.phase(name).is_none() {
+            tracing::info!(
+                container = name,
+                exit_code = existing.as_ref().and_then(|c| c.exit_code),
+                "its ambassador started again: the ended nested container is made anew"
+            );
+            self.engine.remove(name).await?;
+        } else if let Some(existing) = existing {
             // A created (restore target, or passive) container is started once the pod is
             // active; anything else is left as it is.
             if start_mode == StartMode::Active

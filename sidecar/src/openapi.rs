@@ -107,7 +107,7 @@ pub fn document() -> Value {
             "/probe/{name}": { "get": { "summary": "state of one nested container, for the ambassador's probes", "security": [], "parameters": name_param,
                 "responses": { "200": { "description": "running (or being migrated, or migrated away)" }, "204": { "description": "created, not started" },
                     "503": { "description": "exited; the body holds the exit code" }, "404": error_response("no such container") } } },
-            "/create/{name}": { "post": { "summary": "create (and in active mode start) a nested container from migration-containers; idempotent", "parameters": name_param,
+            "/create/{name}": { "post": { "summary": "create (and in active mode start) a nested container from migration-containers, as its ambassador asks when it starts; idempotent while the container runs; one that has ended is made anew (the kubelet started its ambassador again)", "parameters": name_param,
                 "responses": { "201": { "description": "created" }, "200": { "description": "already there (or start mode null)" },
                     "404": error_response("not in migration-containers"), "409": error_response("migrated away"),
                     "422": error_response("spec cannot be run nested (image missing with imagePullPolicy Never, unresolved env, bad imagePullPolicy, ...)"),
@@ -117,7 +117,8 @@ pub fn document() -> Value {
             "/logs/{name}": { "get": { "summary": "output of a nested container as NDJSON {stream, time, data}", "parameters": [
                     { "name": "name", "in": "path", "required": true, "schema": { "type": "string" } },
                     { "name": "follow", "in": "query", "schema": { "type": "boolean" } },
-                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "only lines after this UNIX time in nanoseconds (the `time` of the last line seen)" }],
+                    { "name": "after", "in": "query", "schema": { "type": "string" }, "description": "only stdout lines (and stderr lines, unless afterStderr) after this UNIX time in nanoseconds (the `time` of the last stdout line seen)" },
+                    { "name": "afterStderr", "in": "query", "schema": { "type": "string" }, "description": "only stderr lines after this UNIX time in nanoseconds (the `time` of the last stderr line seen; the engine stamps the two streams apart, so each resumes at its own point)" }],
                 "responses": { "200": { "description": "stream", "content": { "application/x-ndjson": {} } }, "404": error_response("no such container") } } },
             "/checkpoint": { "post": { "summary": "freeze and dump the nested containers; the response body is the migration archive, streamed", "parameters": [
                     { "name": "container", "in": "query", "schema": { "type": "string" }, "description": "default: all" },

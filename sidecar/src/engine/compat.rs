@@ -15,7 +15,9 @@ use bollard::Docker;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 
-use super::{ContainerInfo, EngineError, EngineKind, LogChunk, LogStream, LogStreamKind};
+use super::{
+    ContainerInfo, EngineError, EngineKind, LogChunk, LogResume, LogStream, LogStreamKind,
+};
 use crate::spec::{NestedSpec, PullPolicy};
 
 /// Label on every nested container this sidecar creates.
@@ -410,7 +412,7 @@ impl Compat {
         &self,
         name: &str,
         follow: bool,
-        after_nanos: i128,
+        resume: LogResume,
     ) -> Result<LogStream, EngineError> {
         // Fail early (404) instead of inside the stream.
         self.container_id(name).await?;
@@ -418,8 +420,8 @@ impl Compat {
         let owned_name = name.to_owned();
         let mut last: Option<LogChunk> = None;
         // The engines filter by whole seconds; the exact cut is made here on each line's
-        // timestamp, so a reader that resumes never sees a line twice.
-        let since_seconds = i32::try_from(after_nanos.div_euclid(1_000_000_000)).unwrap_or(0);
+        // timestamp and stream, so a reader that resumes never sees a line twice.
+        let since_seconds = resume.since_seconds();
         let stream = self
             .docker
             .logs(
@@ -448,7 +450,7 @@ impl Compat {
                     }
                 };
                 let (time_nanos, data) = split_timestamp(&message);
-                if after_nanos > 0 && time_nanos.is_some_and(|t| t <= after_nanos) {
+                if !resume.admits(stream, time_nanos) {
                     return std::future::ready(None);
                 }
                 let chunk = LogChunk {

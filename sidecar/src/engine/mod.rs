@@ -106,6 +106,45 @@ pub struct LogChunk {
 
 pub type LogStream = Pin<Box<dyn Stream<Item = Result<LogChunk, EngineError>> + Send>>;
 
+/// Where a reader resumes a container's output: each stream after the time of the last line
+/// it saw on that stream (UNIX nanoseconds, exclusive; 0 for all).
+///
+/// One resume point for both streams is not enough: Docker stamps stdout and stderr in separate
+/// copiers, so in the log's order the time can go back across streams (a line written on
+/// stdout, then one on stderr, may carry the earlier time). A reader that resumed both after
+/// the time of the last line it read would be handed the stdout line again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogResume {
+    pub stdout_after: i128,
+    pub stderr_after: i128,
+}
+
+impl LogResume {
+    /// The whole second the engine's own `since` filter may start at: the earlier of the two
+    /// cuts (the exact cut is [`LogResume::admits`]).
+    pub fn since_seconds(&self) -> i32 {
+        let earliest = self.stdout_after.min(self.stderr_after).max(0);
+        i32::try_from(earliest.div_euclid(1_000_000_000)).unwrap_or(0)
+    }
+
+    /// Whether a line of `stream` stamped `time_nanos` comes after this resume point.
+    pub fn admits(&self, stream: LogStreamKind, time_nanos: Option<i128>) -> bool {
+        let after = match stream {
+            LogStreamKind::Stdout => self.stdout_after,
+            LogStreamKind::Stderr => self.stderr_after,
+        };
+        after <= 0 || time_nanos.is_none_or(|t| t > after)
+    }
+
+    /// Moves the stream's cut past a line the reader has relayed.
+    pub fn advance(&mut self, stream: LogStreamKind, time_nanos: i128) {
+        match stream {
+            LogStreamKind::Stdout => self.stdout_after = time_nanos,
+            LogStreamKind::Stderr => self.stderr_after = time_nanos,
+        }
+    }
+}
+
 /// Failure of an engine operation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -227,15 +266,15 @@ pub trait Engine: Send + Sync + std::fmt::Debug {
     async fn unpause(&self, name: &str) -> Result<(), EngineError> {
         self.compat().unpause(name).await
     }
-    /// The container's output after `after_nanos` (exclusive, UNIX nanoseconds; 0 for all);
+    /// The container's output after `resume` (each stream cut at its own point);
     /// `follow` keeps the stream open while it runs.
     async fn logs(
         &self,
         name: &str,
         follow: bool,
-        after_nanos: i128,
+        resume: LogResume,
     ) -> Result<LogStream, EngineError> {
-        self.compat().logs(name, follow, after_nanos).await
+        self.compat().logs(name, follow, resume).await
     }
 
     /// Dumps the (frozen) container with CRIU; unless `leave_running`, it is stopped
@@ -297,5 +336,42 @@ pub async fn criu_version() -> String {
             .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_owned()))
             .unwrap_or_else(|| "unknown".into()),
         Err(_) => "not installed".into(),
+    }
+}
+
+#[cfg(test)]
+mod log_resume_tests {
+    use super::{LogResume, LogStreamKind::*};
+
+    /// The order Docker's log can hand out: the job's last tick on stdout stamped 20, then its
+    /// "exiting" line on stderr stamped 19 (the stderr copier ran first). A reader that relayed
+    /// both resumes; the tick must not come again.
+    #[test]
+    fn a_line_is_not_handed_out_again_when_times_go_back_across_streams() {
+        let mut resume = LogResume::default();
+        resume.advance(Stdout, 20);
+        resume.advance(Stderr, 19);
+        assert!(!resume.admits(Stdout, Some(20)));
+        assert!(!resume.admits(Stderr, Some(19)));
+        assert!(resume.admits(Stdout, Some(21)));
+        assert!(resume.admits(Stderr, Some(20)));
+        // The single resume point it replaces (the last line's time, 19) admitted the tick.
+        let single = LogResume {
+            stdout_after: 19,
+            stderr_after: 19,
+        };
+        assert!(single.admits(Stdout, Some(20)));
+    }
+
+    #[test]
+    fn the_engine_filter_starts_at_the_earlier_cut_and_nothing_is_cut_from_zero() {
+        let resume = LogResume {
+            stdout_after: 5_000_000_000,
+            stderr_after: 3_999_999_999,
+        };
+        assert_eq!(resume.since_seconds(), 3);
+        assert_eq!(LogResume::default().since_seconds(), 0);
+        assert!(LogResume::default().admits(Stdout, Some(1)));
+        assert!(resume.admits(Stdout, None));
     }
 }
