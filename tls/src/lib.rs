@@ -3,6 +3,7 @@
 //! router served over it (with the client's verified certificate, for mutual TLS between
 //! coordinators), and throwaway pinned certificates for TLS between sidecars.
 
+pub mod answers;
 pub mod cert;
 pub mod pinned;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! Serving an axum router over TLS (HTTP/1.1 and HTTP/2), one task per connection. Every request
 //! carries a [`ConnectionInfo`] extension: whether it came over TLS, and the client certificate
 //! chain the handshake verified, if the server asks for one (mutual TLS between coordinators).
+//! Every error answer is JSON and waits for the request's body (see [`crate::answers`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::Service as _;
 use tracing::Instrument as _;
 
+use crate::answers::{json_error_answer, DrainOnError};
 use crate::cert::error_chain;
 
 /// How long a client may take to finish the TLS handshake (or, on a port that takes both, to
@@ -188,7 +190,18 @@ fn service(
     hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(info.clone());
         let mut app = app.clone();
-        async move { app.call(request).await }
+        async move {
+            let (parts, body) = request.into_parts();
+            let (body, drain) = DrainOnError::wrap(body);
+            let response = app.call(hyper::Request::from_parts(parts, body)).await?;
+            let status = response.status();
+            if status.is_client_error() || status.is_server_error() {
+                drain.rest().await;
+                Ok(json_error_answer(response).await)
+            } else {
+                Ok(response)
+            }
+        }
     })
 }
 
