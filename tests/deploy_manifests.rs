@@ -525,6 +525,10 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         ("livemigrations/status", "patch"),
         ("pods", "create"),
         ("pods", "delete"),
+        ("configmaps", "get"),
+        ("secrets", "get"),
+        ("serviceaccounts", "get"),
+        ("namespaces", "get"),
     ] {
         assert!(
             role.rules.iter().flatten().any(|rule| rule

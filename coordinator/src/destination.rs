@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::Api;
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use serde_json::json;
 use ums_contract::{MigrationAnnotations, ANNOTATION_ID, ANNOTATION_START_MODE};
 
 use crate::error::ApiError;
+use crate::prerequisites::{missing_text, Prerequisites};
 use crate::recovery::{ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 use crate::state::Coordinator;
 
@@ -74,6 +75,42 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 impl Coordinator {
+    /// Refuses (409) a copy whose namespace, configMaps, secrets or service account this
+    /// cluster lacks, naming each; the copy would never start.
+    async fn check_prerequisites(&self, namespace: &str, pod: &Pod) -> Result<(), ApiError> {
+        let namespaces: Api<Namespace> = Api::all(self.kube.clone());
+        if namespaces.get_opt(namespace).await?.is_none() {
+            return Err(ApiError::conflict(format!(
+                "cluster {} has no namespace {namespace}: create it (and what the pod needs in it), then migrate again",
+                self.cluster
+            )));
+        }
+        let needed = Prerequisites::of(pod);
+        let mut missing: Vec<(&'static str, String)> = Vec::new();
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.kube.clone(), namespace);
+        for name in &needed.config_maps {
+            if config_maps.get_metadata_opt(name).await?.is_none() {
+                missing.push(("configMap", name.clone()));
+            }
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.kube.clone(), namespace);
+        for name in &needed.secrets {
+            if secrets.get_metadata_opt(name).await?.is_none() {
+                missing.push(("secret", name.clone()));
+            }
+        }
+        if let Some(name) = &needed.service_account {
+            let accounts: Api<ServiceAccount> = Api::namespaced(self.kube.clone(), namespace);
+            if accounts.get_metadata_opt(name).await?.is_none() {
+                missing.push(("serviceAccount", name.clone()));
+            }
+        }
+        match missing_text(namespace, &self.cluster, &missing) {
+            Some(text) => Err(ApiError::conflict(text)),
+            None => Ok(()),
+        }
+    }
+
     /// Creates the passive pod and waits until it runs, is ready and its sidecar has every
     /// nested container created (or awaiting its image). On any failure the pod is deleted.
     pub async fn create_destination(
@@ -94,6 +131,8 @@ impl Coordinator {
                 request.migration_id
             )));
         }
+        self.check_prerequisites(&request.namespace, &request.pod)
+            .await?;
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
         let mut pod = request.pod.clone();
         pod.metadata.namespace = Some(request.namespace.clone());

@@ -15,6 +15,11 @@ pub struct ApiError {
     /// The phase the migration failed in, and what was undone.
     pub phase: Option<&'static str>,
     pub rollback: Vec<String>,
+    /// The status a peer (the other coordinator, a sidecar) answered with, when this error
+    /// passes its answer on.
+    pub peer_status: Option<u16>,
+    /// The peer never answered (unreachable, timed out): it may or may not have acted.
+    pub unanswered: bool,
 }
 
 impl ApiError {
@@ -24,7 +29,28 @@ impl ApiError {
             message: message.into(),
             phase: None,
             rollback: Vec::new(),
+            peer_status: None,
+            unanswered: false,
         }
+    }
+
+    /// A peer that could not be reached or did not answer in time.
+    pub fn unanswered(message: impl Into<String>) -> Self {
+        let mut e = Self::bad_gateway(message);
+        e.unanswered = true;
+        e
+    }
+
+    /// Whether asking again may succeed: the peer never answered, or answered that it (or
+    /// what is behind it) is unavailable for now (502, 503, 504). A peer's refusal (4xx, and
+    /// its other failures) is its answer: asking again gets the same.
+    pub fn is_transient(&self) -> bool {
+        self.unanswered || matches!(self.peer_status, Some(502..=504))
+    }
+
+    /// The peer answered with a refusal (4xx): it did nothing.
+    pub fn peer_refused(&self) -> bool {
+        matches!(self.peer_status, Some(400..=499))
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -44,15 +70,17 @@ impl ApiError {
     }
 
     /// A peer's (a coordinator's or a sidecar's) error answer passed on: its refusals (409:
-    /// a name taken, a preflight that says no) stay refusals, anything else is a gateway's
-    /// failure (502).
+    /// a name taken, a preflight that says no, a missing prerequisite) stay refusals, anything
+    /// else is a gateway's failure (502); the peer's own status is kept for the retry rule.
     pub fn from_peer(status: reqwest::StatusCode, message: impl Into<String>) -> Self {
         let code = if status == reqwest::StatusCode::CONFLICT {
             StatusCode::CONFLICT
         } else {
             StatusCode::BAD_GATEWAY
         };
-        Self::new(code, message)
+        let mut e = Self::new(code, message);
+        e.peer_status = Some(status.as_u16());
+        e
     }
 
     /// The same error, as the failure of `phase`.
@@ -91,5 +119,29 @@ impl IntoResponse for ApiError {
             body["rollback"] = self.rollback.into();
         }
         (self.status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_no_answer_or_an_unavailable_peer_is_worth_asking_again() {
+        assert!(ApiError::unanswered("timed out").is_transient());
+        for status in [502, 503, 504] {
+            let e = ApiError::from_peer(reqwest::StatusCode::from_u16(status).unwrap(), "x");
+            assert!(e.is_transient(), "{status}");
+            assert!(!e.peer_refused());
+        }
+        for status in [400, 401, 403, 404, 409, 500] {
+            let e = ApiError::from_peer(reqwest::StatusCode::from_u16(status).unwrap(), "x");
+            assert!(!e.is_transient(), "{status}");
+            assert_eq!(e.peer_refused(), status < 500, "{status}");
+        }
+        // The 401 a wrong credential gets is passed on as a gateway's failure, not retried.
+        let e = ApiError::from_peer(reqwest::StatusCode::UNAUTHORIZED, "x");
+        assert_eq!(e.status, StatusCode::BAD_GATEWAY);
+        assert!(!ApiError::bad_gateway("mine").is_transient());
     }
 }

@@ -4,7 +4,8 @@
 //! Where things are:
 //! - [`pod`]: pure decisions: is a pod migratable now, and the destination's pod built from it;
 //! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
-//!   its rollback; [`destination`]: the peer's side (create, restore, delete);
+//!   its rollback; [`destination`]: the peer's side (create, restore, delete), with
+//!   [`prerequisites`]: what a pod needs in its namespace, checked before the copy is made;
 //! - [`recovery`]: at start, the migrations a stop interrupted (copies deleted, locks released);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod peer;
 pub mod pod;
+pub mod prerequisites;
 pub mod recovery;
 pub mod state;
 

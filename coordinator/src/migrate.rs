@@ -102,17 +102,54 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
             )));
         }
     }
+    check_subdomain("name", &name)?;
+    let namespace = request
+        .namespace
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| "default".into());
+    check_label("namespace", &namespace)?;
     Ok(Validated {
         name,
-        namespace: request
-            .namespace
-            .filter(|n| !n.trim().is_empty())
-            .unwrap_or_else(|| "default".into()),
+        namespace,
         destination,
         keep: request.keep,
         interface: request.interface,
         post_copy: request.post_copy,
     })
+}
+
+/// A pod's name: a DNS subdomain (RFC 1123: at most 253 characters, lower-case letters,
+/// digits, '-' and '.', starting and ending with a letter or digit).
+pub fn check_subdomain(field: &str, value: &str) -> Result<(), ApiError> {
+    let labels_ok = value.split('.').all(|label| dns_label(label, 253));
+    if value.len() > 253 || !labels_ok {
+        return Err(ApiError::bad_request(format!(
+            "{field} {value:?} is not a valid Kubernetes name (RFC 1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
+        )));
+    }
+    Ok(())
+}
+
+/// A namespace's name: a DNS label (RFC 1123: at most 63 characters, lower-case letters,
+/// digits and '-', starting and ending with a letter or digit).
+pub fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
+    if !dns_label(value, 63) {
+        return Err(ApiError::bad_request(format!(
+            "{field} {value:?} is not a valid Kubernetes name (RFC 1123 label: lower-case letters, digits and '-', at most 63 characters)"
+        )));
+    }
+    Ok(())
+}
+
+fn dns_label(label: &str, max: usize) -> bool {
+    let bytes = label.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= max
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
 }
 
 impl Coordinator {
@@ -173,6 +210,15 @@ impl Coordinator {
             )
             .in_phase("checking")
         })?;
+        if request.post_copy && migratable.containers.len() != 1 {
+            return Err(ApiError::bad_request(format!(
+                "postCopy moves one container and pod {}/{} has {}: migrate it without postCopy",
+                request.namespace,
+                request.name,
+                migratable.containers.len()
+            ))
+            .in_phase("checking"));
+        }
         let peer = Peer::new(self.peers.clone(), request.destination.clone());
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
 
@@ -229,8 +275,14 @@ impl Coordinator {
             Ok(created) => created,
             Err(mut e) => {
                 // The destination deletes what it created when its create fails; a create
-                // that timed out on the way back is deleted here.
-                e.rollback.push(self.delete_copy(&peer, id, request).await);
+                // that failed otherwise (timed out on the way back, a 5xx) is deleted here.
+                // A refusal (4xx) created nothing.
+                if e.peer_refused() {
+                    e.rollback
+                        .push("the destination refused: it created no pod".to_owned());
+                } else {
+                    e.rollback.push(self.delete_copy(&peer, id, request).await);
+                }
                 e.rollback.push(unlock().await);
                 return Err(e.in_phase("creating"));
             }
@@ -353,7 +405,8 @@ impl Coordinator {
     }
 
     /// `/restore` at the destination, retried for two minutes while the peer is unreachable
-    /// (a destination coordinator restarting keeps a copy that holds the service for it).
+    /// or unavailable (a destination coordinator restarting keeps a copy that holds the
+    /// service for it); a refusal is not asked again.
     async fn activate_copy(
         &self,
         peer: &Peer,
@@ -371,7 +424,7 @@ impl Coordinator {
                 )
                 .await
             {
-                Err(e) if e.status == StatusCode::BAD_GATEWAY && Instant::now() < until => {
+                Err(e) if e.is_transient() && Instant::now() < until => {
                     tracing::warn!(migration = %request.migration_id, error = %e.message, "making the copy active failed; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
@@ -423,5 +476,28 @@ mod tests {
         let e = request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"}))
             .unwrap_err();
         assert!(e.message.contains("ff"), "{e}");
+    }
+
+    #[test]
+    fn names_that_kubernetes_would_refuse_are_a_400() {
+        for (name, namespace) in [
+            ("Svc", "default"),
+            ("svc_1", "default"),
+            ("-svc", "default"),
+            ("svc/x", "default"),
+            ("svc", "Shop"),
+            ("svc", "shop.eu"),
+            (
+                "svc",
+                "a-very-long-namespace-name-that-is-longer-than-sixty-three-chars",
+            ),
+        ] {
+            let e = request(json!({"name": name, "namespace": namespace, "destinationUrl": "c:1"}))
+                .unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{name} {namespace}");
+            assert!(e.message.contains("valid Kubernetes name"), "{e}");
+        }
+        request(json!({"name": "svc-1.v2", "namespace": "shop-eu", "destinationUrl": "c:1"}))
+            .unwrap();
     }
 }

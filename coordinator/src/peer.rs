@@ -70,29 +70,80 @@ pub fn peer_client(
 }
 
 /// The base URL of a peer from what a user wrote: UMS's `host:port` (no scheme) means HTTPS
-/// here; `https://...` is taken as is; plain `http://` is refused (coordinators talk TLS only).
+/// here; `https://host[:port]` is taken as is; plain `http://` is refused (coordinators talk
+/// TLS only). A URL names a coordinator and nothing else: user info (it would replace the
+/// migration's credential with a Basic authorization), a path, a query or a fragment are
+/// refused, so are port 0 and a missing host. The message never repeats a password.
 pub fn peer_base_url(destination: &str) -> Result<String, ApiError> {
-    let trimmed = destination.trim().trim_end_matches('/');
+    let trimmed = destination.trim();
     if trimmed.is_empty() {
         return Err(ApiError::bad_request("destinationUrl is empty"));
     }
-    if trimmed.starts_with("http://") {
-        return Err(ApiError::bad_request(format!(
-            "destinationUrl {trimmed:?}: coordinators talk HTTPS only; write host:port or https://host:port"
-        )));
-    }
-    let url = if trimmed.starts_with("https://") {
+    let with_scheme = if trimmed.contains("://") {
         trimmed.to_owned()
-    } else if trimmed.contains("://") {
-        return Err(ApiError::bad_request(format!(
-            "destinationUrl {trimmed:?} has an unsupported scheme"
-        )));
     } else {
         format!("https://{trimmed}")
     };
-    reqwest::Url::parse(&url)
-        .map_err(|e| ApiError::bad_request(format!("destinationUrl {destination:?}: {e}")))?;
-    Ok(url)
+    let Ok(url) = reqwest::Url::parse(&with_scheme) else {
+        return Err(ApiError::bad_request(format!(
+            "destinationUrl {:?} is not a URL: write host:port or https://host:port",
+            redacted(trimmed)
+        )));
+    };
+    let shown = redacted(trimmed);
+    let refuse = |why: &str| {
+        Err(ApiError::bad_request(format!(
+            "destinationUrl {shown:?} {why}; write host:port or https://host:port"
+        )))
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" => return refuse("is plain HTTP: coordinators talk HTTPS only"),
+        other => return refuse(&format!("has the scheme {other:?}")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("carries user info (the migration's own credential authenticates it)");
+    }
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        return refuse("has no host");
+    };
+    if url.port() == Some(0) {
+        return refuse("has port 0");
+    }
+    if url.path() != "/" && !url.path().is_empty() {
+        return refuse(&format!(
+            "has a path ({:?}): it names the coordinator only",
+            url.path()
+        ));
+    }
+    if url.query().is_some() {
+        return refuse("has a query: it names the coordinator only");
+    }
+    if url.fragment().is_some() {
+        return refuse("has a fragment: it names the coordinator only");
+    }
+    Ok(match url.port() {
+        Some(port) => format!("https://{host}:{port}"),
+        None => format!("https://{host}"),
+    })
+}
+
+/// `text` with the password of any user info replaced, for messages and logs.
+fn redacted(text: &str) -> String {
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), text),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or("");
+            let hidden = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}{user}{hidden}@{host}{tail}")
+        }
+        None => text.to_owned(),
+    }
 }
 
 /// What a coordinator says about itself (`GET /`).
@@ -126,7 +177,7 @@ impl Peer {
         response: Result<reqwest::Response, reqwest::Error>,
     ) -> Result<T, ApiError> {
         let response = response.map_err(|e| {
-            ApiError::bad_gateway(format!(
+            ApiError::unanswered(format!(
                 "destination coordinator {} unreachable ({what}): {}",
                 self.base,
                 error_chain(&e)
@@ -210,5 +261,40 @@ mod tests {
         assert_eq!(peer_base_url("http://x:1").unwrap_err().status, 400);
         assert_eq!(peer_base_url("ftp://x:1").unwrap_err().status, 400);
         assert_eq!(peer_base_url(" ").unwrap_err().status, 400);
+        assert_eq!(
+            peer_base_url("[fd00::5]:8443").unwrap(),
+            "https://[fd00::5]:8443"
+        );
+        assert_eq!(peer_base_url("https://cloud").unwrap(), "https://cloud");
+    }
+
+    #[test]
+    fn a_url_names_the_coordinator_and_nothing_else() {
+        for (url, why) in [
+            ("https://user@cloud:30001", "user info"),
+            ("https://u:s3cret@cloud:30001", "user info"),
+            ("u:s3cret@cloud:30001", "user info"),
+            ("https://cloud:30001/api", "path"),
+            ("https://cloud:30001/?x=1", "query"),
+            ("https://cloud:30001#frag", "fragment"),
+            ("https://cloud:0", "port 0"),
+            ("https://:30001", "URL"),
+            ("cloud:99999", "URL"),
+        ] {
+            let e = peer_base_url(url).unwrap_err();
+            assert_eq!(e.status, 400, "{url}");
+            assert!(e.message.contains(why), "{url}: {}", e.message);
+            assert!(!e.message.contains("s3cret"), "{url}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redacted("https://u:s3cret@cloud:1/x"),
+            "https://u:***@cloud:1/x"
+        );
+        assert_eq!(redacted("u@cloud:1"), "u@cloud:1");
+        assert_eq!(redacted("cloud:1/a@b"), "cloud:1/a@b");
     }
 }
