@@ -6,6 +6,18 @@
 # UMS_INSECURE_REGISTRIES: comma-separated host:port of plain-HTTP registries the nested engine
 # may pull from (a registry inside the cluster without TLS; the tests' registry).
 set -u
+# A runtime container that restarts (the kubelet restarts it in place or anew; the pod's
+# emptyDir with the engine's storage survives) starts from what the dead one left:
+# - the dead engine's pid files, sockets and runtime state, on which the engine refuses to start;
+# - a sidecar that died in a post-copy restore left lazy-pages lines in CRIU's configuration;
+# - a sidecar that died while restoring left its netfilter lock chain in the pod's network
+#   namespace, dropping the restored containers' internal connections.
+for tool in iptables ip6tables; do
+  while $tool -w -D OUTPUT -j UMS-RESTORE-LOCK 2>/dev/null; do :; done
+  $tool -w -F UMS-RESTORE-LOCK 2>/dev/null && $tool -w -X UMS-RESTORE-LOCK 2>/dev/null
+done
+rm -rf /run/podman /run/libpod /run/containers /run/crun /run/runc /var/run/libpod
+rm -f /etc/criu/runc.conf
 if [ -n "${UMS_INSECURE_REGISTRIES:-}" ]; then
   mkdir -p /etc/containers/registries.conf.d
   for registry in ${UMS_INSECURE_REGISTRIES//,/ }; do

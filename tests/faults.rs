@@ -1,0 +1,380 @@
+//! No migration strands a service (the fault matrix's start): requests that can never succeed
+//! are refused before anything is locked or created, every answer JSON over HTTP/1.1 and
+//! HTTP/2; a runtime container that dies comes back with its engine and its service. All on
+//! the real images: two clusters (the test API server, the real webhook, a node agent each)
+//! and the coordinator image, driven by curl and kubectl as a user drives them.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use ums_tests::cluster::{Cluster, User};
+use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+use ums_tests::poll;
+use ums_tests::service_pod::{ask_service, container_output, service_pod};
+use ums_tests::workload::ticks;
+
+struct Answer {
+    status: u16,
+    body: Value,
+    content_type: String,
+    raw: String,
+}
+
+/// curl as a user runs it (`--http1.1` or `--http2`) against a coordinator: the CA pinned,
+/// `token` as the bearer, `body_bytes` of JSON (or `body`) posted.
+fn curl(
+    protocol: &str,
+    ca: &Path,
+    token: &str,
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+) -> Answer {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", protocol, "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            "-X",
+            method,
+        ])
+        .args(["-o"])
+        .arg(&out)
+        .args(["-w", "%{http_code} %{content_type}"]);
+    if let Some(body) = body {
+        let file = dir.path().join("body");
+        std::fs::write(&file, body).unwrap();
+        command
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(format!("@{}", file.display()));
+    }
+    command.arg(url);
+    let output = command.output().expect("curl (scripts/install-host.sh)");
+    let written = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (code, kind) = written.split_once(' ').unwrap_or((&written, ""));
+    let raw = String::from_utf8_lossy(&std::fs::read(&out).unwrap_or_default()).into_owned();
+    Answer {
+        status: code.trim().parse().unwrap_or(0),
+        body: serde_json::from_str(&raw).unwrap_or(Value::Null),
+        content_type: kind.trim().to_owned(),
+        raw: format!("{raw} (curl: {})", String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+fn annotation(cluster: &Cluster, pod: &str, key: &str) -> Option<String> {
+    cluster.get_json(&["pod", pod])["metadata"]["annotations"][key]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Nothing happened: the source pod carries no lock, the destination has no pod of that name.
+fn assert_untouched(edge: &Cluster, cloud: &Cluster, pod: &str, what: &str) {
+    assert_eq!(
+        annotation(edge, pod, "migration-id"),
+        None,
+        "{what}: the source pod was locked"
+    );
+    assert!(
+        cloud
+            .kubectl_result(User::Admin, &["get", "pod", pod])
+            .is_err(),
+        "{what}: the destination has a pod {pod}"
+    );
+}
+
+/// A user's service pod in `cluster`: running, ready, its ambassador relaying ticks.
+async fn start_service(cluster: &Cluster, pod: &Value, name: &str) -> String {
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let ip = cluster
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let ambassador = cluster.pod_container(name, "app");
+    poll(
+        "the ambassador to relay the workload's ticks",
+        Duration::from_secs(120),
+        || {
+            let n = ticks(&container_output(&ambassador)).len();
+            async move { (n >= 5).then_some(()) }
+        },
+    )
+    .await;
+    ip
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_created() {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+
+    // A two-container service that runs as its own service account, which only edge has.
+    let name = "service";
+    edge.kubectl(User::Admin, &["create", "serviceaccount", "shop"]);
+    let mut pod = service_pod(name, "dind", None, &[("app", 64), ("side", 1)]);
+    pod["spec"]["serviceAccountName"] = json!("shop");
+    let source_ip = start_service(&edge, &pod, name).await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(before.memory_ok);
+
+    let destination = cloud_coordinator.address.clone();
+    let (host, _port) = destination.split_once(':').unwrap();
+    let migrate = format!("https://{}/migrate", edge_coordinator.address);
+    let token = edge_coordinator.api_token.clone();
+    let ca = edge_certs.ca.clone();
+    let body = |name: &str, namespace: &str, url: &str, extra: Value| {
+        let mut b = json!({"name": name, "namespace": namespace, "destinationUrl": url});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b.to_string()
+    };
+    let refusals: Vec<(String, u16, String, &str)> = vec![
+        (
+            body(
+                name,
+                "default",
+                &format!("https://jane:s3cret@{destination}"),
+                json!({}),
+            ),
+            400,
+            "user info".into(),
+            "password in the URL",
+        ),
+        (
+            body(
+                name,
+                "default",
+                &format!("https://jane@{destination}"),
+                json!({}),
+            ),
+            400,
+            "user info".into(),
+            "user in the URL",
+        ),
+        (
+            body(
+                name,
+                "default",
+                &format!("https://{destination}/api"),
+                json!({}),
+            ),
+            400,
+            "path".into(),
+            "path in the URL",
+        ),
+        (
+            body(
+                name,
+                "default",
+                &format!("https://{destination}?x=1"),
+                json!({}),
+            ),
+            400,
+            "query".into(),
+            "query in the URL",
+        ),
+        (
+            body(
+                name,
+                "default",
+                &format!("https://{destination}#top"),
+                json!({}),
+            ),
+            400,
+            "fragment".into(),
+            "fragment in the URL",
+        ),
+        (
+            body(name, "default", &format!("https://{host}:0"), json!({})),
+            400,
+            "port 0".into(),
+            "port 0",
+        ),
+        (
+            body("Service_1", "default", &destination, json!({})),
+            400,
+            "valid Kubernetes name".into(),
+            "a name Kubernetes refuses",
+        ),
+        (
+            body(name, "Shop", &destination, json!({})),
+            400,
+            "valid Kubernetes name".into(),
+            "a namespace Kubernetes refuses",
+        ),
+        (
+            body(name, "default", &destination, json!({"postCopy": true})),
+            400,
+            "postCopy moves one container".into(),
+            "postCopy on two containers",
+        ),
+        (
+            body(name, "default", &destination, json!({})),
+            409,
+            "serviceAccount shop".into(),
+            "the destination lacks the service account",
+        ),
+    ];
+    let blocking = {
+        let (migrate, token, ca) = (migrate.clone(), token.clone(), ca.clone());
+        move || {
+            let mut seen = Vec::new();
+            for protocol in ["--http1.1", "--http2"] {
+                for (request, status, words, what) in &refusals {
+                    let a = curl(protocol, &ca, &token, "POST", &migrate, Some(request));
+                    seen.push((
+                        format!("{protocol} {what}"),
+                        *status,
+                        Some(words.clone()),
+                        a,
+                    ));
+                }
+                // Bodies over the limit, a method the route does not take, a wrong token
+                // with a body it never reads: each a JSON error the client hears.
+                let big = format!("{{\"name\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+                let a = curl(protocol, &ca, &token, "POST", &migrate, Some(&big));
+                seen.push((format!("{protocol} 3 MB body"), 413, None, a));
+                let huge = format!("{{\"name\": \"{}\"}}", "x".repeat(20 * 1024 * 1024));
+                let a = curl(protocol, &ca, &token, "POST", &migrate, Some(&huge));
+                seen.push((format!("{protocol} 20 MB body"), 413, None, a));
+                let a = curl(protocol, &ca, &token, "GET", &migrate, None);
+                seen.push((format!("{protocol} GET /migrate"), 405, None, a));
+                let padded = format!("{{\"pad\": \"{}\"}}", "x".repeat(500 * 1024));
+                for i in 0..5 {
+                    let a = curl(protocol, &ca, "wrong", "POST", &migrate, Some(&padded));
+                    seen.push((format!("{protocol} wrong token #{i}"), 401, None, a));
+                }
+            }
+            seen
+        }
+    };
+    let answers = tokio::task::spawn_blocking(blocking).await.unwrap();
+    for (what, status, words, answer) in &answers {
+        assert_eq!(answer.status, *status, "{what}: {}", answer.raw);
+        assert!(
+            answer.content_type.starts_with("application/json"),
+            "{what}: content type {:?}: {}",
+            answer.content_type,
+            answer.raw
+        );
+        let error = answer.body["error"].as_str().unwrap_or("");
+        assert!(!error.is_empty(), "{what}: {}", answer.raw);
+        if let Some(words) = words {
+            assert!(error.contains(words.as_str()), "{what}: {}", answer.raw);
+        }
+        assert!(!answer.raw.contains("s3cret"), "{what}: {}", answer.raw);
+        assert_untouched(&edge, &cloud, name, what);
+    }
+    // What the coordinator keeps about its migrations never holds the password either.
+    let (status, migrations) = edge_coordinator
+        .call(&edge_certs.ca, "GET", "/migrations", None)
+        .await;
+    assert_eq!(status, 200, "{migrations}");
+    assert!(!migrations.to_string().contains("s3cret"), "{migrations}");
+    assert!(!edge_coordinator.log().contains("s3cret"));
+
+    // The service never stopped.
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
+
+    // Once the destination has the account, the same request moves the service.
+    cloud.kubectl(User::Admin, &["create", "serviceaccount", "shop"]);
+    let (status, report) = edge_coordinator
+        .call(
+            &edge_certs.ca,
+            "POST",
+            "/migrate",
+            Some(json!({"name": name, "destinationUrl": destination})),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    let copy_ip = cloud
+        .wait_running_and_ready(name, Duration::from_secs(120))
+        .await;
+    let after = ask_service(&copy_ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick >= still.tick, "{after:?} after {still:?}");
+}
+
+/// Kills the runtime container of a running `interface` pod as a node's failure would; the
+/// kubelet (the node agent) starts it again. The nested engine must come back on what the dead
+/// one left (its pid file, sockets, state), and the service with it.
+async fn runtime_container_killed_comes_back_with_its_engine(interface: &str) {
+    let cluster = Cluster::start_with_node();
+    let name = "service";
+    let pod = service_pod(name, interface, None, &[("app", 16)]);
+    let ip = start_service(&cluster, &pod, name).await;
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let runtime = cluster.pod_container(name, "runtime");
+    let killed = Command::new("docker")
+        .args(["kill", "--signal", "KILL", &runtime])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+
+    // The service answers again: a new process (its counter starts over: what ran in memory
+    // died with the runtime container; only a migration carries it), served by the restarted
+    // engine through the pod's network.
+    let again = poll(
+        "the service to run again after its runtime container was killed",
+        Duration::from_secs(180),
+        || {
+            let ip = ip.clone();
+            async move {
+                ask_service(&ip, 8080)
+                    .await
+                    .filter(|a| a.tick < before.tick)
+            }
+        },
+    )
+    .await;
+    assert!(again.memory_ok, "{again:?}");
+    let status = cluster.get_json(&["pod", name])["status"].clone();
+    let restarts = |container: &str| {
+        status["containerStatuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == container)
+            .map(|c| c["restartCount"].as_i64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    assert!(restarts("runtime") >= 1, "{status}");
+    // The ambassador relayed the end of the container that died and was started again: the
+    // new container's output (its counter from 0 again) reaches the pod's log.
+    let ambassador = cluster.pod_container(name, "app");
+    poll(
+        "the restarted ambassador to relay the new container's ticks",
+        Duration::from_secs(60),
+        || {
+            let seen = ticks(&container_output(&ambassador));
+            let anew = seen
+                .windows(2)
+                .position(|w| w[1].tick < w[0].tick)
+                .map(|at| seen.len() - at - 1);
+            async move { anew.filter(|n| *n >= 3).map(|_| ()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dind_runtime_container_killed_comes_back_with_its_engine() {
+    runtime_container_killed_comes_back_with_its_engine("dind").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pind_runtime_container_killed_comes_back_with_its_engine() {
+    runtime_container_killed_comes_back_with_its_engine("pind").await;
+}
