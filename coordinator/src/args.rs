@@ -132,7 +132,10 @@ impl Args {
             let coordinator = coordinator.clone();
             tokio::spawn(async move {
                 coordinator.recover().await;
-                coordinator.sweep_periodically().await
+                tokio::join!(
+                    coordinator.sweep_periodically(),
+                    coordinator.finish_periodically()
+                );
             });
         }
         let reconciler = tokio::spawn(crate::live_migration::reconcile(coordinator.clone()));

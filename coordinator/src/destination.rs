@@ -13,8 +13,8 @@ use serde_json::json;
 use ums_contract::{MigrationAnnotations, ANNOTATION_ID, ANNOTATION_START_MODE};
 
 use crate::error::ApiError;
+use crate::journal::{ANNOTATION_ACTIVATED_BY, ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 use crate::prerequisites::{missing_text, Prerequisites};
-use crate::recovery::{ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 use crate::state::Coordinator;
 
 /// `POST /create`: the pod to create (built by the source's coordinator) in `namespace`.
@@ -281,11 +281,31 @@ impl Coordinator {
         Ok(Some((pods, pod)))
     }
 
-    /// The state has arrived and runs: the pod becomes active and is unlocked.
+    /// The state has arrived and runs: the pod becomes active and is unlocked. A repeat (the
+    /// source's answer lost, or a coordinator finishing from the journal) answers the same,
+    /// with `alreadyActive`.
     pub async fn activate_destination(
         &self,
         request: PodRequest,
     ) -> Result<serde_json::Value, ApiError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        if let Some(pod) = pods.get_opt(&request.name).await? {
+            let activated_by = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_ACTIVATED_BY));
+            if activated_by == Some(&request.migration_id)
+                && annotations_of(&pod).migration_id.is_none()
+            {
+                return Ok(json!({
+                    "name": request.name,
+                    "namespace": request.namespace,
+                    "podIp": pod.status.and_then(|s| s.pod_ip),
+                    "alreadyActive": true,
+                }));
+            }
+        }
         let Some((pods, _)) = self.pod_of(&request).await? else {
             return Err(ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
@@ -295,6 +315,7 @@ impl Coordinator {
         let patch = json!({"metadata": {"annotations": {
             ANNOTATION_START_MODE: "active",
             ANNOTATION_ID: null,
+            ANNOTATION_ACTIVATED_BY: request.migration_id,
         }}});
         let pod = pods
             .patch(

@@ -6,7 +6,9 @@
 //! - [`migrate`]: the source side's flow (check, lock, create, migrate, activate, finish) and
 //!   its rollback; [`destination`]: the peer's side (create, restore, delete), with
 //!   [`prerequisites`]: what a pod needs in its namespace, checked before the copy is made;
-//! - [`recovery`]: at start, the migrations a stop interrupted (copies deleted, locks released);
+//! - [`journal`]: what a source pod carries so that anyone can finish its migration;
+//!   [`recovery`]: at start and every minute, the migrations a stop interrupted (copies
+//!   deleted, locks released, migrations whose state left finished from their journal);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
@@ -17,6 +19,7 @@ pub mod args;
 pub mod auth;
 pub mod destination;
 pub mod error;
+pub mod journal;
 pub mod live_migration;
 pub mod metrics;
 pub mod migrate;

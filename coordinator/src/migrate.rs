@@ -12,14 +12,14 @@ use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use ums_contract::{StartMode, ANNOTATION_ID, ANNOTATION_START_MODE};
+use ums_contract::ANNOTATION_ID;
 
 use crate::destination::{CreateAnswer, CreateRequest, PodRequest};
 use crate::error::ApiError;
+use crate::journal::{keep_patch, unlock_patch, SourceJournal, ANNOTATION_LOCKED_BY};
 use crate::metrics::Outcome;
 use crate::peer::{peer_base_url, Peer};
 use crate::pod::{check, destination_pod};
-use crate::recovery::ANNOTATION_LOCKED_BY;
 use crate::state::Coordinator;
 
 /// UMS's request body (its names, so UMS users' calls work).
@@ -243,7 +243,7 @@ impl Coordinator {
                 .in_phase("locking")
             })?;
         let unlock = || async {
-            let patch = json!({"metadata": {"annotations": {ANNOTATION_ID: null, ANNOTATION_LOCKED_BY: null}}});
+            let patch = unlock_patch();
             match pods
                 .patch(
                     &request.name,
@@ -287,6 +287,33 @@ impl Coordinator {
                 return Err(e.in_phase("creating"));
             }
         };
+
+        // The journal: from here on, whoever finds the pod with its state gone can finish.
+        let journal = SourceJournal {
+            migration_id: id.to_owned(),
+            destination: request.destination.clone(),
+            copy_namespace: created.namespace.clone(),
+            copy_name: created.name.clone(),
+            credential: created.migration_credential.clone(),
+            keep: request.keep,
+        };
+        if let Err(e) = pods
+            .patch(
+                &request.name,
+                &PatchParams::default(),
+                &Patch::Merge(&journal.patch()),
+            )
+            .await
+        {
+            let mut e = ApiError::from(e);
+            e.message = format!(
+                "could not write the migration's journal on the source pod: {}",
+                e.message
+            );
+            e.rollback.push(self.delete_copy(&peer, id, request).await);
+            e.rollback.push(unlock().await);
+            return Err(e.in_phase("creating"));
+        }
 
         // The state moves sidecar to sidecar.
         self.enter(id, "migrating");
@@ -357,31 +384,16 @@ impl Coordinator {
             .await
             .map_err(|e| {
                 ApiError::bad_gateway(format!(
-                    "the service runs at the destination, but its pod could not be made active there: {}",
+                    "the service runs at the destination, but its pod could not be made active there yet: {}; this coordinator makes it active from the source pod's journal (it asks again every minute) and then deletes or keeps the source",
                     e.message
                 ))
                 .in_phase("activating")
             })?;
 
         self.enter(id, "finishing");
-        if request.keep {
-            let patch = json!({"metadata": {"annotations": {
-                ANNOTATION_ID: null,
-                ANNOTATION_LOCKED_BY: null,
-                ANNOTATION_START_MODE: StartMode::Null.as_str(),
-            }}});
-            pods.patch(
-                &request.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+        self.release_source(&pods, &request.name, request.keep)
             .await
-            .map_err(|e| ApiError::from(e).in_phase("finishing"))?;
-        } else {
-            pods.delete(&request.name, &DeleteParams::default())
-                .await
-                .map_err(|e| ApiError::from(e).in_phase("finishing"))?;
-        }
+            .map_err(|e| e.in_phase("finishing"))?;
         self.enter(id, "done");
         let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
         tracing::info!(migration = id, pod = %request.name, destination = %request.destination, "migration done");
@@ -404,10 +416,30 @@ impl Coordinator {
         })
     }
 
+    /// The service moved: the source pod is deleted, or kept emptied and released.
+    pub(crate) async fn release_source(
+        &self,
+        pods: &Api<Pod>,
+        name: &str,
+        keep: bool,
+    ) -> Result<(), ApiError> {
+        if keep {
+            pods.patch(name, &PatchParams::default(), &Patch::Merge(&keep_patch()))
+                .await?;
+        } else {
+            match pods.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// `/restore` at the destination, retried for two minutes while the peer is unreachable
     /// or unavailable (a destination coordinator restarting keeps a copy that holds the
     /// service for it); a refusal is not asked again.
-    async fn activate_copy(
+    pub(crate) async fn activate_copy(
         &self,
         peer: &Peer,
         request: &PodRequest,

@@ -7,8 +7,10 @@
 //!   runs every five minutes for copies older than their peer token.
 //! - As a source: the pods it locked are unlocked once their sidecar says the service runs
 //!   there (no migration under way, nothing migrated away); a pod whose state has left
-//!   (`migrated`) stays locked, with a warning: the service runs in the other cluster's copy,
-//!   which only that cluster can make active.
+//!   (`migrated`) is finished from its journal ([`crate::journal`]): the copy is made active
+//!   and the source deleted (or kept). The same pass runs every minute, for migrations whose
+//!   activation failed while the coordinator ran (the destination unreachable for longer than
+//!   the two minutes `/migrate` retries).
 
 use std::time::Duration;
 
@@ -16,15 +18,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
-use ums_contract::{MigrationAnnotations, StartMode, ANNOTATION_ID};
+use ums_contract::{MigrationAnnotations, StartMode};
 
+use crate::destination::PodRequest;
 use crate::error::ApiError;
+use crate::journal::{unlock_patch, SourceJournal};
+use crate::peer::Peer;
 use crate::state::Coordinator;
 
-/// Marks a pod this coordinator created as a migration's destination (value: the cluster).
-pub const ANNOTATION_COPY_OF: &str = "migration.ums-rs.io/created-by-coordinator";
-/// Marks a pod this coordinator locked as a migration's source (value: the cluster).
-pub const ANNOTATION_LOCKED_BY: &str = "migration.ums-rs.io/locked-by-coordinator";
+pub use crate::journal::{ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 
 /// How often, and how long, a source pod whose sidecar is still migrating is asked again.
 const RETRY_EVERY: Duration = Duration::from_secs(10);
@@ -171,21 +173,65 @@ impl Coordinator {
             match self.source_state(&pod).await {
                 SourceState::Here => {
                     let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
-                    let patch = json!({"metadata": {
-                        "resourceVersion": pod.metadata.resource_version,
-                        "annotations": {ANNOTATION_ID: null, ANNOTATION_LOCKED_BY: null},
-                    }});
+                    let mut patch = unlock_patch();
+                    patch["metadata"]["resourceVersion"] = json!(pod.metadata.resource_version);
                     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await?;
                     tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked a pod whose migration stopped with the coordinator: the service runs here");
                 }
                 SourceState::Migrating | SourceState::Unknown => pending += 1,
-                SourceState::Left => {
-                    tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "the state of this locked pod left before the restart: the service runs in the destination's copy; make that copy active there and delete this pod")
-                }
+                SourceState::Left => match SourceJournal::read(&pod) {
+                    Some(journal) => {
+                        match self.finish_from_journal(&namespace, &name, &journal).await {
+                            Ok(()) => {
+                                tracing::info!(pod = %name, namespace = %namespace, migration = %id, copy = %format!("{}/{}", journal.copy_namespace, journal.copy_name), destination = %journal.destination, "finished a migration whose state had left, from its journal: the copy is active, the source released")
+                            }
+                            Err(e) => {
+                                pending += 1;
+                                tracing::warn!(pod = %name, namespace = %namespace, migration = %id, error = %e.message, "the state of this pod left and its copy could not be made active yet; asking again");
+                            }
+                        }
+                    }
+                    None => {
+                        tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "the state of this locked pod left, and it carries no journal: the service runs in the destination's copy; make that copy active there and delete this pod")
+                    }
+                },
             }
         }
         Ok(pending)
+    }
+
+    /// Makes the copy active (the destination answers a repeat too) and deletes or keeps the
+    /// source, as the migration would have.
+    pub async fn finish_from_journal(
+        &self,
+        namespace: &str,
+        name: &str,
+        journal: &SourceJournal,
+    ) -> Result<(), ApiError> {
+        let peer = Peer::new(self.peers.clone(), journal.destination.clone());
+        let request = PodRequest {
+            migration_id: journal.migration_id.clone(),
+            namespace: journal.copy_namespace.clone(),
+            name: journal.copy_name.clone(),
+        };
+        self.activate_copy(&peer, &request, &journal.credential)
+            .await?;
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), namespace);
+        self.release_source(&pods, name, journal.keep).await
+    }
+
+    /// Every minute: the source pods this coordinator locked and no longer drives (unlocked
+    /// when their service runs here, finished from the journal when it left).
+    pub async fn finish_periodically(&self) {
+        let mut ticker = tokio::time::interval(Duration::from_secs(60));
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if let Err(e) = self.release_orphaned_locks().await {
+                tracing::warn!(error = %e, "could not look for pods left locked");
+            }
+        }
     }
 
     /// The states of the pod's nested containers, from its sidecar's probes.
