@@ -378,3 +378,134 @@ async fn dind_runtime_container_killed_comes_back_with_its_engine() {
 async fn pind_runtime_container_killed_comes_back_with_its_engine() {
     runtime_container_killed_comes_back_with_its_engine("pind").await;
 }
+
+/// The phase edge's coordinator reports for its one migration.
+async fn phase(coordinator: &RunningCoordinator, ca: &Path) -> Option<String> {
+    let (status, records) = ums_tests::coordinator::call_result(
+        &coordinator.address,
+        ca,
+        &ums_tests::coordinator::Credential::Bearer(coordinator.api_token.clone()),
+        "GET",
+        "/migrations",
+        None,
+    )
+    .await
+    .ok()?;
+    (status == 200).then(|| records[0]["phase"].as_str().map(str::to_owned))?
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_finished_from_its_journal(
+) {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let name = "service";
+    let source_ip = start_service(
+        &edge,
+        &service_pod(name, "dind", None, &[("app", 256)]),
+        name,
+    )
+    .await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+
+    let call = tokio::spawn({
+        let (address, ca, token) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
+        );
+        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
+        async move {
+            ums_tests::coordinator::call_result(
+                &address,
+                &ca,
+                &token,
+                "POST",
+                "/migrate",
+                Some(body),
+            )
+            .await
+        }
+    });
+    // Cloud's coordinator dies while the state moves (sidecar to sidecar: the move goes on);
+    // edge's dies while it tries to make the copy active.
+    let seen = poll(
+        "edge's migration to reach migrating",
+        Duration::from_secs(240),
+        || async {
+            phase(&edge_coordinator, &edge_certs.ca)
+                .await
+                .filter(|p| p != "checking" && p != "locking" && p != "creating")
+        },
+    )
+    .await;
+    assert_eq!(
+        seen, "migrating",
+        "the test must see the migrating phase to kill cloud's coordinator in it"
+    );
+    cloud_coordinator.kill();
+    poll(
+        "edge's migration to reach activating",
+        Duration::from_secs(240),
+        || async {
+            phase(&edge_coordinator, &edge_certs.ca)
+                .await
+                .filter(|p| p == "activating" || p == "failed")
+        },
+    )
+    .await;
+    edge_coordinator.kill();
+    let _ = call.await;
+
+    // The state left: the source pod is locked and carries its journal; the copy is passive.
+    let source = edge.get_json(&["pod", name]);
+    let annotations = &source["metadata"]["annotations"];
+    assert!(annotations["migration-id"].is_string(), "{source}");
+    assert!(
+        annotations["migration.ums-rs.io/destination"].is_string()
+            && annotations["migration.ums-rs.io/migration-credential"].is_string(),
+        "{source}"
+    );
+    assert_eq!(
+        annotation(&cloud, name, "migration-start-mode").as_deref(),
+        Some("passive")
+    );
+
+    // Both come back; edge's finds the pod whose state left and finishes from the journal.
+    cloud_coordinator.restart();
+    edge_coordinator.restart();
+    poll(
+        "edge's restarted coordinator to make the copy active and delete the source",
+        Duration::from_secs(180),
+        || async {
+            let active =
+                annotation(&cloud, name, "migration-start-mode").as_deref() == Some("active");
+            let gone = edge
+                .kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err();
+            (active && gone).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("finished a migration whose state had left"),
+        "{}",
+        edge_coordinator.log()
+    );
+    assert_eq!(annotation(&cloud, name, "migration-id"), None);
+    let copy_ip = cloud
+        .wait_running_and_ready(name, Duration::from_secs(120))
+        .await;
+    let after = ask_service(&copy_ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(
+        after.tick > before.tick,
+        "the copy continues where the source stopped: {after:?} after {before:?}"
+    );
+}
