@@ -170,12 +170,15 @@ async fn migrates_between_clusters(
         sink_at_source = Some(sink);
     }
 
-    // A passive copy in the other cluster: created, not started (or, where the image cannot
-    // be pulled, waiting for the migration to bring it).
+    // A passive copy in the other cluster, as the coordinator makes it: under the
+    // migration's id (a peer's token opens only the migration the pod is under), created, not
+    // started (or, where the image cannot be pulled, waiting for the migration to bring it).
+    let mut copy = pod_spec(Some("passive"));
+    copy["metadata"]["annotations"]["migration-id"] = json!("e2e-1");
     destination_cluster.kubectl_with_input(
-        User::Jane,
+        User::Coordinator,
         &["create", "-f", "-"],
-        &pod_spec(Some("passive")).to_string(),
+        &copy.to_string(),
     );
     let destination_ip = running_and_ready(&destination_cluster, &name).await;
     assert_ne!(source_ip, destination_ip);
@@ -487,6 +490,7 @@ async fn migrates_between_clusters(
             "pod",
             &name,
             "migration-start-mode=active",
+            "migration-id-",
         ],
     );
     source_cluster.kubectl(

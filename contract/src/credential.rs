@@ -5,8 +5,8 @@
 //!
 //! A token is `ums1.<payload>.<signature>` (both base64url without padding): the payload is
 //! the JSON of [`Claims`], the signature is over the bytes `ums1.<payload>`. A token names the
-//! pod IP it is for (`aud`: a token for one pod is refused by every other), its scope and its
-//! expiry, and, for a peer's token, the one migration it serves.
+//! pod it is for, by IP (`aud`) and by UID (`uid`: pod IPs are reused within seconds, UIDs
+//! never), its scope and its expiry, and, for a peer's token, the one migration it serves.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -42,6 +42,23 @@ pub struct Claims {
     /// The migration a peer token serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mid: Option<String>,
+    /// The UID of the pod the token is for (a pod that got the IP later has another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl Claims {
+    /// Whether the token is for the pod whose UID is `pod_uid` (the sidecar reads it from the
+    /// downward API). A sidecar that knows its UID takes only tokens that name it.
+    pub fn check_uid(&self, pod_uid: Option<&str>) -> Result<(), CredentialError> {
+        match pod_uid {
+            None => Ok(()),
+            Some(uid) if self.uid.as_deref() == Some(uid) => Ok(()),
+            Some(_) => Err(CredentialError::WrongPodUid {
+                uid: self.uid.clone().unwrap_or_else(|| "none".into()),
+            }),
+        }
+    }
 }
 
 /// Why a token is refused.
@@ -56,6 +73,10 @@ pub enum CredentialError {
     Expired,
     #[error("the token is for {aud}, not for this pod")]
     WrongPod { aud: String },
+    #[error(
+        "the token is for the pod with UID {uid}, not for this pod (its IP was another pod's)"
+    )]
+    WrongPodUid { uid: String },
     #[error("a public key is not base64 Ed25519: {0}")]
     BadKey(String),
     #[error("the signing key is not an Ed25519 PKCS#8 key")]
@@ -189,6 +210,7 @@ mod tests {
             scope: Scope::Peer,
             exp: 1000,
             mid: Some("m1".into()),
+            uid: Some("u-1".into()),
         };
         let token = key.sign(&claims);
         let ips = ["127.0.0.1".to_owned(), "10.1.0.7".to_owned()];
@@ -224,5 +246,27 @@ mod tests {
             Err(CredentialError::Malformed)
         );
         assert!(parse_public_keys("abc").is_err());
+    }
+
+    #[test]
+    fn a_token_is_for_one_pod_uid() {
+        let claims = Claims {
+            aud: "10.1.0.7".into(),
+            scope: Scope::Coordinator,
+            exp: 1000,
+            mid: None,
+            uid: Some("u-1".into()),
+        };
+        assert_eq!(claims.check_uid(Some("u-1")), Ok(()));
+        assert_eq!(claims.check_uid(None), Ok(()));
+        assert!(matches!(
+            claims.check_uid(Some("u-2")),
+            Err(CredentialError::WrongPodUid { .. })
+        ));
+        let without = Claims {
+            uid: None,
+            ..claims
+        };
+        assert!(without.check_uid(Some("u-1")).is_err());
     }
 }

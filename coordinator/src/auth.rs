@@ -304,6 +304,7 @@ mod tests {
             scope: Scope::Migration,
             exp: u64::MAX,
             mid: Some("m1".into()),
+            uid: None,
         });
         assert!(credential.check("m1").is_ok());
         assert_eq!(

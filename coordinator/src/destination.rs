@@ -144,17 +144,20 @@ impl Coordinator {
             .get_or_insert_with(Default::default);
         annotations.remove(ANNOTATION_LOCKED_BY);
         annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
-        if let Err(e) = pods.create(&PostParams::default(), &pod).await {
-            let e = ApiError::from(e);
-            return Err(if e.status == axum::http::StatusCode::CONFLICT {
-                ApiError::conflict(format!(
-                    "a pod {}/{name} already exists in cluster {}",
-                    request.namespace, self.cluster
-                ))
-            } else {
-                e
-            });
-        }
+        let uid = match pods.create(&PostParams::default(), &pod).await {
+            Ok(created) => created.metadata.uid,
+            Err(e) => {
+                let e = ApiError::from(e);
+                return Err(if e.status == axum::http::StatusCode::CONFLICT {
+                    ApiError::conflict(format!(
+                        "a pod {}/{name} already exists in cluster {}",
+                        request.namespace, self.cluster
+                    ))
+                } else {
+                    e
+                });
+            }
+        };
         tracing::info!(migration = %request.migration_id, pod = %name, "destination pod created");
         match self.wait_passive_ready(&pods, &name).await {
             Ok((ip, pin)) => Ok(CreateAnswer {
@@ -163,6 +166,7 @@ impl Coordinator {
                 migration_credential: self.migration_credential(&request.migration_id),
                 sidecar_token: self.sidecar_token(
                     &ip,
+                    uid.as_deref(),
                     ums_contract::credential::Scope::Peer,
                     Some(&request.migration_id),
                     PEER_TOKEN_SECONDS,

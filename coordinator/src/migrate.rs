@@ -320,6 +320,7 @@ impl Coordinator {
         let url = format!("http://{}:{}/migrate", migratable.ip, self.sidecar_port);
         let token = self.sidecar_token(
             &migratable.ip,
+            migratable.uid.as_deref(),
             ums_contract::credential::Scope::Coordinator,
             Some(id),
             300,

@@ -70,6 +70,8 @@ pub struct Migratable {
     /// The containers the user wrote (`migration-containers`).
     pub containers: Vec<Container>,
     pub ip: String,
+    /// The pod's UID: the sidecar takes only tokens that name it.
+    pub uid: Option<String>,
     pub resource_version: String,
 }
 
@@ -156,6 +158,7 @@ pub fn check(pod: &Pod, interface: Option<&str>) -> Result<Migratable, Refusal> 
         interface: actual,
         containers,
         ip,
+        uid: pod.metadata.uid.clone(),
         resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
     })
 }

@@ -73,11 +73,12 @@ pub fn new_id() -> String {
 }
 
 impl Coordinator {
-    /// A token for the sidecar of the pod at `pod_ip`: `scope`, for `seconds`, for one
-    /// migration (`mid`) when it is a peer's.
+    /// A token for the sidecar of the pod at `pod_ip` whose UID is `pod_uid`: `scope`, for
+    /// `seconds`, for one migration (`mid`) when it is a peer's.
     pub fn sidecar_token(
         &self,
         pod_ip: &str,
+        pod_uid: Option<&str>,
         scope: ums_contract::credential::Scope,
         mid: Option<&str>,
         seconds: u64,
@@ -87,6 +88,7 @@ impl Coordinator {
             scope,
             exp: ums_contract::credential::now_unix() + seconds,
             mid: mid.map(str::to_owned),
+            uid: pod_uid.map(str::to_owned),
         })
     }
 
@@ -122,6 +124,7 @@ impl Coordinator {
                 + crate::destination::PEER_TOKEN_SECONDS
                 + 3600,
             mid: Some(mid.to_owned()),
+            uid: None,
         })
     }
 

@@ -62,9 +62,10 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
 
 /// Who may call what:
 /// - the static token (`--token-file`, outside wrapped pods): everything;
-/// - a token signed by the pod's coordinator for this pod's IP: everything (scope
-///   `coordinator`), or, for another pod's sidecar sending one migration here (scope `peer`),
-///   `/info`, `/restore/preflight` and `/restore`, over TLS only;
+/// - a token signed by the pod's coordinator for this pod (its IP and its UID): everything
+///   (scope `coordinator`), or, for another pod's sidecar sending one migration here (scope
+///   `peer`), `/info`, `/restore/preflight`, `/restore` and that migration's page stream, over
+///   TLS only, while this pod is under that migration;
 /// - the pod-local token of the ambassadors: `/create/{name}` and `/logs/{name}`.
 ///
 /// No credential presented, or one that does not verify: 401; a valid one outside its scope:
@@ -129,6 +130,15 @@ async fn require_token(
         )
         .into_response(),
         Ok(claims) => {
+            if let Err(e) = claims.check_uid(sidecar.podinfo.uid().await.as_deref()) {
+                return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
+                    .into_response();
+            }
+            if claims.scope == Scope::Peer {
+                if let Err(refusal) = peer_migration_matches(&sidecar, &claims, &path).await {
+                    return refusal.into_response();
+                }
+            }
             let allowed = match claims.scope {
                 Scope::Coordinator => true,
                 Scope::Peer => {
@@ -153,6 +163,41 @@ async fn require_token(
         Err(e) => ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
             .into_response(),
     }
+}
+
+/// A peer's token opens only the migration this pod is under now (its `migration-id`), and of
+/// page streams only that migration's: a token of an earlier migration, or one that reached
+/// another pod, opens nothing.
+async fn peer_migration_matches(
+    sidecar: &Sidecar,
+    claims: &ums_contract::credential::Claims,
+    path: &str,
+) -> Result<(), ApiError> {
+    let token_mid = claims.mid.as_deref().unwrap_or("");
+    let pod_mid = sidecar
+        .podinfo
+        .read()
+        .await
+        .ok()
+        .and_then(|pod| pod.annotations.migration_id);
+    if pod_mid.as_deref() != Some(token_mid) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a peer's token for migration {token_mid:?}, and this pod is under {}",
+                pod_mid.map_or("no migration".to_owned(), |m| format!("migration {m:?}"))
+            ),
+        ));
+    }
+    if let Some(stream) = path.strip_prefix("/restore/pages/") {
+        if stream != token_mid {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("a peer's token for migration {token_mid:?} does not open the page stream of {stream:?}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn healthz(State(sidecar): State<Arc<Sidecar>>) -> Json<serde_json::Value> {

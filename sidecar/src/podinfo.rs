@@ -69,6 +69,15 @@ impl PodInfo {
         &self.path
     }
 
+    /// The pod's UID, from the downward-API `uid` file beside the annotations; `None` where
+    /// there is none (a sidecar run by hand, outside a wrapped pod).
+    pub async fn uid(&self) -> Option<String> {
+        let file = self.path.parent()?.join("uid");
+        let text = tokio::fs::read_to_string(file).await.ok()?;
+        let uid = text.trim();
+        (!uid.is_empty()).then(|| uid.to_owned())
+    }
+
     /// Reads and parses the file now.
     pub async fn read(&self) -> Result<PodState, PodinfoReadError> {
         let text = tokio::fs::read_to_string(&self.path)

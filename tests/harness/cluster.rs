@@ -308,14 +308,24 @@ impl Cluster {
     }
 
     /// A token this cluster's coordinator would give for the sidecar of the pod at `pod_ip`
-    /// (the tests and the demo play the coordinator's part where they call sidecars).
+    /// (the tests and the demo play the coordinator's part where they call sidecars): bound to
+    /// the UID of this cluster's pod with that IP, as the coordinator binds it.
     pub fn sidecar_token(&self, pod_ip: &str, scope: Scope, mid: Option<&str>) -> String {
         let key = SigningKey::from_pkcs8(&std::fs::read(self.signing_key_file()).unwrap()).unwrap();
+        let pods = self.get_json(&["pods"]);
+        let uid = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["status"]["podIP"] == pod_ip)
+            .and_then(|p| p["metadata"]["uid"].as_str())
+            .map(str::to_owned);
         key.sign(&Claims {
             aud: pod_ip.to_owned(),
             scope,
             exp: ums_contract::credential::now_unix() + 600,
             mid: mid.map(str::to_owned),
+            uid,
         })
     }
 
