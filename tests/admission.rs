@@ -205,3 +205,77 @@ fn with_the_webhook_down_only_annotated_pods_are_blocked() {
         ["memhog"]
     );
 }
+
+/// A migration that left its lock behind (a coordinator gone for good) must not leave the pod
+/// unchangeable for ever: a cluster admin may release the lock, saying why, in one update that
+/// changes nothing else; the API server relays the webhook's warning, the webhook logs it.
+#[test]
+fn a_cluster_admin_releases_a_stranded_lock_by_hand_saying_why() {
+    let cluster = Cluster::start();
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &memhog("stuck", Some("dind")).to_string(),
+    );
+    cluster.kubectl(
+        User::Coordinator,
+        &[
+            "annotate",
+            "pod",
+            "stuck",
+            "migration-id=m-stuck",
+            "migration.ums-rs.io/locked-by-coordinator=gone",
+        ],
+    );
+    let release = [
+        "annotate",
+        "pod",
+        "stuck",
+        "migration-id-",
+        "migration.ums-rs.io/locked-by-coordinator-",
+        "migration.ums-rs.io/lock-released=coordinator edge was decommissioned mid-migration",
+    ];
+    // Jane may not, even with a reason; an admin may not without one, nor delete the pod.
+    let refused = cluster.kubectl_result(User::Jane, &release).unwrap_err();
+    assert!(refused.contains("m-stuck"), "{refused}");
+    let refused = cluster
+        .kubectl_result(User::Admin, &["annotate", "pod", "stuck", "migration-id-"])
+        .unwrap_err();
+    assert!(refused.contains("lock-released"), "{refused}");
+    let refused = cluster
+        .kubectl_result(User::Admin, &["delete", "pod", "stuck", "--wait=false"])
+        .unwrap_err();
+    assert!(refused.contains("m-stuck"), "{refused}");
+    // Nor change something else in the same update.
+    let mut sneaky = release.to_vec();
+    sneaky.push("tier=gold");
+    let refused = cluster.kubectl_result(User::Admin, &sneaky).unwrap_err();
+    assert!(refused.contains("m-stuck"), "{refused}");
+
+    let output = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig(User::Admin))
+        .args(release)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Warning") && stderr.contains("released by hand"),
+        "kubectl prints the webhook's warning: {stderr}"
+    );
+    let pod = get_pod(&cluster, "stuck");
+    let annotations = &pod["metadata"]["annotations"];
+    assert!(annotations["migration-id"].is_null(), "{pod}");
+    assert_eq!(
+        annotations["migration.ums-rs.io/lock-released"],
+        "coordinator edge was decommissioned mid-migration"
+    );
+    let log = cluster.webhook_log();
+    assert!(
+        log.contains("migration lock released by hand") && log.contains("m-stuck"),
+        "{log}"
+    );
+    // The pod is the user's again.
+    cluster.kubectl(User::Jane, &["label", "pod", "stuck", "tier=gold"]);
+}

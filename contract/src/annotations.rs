@@ -23,6 +23,9 @@ pub const ANNOTATION_VOLUME_KINDS: &str = "migration-volume-kinds";
 pub const ANNOTATION_BYPASS: &str = "migration-bypass";
 /// Present while a migration of the pod is in progress.
 pub const ANNOTATION_ID: &str = "migration-id";
+/// Why a cluster admin released a migration's lock by hand (set in the same update that
+/// removes `migration-id`; the validating webhook lets only its override groups do that).
+pub const ANNOTATION_LOCK_RELEASED: &str = "migration.ums-rs.io/lock-released";
 
 /// An annotation of the contract that cannot be understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

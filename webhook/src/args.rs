@@ -86,6 +86,16 @@ pub struct Args {
         default_value = "system:serviceaccount:default:migration-coordinator"
     )]
     pub migration_service_accounts: Vec<String>,
+    /// Groups whose members may release a migration's lock by hand (comma-separated): one
+    /// update that removes `migration-id` and sets `migration.ums-rs.io/lock-released=<why>`,
+    /// nothing else; logged and answered with a warning.
+    #[arg(
+        long,
+        env = "UMS_LOCK_OVERRIDE_GROUPS",
+        value_delimiter = ',',
+        default_value = "system:masters"
+    )]
+    pub lock_override_groups: Vec<String>,
     /// Plain-HTTP registries (host:port, comma-separated) the nested engines may pull from:
     /// a registry inside the cluster without TLS. Passed to every runtime container.
     #[arg(long, env = "UMS_INSECURE_REGISTRIES", value_delimiter = ',')]
@@ -123,6 +133,7 @@ impl Args {
             ambassador_image,
             image_pull_policy,
             migration_service_accounts,
+            lock_override_groups,
             insecure_registries,
             coordinator_keys,
             runtime_cpu_overhead,
@@ -165,6 +176,11 @@ impl Args {
                 .into_iter()
                 .map(|a| a.trim().to_owned())
                 .filter(|a| !a.is_empty())
+                .collect(),
+            override_groups: lock_override_groups
+                .into_iter()
+                .map(|g| g.trim().to_owned())
+                .filter(|g| !g.is_empty())
                 .collect(),
         };
 

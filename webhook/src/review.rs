@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::config::WrapConfig;
 use crate::metrics::Outcome;
 use crate::mutate::mutate_pod;
-use crate::validate::{pod_name, MigrationGuard, PodOperation};
+use crate::validate::{pod_name, Allowed, MigrationGuard, PodOperation, Requester};
 
 /// A request body that is not an AdmissionReview the webhook can answer.
 #[derive(Debug, thiserror::Error)]
@@ -177,13 +177,25 @@ pub fn validate_review(
         Operation::Delete => PodOperation::Delete,
         Operation::Connect => PodOperation::Connect,
     };
-    match guard.validate(
-        operation,
-        &request.user_info.username.clone().unwrap_or_default(),
-        object.as_ref(),
-        old_object.as_ref(),
-    ) {
-        Ok(()) => (response, Outcome::allowed),
+    let requester = Requester {
+        user: request.user_info.username.clone().unwrap_or_default(),
+        groups: request.user_info.groups.clone().unwrap_or_default(),
+    };
+    match guard.validate(operation, &requester, object.as_ref(), old_object.as_ref()) {
+        Ok(Allowed::Plain) => (response, Outcome::allowed),
+        Ok(Allowed::LockReleased {
+            pod,
+            migration_id,
+            user,
+            reason,
+        }) => {
+            tracing::warn!(%pod, migration = %migration_id, %user, %reason, "migration lock released by hand");
+            let mut response = response;
+            response.warnings = Some(vec![format!(
+                "the lock of migration {migration_id} on pod {pod} is released by hand; the migration's coordinator no longer guards it"
+            )]);
+            (response, Outcome::allowed)
+        }
         Err(error) => (response.deny(error.to_string()), Outcome::denied),
     }
 }
