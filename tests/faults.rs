@@ -509,3 +509,82 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         "the copy continues where the source stopped: {after:?} after {before:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_source_and_the_answer_says_so(
+) {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let name = "service";
+    let source_ip = start_service(
+        &edge,
+        &service_pod(name, "dind", None, &[("app", 256)]),
+        name,
+    )
+    .await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+
+    let call = tokio::spawn({
+        let (address, ca, token) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
+        );
+        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
+        async move {
+            ums_tests::coordinator::call_result(
+                &address,
+                &ca,
+                &token,
+                "POST",
+                "/migrate",
+                Some(body),
+            )
+            .await
+        }
+    });
+    let seen = poll(
+        "edge's migration to reach migrating",
+        Duration::from_secs(240),
+        || async {
+            phase(&edge_coordinator, &edge_certs.ca)
+                .await
+                .filter(|p| p != "checking" && p != "locking" && p != "creating")
+        },
+    )
+    .await;
+    assert_eq!(
+        seen, "migrating",
+        "the test must see the migrating phase to kill the copy's runtime in it"
+    );
+    let runtime = cloud.pod_container(name, "runtime");
+    let killed = Command::new("docker")
+        .args(["kill", "--signal", "KILL", &runtime])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    assert_eq!(annotation(&edge, name, "migration-id"), None, "unlocked");
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok, "{still:?}");
+    assert!(still.tick > before.tick, "{still:?} after {before:?}");
+    poll(
+        "the copy to be deleted",
+        Duration::from_secs(60),
+        || async {
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}

@@ -20,6 +20,9 @@ pub struct ApiError {
     pub peer_status: Option<u16>,
     /// The peer never answered (unreachable, timed out): it may or may not have acted.
     pub unanswered: bool,
+    /// After a failure past the freeze: where the service runs now, as its pods' sidecars
+    /// said (`source`, `destination`, `nowhere`, `unknown`).
+    pub service_runs_at: Option<&'static str>,
 }
 
 impl ApiError {
@@ -31,6 +34,7 @@ impl ApiError {
             rollback: Vec::new(),
             peer_status: None,
             unanswered: false,
+            service_runs_at: None,
         }
     }
 
@@ -117,6 +121,9 @@ impl IntoResponse for ApiError {
         }
         if !self.rollback.is_empty() {
             body["rollback"] = self.rollback.into();
+        }
+        if let Some(at) = self.service_runs_at {
+            body["serviceRunsAt"] = at.into();
         }
         (self.status, Json(body)).into_response()
     }

@@ -370,6 +370,21 @@ impl Coordinator {
                 };
                 e.rollback.push(self.delete_copy(&peer, id, request).await);
                 e.rollback.push(unlock().await);
+                // The answer says where the service runs now, as the source's sidecar sees
+                // it after its own rollback (a clean-looking rollback may hide a source whose
+                // runtime died with the service).
+                match pods.get_opt(&request.name).await {
+                    Ok(Some(now)) => {
+                        let (at, seen) = self.service_runs_at(&now).await;
+                        e.service_runs_at = Some(at);
+                        e.rollback.push(seen);
+                    }
+                    Ok(None) => {
+                        e.service_runs_at = Some("nowhere");
+                        e.rollback.push("the source pod is gone".to_owned());
+                    }
+                    Err(_) => e.service_runs_at = Some("unknown"),
+                }
                 return Err(e.in_phase("migrating"));
             }
         };
@@ -384,11 +399,13 @@ impl Coordinator {
         self.activate_copy(&peer, &pod_request, &created.migration_credential)
             .await
             .map_err(|e| {
-                ApiError::bad_gateway(format!(
+                let mut e = ApiError::bad_gateway(format!(
                     "the service runs at the destination, but its pod could not be made active there yet: {}; this coordinator makes it active from the source pod's journal (it asks again every minute) and then deletes or keeps the source",
                     e.message
                 ))
-                .in_phase("activating")
+                .in_phase("activating");
+                e.service_runs_at = Some("destination");
+                e
             })?;
 
         self.enter(id, "finishing");

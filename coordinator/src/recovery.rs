@@ -257,6 +257,37 @@ impl Coordinator {
         }
     }
 
+    /// Where the service of a source pod runs, from its sidecar's probes: `source` (every
+    /// container running there), `destination` (its state left), `nowhere` (the sidecar
+    /// answers and a container does not run), `unknown` (no answer, or still migrating).
+    pub async fn service_runs_at(&self, pod: &Pod) -> (&'static str, String) {
+        let Some(states) = self.probe_states(pod).await else {
+            return (
+                "unknown",
+                "the source pod's sidecar did not answer".to_owned(),
+            );
+        };
+        let seen = states
+            .iter()
+            .map(|(status, state)| format!("{state} ({status})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let at = if states.iter().any(|(_, s)| s == "migrated") {
+            "destination"
+        } else if states.iter().any(|(_, s)| s == "migrating") {
+            "unknown"
+        } else if !states.is_empty()
+            && states
+                .iter()
+                .all(|(status, s)| *status == 200 && s == "running")
+        {
+            "source"
+        } else {
+            "nowhere"
+        };
+        (at, format!("the source's containers: {seen}"))
+    }
+
     /// Whether any nested container of the pod has been started (204 is "created, not
     /// started"; 404 "not there").
     async fn any_started(&self, pod: &Pod) -> bool {
