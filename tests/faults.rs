@@ -588,3 +588,110 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
+    let edge = Cluster::start_with_node();
+    let cloud = Cluster::start_with_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let name = "service";
+    let source_ip = start_service(
+        &edge,
+        &service_pod(name, "dind", None, &[("app", 256)]),
+        name,
+    )
+    .await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let runtime = edge.pod_container(name, "runtime");
+
+    let call = tokio::spawn({
+        let (address, ca, token) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
+        );
+        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
+        async move {
+            ums_tests::coordinator::call_result(
+                &address,
+                &ca,
+                &token,
+                "POST",
+                "/migrate",
+                Some(body),
+            )
+            .await
+        }
+    });
+    // The dump is whole (the sidecar recorded it) and the state is on its way: the source's
+    // runtime container dies, engine and sidecar with it.
+    let record = "/var/lib/docker/ums-pending-dump.json";
+    poll(
+        "the source sidecar to record its dump",
+        Duration::from_secs(240),
+        || {
+            let found = Command::new("docker")
+                .args(["exec", &runtime, "test", "-f", record])
+                .status()
+                .is_ok_and(|s| s.success());
+            async move { found.then_some(()) }
+        },
+    )
+    .await;
+    let killed = Command::new("docker")
+        .args(["kill", "--signal", "KILL", &runtime])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert!(
+        answer["serviceRunsAt"].is_string(),
+        "the answer says where the service runs: {answer}"
+    );
+
+    // The restarted runtime container restores the service from the dump: it continues where
+    // it stopped (its counter past the last tick seen before the migration), memory intact.
+    let again = poll(
+        "the service to continue at the source from its dump",
+        Duration::from_secs(180),
+        || {
+            let ip = source_ip.clone();
+            async move { ask_service(&ip, 8080).await }
+        },
+    )
+    .await;
+    assert!(again.memory_ok, "{again:?}");
+    assert!(
+        again.tick > before.tick,
+        "restored from the dump, not started afresh: {again:?} after {before:?}"
+    );
+    let log = Command::new("docker")
+        .args(["logs", &runtime])
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&log.stdout).into_owned() + &String::from_utf8_lossy(&log.stderr);
+    assert!(
+        log.contains("resumed from the dump a migration left"),
+        "{log}"
+    );
+    // Exactly one copy: the source runs, the destination's copy is gone, the pod unlocked.
+    assert_eq!(annotation(&edge, name, "migration-id"), None, "unlocked");
+    poll(
+        "the copy to be deleted",
+        Duration::from_secs(60),
+        || async {
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", name])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}

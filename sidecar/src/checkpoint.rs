@@ -503,6 +503,48 @@ impl Sidecar {
         self.roll_back(&progress).await
     }
 
+    /// At start: the containers of a dump whose migration did not end (the runtime container
+    /// died after it) come back from their checkpoints; what was done, a line each.
+    pub async fn resume_pending_dump(&self) -> Vec<String> {
+        let Some(record) = crate::pending::read(&self.engine_root) else {
+            return Vec::new();
+        };
+        let _busy = self.busy.lock().await;
+        let mut report = Vec::new();
+        for c in &record.containers {
+            let name = &c.name;
+            let line = match self.engine.inspect(name).await {
+                Ok(Some(info)) if !(info.is_running() || info.state == "paused") => match self
+                    .engine
+                    .restore_in_place(name, &c.checkpoint_id, c.tcp_established)
+                    .await
+                {
+                    Ok(()) => {
+                        if let Err(e) = self.engine.remove_checkpoint(name, &c.checkpoint_id).await {
+                            tracing::warn!(container = %name, error = %chain(&e), "could not remove the checkpoint after resuming from it");
+                        }
+                        format!(
+                            "{name}: restored from checkpoint {} of migration {}",
+                            c.checkpoint_id, record.migration_id
+                        )
+                    }
+                    Err(e) => format!(
+                        "{name}: FAILED to restore from checkpoint {} of migration {} (it starts afresh when its ambassador asks): {}",
+                        c.checkpoint_id,
+                        record.migration_id,
+                        chain(&e)
+                    ),
+                },
+                Ok(Some(info)) => format!("{name}: already {}", info.state),
+                Ok(None) => format!("{name}: absent"),
+                Err(e) => format!("{name}: not inspected: {}", chain(&e)),
+            };
+            report.push(line);
+        }
+        crate::pending::clear(&self.engine_root);
+        report
+    }
+
     /// After a successful migration: the source containers and their checkpoints go.
     pub async fn finish_migrated(&self, dump: &Dump) -> Vec<String> {
         let mut problems = Vec::new();

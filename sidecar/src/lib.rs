@@ -7,7 +7,8 @@
 //! - [`archive`] packs and unpacks migration archives (format documented there);
 //! - [`volumes`] decides which pod volumes travel and puts arrived ones in place;
 //! - [`api`] is the HTTP API, [`migrate`] the live migration, [`postcopy`] its lazy-pages
-//!   mode, [`ambassador`] the stand-in.
+//!   mode, [`pending`] the dump kept as the source's journal until the migration ends,
+//!   [`ambassador`] the stand-in.
 
 pub mod ambassador;
 pub mod api;
@@ -20,6 +21,7 @@ pub mod images;
 pub mod migrate;
 pub mod nested;
 pub mod openapi;
+pub mod pending;
 pub mod podinfo;
 pub mod postcopy;
 pub mod quantity_bytes;

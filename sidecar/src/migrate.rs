@@ -402,6 +402,27 @@ impl Sidecar {
                 ));
             }
         };
+        // The containers are stopped and live only in their checkpoints until the migration
+        // ends: recorded, so that a runtime container that dies meanwhile comes back from them.
+        if !dump.leave_running && dump.lazy.is_none() {
+            let record = crate::pending::PendingDump {
+                migration_id: migration_id.clone(),
+                containers: dump
+                    .manifest
+                    .containers
+                    .iter()
+                    .filter(|c| c.was_running)
+                    .map(|c| crate::pending::PendingContainer {
+                        name: c.name.clone(),
+                        checkpoint_id: c.checkpoint_id.clone(),
+                        tcp_established: !c.tcp_connections.is_empty(),
+                    })
+                    .collect(),
+            };
+            if let Err(e) = crate::pending::write(&self.engine_root, &record) {
+                tracing::warn!(error = %e, "could not record the dump as pending (a runtime restart before the migration ends would start the containers afresh)");
+            }
+        }
 
         // 3. Stream the archive into the destination's /restore; it answers once the
         //    containers run there.
@@ -462,6 +483,7 @@ impl Sidecar {
                 if !dump.leave_running {
                     rollback.extend(self.roll_back_dump(&dump).await);
                 }
+                crate::pending::clear(&self.engine_root);
                 let _ = self.remove_checkpoints(&dump).await;
                 return Err(failed(
                     StatusCode::BAD_GATEWAY,
@@ -498,6 +520,7 @@ impl Sidecar {
         } else {
             self.finish_migrated(&dump).await
         };
+        crate::pending::clear(&self.engine_root);
         let containers = dump
             .containers
             .iter()

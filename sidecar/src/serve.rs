@@ -88,6 +88,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let info = sidecar.engine_info().await?;
     tracing::info!(engine = %info.kind, version = %info.version, criu = %info.criu_version, kernel = %info.kernel, "connected to the nested engine");
 
+    // A dump whose migration did not end (this runtime container died after it): the
+    // containers come back from their checkpoints before anything else may touch them.
+    for line in sidecar.resume_pending_dump().await {
+        tracing::warn!(outcome = %line, "resumed from the dump a migration left");
+    }
+
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("failed to bind {listen}"))?;
