@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+use ums_tests::coordinator::TwoClusters;
 use ums_tests::poll;
-use ums_tests::service_pod::{ask_service, container_output, service_pod};
+use ums_tests::service_pod::{ask_service, container_output, run_service, service_pod};
 use ums_tests::workload::ticks;
 
 struct Answer {
@@ -90,40 +90,24 @@ fn assert_untouched(edge: &Cluster, cloud: &Cluster, pod: &str, what: &str) {
     );
 }
 
-/// A user's service pod in `cluster`: running, ready, its ambassador relaying ticks.
-async fn start_service(cluster: &Cluster, pod: &Value, name: &str) -> String {
-    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
-    let ip = cluster
-        .wait_running_and_ready(name, Duration::from_secs(180))
-        .await;
-    let ambassador = cluster.pod_container(name, "app");
-    poll(
-        "the ambassador to relay the workload's ticks",
-        Duration::from_secs(120),
-        || {
-            let n = ticks(&container_output(&ambassador)).len();
-            async move { (n >= 5).then_some(()) }
-        },
-    )
-    .await;
-    ip
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_created() {
-    let edge = Cluster::start_with_node();
-    let cloud = Cluster::start_with_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_certs,
+        edge_coordinator,
+        cloud_coordinator,
+        ..
+    } = &two;
 
     // A two-container service that runs as its own service account, which only edge has.
     let name = "service";
     edge.kubectl(User::Admin, &["create", "serviceaccount", "shop"]);
     let mut pod = service_pod(name, "dind", None, &[("app", 64), ("side", 1)]);
     pod["spec"]["serviceAccountName"] = json!("shop");
-    let source_ip = start_service(&edge, &pod, name).await;
+    let source_ip = run_service(edge, &pod, name).await;
     let before = ask_service(&source_ip, 8080).await.unwrap();
     assert!(before.memory_ok);
 
@@ -274,7 +258,7 @@ async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_c
             assert!(error.contains(words.as_str()), "{what}: {}", answer.raw);
         }
         assert!(!answer.raw.contains("s3cret"), "{what}: {}", answer.raw);
-        assert_untouched(&edge, &cloud, name, what);
+        assert_untouched(edge, cloud, name, what);
     }
     // What the coordinator keeps about its migrations never holds the password either.
     let (status, migrations) = edge_coordinator
@@ -314,7 +298,7 @@ async fn runtime_container_killed_comes_back_with_its_engine(interface: &str) {
     let cluster = Cluster::start_with_node();
     let name = "service";
     let pod = service_pod(name, interface, None, &[("app", 16)]);
-    let ip = start_service(&cluster, &pod, name).await;
+    let ip = run_service(&cluster, &pod, name).await;
     let before = ask_service(&ip, 8080).await.unwrap();
     let runtime = cluster.pod_container(name, "runtime");
     let killed = Command::new("docker")
@@ -379,80 +363,36 @@ async fn pind_runtime_container_killed_comes_back_with_its_engine() {
     runtime_container_killed_comes_back_with_its_engine("pind").await;
 }
 
-/// The phase edge's coordinator reports for its one migration.
-async fn phase(coordinator: &RunningCoordinator, ca: &Path) -> Option<String> {
-    let (status, records) = ums_tests::coordinator::call_result(
-        &coordinator.address,
-        ca,
-        &ums_tests::coordinator::Credential::Bearer(coordinator.api_token.clone()),
-        "GET",
-        "/migrations",
-        None,
-    )
-    .await
-    .ok()?;
-    (status == 200).then(|| records[0]["phase"].as_str().map(str::to_owned))?
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_finished_from_its_journal(
 ) {
-    let edge = Cluster::start_with_node();
-    let cloud = Cluster::start_with_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        cloud_coordinator,
+        ..
+    } = &two;
     let name = "service";
-    let source_ip = start_service(
-        &edge,
+    let source_ip = run_service(
+        edge,
         &service_pod(name, "dind", None, &[("app", 256)]),
         name,
     )
     .await;
     let before = ask_service(&source_ip, 8080).await.unwrap();
 
-    let call = tokio::spawn({
-        let (address, ca, token) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
-        );
-        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
-        async move {
-            ums_tests::coordinator::call_result(
-                &address,
-                &ca,
-                &token,
-                "POST",
-                "/migrate",
-                Some(body),
-            )
-            .await
-        }
-    });
+    let call = two.migrate_to_cloud_in_background(name);
     // Cloud's coordinator dies while the state moves (sidecar to sidecar: the move goes on);
     // edge's dies while it tries to make the copy active.
-    let seen = poll(
-        "edge's migration to reach migrating",
-        Duration::from_secs(240),
-        || async {
-            phase(&edge_coordinator, &edge_certs.ca)
-                .await
-                .filter(|p| p != "checking" && p != "locking" && p != "creating")
-        },
-    )
-    .await;
-    assert_eq!(
-        seen, "migrating",
-        "the test must see the migrating phase to kill cloud's coordinator in it"
-    );
+    two.wait_edge_migrating().await;
     cloud_coordinator.kill();
     poll(
         "edge's migration to reach activating",
         Duration::from_secs(240),
         || async {
-            phase(&edge_coordinator, &edge_certs.ca)
+            two.edge_phase()
                 .await
                 .filter(|p| p == "activating" || p == "failed")
         },
@@ -471,7 +411,7 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         "{source}"
     );
     assert_eq!(
-        annotation(&cloud, name, "migration-start-mode").as_deref(),
+        annotation(cloud, name, "migration-start-mode").as_deref(),
         Some("passive")
     );
 
@@ -483,7 +423,7 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         Duration::from_secs(180),
         || async {
             let active =
-                annotation(&cloud, name, "migration-start-mode").as_deref() == Some("active");
+                annotation(cloud, name, "migration-start-mode").as_deref() == Some("active");
             let gone = edge
                 .kubectl_result(User::Admin, &["get", "pod", name])
                 .is_err();
@@ -498,7 +438,7 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         "{}",
         edge_coordinator.log()
     );
-    assert_eq!(annotation(&cloud, name, "migration-id"), None);
+    assert_eq!(annotation(cloud, name, "migration-id"), None);
     let copy_ip = cloud
         .wait_running_and_ready(name, Duration::from_secs(120))
         .await;
@@ -513,54 +453,19 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
 #[tokio::test(flavor = "multi_thread")]
 async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_source_and_the_answer_says_so(
 ) {
-    let edge = Cluster::start_with_node();
-    let cloud = Cluster::start_with_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start();
+    let TwoClusters { edge, cloud, .. } = &two;
     let name = "service";
-    let source_ip = start_service(
-        &edge,
+    let source_ip = run_service(
+        edge,
         &service_pod(name, "dind", None, &[("app", 256)]),
         name,
     )
     .await;
     let before = ask_service(&source_ip, 8080).await.unwrap();
 
-    let call = tokio::spawn({
-        let (address, ca, token) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
-        );
-        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
-        async move {
-            ums_tests::coordinator::call_result(
-                &address,
-                &ca,
-                &token,
-                "POST",
-                "/migrate",
-                Some(body),
-            )
-            .await
-        }
-    });
-    let seen = poll(
-        "edge's migration to reach migrating",
-        Duration::from_secs(240),
-        || async {
-            phase(&edge_coordinator, &edge_certs.ca)
-                .await
-                .filter(|p| p != "checking" && p != "locking" && p != "creating")
-        },
-    )
-    .await;
-    assert_eq!(
-        seen, "migrating",
-        "the test must see the migrating phase to kill the copy's runtime in it"
-    );
+    let call = two.migrate_to_cloud_in_background(name);
+    two.wait_edge_migrating().await;
     let runtime = cloud.pod_container(name, "runtime");
     let killed = Command::new("docker")
         .args(["kill", "--signal", "KILL", &runtime])
@@ -572,7 +477,7 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
     assert_eq!(status, 502, "{answer}");
     assert_eq!(answer["phase"], "migrating", "{answer}");
     assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
-    assert_eq!(annotation(&edge, name, "migration-id"), None, "unlocked");
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok, "{still:?}");
     assert!(still.tick > before.tick, "{still:?} after {before:?}");
@@ -591,15 +496,11 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
-    let edge = Cluster::start_with_node();
-    let cloud = Cluster::start_with_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start();
+    let TwoClusters { edge, cloud, .. } = &two;
     let name = "service";
-    let source_ip = start_service(
-        &edge,
+    let source_ip = run_service(
+        edge,
         &service_pod(name, "dind", None, &[("app", 256)]),
         name,
     )
@@ -607,25 +508,7 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
     let before = ask_service(&source_ip, 8080).await.unwrap();
     let runtime = edge.pod_container(name, "runtime");
 
-    let call = tokio::spawn({
-        let (address, ca, token) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
-        );
-        let body = json!({"name": name, "destinationUrl": cloud_coordinator.address});
-        async move {
-            ums_tests::coordinator::call_result(
-                &address,
-                &ca,
-                &token,
-                "POST",
-                "/migrate",
-                Some(body),
-            )
-            .await
-        }
-    });
+    let call = two.migrate_to_cloud_in_background(name);
     // The dump is whole (the sidecar recorded it) and the state is on its way: the source's
     // runtime container dies, engine and sidecar with it.
     let record = "/var/lib/docker/ums-pending-dump.json";
@@ -671,18 +554,25 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
         again.tick > before.tick,
         "restored from the dump, not started afresh: {again:?} after {before:?}"
     );
-    let log = Command::new("docker")
-        .args(["logs", &runtime])
-        .output()
-        .unwrap();
-    let log =
-        String::from_utf8_lossy(&log.stdout).into_owned() + &String::from_utf8_lossy(&log.stderr);
-    assert!(
-        log.contains("resumed from the dump a migration left"),
-        "{log}"
-    );
+    poll(
+        "the restarted sidecar to say it resumed from the dump",
+        Duration::from_secs(60),
+        || {
+            let log = Command::new("docker")
+                .args(["logs", &runtime])
+                .output()
+                .unwrap();
+            let log = String::from_utf8_lossy(&log.stdout).into_owned()
+                + &String::from_utf8_lossy(&log.stderr);
+            async move {
+                log.contains("resumed from the dump a migration left")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     // Exactly one copy: the source runs, the destination's copy is gone, the pod unlocked.
-    assert_eq!(annotation(&edge, name, "migration-id"), None, "unlocked");
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
     poll(
         "the copy to be deleted",
         Duration::from_secs(60),

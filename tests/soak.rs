@@ -14,9 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
-use ums_tests::service_pod::{ask_service, service_pod};
+use ums_tests::cluster::Cluster;
+use ums_tests::coordinator::TwoClusters;
+use ums_tests::service_pod::{ask_service, run_service, service_pod};
 
 /// What the host sees of a coordinator's process: resident KiB and open descriptors.
 fn process_figures(container: &str) -> (u64, usize) {
@@ -55,25 +55,21 @@ async fn a_service_moved_back_and_forth_keeps_its_state_and_leaves_nothing_behin
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
-    let edge = Cluster::start_with_node();
-    let cloud = Cluster::start_with_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_certs,
+        cloud_certs,
+        edge_coordinator,
+        cloud_coordinator,
+    } = &two;
     let name = "service";
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &service_pod(name, "dind", None, &[("app", 64)]).to_string(),
-    );
-    let mut ip = edge
-        .wait_running_and_ready(name, Duration::from_secs(180))
-        .await;
+    let mut ip = run_service(edge, &service_pod(name, "dind", None, &[("app", 64)]), name).await;
     let mut last = ask_service(&ip, 8080).await.unwrap();
     let sides = [
-        (&edge, &edge_coordinator, &edge_certs, "edge"),
-        (&cloud, &cloud_coordinator, &cloud_certs, "cloud"),
+        (edge, edge_coordinator, edge_certs, "edge"),
+        (cloud, cloud_coordinator, cloud_certs, "cloud"),
     ];
     let coordinator_container = |side: &str| {
         format!(

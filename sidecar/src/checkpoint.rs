@@ -520,6 +520,7 @@ impl Sidecar {
                     .await
                 {
                     Ok(()) => {
+                        tracing::warn!(container = %name, checkpoint = %c.checkpoint_id, migration = %record.migration_id, "resumed from the dump a migration left: restored from its checkpoint");
                         if let Err(e) = self.engine.remove_checkpoint(name, &c.checkpoint_id).await {
                             tracing::warn!(container = %name, error = %chain(&e), "could not remove the checkpoint after resuming from it");
                         }

@@ -232,6 +232,90 @@ impl RunningCoordinator {
     }
 }
 
+/// Two clusters with a node each, and their coordinators trusting each other's CA: the rig of
+/// the end-to-end migrations.
+#[derive(Debug)]
+pub struct TwoClusters {
+    // Declared first, dropped first: the coordinators go before their clusters.
+    pub edge_coordinator: RunningCoordinator,
+    pub cloud_coordinator: RunningCoordinator,
+    pub edge_certs: CoordinatorCerts,
+    pub cloud_certs: CoordinatorCerts,
+    pub edge: Cluster,
+    pub cloud: Cluster,
+}
+
+impl TwoClusters {
+    pub fn start() -> Self {
+        let edge = Cluster::start_with_node();
+        let cloud = Cluster::start_with_node();
+        let edge_certs = CoordinatorCerts::generate(&edge);
+        let cloud_certs = CoordinatorCerts::generate(&cloud);
+        let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+        let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+        TwoClusters {
+            edge_coordinator,
+            cloud_coordinator,
+            edge_certs,
+            cloud_certs,
+            edge,
+            cloud,
+        }
+    }
+
+    /// UMS's call on edge's coordinator moving `pod` to cloud, in the background: the moment
+    /// to break something mid-migration.
+    pub fn migrate_to_cloud_in_background(
+        &self,
+        pod: &str,
+    ) -> tokio::task::JoinHandle<Result<(u16, Value), reqwest::Error>> {
+        let (address, ca, token) = (
+            self.edge_coordinator.address.clone(),
+            self.edge_certs.ca.clone(),
+            Credential::Bearer(self.edge_coordinator.api_token.clone()),
+        );
+        let body =
+            serde_json::json!({"name": pod, "destinationUrl": self.cloud_coordinator.address});
+        tokio::spawn(async move {
+            call_result(&address, &ca, &token, "POST", "/migrate", Some(body)).await
+        })
+    }
+
+    /// The phase of the one migration edge's coordinator drives (`GET /migrations`).
+    pub async fn edge_phase(&self) -> Option<String> {
+        let (status, records) = call_result(
+            &self.edge_coordinator.address,
+            &self.edge_certs.ca,
+            &Credential::Bearer(self.edge_coordinator.api_token.clone()),
+            "GET",
+            "/migrations",
+            None,
+        )
+        .await
+        .ok()?;
+        (status == 200).then(|| records[0]["phase"].as_str().map(str::to_owned))?
+    }
+
+    /// Waits until edge's migration has passed `creating`; panics unless it is then in
+    /// `migrating` (the state on its way sidecar to sidecar).
+    pub async fn wait_edge_migrating(&self) {
+        let seen = crate::poll(
+            "edge's migration to reach migrating",
+            Duration::from_secs(240),
+            || async {
+                self.edge_phase()
+                    .await
+                    .filter(|p| p != "checking" && p != "locking" && p != "creating")
+            },
+        )
+        .await;
+        assert_eq!(
+            seen, "migrating",
+            "the test must catch the migrating phase to break something in it"
+        );
+    }
+}
+
 impl RunningCoordinator {
     /// The coordinator's Prometheus text (`GET /metrics`).
     pub async fn metrics(&self, ca: &Path) -> String {

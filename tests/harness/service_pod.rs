@@ -184,6 +184,34 @@ pub async fn sidecar_as(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A user (Jane) creates `pod` (named `name`) in `cluster`; it runs, is ready and its first
+/// container's ambassador relays five workload ticks. Its IP.
+pub async fn run_service(cluster: &crate::cluster::Cluster, pod: &Value, name: &str) -> String {
+    cluster.kubectl_with_input(
+        crate::cluster::User::Jane,
+        &["create", "-f", "-"],
+        &pod.to_string(),
+    );
+    let ip = cluster
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let first = pod["spec"]["containers"][0]["name"]
+        .as_str()
+        .unwrap_or("app")
+        .to_owned();
+    let ambassador = cluster.pod_container(name, &first);
+    crate::poll(
+        "the ambassador to relay the workload's ticks",
+        Duration::from_secs(120),
+        || {
+            let n = crate::workload::ticks(&container_output(&ambassador)).len();
+            async move { (n >= 5).then_some(()) }
+        },
+    )
+    .await;
+    ip
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
