@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::TwoClusters;
 use ums_tests::poll;
-use ums_tests::service_pod::{ask_service, container_output, run_service, service_pod};
+use ums_tests::service_pod::{ask_service, container_output, run_service, service_pod, sidecar};
 use ums_tests::workload::ticks;
 
 struct Answer {
@@ -418,6 +418,22 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
     // Both come back; edge's finds the pod whose state left and finishes from the journal.
     cloud_coordinator.restart();
     edge_coordinator.restart();
+    finished_from_the_journal(&two, name, &before).await;
+}
+
+/// Edge's restarted coordinator has found the pod whose state left: the copy is active, the
+/// source deleted, and the service continues where it stopped.
+async fn finished_from_the_journal(
+    two: &TwoClusters,
+    name: &str,
+    before: &ums_tests::service_pod::ServiceAnswer,
+) {
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        ..
+    } = two;
     poll(
         "edge's restarted coordinator to make the copy active and delete the source",
         Duration::from_secs(180),
@@ -448,6 +464,44 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         after.tick > before.tick,
         "the copy continues where the source stopped: {after:?} after {before:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_coordinator_killed_while_the_state_moves_and_the_migration_still_ends_once() {
+    let two = TwoClusters::start();
+    let TwoClusters {
+        edge,
+        edge_coordinator,
+        ..
+    } = &two;
+    let name = "service";
+    let source_ip = run_service(
+        edge,
+        &service_pod(name, "dind", None, &[("app", 256)]),
+        name,
+    )
+    .await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let call = two.migrate_to_cloud_in_background(name);
+    // The coordinator that called the source's sidecar dies: the sidecar's migration goes on
+    // to its end (it must not stop half way with the containers dumped).
+    two.wait_edge_migrating().await;
+    edge_coordinator.kill();
+    let _ = call.await;
+    poll(
+        "the source sidecar to finish the migration on its own",
+        Duration::from_secs(240),
+        || {
+            let url = format!("http://{source_ip}:8888/probe/app");
+            async move {
+                let (_, probe) = sidecar("GET", url, None).await;
+                (probe["state"] == "migrated").then_some(())
+            }
+        },
+    )
+    .await;
+    edge_coordinator.restart();
+    finished_from_the_journal(&two, name, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

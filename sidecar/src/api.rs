@@ -478,9 +478,24 @@ async fn migrate(
     let Json(request) = body.map_err(|e| {
         ApiError::bad_request(format!("invalid migrate request: {}", e.body_text()))
     })?;
-    let _busy = sidecar
+    let busy = sidecar
         .busy
-        .try_lock()
+        .clone()
+        .try_lock_owned()
         .map_err(|_| ApiError::conflict("a migration is already in progress"))?;
-    Ok(Json(sidecar.migrate(request).await?).into_response())
+    // The migration runs to its end (success, or its own rollback) even if the caller goes
+    // away: a coordinator that dies mid-migration must not leave the containers frozen or
+    // dumped with no one to bring them back. Its restarted self reads the outcome from the
+    // probes (and the pod's journal).
+    let running = sidecar.clone();
+    let migration = tokio::spawn(async move {
+        let _busy = busy;
+        running.migrate(request).await
+    });
+    match migration.await {
+        Ok(report) => Ok(Json(report?).into_response()),
+        Err(e) => Err(ApiError::internal(format!(
+            "the migration task failed: {e}"
+        ))),
+    }
 }
