@@ -38,6 +38,9 @@ impl std::fmt::Debug for Coordinator {
     }
 }
 
+/// How many migration records `GET /migrations` keeps (the oldest finished ones go first).
+pub const MAX_RECORDS: usize = 1000;
+
 /// One migration this coordinator drives (as the source's coordinator).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -142,6 +145,20 @@ impl Coordinator {
         };
         if let Ok(mut all) = self.migrations.lock() {
             all.insert(id.to_owned(), record);
+            // The oldest finished records go past MAX_RECORDS: a coordinator that runs for
+            // months does not keep every migration it ever drove.
+            while all.len() > MAX_RECORDS {
+                let oldest_finished = all
+                    .iter()
+                    .find(|(_, r)| matches!(r.phase, "done" | "failed"))
+                    .map(|(id, _)| id.clone());
+                match oldest_finished {
+                    Some(id) => {
+                        all.remove(&id);
+                    }
+                    None => break,
+                }
+            }
         }
     }
 
