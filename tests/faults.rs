@@ -642,3 +642,81 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_aborts_a_migration_before_the_freeze_and_nothing_is_left() {
+    let two = TwoClusters::start();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_certs,
+        edge_coordinator,
+        ..
+    } = &two;
+    let name = "service";
+    let source_ip = run_service(edge, &service_pod(name, "dind", None, &[("app", 64)]), name).await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (status, answer) = edge_coordinator
+        .call(&edge_certs.ca, "POST", "/migrations/m-unknown/abort", None)
+        .await;
+    assert_eq!(status, 404, "{answer}");
+
+    let call = two.migrate_to_cloud_in_background(name);
+    // While the destination makes its copy (the longest step before the freeze).
+    let id = poll(
+        "edge's migration to reach creating",
+        Duration::from_secs(120),
+        || async {
+            let (_, records) = edge_coordinator
+                .call(&edge_certs.ca, "GET", "/migrations", None)
+                .await;
+            let record = records[0].clone();
+            (record["phase"] == "creating")
+                .then(|| record["migrationId"].as_str().unwrap().to_owned())
+        },
+    )
+    .await;
+    let path = format!("/migrations/{id}/abort");
+    let (status, answer) = edge_coordinator
+        .call(&edge_certs.ca, "POST", &path, None)
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["abortingIn"], "creating", "{answer}");
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by an operator"),
+        "{answer}"
+    );
+    assert_eq!(answer["phase"], "creating", "{answer}");
+    assert!(
+        answer["rollback"]
+            .to_string()
+            .contains("source pod unlocked"),
+        "{answer}"
+    );
+    // An abort of what has ended is refused, naming why.
+    let (status, answer) = edge_coordinator
+        .call(&edge_certs.ca, "POST", &path, None)
+        .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("ended"),
+        "{answer}"
+    );
+
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
+    poll("the copy to be gone", Duration::from_secs(60), || async {
+        cloud
+            .kubectl_result(User::Admin, &["get", "pod", name])
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
+}

@@ -30,6 +30,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/migrate", post(migrate))
         .route("/migrations", get(migrations))
         .route("/migrations/{id}", get(migration))
+        .route("/migrations/{id}/abort", post(abort))
         .route("/create", post(create))
         .route("/restore", post(restore))
         .route("/delete", post(delete))
@@ -101,6 +102,19 @@ async fn migration(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) ->
         Some(record) => Json(record).into_response(),
         None => ApiError::new(StatusCode::NOT_FOUND, format!("no migration {id:?} here"))
             .into_response(),
+    }
+}
+
+/// `POST /migrations/{id}/abort`: 202 while the migration can still be stopped (it then rolls
+/// back and its own call answers 409); 409 once its state moves; 404 for an unknown id.
+async fn abort(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    match c.abort(&id) {
+        Ok(phase) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"migrationId": id, "abortingIn": phase})),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
     }
 }
 

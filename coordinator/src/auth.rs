@@ -107,6 +107,9 @@ pub fn audience(method: &axum::http::Method, path: &str) -> Audience {
         (&Method::POST, "/migrate") => Audience::Operator,
         (&Method::GET, "/migrations") => Audience::Operator,
         (&Method::GET, p) if p.starts_with("/migrations/") => Audience::Operator,
+        (&Method::POST, p) if p.starts_with("/migrations/") && p.ends_with("/abort") => {
+            Audience::Operator
+        }
         (&Method::POST, "/create") => Audience::Peer {
             with_credential: false,
         },
@@ -255,6 +258,10 @@ mod tests {
     fn routes_have_their_audience() {
         assert_eq!(audience(&Method::POST, "/migrate"), Audience::Operator);
         assert_eq!(audience(&Method::GET, "/migrations/m1"), Audience::Operator);
+        assert_eq!(
+            audience(&Method::POST, "/migrations/m1/abort"),
+            Audience::Operator
+        );
         assert_eq!(
             audience(&Method::POST, "/create"),
             Audience::Peer {

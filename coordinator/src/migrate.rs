@@ -118,6 +118,13 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
     })
 }
 
+/// The error of a migration an operator aborted before the freeze.
+fn aborted() -> ApiError {
+    ApiError::conflict(
+        "aborted by an operator (POST /migrations/{id}/abort) before anything was frozen: the service runs at the source",
+    )
+}
+
 /// A pod's name: a DNS subdomain (RFC 1123: at most 253 characters, lower-case letters,
 /// digits, '-' and '.', starting and ending with a letter or digit).
 pub fn check_subdomain(field: &str, value: &str) -> Result<(), ApiError> {
@@ -221,6 +228,10 @@ impl Coordinator {
         }
         let peer = Peer::new(self.peers.clone(), request.destination.clone());
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
+        let cancel = self.cancel_token(id);
+        if cancel.is_cancelled() {
+            return Err(aborted().in_phase("checking"));
+        }
 
         // Lock, on the version of the pod that was checked: a change in between is a 409.
         self.enter(id, "locking");
@@ -257,6 +268,12 @@ impl Coordinator {
             }
         };
 
+        if cancel.is_cancelled() {
+            let mut e = aborted();
+            e.rollback.push(unlock().await);
+            return Err(e.in_phase("locking"));
+        }
+
         // The passive copy at the destination.
         self.enter(id, "creating");
         let create = CreateRequest {
@@ -264,14 +281,25 @@ impl Coordinator {
             namespace: request.namespace.clone(),
             pod: destination_pod(&pod, &migratable.containers, id),
         };
-        let created: CreateAnswer = match peer
-            .post(
-                "/create",
-                &create,
-                self.pod_ready_timeout + Duration::from_secs(30),
-            )
-            .await
-        {
+        let creating = peer.post::<_, CreateAnswer>(
+            "/create",
+            &create,
+            self.pod_ready_timeout + Duration::from_secs(30),
+        );
+        // An abort stops the wait (the destination deletes a copy whose caller went away;
+        // the rollback below deletes it too).
+        let outcome = tokio::select! {
+            outcome = creating => outcome,
+            () = cancel.cancelled() => Err(aborted()),
+        };
+        let outcome = match outcome {
+            Ok(created) if cancel.is_cancelled() => {
+                tracing::info!(migration = id, copy = %created.name, "aborted once the copy was made");
+                Err(aborted())
+            }
+            other => other,
+        };
+        let created: CreateAnswer = match outcome {
             Ok(created) => created,
             Err(mut e) => {
                 // The destination deletes what it created when its create fails; a create

@@ -55,9 +55,17 @@ pub struct MigrationRecord {
     /// Milliseconds spent in each finished phase, in order.
     pub phases: Vec<(String, u64)>,
     pub error: Option<String>,
+    /// An operator asked to abort it (`POST /migrations/{id}/abort`).
+    pub abort_requested: bool,
     #[serde(skip)]
     pub phase_started: Option<Instant>,
+    /// Cancelled by an abort; the migration rolls back at its next step before the freeze.
+    #[serde(skip)]
+    pub cancel: tokio_util::sync::CancellationToken,
 }
+
+/// The phases an abort can still stop: nothing is frozen yet, everything can be undone.
+pub const ABORTABLE_PHASES: [&str; 3] = ["checking", "locking", "creating"];
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -141,7 +149,9 @@ impl Coordinator {
             started_unix_ms: unix_ms(),
             phases: Vec::new(),
             error: None,
+            abort_requested: false,
             phase_started: Some(Instant::now()),
+            cancel: tokio_util::sync::CancellationToken::new(),
         };
         if let Ok(mut all) = self.migrations.lock() {
             all.insert(id.to_owned(), record);
@@ -195,6 +205,46 @@ impl Coordinator {
         if let Some(error) = error {
             record.error = Some(error.to_owned());
         }
+    }
+
+    /// An operator's abort: allowed while nothing is frozen (checking, locking, creating), the
+    /// migration then rolls back (the copy deleted, the lock released) and answers 409.
+    /// Once the state moves it ends on its own within seconds (success, or the sidecar's own
+    /// rollback), so a later abort is refused with the phase.
+    pub fn abort(&self, id: &str) -> Result<&'static str, crate::error::ApiError> {
+        use crate::error::ApiError;
+        let Ok(mut all) = self.migrations.lock() else {
+            return Err(ApiError::internal("the migration records are unreadable"));
+        };
+        let Some(record) = all.get_mut(id) else {
+            return Err(ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                format!("no migration {id:?} here"),
+            ));
+        };
+        if !ABORTABLE_PHASES.contains(&record.phase) {
+            return Err(ApiError::conflict(format!(
+                "migration {id} is {}: {}",
+                record.phase,
+                match record.phase {
+                    "done" | "failed" => "it has ended",
+                    _ => "its state is moving or has moved, and it ends on its own (success, or its rollback)",
+                }
+            )));
+        }
+        record.abort_requested = true;
+        record.cancel.cancel();
+        tracing::warn!(
+            migration = id,
+            phase = record.phase,
+            "abort asked by an operator"
+        );
+        Ok(record.phase)
+    }
+
+    /// The abort signal of migration `id`.
+    pub fn cancel_token(&self, id: &str) -> tokio_util::sync::CancellationToken {
+        self.record(id).map(|r| r.cancel).unwrap_or_default()
     }
 
     /// Whether this coordinator is driving migration `id` now.
