@@ -502,9 +502,6 @@ async fn one_ums_call_migrates_a_dind_pod_to_another_cluster() {
 async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
     let edge = Cluster::start_with_node();
     let cloud = Cluster::start_with_node();
-    let crd =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator/crd.yaml");
-    edge.kubectl(User::Admin, &["apply", "-f", crd.to_str().unwrap()]);
     let edge_certs = CoordinatorCerts::generate(&edge);
     let cloud_certs = CoordinatorCerts::generate(&cloud);
     let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);

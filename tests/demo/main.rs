@@ -202,18 +202,41 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         // A credential as cloud's coordinator would give it, for trying the sidecar by hand.
         let token = cloud.sidecar_token(destination_ip, Scope::Coordinator, None);
         println!("KEEP: both clusters and their coordinators stay up until Ctrl-C");
+        for (side, cluster, certs, coordinator) in [
+            ("edge", &edge, &edge_certs, &edge_coordinator),
+            ("cloud", &cloud, &cloud_certs, &cloud_coordinator),
+        ] {
+            println!("  {side}:");
+            println!(
+                "    kubectl --kubeconfig {}   (admin; a user: {})",
+                cluster.kubeconfig(User::Admin).display(),
+                cluster.kubeconfig(User::Jane).display()
+            );
+            println!(
+                "    coordinator https://{}  CA {}  operator token {}",
+                coordinator.address,
+                certs.ca.display(),
+                coordinator.api_token
+            );
+        }
+        println!("  the service back to edge, by one UMS call on cloud's coordinator:");
         println!(
-            "  kubectl --kubeconfig {} get pods -o wide",
-            cloud.kubeconfig(User::Admin).display()
+            "    curl --cacert {} -H 'Authorization: Bearer {}' -H 'content-type: application/json' \\\n      -d '{{\"name\": \"{name}\", \"destinationUrl\": \"{}\"}}' https://{}/migrate",
+            cloud_certs.ca.display(),
+            cloud_coordinator.api_token,
+            edge_coordinator.address,
+            cloud_coordinator.address
         );
         println!(
-            "  curl --cacert {} -H 'Authorization: Bearer {}' https://{}/migrations",
-            edge_certs.ca.display(),
-            edge_coordinator.api_token,
-            edge_coordinator.address
+            "  or by a LiveMigration object in cloud (the CRD is installed in both clusters):"
         );
         println!(
-            "  curl -H 'Authorization: Bearer {token}' http://{destination_ip}:8888/containers   # token valid 10 minutes"
+            "    echo '{{\"apiVersion\": \"migration.ums-rs.io/v1alpha1\", \"kind\": \"LiveMigration\", \"metadata\": {{\"name\": \"back\"}}, \"spec\": {{\"pod\": \"{name}\", \"destination\": \"{}\"}}}}' | kubectl --kubeconfig {} create -f -",
+            edge_coordinator.address,
+            cloud.kubeconfig(User::Jane).display()
+        );
+        println!(
+            "  the copy's sidecar (token valid 10 minutes): curl -H 'Authorization: Bearer {token}' http://{destination_ip}:8888/containers"
         );
         tokio::signal::ctrl_c().await?;
     }

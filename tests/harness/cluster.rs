@@ -402,6 +402,9 @@ impl Cluster {
         );
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": documents});
         self.kubectl_with_input(User::Admin, &["apply", "-f", "-"], &list.to_string());
+        // The LiveMigration resource, as deploying the coordinator installs it.
+        let crd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator/crd.yaml");
+        self.kubectl(User::Admin, &["apply", "-f", crd.to_str().unwrap()]);
     }
 
     fn try_kubectl(
