@@ -90,6 +90,23 @@ fn assert_untouched(edge: &Cluster, cloud: &Cluster, pod: &str, what: &str) {
     );
 }
 
+/// Two clusters with their coordinators, and a user's dind service of `mib` MiB running in
+/// edge: the rig, the service's IP and its first answer.
+async fn with_a_service(
+    name: &str,
+    mib: u32,
+) -> (TwoClusters, String, ums_tests::service_pod::ServiceAnswer) {
+    let two = TwoClusters::start();
+    let source_ip = run_service(
+        &two.edge,
+        &service_pod(name, "dind", None, &[("app", mib)]),
+        name,
+    )
+    .await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    (two, source_ip, before)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_created() {
     let two = TwoClusters::start();
@@ -366,7 +383,8 @@ async fn pind_runtime_container_killed_comes_back_with_its_engine() {
 #[tokio::test(flavor = "multi_thread")]
 async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_finished_from_its_journal(
 ) {
-    let two = TwoClusters::start();
+    let name = "service";
+    let (two, _, before) = with_a_service(name, 256).await;
     let TwoClusters {
         edge,
         cloud,
@@ -374,14 +392,6 @@ async fn both_coordinators_killed_after_the_state_left_and_the_migration_is_fini
         cloud_coordinator,
         ..
     } = &two;
-    let name = "service";
-    let source_ip = run_service(
-        edge,
-        &service_pod(name, "dind", None, &[("app", 256)]),
-        name,
-    )
-    .await;
-    let before = ask_service(&source_ip, 8080).await.unwrap();
 
     let call = two.migrate_to_cloud_in_background(name);
     // Cloud's coordinator dies while the state moves (sidecar to sidecar: the move goes on);
@@ -468,20 +478,11 @@ async fn finished_from_the_journal(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_source_coordinator_killed_while_the_state_moves_and_the_migration_still_ends_once() {
-    let two = TwoClusters::start();
-    let TwoClusters {
-        edge,
-        edge_coordinator,
-        ..
-    } = &two;
     let name = "service";
-    let source_ip = run_service(
-        edge,
-        &service_pod(name, "dind", None, &[("app", 256)]),
-        name,
-    )
-    .await;
-    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters {
+        edge_coordinator, ..
+    } = &two;
     let call = two.migrate_to_cloud_in_background(name);
     // The coordinator that called the source's sidecar dies: the sidecar's migration goes on
     // to its end (it must not stop half way with the containers dumped).
@@ -507,16 +508,9 @@ async fn the_source_coordinator_killed_while_the_state_moves_and_the_migration_s
 #[tokio::test(flavor = "multi_thread")]
 async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_source_and_the_answer_says_so(
 ) {
-    let two = TwoClusters::start();
-    let TwoClusters { edge, cloud, .. } = &two;
     let name = "service";
-    let source_ip = run_service(
-        edge,
-        &service_pod(name, "dind", None, &[("app", 256)]),
-        name,
-    )
-    .await;
-    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters { edge, cloud, .. } = &two;
 
     let call = two.migrate_to_cloud_in_background(name);
     two.wait_edge_migrating().await;
@@ -550,16 +544,9 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
-    let two = TwoClusters::start();
-    let TwoClusters { edge, cloud, .. } = &two;
     let name = "service";
-    let source_ip = run_service(
-        edge,
-        &service_pod(name, "dind", None, &[("app", 256)]),
-        name,
-    )
-    .await;
-    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters { edge, cloud, .. } = &two;
     let runtime = edge.pod_container(name, "runtime");
 
     let call = two.migrate_to_cloud_in_background(name);
