@@ -93,8 +93,12 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                 Api::namespaced_with(coordinator.kube.clone(), &namespace, &resource());
             if !phase.is_empty() {
                 // In flight when this coordinator (re)started: its progress was in the
-                // memory of the one that stopped. The pod may still carry the lock.
-                if !coordinator.is_driving(object.data["status"]["migrationId"].as_str()) {
+                // memory of the one that stopped. The pod may still carry the lock. A
+                // migration this process started has a record, whatever its phase: the event
+                // of a status it wrote can arrive after the migration ended (its task then
+                // writes the final status), and is not a restart.
+                let id = object.data["status"]["migrationId"].as_str().unwrap_or("");
+                if coordinator.record(id).is_none() {
                     set_status(&api, &name, json!({
                         "phase": "Failed",
                         "message": "the coordinator restarted during the migration; check the pod's migration-id annotation and the destination",
