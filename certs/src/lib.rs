@@ -96,14 +96,7 @@ impl CertBundle {
 }
 
 fn check_label(what: &'static str, value: &str) -> Result<(), CertsError> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    if ok {
+    if ums_contract::names::is_dns1123_label(value) {
         Ok(())
     } else {
         Err(CertsError::InvalidName {

@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod credential;
+pub mod names;
 pub mod podinfo;
 pub mod quantity;
 

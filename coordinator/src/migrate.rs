@@ -128,8 +128,7 @@ fn aborted() -> ApiError {
 /// A pod's name: a DNS subdomain (RFC 1123: at most 253 characters, lower-case letters,
 /// digits, '-' and '.', starting and ending with a letter or digit).
 pub fn check_subdomain(field: &str, value: &str) -> Result<(), ApiError> {
-    let labels_ok = value.split('.').all(|label| dns_label(label, 253));
-    if value.len() > 253 || !labels_ok {
+    if !ums_contract::names::is_dns1123_subdomain(value) {
         return Err(ApiError::bad_request(format!(
             "{field} {value:?} is not a valid Kubernetes name (RFC 1123 subdomain: lower-case letters, digits, '-' and '.', at most 253 characters)"
         )));
@@ -140,23 +139,12 @@ pub fn check_subdomain(field: &str, value: &str) -> Result<(), ApiError> {
 /// A namespace's name: a DNS label (RFC 1123: at most 63 characters, lower-case letters,
 /// digits and '-', starting and ending with a letter or digit).
 pub fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
-    if !dns_label(value, 63) {
+    if !ums_contract::names::is_dns1123_label(value) {
         return Err(ApiError::bad_request(format!(
             "{field} {value:?} is not a valid Kubernetes name (RFC 1123 label: lower-case letters, digits and '-', at most 63 characters)"
         )));
     }
     Ok(())
-}
-
-fn dns_label(label: &str, max: usize) -> bool {
-    let bytes = label.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= max
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 impl Coordinator {
