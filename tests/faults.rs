@@ -107,6 +107,17 @@ async fn with_a_service(
     (two, source_ip, before)
 }
 
+/// Until pod `name` is gone from `cluster` (at most a minute).
+async fn wait_gone(cluster: &Cluster, name: &str, what: &str) {
+    poll(what, Duration::from_secs(60), || async {
+        cluster
+            .kubectl_result(User::Admin, &["get", "pod", name])
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_created() {
     let two = TwoClusters::start();
@@ -529,17 +540,7 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok, "{still:?}");
     assert!(still.tick > before.tick, "{still:?} after {before:?}");
-    poll(
-        "the copy to be deleted",
-        Duration::from_secs(60),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_gone(cloud, name, "the copy to be deleted").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -617,17 +618,7 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
     .await;
     // Exactly one copy: the source runs, the destination's copy is gone, the pod unlocked.
     assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    poll(
-        "the copy to be deleted",
-        Duration::from_secs(60),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", name])
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
+    wait_gone(cloud, name, "the copy to be deleted").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -697,13 +688,7 @@ async fn an_operator_aborts_a_migration_before_the_freeze_and_nothing_is_left() 
     );
 
     assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    poll("the copy to be gone", Duration::from_secs(60), || async {
-        cloud
-            .kubectl_result(User::Admin, &["get", "pod", name])
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    wait_gone(cloud, name, "the copy to be deleted").await;
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
 }
