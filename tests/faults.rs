@@ -692,3 +692,130 @@ async fn an_operator_aborts_a_migration_before_the_freeze_and_nothing_is_left() 
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
 }
+
+/// Refuses every TCP packet to `address` (`127.0.0.1:port`, a coordinator on the host
+/// network) with a reset until dropped: the link one way only, as an edge cluster behind a
+/// firewall that lets its peer in but cannot call out.
+struct Unreachable {
+    rule: Vec<String>,
+}
+
+impl Unreachable {
+    fn port_of(address: &str) -> Self {
+        let (host, port) = address.rsplit_once(':').unwrap();
+        let rule: Vec<String> = [
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            host,
+            "--dport",
+            port,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let added = Command::new("iptables")
+            .args(["-w", "-I"])
+            .args(&rule)
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "iptables -I: {added:?}");
+        Unreachable { rule }
+    }
+}
+
+impl Drop for Unreachable {
+    fn drop(&mut self) {
+        let removed = Command::new("iptables")
+            .args(["-w", "-D"])
+            .args(&self.rule)
+            .output()
+            .unwrap();
+        if !removed.status.success() && !std::thread::panicking() {
+            panic!("iptables -D: {removed:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_destination_asks_its_source_and_activates_the_copy_the_source_cannot_reach() {
+    let name = "service";
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        cloud_coordinator,
+        ..
+    } = &two;
+
+    // The state moves sidecar to sidecar; edge's coordinator dies, and from then on edge
+    // cannot reach cloud's coordinator (cloud still reaches edge's).
+    let call = two.migrate_to_cloud_in_background(name);
+    two.wait_edge_migrating().await;
+    edge_coordinator.kill();
+    let _ = call.await;
+    let blocked = Unreachable::port_of(&cloud_coordinator.address);
+    poll(
+        "the source sidecar to finish the transfer on its own",
+        Duration::from_secs(240),
+        || {
+            let url = format!("http://{source_ip}:8888/probe/app");
+            async move {
+                let (_, probe) = sidecar("GET", url, None).await;
+                (probe["state"] == "migrated").then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        annotation(cloud, name, "migration-start-mode").as_deref(),
+        Some("passive"),
+        "the copy runs the restored service, passive"
+    );
+    assert_eq!(
+        annotation(cloud, name, "migration.ums-rs.io/source").as_deref(),
+        Some(format!("https://{}", edge_coordinator.address).as_str()),
+        "the copy names its source"
+    );
+    // Edge's coordinator comes back and cannot finish from its journal (cloud unreachable);
+    // cloud's restarts and asks edge what became of the migration.
+    edge_coordinator.restart();
+    cloud_coordinator.kill();
+    cloud_coordinator.restart();
+    poll(
+        "cloud's coordinator to make the copy active on edge's word",
+        Duration::from_secs(120),
+        || async {
+            (annotation(cloud, name, "migration-start-mode").as_deref() == Some("active"))
+                .then_some(())
+        },
+    )
+    .await;
+    let log = cloud_coordinator.log();
+    assert!(
+        log.contains("the source says the state left"),
+        "cloud's coordinator settled the copy itself:\n{log}"
+    );
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("a destination asked what became of a migration"),
+        "{}",
+        edge_coordinator.log()
+    );
+    assert_eq!(
+        annotation(edge, name, "migration.ums-rs.io/destination-pod").as_deref(),
+        Some(format!("default/{name}").as_str()),
+        "edge could not finish: the source is still locked with its journal"
+    );
+
+    // The link is back: edge's coordinator finishes from its journal (the copy is already
+    // active: answered, not refused) and deletes the source.
+    drop(blocked);
+    finished_from_the_journal(&two, name, &before).await;
+}

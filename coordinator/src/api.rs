@@ -34,6 +34,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/create", post(create))
         .route("/restore", post(restore))
         .route("/delete", post(delete))
+        .route("/outcome", post(outcome))
         .route_layer(axum::middleware::from_fn_with_state(
             coordinator.clone(),
             crate::auth::require_credential,
@@ -202,6 +203,16 @@ async fn restore(
 async fn delete(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
     match body::<PodRequest>(&bytes) {
         Ok(request) => answer(c.delete_destination(request).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /outcome`: what became of a migration this coordinator drove, for its destination.
+async fn outcome(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    match body::<PodRequest>(&bytes) {
+        Ok(request) => answer(c.outcome_of(&request).await.map(|(outcome, detail)| {
+            json!({"migrationId": request.migration_id, "outcome": outcome, "detail": detail})
+        })),
         Err(e) => e.into_response(),
     }
 }

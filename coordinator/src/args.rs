@@ -74,6 +74,13 @@ pub struct Args {
     /// This cluster's name, as peers see it.
     #[arg(long, env = "UMS_CLUSTER_NAME", default_value = "default")]
     pub cluster: String,
+    /// The URL peers reach this coordinator at (`https://host:port`, as their
+    /// `destinationUrl`): each destination is told it, so that a copy whose restored state
+    /// runs while it is still passive can ask here what became of its migration
+    /// (`POST /outcome`) and be made active or deleted. Without it such a copy waits for this
+    /// coordinator's own recovery or an operator.
+    #[arg(long, env = "UMS_COORDINATOR_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// The sidecars' port in wrapped pods (the webhook's --sidecar-port).
     #[arg(long, env = "UMS_SIDECAR_PORT", default_value_t = 8888)]
     pub sidecar_port: u16,
@@ -102,9 +109,16 @@ impl Args {
         let kube = kube::Client::try_default()
             .await
             .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
+        let advertise_url = self
+            .advertise_url
+            .as_deref()
+            .map(crate::peer::peer_base_url)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--advertise-url: {}", e.message))?;
         let coordinator = Arc::new(Coordinator {
             kube,
             cluster: self.cluster,
+            advertise_url,
             peers: peer_client(&self.peer_ca, cert.clone())?,
             api_tokens,
             // Plain HTTP on the pod network (see the README's trust model): no TLS roots, so

@@ -2,11 +2,11 @@
 //! - anyone: `GET /` (identity, public key), `GET /healthz`, `GET /metrics`;
 //! - operators: `POST /migrate`, `GET /migrations`, `GET /migrations/{id}`, with
 //!   `Authorization: Bearer <token>`, one of the tokens in `--api-tokens` (a Secret);
-//! - peer coordinators: `POST /create`, `/restore`, `/delete`, over mutual TLS (a client
+//! - peer coordinators: `POST /create`, `/restore`, `/delete`, `/outcome`, over mutual TLS (a client
 //!   certificate signed by one of the `--peer-ca` CAs); `/restore` also needs the migration
 //!   credential this coordinator returned from that migration's `/create` (`Authorization:
 //!   Bearer`), which opens nothing but that one migration; `/delete` acts only on a copy that
-//!   is still passive and carries the migration id it names.
+//!   is still passive and carries the migration id it names; `/outcome` only answers.
 //!
 //! No credential, or one that does not verify: 401; a valid credential on a route it does not
 //! open: 403.
@@ -120,6 +120,10 @@ pub fn audience(method: &axum::http::Method, path: &str) -> Audience {
         // never received one, and /delete removes only a copy that is still passive and
         // carries the migration's id.
         (&Method::POST, "/delete") => Audience::Peer {
+            with_credential: false,
+        },
+        // A destination asking what became of a migration: an answer, never an action.
+        (&Method::POST, "/outcome") => Audience::Peer {
             with_credential: false,
         },
         _ => Audience::Anyone,

@@ -14,6 +14,7 @@ use ums_contract::{MigrationAnnotations, ANNOTATION_ID, ANNOTATION_START_MODE};
 
 use crate::error::ApiError;
 use crate::journal::{ANNOTATION_ACTIVATED_BY, ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
+use crate::outcome::{SourceRef, ANNOTATION_SOURCE, ANNOTATION_SOURCE_POD};
 use crate::prerequisites::{missing_text, Prerequisites};
 use crate::state::Coordinator;
 
@@ -24,6 +25,10 @@ pub struct CreateRequest {
     pub migration_id: String,
     pub namespace: String,
     pub pod: Pod,
+    /// The source coordinator and pod, when the source advertises its URL: the copy carries
+    /// them, to ask what became of the migration ([`crate::outcome`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceRef>,
 }
 
 /// The created pod, ready to take the restore.
@@ -144,6 +149,11 @@ impl Coordinator {
             .get_or_insert_with(Default::default);
         annotations.remove(ANNOTATION_LOCKED_BY);
         annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
+        annotations.remove(ANNOTATION_SOURCE);
+        annotations.remove(ANNOTATION_SOURCE_POD);
+        for (key, value) in request.source.iter().flat_map(SourceRef::annotations) {
+            annotations.insert(key.to_owned(), value);
+        }
         let uid = match pods.create(&PostParams::default(), &pod).await {
             Ok(created) => created.metadata.uid,
             Err(e) => {

@@ -9,6 +9,8 @@
 //! - [`journal`]: what a source pod carries so that anyone can finish its migration;
 //!   [`recovery`]: at start and every minute, the migrations a stop interrupted (copies
 //!   deleted, locks released, migrations whose state left finished from their journal);
+//!   [`outcome`]: what a destination asks its source of a copy whose restored state runs
+//!   while it is still passive (made active, or deleted as a stale duplicate);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
@@ -23,6 +25,7 @@ pub mod journal;
 pub mod live_migration;
 pub mod metrics;
 pub mod migrate;
+pub mod outcome;
 pub mod peer;
 pub mod pod;
 pub mod prerequisites;

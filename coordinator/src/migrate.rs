@@ -18,6 +18,7 @@ use crate::destination::{CreateAnswer, CreateRequest, PodRequest};
 use crate::error::ApiError;
 use crate::journal::{keep_patch, unlock_patch, SourceJournal, ANNOTATION_LOCKED_BY};
 use crate::metrics::Outcome;
+use crate::outcome::SourceRef;
 use crate::peer::{peer_base_url, Peer};
 use crate::pod::{check, destination_pod};
 use crate::state::Coordinator;
@@ -268,6 +269,11 @@ impl Coordinator {
             migration_id: id.to_owned(),
             namespace: request.namespace.clone(),
             pod: destination_pod(&pod, &migratable.containers, id),
+            source: self.advertise_url.clone().map(|url| SourceRef {
+                url,
+                namespace: request.namespace.clone(),
+                name: request.name.clone(),
+            }),
         };
         let creating = peer.post::<_, CreateAnswer>(
             "/create",
@@ -511,7 +517,15 @@ impl Coordinator {
         {
             Ok(answer) if answer["deleted"] == true => "destination pod deleted".to_owned(),
             Ok(_) => "no destination pod to delete".to_owned(),
-            Err(e) => format!("FAILED to delete the destination pod: {}", e.message),
+            Err(e) => format!(
+                "FAILED to delete the destination pod: {}; the destination's coordinator deletes it itself ({})",
+                e.message,
+                if self.advertise_url.is_some() {
+                    "a copy whose restored state runs once this coordinator tells it the service runs here, one that never started after 31 minutes"
+                } else {
+                    "one that never started after 31 minutes; one whose restored state runs waits for an operator, as this coordinator has no --advertise-url"
+                }
+            ),
         }
     }
 }

@@ -164,11 +164,27 @@ pub struct Identity {
 pub struct Peer {
     pub base: String,
     client: reqwest::Client,
+    /// What the peer is to this coordinator, in errors.
+    role: &'static str,
 }
 
 impl Peer {
+    /// A migration's destination coordinator.
     pub fn new(client: reqwest::Client, base: String) -> Self {
-        Peer { base, client }
+        Peer {
+            base,
+            client,
+            role: "destination coordinator",
+        }
+    }
+
+    /// A migration's source coordinator (asked by its destination).
+    pub fn source(client: reqwest::Client, base: String) -> Self {
+        Peer {
+            base,
+            client,
+            role: "source coordinator",
+        }
     }
 
     async fn answer<T: DeserializeOwned>(
@@ -178,7 +194,8 @@ impl Peer {
     ) -> Result<T, ApiError> {
         let response = response.map_err(|e| {
             ApiError::unanswered(format!(
-                "destination coordinator {} unreachable ({what}): {}",
+                "{} {} unreachable ({what}): {}",
+                self.role,
                 self.base,
                 error_chain(&e)
             ))
@@ -192,13 +209,11 @@ impl Peer {
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
             return Err(ApiError::from_peer(
                 status,
-                format!("destination coordinator ({what}): {status}: {message}"),
+                format!("{} ({what}): {status}: {message}", self.role),
             ));
         }
         serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_gateway(format!(
-                "destination coordinator ({what}): unreadable answer: {e}"
-            ))
+            ApiError::bad_gateway(format!("{} ({what}): unreadable answer: {e}", self.role))
         })
     }
 

@@ -23,6 +23,9 @@ use ums_contract::{MigrationAnnotations, StartMode};
 use crate::destination::PodRequest;
 use crate::error::ApiError;
 use crate::journal::{unlock_patch, SourceJournal};
+use crate::outcome::{
+    copy_action, source_outcome, CopyAction, Outcome, PodFacts, SourceFacts, SourceRef, SourceState,
+};
 use crate::peer::Peer;
 use crate::state::Coordinator;
 
@@ -52,23 +55,11 @@ fn name_of(pod: &Pod) -> Option<(String, String)> {
     Some((pod.metadata.namespace.clone()?, pod.metadata.name.clone()?))
 }
 
-/// What a source pod's sidecar says of its containers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SourceState {
-    /// The service runs here: nothing under way.
-    Here,
-    /// The sidecar is migrating (its own rollback or success will settle it).
-    Migrating,
-    /// The state left: the service runs at the destination.
-    Left,
-    /// The sidecar does not answer.
-    Unknown,
-}
-
 impl Coordinator {
     /// Runs both recoveries, logging what they did; the source side retries a while.
     pub async fn recover(&self) {
         self.sweep_logged(None).await;
+        self.settle_logged().await;
         let until = tokio::time::Instant::now() + RETRY_FOR;
         loop {
             match self.release_orphaned_locks().await {
@@ -222,7 +213,8 @@ impl Coordinator {
     }
 
     /// Every minute: the source pods this coordinator locked and no longer drives (unlocked
-    /// when their service runs here, finished from the journal when it left).
+    /// when their service runs here, finished from the journal when it left), and the copies
+    /// it made whose restored state runs while they are passive (settled with their source).
     pub async fn finish_periodically(&self) {
         let mut ticker = tokio::time::interval(Duration::from_secs(60));
         ticker.tick().await;
@@ -231,7 +223,138 @@ impl Coordinator {
             if let Err(e) = self.release_orphaned_locks().await {
                 tracing::warn!(error = %e, "could not look for pods left locked");
             }
+            self.settle_logged().await;
         }
+    }
+
+    async fn settle_logged(&self) {
+        if let Err(e) = self.settle_restored_copies().await {
+            tracing::warn!(error = %e, "could not look for passive copies that run restored containers");
+        }
+    }
+
+    /// What became of migration `request` (its source pod, in this cluster), as the
+    /// destination asks: see [`crate::outcome`]. The detail says what the answer rests on.
+    pub async fn outcome_of(
+        &self,
+        request: &crate::destination::PodRequest,
+    ) -> Result<(Outcome, String), ApiError> {
+        let id = request.migration_id.as_str();
+        let record = self.record(id).filter(|r| r.phase == "done").map(|_| true);
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        let pod = match pods.get_opt(&request.name).await? {
+            Some(pod) => {
+                let parsed = annotations_of(&pod);
+                Some(PodFacts {
+                    under_this_migration: parsed.migration_id.as_deref() == Some(id),
+                    start_mode: parsed.start_mode,
+                    state: self.source_state(&pod).await,
+                })
+            }
+            None => None,
+        };
+        let facts = SourceFacts {
+            driving: self.is_driving(Some(id)),
+            record,
+            pod,
+        };
+        let outcome = source_outcome(&facts);
+        let detail = format!(
+            "pod {}/{}: {}; {}",
+            request.namespace,
+            request.name,
+            match &facts.pod {
+                None => "not found".to_owned(),
+                Some(p) => format!(
+                    "{} this migration, its sidecar says {:?}",
+                    if p.under_this_migration {
+                        "locked under"
+                    } else {
+                        "not under"
+                    },
+                    p.state
+                ),
+            },
+            if facts.driving {
+                "the migration is under way here"
+            } else if facts.record.is_some() {
+                "recorded here as done"
+            } else {
+                "no migration under way here"
+            }
+        );
+        tracing::info!(migration = id, ?outcome, %detail, "a destination asked what became of a migration");
+        Ok((outcome, detail))
+    }
+
+    /// The copies this coordinator made that are still passive while their restored
+    /// containers run: each one's source is asked what became of its migration, and the copy
+    /// is made active (the state left the source) or deleted (the service runs at the source);
+    /// the number settled.
+    pub async fn settle_restored_copies(&self) -> Result<usize, ApiError> {
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        let mut settled = 0;
+        for pod in pods.list(&Default::default()).await? {
+            let parsed = annotations_of(&pod);
+            let Some(id) = parsed.migration_id.clone() else {
+                continue;
+            };
+            if !marked(&pod, ANNOTATION_COPY_OF, &self.cluster)
+                || parsed.start_mode != Some(StartMode::Passive)
+            {
+                continue;
+            }
+            let Some((namespace, name)) = name_of(&pod) else {
+                continue;
+            };
+            if !self.any_started(&pod).await {
+                continue;
+            }
+            let Some(source) = pod.metadata.annotations.as_ref().and_then(SourceRef::read) else {
+                tracing::warn!(pod = %name, namespace = %namespace, migration = %id, "a passive copy runs restored containers and does not name its source (its coordinator has no --advertise-url): left for the source's coordinator or an operator");
+                continue;
+            };
+            let request = PodRequest {
+                migration_id: id.clone(),
+                namespace: source.namespace.clone(),
+                name: source.name.clone(),
+            };
+            let peer = Peer::source(self.peers.clone(), source.url.clone());
+            let answer: serde_json::Value = match peer
+                .post("/outcome", &request, Duration::from_secs(30))
+                .await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::warn!(pod = %name, namespace = %namespace, migration = %id, error = %e.message, "a passive copy runs restored containers and its source did not say what became of the migration; asking again");
+                    continue;
+                }
+            };
+            let outcome = serde_json::from_value::<Outcome>(answer["outcome"].clone())
+                .unwrap_or(Outcome::Unknown);
+            let detail = answer["detail"].as_str().unwrap_or_default();
+            let copy = PodRequest {
+                migration_id: id.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            match copy_action(outcome) {
+                CopyAction::Activate => {
+                    self.activate_destination(copy).await?;
+                    settled += 1;
+                    tracing::info!(pod = %name, namespace = %namespace, migration = %id, source = %source.url, %detail, "the source says the state left: the passive copy that runs it is active");
+                }
+                CopyAction::Delete => {
+                    self.delete_destination(copy).await?;
+                    settled += 1;
+                    tracing::warn!(pod = %name, namespace = %namespace, migration = %id, source = %source.url, %detail, "the source says the service runs there: deleted a passive copy that ran a stale duplicate");
+                }
+                CopyAction::Wait => {
+                    tracing::info!(pod = %name, namespace = %namespace, migration = %id, ?outcome, %detail, "a passive copy runs restored containers; its source cannot settle it yet")
+                }
+            }
+        }
+        Ok(settled)
     }
 
     /// The states of the pod's nested containers, from its sidecar's probes.

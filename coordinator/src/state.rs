@@ -12,6 +12,9 @@ pub struct Coordinator {
     pub kube: kube::Client,
     /// This cluster's name, as peers see it.
     pub cluster: String,
+    /// Where peers reach this coordinator (`--advertise-url`): given to each destination so
+    /// that it can ask what became of a migration (`POST /outcome`).
+    pub advertise_url: Option<String>,
     /// HTTPS to peer coordinators (their CAs only), presenting this coordinator's certificate.
     pub peers: reqwest::Client,
     /// The operators' tokens (`POST /migrate`, `GET /migrations`).

@@ -132,6 +132,7 @@ impl RunningCoordinator {
             .arg("--peer-ca=/etc/ums-coordinator/files/ca.crt")
             .arg("--signing-key=/etc/ums-coordinator/files/signing.key")
             .arg("--api-tokens=/etc/ums-coordinator/files/api-tokens")
+            .arg(format!("--advertise-url=https://{address}"))
             .stderr(Stdio::inherit())
             .output()
             .unwrap();
