@@ -819,3 +819,59 @@ async fn a_restarted_destination_asks_its_source_and_activates_the_copy_the_sour
     drop(blocked);
     finished_from_the_journal(&two, name, &before).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_destination_disk_full_mid_transfer_leaves_the_service_at_the_source() {
+    let name = "service";
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters { edge, cloud, .. } = &two;
+
+    let call = two.migrate_to_cloud_in_background(name);
+    // As soon as the copy's runtime container runs, before the state can come (its engine
+    // must start and create the containers first): 32 MiB for the staging of 256 MiB.
+    let runtime = poll(
+        "the copy's runtime container to run",
+        Duration::from_secs(120),
+        || async {
+            let pod = cloud.kubectl_result(User::Admin, &["get", "pod", name, "-o", "json"]);
+            let uid = serde_json::from_str::<Value>(&pod.ok()?).ok()?["metadata"]["uid"]
+                .as_str()?
+                .to_owned();
+            let container = format!("k8s_runtime_{name}_default_{}", &uid[..8]);
+            let running = Command::new("docker")
+                .args(["inspect", "--format", "{{.State.Running}}", &container])
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&running.stdout).trim() == "true").then_some(container)
+        },
+    )
+    .await;
+    let mounted = Command::new("docker")
+        .args(["exec", &runtime, "sh", "-c"])
+        .arg("mkdir -p /var/lib/docker/ums-staging && mount -t tmpfs -o size=32m tmpfs /var/lib/docker/ums-staging")
+        .output()
+        .unwrap();
+    assert!(mounted.status.success(), "{mounted:?}");
+    let phase = two.edge_phase().await;
+    assert!(
+        matches!(phase.as_deref(), Some("checking" | "locking" | "creating")),
+        "the small staging was in place before the state moved (phase {phase:?})"
+    );
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "the answer names the cause: {answer}"
+    );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok, "{still:?}");
+    assert!(still.tick > before.tick, "{still:?} after {before:?}");
+    wait_gone(cloud, name, "the copy to be deleted").await;
+}
