@@ -875,3 +875,82 @@ async fn the_destination_disk_full_mid_transfer_leaves_the_service_at_the_source
     assert!(still.tick > before.tick, "{still:?} after {before:?}");
     wait_gone(cloud, name, "the copy to be deleted").await;
 }
+
+/// Waits until edge's migration is in `creating` (the destination makes its copy).
+async fn wait_edge_creating(two: &TwoClusters) {
+    poll(
+        "edge's migration to reach creating",
+        Duration::from_secs(120),
+        || async { (two.edge_phase().await.as_deref() == Some("creating")).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_destination_coordinator_killed_while_it_makes_the_copy_and_nothing_is_left() {
+    let name = "service";
+    let (two, source_ip, before) = with_a_service(name, 64).await;
+    let TwoClusters {
+        edge,
+        cloud,
+        cloud_coordinator,
+        ..
+    } = &two;
+
+    let call = two.migrate_to_cloud_in_background(name);
+    wait_edge_creating(&two).await;
+    cloud_coordinator.kill();
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert!(status == 502 || status == 504, "{status} {answer}");
+    assert_eq!(answer["phase"], "creating", "{answer}");
+    assert!(
+        answer["rollback"]
+            .to_string()
+            .contains("source pod unlocked"),
+        "{answer}"
+    );
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
+    // Whatever copy it had made is deleted when it comes back (passive, never started).
+    cloud_coordinator.restart();
+    wait_gone(
+        cloud,
+        name,
+        "the copy to be deleted by the restarted coordinator",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_coordinator_killed_while_the_copy_is_made_and_nothing_is_left() {
+    let name = "service";
+    let (two, source_ip, before) = with_a_service(name, 64).await;
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        ..
+    } = &two;
+
+    let call = two.migrate_to_cloud_in_background(name);
+    wait_edge_creating(&two).await;
+    edge_coordinator.kill();
+    let _ = call.await;
+    // The destination sees its caller gone and deletes the copy; the restarted source finds
+    // the pod it locked running its service and releases it.
+    wait_gone(cloud, name, "the copy whose caller went away to be deleted").await;
+    edge_coordinator.restart();
+    poll(
+        "edge's restarted coordinator to release the lock",
+        Duration::from_secs(60),
+        || async {
+            annotation(edge, name, "migration-id")
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
+}

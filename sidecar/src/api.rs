@@ -433,24 +433,64 @@ async fn restore(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("identity")
         .to_ascii_lowercase();
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let reader = SyncIoBridge::new(StreamReader::new(stream));
+    let (reader, pump) = drained_reader(body);
     let migration_id = query.migration_id.unwrap_or_else(|| "restore".into());
-    let report = match encoding.as_str() {
-        "identity" => sidecar.restore_archive(reader, &migration_id).await?,
-        "zstd" => {
-            let decoder = zstd::stream::read::Decoder::new(reader)
-                .map_err(|e| ApiError::bad_request(format!("invalid zstd stream: {e}")))?;
-            sidecar.restore_archive(decoder, &migration_id).await?
-        }
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("unsupported Content-Encoding {other:?}: use identity or zstd"),
-            ))
-        }
+    let restored = match encoding.as_str() {
+        "identity" => sidecar.restore_archive(reader, &migration_id).await,
+        "zstd" => match zstd::stream::read::Decoder::new(reader) {
+            Ok(decoder) => sidecar.restore_archive(decoder, &migration_id).await,
+            Err(e) => Err(ApiError::bad_request(format!("invalid zstd stream: {e}"))),
+        },
+        other => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unsupported Content-Encoding {other:?}: use identity or zstd"),
+        )),
     };
-    Ok(Json(report).into_response())
+    match restored {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(e) => {
+            // The source is still sending: read the rest of its stream (for a while) so that
+            // it hears this answer instead of a broken pipe that names nothing.
+            let drained = tokio::time::timeout(DRAIN_AFTER_FAILURE, pump).await;
+            tracing::info!(migration = %migration_id, error = %e.error, drained = ?drained.ok().and_then(Result::ok), "restore failed; the rest of the stream was read before answering");
+            Err(e)
+        }
+    }
+}
+
+/// How long a failed restore keeps reading the source's stream before it answers.
+const DRAIN_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A blocking reader over `body`, and the task that feeds it: once the reader is dropped (the
+/// restore stopped) the task reads and discards the rest of the body, answering how many
+/// bytes it discarded.
+fn drained_reader(
+    body: Body,
+) -> (
+    SyncIoBridge<impl tokio::io::AsyncRead + Unpin>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let mut data = body.into_data_stream();
+    let pump = tokio::spawn(async move {
+        let mut discarded = 0u64;
+        let mut forwarding = true;
+        while let Some(chunk) = data.next().await {
+            if forwarding {
+                if tx.send(chunk.map_err(std::io::Error::other)).await.is_err() {
+                    forwarding = false;
+                }
+            } else {
+                match chunk {
+                    Ok(bytes) => discarded += bytes.len() as u64,
+                    Err(_) => break,
+                }
+            }
+        }
+        discarded
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (SyncIoBridge::new(StreamReader::new(stream)), pump)
 }
 
 /// Post-copy: the source's CRIU page server, carried both ways (request body: from the source;
