@@ -954,3 +954,88 @@ async fn the_source_coordinator_killed_while_the_copy_is_made_and_nothing_is_lef
     let still = ask_service(&source_ip, 8080).await.unwrap();
     assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_runs_on_at_the_source(
+) {
+    let name = "service";
+    let (two, source_ip, before) = with_a_service(name, 256).await;
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_certs,
+        edge_coordinator,
+        ..
+    } = &two;
+    // The state leaves slowly enough to be stopped on its way: 256 MiB at 40 Mbit/s is most
+    // of a minute.
+    let runtime = edge.pod_container(name, "runtime");
+    let shaped = Command::new("docker")
+        .args([
+            "exec", &runtime, "tc", "qdisc", "add", "dev", "eth0", "root",
+        ])
+        .args([
+            "tbf", "rate", "40mbit", "burst", "256kb", "latency", "200ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(shaped.status.success(), "{shaped:?}");
+
+    let call = two.migrate_to_cloud_in_background(name);
+    two.wait_edge_migrating().await;
+    poll(
+        "the source's containers to be frozen and on their way",
+        Duration::from_secs(60),
+        || {
+            let url = format!("http://{source_ip}:8888/probe/app");
+            async move {
+                let (_, probe) = sidecar("GET", url, None).await;
+                (probe["state"] == "migrating").then_some(())
+            }
+        },
+    )
+    .await;
+    let (_, records) = edge_coordinator
+        .call(&edge_certs.ca, "GET", "/migrations", None)
+        .await;
+    let id = records[0]["migrationId"].as_str().unwrap().to_owned();
+    let (status, answer) = edge_coordinator
+        .call(
+            &edge_certs.ca,
+            "POST",
+            &format!("/migrations/{id}/abort"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["abortingIn"], "migrating", "{answer}");
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by an operator"),
+        "{answer}"
+    );
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    let rollback = answer["rollback"].to_string();
+    assert!(
+        rollback.contains("destination pod deleted") && rollback.contains("source pod unlocked"),
+        "{answer}"
+    );
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
+    let still = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(still.memory_ok, "{still:?}");
+    assert!(still.tick > before.tick, "{still:?} after {before:?}");
+    wait_gone(cloud, name, "the copy to be deleted").await;
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("the source's sidecar stops the migration and rolls back"),
+        "{}",
+        edge_coordinator.log()
+    );
+}

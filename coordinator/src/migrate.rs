@@ -119,6 +119,15 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
     })
 }
 
+/// Where passing an operator's abort to the source's sidecar stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AbortPass {
+    NotAsked,
+    /// Not registered there yet (or unreachable): asked again while the migration runs.
+    AskAgain,
+    Done,
+}
+
 /// The error of a migration an operator aborted before the freeze.
 fn aborted() -> ApiError {
     ApiError::conflict(
@@ -347,10 +356,10 @@ impl Coordinator {
             Some(id),
             300,
         );
-        let sidecar_report = match self
+        let moving = self
             .sidecars
             .post(&url)
-            .bearer_auth(token)
+            .bearer_auth(&token)
             .json(&json!({
                 "migrationId": id,
                 "destination": created.sidecar_url,
@@ -359,9 +368,25 @@ impl Coordinator {
                 "postCopy": request.post_copy,
             }))
             .timeout(Duration::from_secs(3600))
-            .send()
-            .await
-        {
+            .send();
+        tokio::pin!(moving);
+        // An operator's abort while the state moves is passed to the source's sidecar, which
+        // stops and rolls back unless the destination has confirmed; its answer follows.
+        // A sidecar that has not registered the migration yet answers 404: asked again.
+        let mut abort = AbortPass::NotAsked;
+        let mut again = tokio::time::interval(Duration::from_millis(500));
+        let moved = loop {
+            tokio::select! {
+                outcome = &mut moving => break outcome,
+                () = cancel.cancelled(), if abort == AbortPass::NotAsked => {
+                    abort = self.pass_abort(&migratable.ip, migratable.uid.as_deref(), id).await;
+                }
+                _ = again.tick(), if abort == AbortPass::AskAgain => {
+                    abort = self.pass_abort(&migratable.ip, migratable.uid.as_deref(), id).await;
+                }
+            }
+        };
+        let sidecar_report = match moved {
             Ok(response) if response.status().is_success() => {
                 response.json::<Value>().await.unwrap_or(Value::Null)
             }
@@ -501,6 +526,46 @@ impl Coordinator {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 outcome => return outcome,
+            }
+        }
+    }
+
+    /// Asks the source's sidecar to stop migration `id` (logged: the migration's own answer
+    /// says how it ended).
+    async fn pass_abort(&self, ip: &str, uid: Option<&str>, id: &str) -> AbortPass {
+        let url = format!("http://{ip}:{}/migrate/{id}/abort", self.sidecar_port);
+        let token = self.sidecar_token(
+            ip,
+            uid,
+            ums_contract::credential::Scope::Coordinator,
+            Some(id),
+            60,
+        );
+        match self
+            .sidecars
+            .post(&url)
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                tracing::warn!(
+                    migration = id,
+                    "the source's sidecar stops the migration and rolls back"
+                );
+                AbortPass::Done
+            }
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => AbortPass::AskAgain,
+            Ok(r) => {
+                let status = r.status();
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                tracing::warn!(migration = id, %status, answer = %body["error"], "the source's sidecar did not stop the migration");
+                AbortPass::Done
+            }
+            Err(e) => {
+                tracing::warn!(migration = id, error = %crate::peer::error_chain(&e), "the abort did not reach the source's sidecar; asking again");
+                AbortPass::AskAgain
             }
         }
     }

@@ -67,8 +67,9 @@ pub struct MigrationRecord {
     pub cancel: tokio_util::sync::CancellationToken,
 }
 
-/// The phases an abort can still stop: nothing is frozen yet, everything can be undone.
-pub const ABORTABLE_PHASES: [&str; 3] = ["checking", "locking", "creating"];
+/// The phases an abort can still stop: nothing is frozen yet, or the state is on its way (the
+/// source's sidecar stops and rolls back unless the destination has confirmed).
+pub const ABORTABLE_PHASES: [&str; 4] = ["checking", "locking", "creating", "migrating"];
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -231,7 +232,7 @@ impl Coordinator {
                 record.phase,
                 match record.phase {
                     "done" | "failed" => "it has ended",
-                    _ => "its state is moving or has moved, and it ends on its own (success, or its rollback)",
+                    _ => "its state has moved: the service runs at the destination, and the migration ends on its own",
                 }
             )));
         }

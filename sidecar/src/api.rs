@@ -37,6 +37,7 @@ pub fn router(sidecar: Arc<Sidecar>) -> Router {
         .route("/restore", post(restore))
         .route("/restore/pages/{migration_id}", post(restore_pages))
         .route("/migrate", post(migrate))
+        .route("/migrate/{migration_id}/abort", post(abort_migration))
         .route(
             "/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
@@ -509,6 +510,28 @@ async fn restore_pages(
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .body(Body::from_stream(back))
         .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// `POST /migrate/{id}/abort`: 202 while the migration can be stopped (its own answer is then
+/// a 409 with its rollback); 404 for no such migration under way; 409 once the destination
+/// runs the containers.
+async fn abort_migration(
+    State(sidecar): State<Arc<Sidecar>>,
+    Path(migration_id): Path<String>,
+) -> Result<Response, ApiError> {
+    use crate::abort::AbortRefused;
+    match sidecar.aborts.abort(&migration_id) {
+        Ok(()) => {
+            tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and rolling back");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"migrationId": migration_id, "aborting": true})),
+            )
+                .into_response())
+        }
+        Err(e @ AbortRefused::Unknown(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ AbortRefused::TooLate(_)) => Err(ApiError::conflict(e.to_string())),
+    }
 }
 
 async fn migrate(

@@ -6,10 +6,12 @@
 //! - [`engine`] is the engine trait and its Docker driver;
 //! - [`archive`] packs and unpacks migration archives (format documented there);
 //! - [`volumes`] decides which pod volumes travel and puts arrived ones in place;
-//! - [`api`] is the HTTP API, [`migrate`] the live migration, [`postcopy`] its lazy-pages
+//! - [`api`] is the HTTP API, [`migrate`] the live migration ([`abort`]: an operator's stop),
+//!   [`postcopy`] its lazy-pages
 //!   mode, [`pending`] the dump kept as the source's journal until the migration ends,
 //!   [`ambassador`] the stand-in.
 
+pub mod abort;
 pub mod ambassador;
 pub mod api;
 pub mod archive;

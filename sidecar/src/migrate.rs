@@ -168,6 +168,9 @@ fn valid_migration_id(id: &str) -> bool {
     (1..=63).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// The error of a migration an operator stopped.
+pub const ABORTED: &str = "aborted by an operator";
+
 fn failed(
     status: StatusCode,
     phase: &str,
@@ -257,6 +260,8 @@ impl Sidecar {
         }
         let migration_id = request.migration_id.clone().unwrap_or_else(|| new_id("m"));
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
+        let registration = self.aborts.begin(&migration_id);
+        let cancel = registration.cancel.clone();
 
         // 1. Preflight: nothing is frozen until the destination says it can restore.
         let unreachable = |e: reqwest::Error| {
@@ -378,6 +383,10 @@ impl Sidecar {
             .await
             .map_err(|e| failed(e.status, "preflight", e.error, vec![]))?;
         let preflight_ms = ms(started.elapsed());
+        if cancel.is_cancelled() {
+            images.remove().await;
+            return Err(failed(StatusCode::CONFLICT, "preflight", ABORTED, vec![]));
+        }
 
         // 2. Freeze every container, then dump each.
         let dump = match self
@@ -446,18 +455,24 @@ impl Sidecar {
         if zstd_level.is_some() {
             post = post.header("content-encoding", "zstd");
         }
-        let outcome = post.send().await;
+        // An operator's abort stops the transfer (the destination sees its stream end and
+        // removes what it had; the coordinator deletes the copy) and rolls back below.
+        let outcome = tokio::select! {
+            outcome = post.send() => Some(outcome),
+            () = cancel.cancelled() => None,
+        };
         let written = writer.await.map_err(|e| e.to_string()).and_then(|r| r);
         images.remove().await;
         let restore_report = match outcome {
-            Ok(response) if response.status().is_success() => {
+            None => Err(ABORTED.to_owned()),
+            Some(Ok(response)) if response.status().is_success() => {
                 match response.json::<RestoreReport>().await {
                     Ok(report) => Ok(report),
                     Err(e) => Err(format!("destination's restore report is unreadable: {e}")),
                 }
             }
-            Ok(response) => Err(destination_error(response).await),
-            Err(e) => Err(format!("transfer to {destination} failed: {}", chain(&e))),
+            Some(Ok(response)) => Err(destination_error(response).await),
+            Some(Err(e)) => Err(format!("transfer to {destination} failed: {}", chain(&e))),
         };
         let restore_report = match (&restore_report, &written) {
             (Ok(report), Ok(_)) => report.clone(),
@@ -485,14 +500,16 @@ impl Sidecar {
                 }
                 crate::pending::clear(&self.engine_root);
                 let _ = self.remove_checkpoints(&dump).await;
-                return Err(failed(
-                    StatusCode::BAD_GATEWAY,
-                    "transfer/restore",
-                    error,
-                    rollback,
-                ));
+                let status = if error == ABORTED {
+                    StatusCode::CONFLICT
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return Err(failed(status, "transfer/restore", error, rollback));
             }
         };
+        // The destination runs the containers: no abort from here on.
+        registration.commit();
         // Post-copy: the destination has every page; CRIU at this end ends with its stream.
         let mut page_bytes = None;
         let _ = verdict.send(true);

@@ -51,6 +51,8 @@ pub struct Sidecar {
     /// Serialises creates: the start-up pass and each ambassador's request race otherwise.
     creating: tokio::sync::Mutex<()>,
     phases: std::sync::Mutex<HashMap<String, Phase>>,
+    /// The migration under way, for an operator's abort.
+    pub aborts: crate::abort::Aborts,
 }
 
 /// What `POST /create/{name}` did.
@@ -95,6 +97,7 @@ impl Sidecar {
             creating: tokio::sync::Mutex::new(()),
             engine_info: tokio::sync::OnceCell::new(),
             phases: std::sync::Mutex::new(HashMap::new()),
+            aborts: Default::default(),
         }
     }
 

@@ -17,12 +17,15 @@ pub const ERRORS: &[(u16, &str, &str)] = &[
     (401, "all but /healthz, /probe/{name} and /tls", "missing or wrong bearer token"),
     (403, "all but /healthz, /probe/{name} and /tls", "a valid credential outside its scope: the ambassadors' token beyond /create and /logs; a peer's token beyond /info, /restore/preflight, /restore and /restore/pages/{migrationId}, or over plain HTTP"),
     (404, "/probe/{name}, /logs/{name}, /create/{name}, /checkpoint, /migrate", "no such container (in the engine or in migration-containers)"),
+    (404, "/migrate/{migrationId}/abort", "no such migration under way here"),
     (404, "any other path", "no such endpoint"),
     (405, "any", "method not allowed"),
     (409, "/checkpoint, /restore, /migrate, /stop, /restore/preflight", "a checkpoint, restore or migration is already in progress"),
     (409, "/checkpoint, /migrate", "nothing to checkpoint; the image tag of a container moved since it started (the image cannot be sent)"),
     (409, "/migrate", "the destination refused in its preflight (detail.problems: engine, CRIU, kernel, architecture, archive version, a missing image with images=never, a volume it lacks, a container already running there); sourceState untouched"),
     (409, "/restore", "a container of the archive already runs here, or its image here has another ID"),
+    (409, "/migrate", "aborted by an operator (POST /migrate/{migrationId}/abort) before the destination confirmed; detail: the rollback"),
+    (409, "/migrate/{migrationId}/abort", "the destination already runs the containers: the migration is not stopped"),
     (409, "/create/{name}", "the container was migrated away from this pod"),
     (409, "/migrate", "postCopy: the container is not running, or CRIU's page server cannot work here (no CAP_SYS_RESOURCE and fs.pipe-max-size below 4 MiB)"),
     (409, "/restore/pages/{migrationId}", "no lazy restore of that migration here connected in 120 s, or its pages are already being carried"),
@@ -159,6 +162,11 @@ pub fn document() -> Value {
                     "409": error_response("a migration is already in progress, or the destination refused in its preflight (detail.problems), or an image cannot be sent, or postCopy cannot work here"),
                     "502": error_response("the destination is unreachable, or the migration failed after the freeze; detail says in which phase and how the source was brought back"),
                     "503": error_response("podinfo unreadable or engine unreachable") } } },
+            "/migrate/{migrationId}/abort": { "post": { "summary": "stop the migration under way before the destination confirms; its own answer is then a 409 with the rollback (the containers run here again)",
+                "parameters": [{ "name": "migrationId", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": { "202": { "description": "stopping: the migration rolls back" },
+                    "404": error_response("no such migration under way here"),
+                    "409": error_response("past the point of no return: the destination runs the containers") } } },
             "/openapi.json": { "get": { "summary": "this document", "responses": { "200": { "description": "OpenAPI 3.1" } } } }
         }
     })
