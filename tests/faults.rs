@@ -1039,3 +1039,39 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
         edge_coordinator.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_runtime_killed_before_its_dump_and_the_answer_says_its_memory_was_lost() {
+    let name = "service";
+    let (two, source_ip, _) = with_a_service(name, 64).await;
+    let TwoClusters { edge, cloud, .. } = &two;
+    let runtime = edge.pod_container(name, "runtime");
+
+    let call = two.migrate_to_cloud_in_background(name);
+    // While the destination makes its copy: nothing is frozen or dumped yet.
+    wait_edge_creating(&two).await;
+    let killed = Command::new("docker")
+        .args(["kill", "--signal", "KILL", &runtime])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+
+    // The source's sidecar is gone when the state should move (502), or back as another run
+    // than the one the pod was checked with (409): either way nothing moved, and the answer
+    // says what the restart cost.
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert!(status == 409 || status == 502, "{status} {answer}");
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert!(
+        answer["rollback"]
+            .to_string()
+            .contains("restarted during the migration before its state was dumped whole"),
+        "{answer}"
+    );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
+    wait_gone(cloud, name, "the copy to be deleted").await;
+    // One copy: the service runs at the source, started afresh by its restarted runtime.
+    let again = ask_service(&source_ip, 8080).await.unwrap();
+    assert!(again.memory_ok, "{again:?}");
+}

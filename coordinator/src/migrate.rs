@@ -119,6 +119,13 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
     })
 }
 
+/// A sidecar's run, as its `GET /healthz` says.
+#[derive(Debug, Clone)]
+struct SidecarHealth {
+    instance: String,
+    resumed_from: Option<String>,
+}
+
 /// Where passing an operator's abort to the source's sidecar stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AbortPass {
@@ -226,6 +233,9 @@ impl Coordinator {
         }
         let peer = Peer::new(self.peers.clone(), request.destination.clone());
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
+        // The sidecar run the pod is checked with: a restart before the state moves is then
+        // refused by the sidecar, and one after it is named in the answer.
+        let checked = self.sidecar_health(&migratable.ip).await;
         let cancel = self.cancel_token(id);
         if cancel.is_cancelled() {
             return Err(aborted().in_phase("checking"));
@@ -366,6 +376,7 @@ impl Coordinator {
                 "destinationToken": created.sidecar_token,
                 "destinationCertificateSha256": created.sidecar_certificate_sha256,
                 "postCopy": request.post_copy,
+                "expectInstance": checked.as_ref().map(|h| h.instance.clone()),
             }))
             .timeout(Duration::from_secs(3600))
             .send();
@@ -420,9 +431,22 @@ impl Coordinator {
                 // The answer says where the service runs now, as the source's sidecar sees
                 // it after its own rollback (a clean-looking rollback may hide a source whose
                 // runtime died with the service).
+                let restarted = self
+                    .source_restart(&migratable.ip, checked.as_ref(), id)
+                    .await;
+                let restarted = restarted.inspect(|line| e.rollback.push(line.clone()));
                 match pods.get_opt(&request.name).await {
                     Ok(Some(now)) => {
-                        let (at, seen) = self.service_runs_at(&now).await;
+                        // A restarted runtime container starts its containers again: the
+                        // answer waits for them (a minute at most).
+                        let until = Instant::now() + Duration::from_secs(60);
+                        let (at, seen) = loop {
+                            let (at, seen) = self.service_runs_at(&now).await;
+                            if at == "source" || restarted.is_none() || Instant::now() > until {
+                                break (at, seen);
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        };
                         e.service_runs_at = Some(at);
                         e.rollback.push(seen);
                     }
@@ -528,6 +552,58 @@ impl Coordinator {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// After a failed move: whether the source's runtime container restarted since the pod
+    /// was checked (its sidecar another run), waiting up to a minute for a sidecar that does
+    /// not answer yet, and what that meant for the service.
+    async fn source_restart(
+        &self,
+        ip: &str,
+        checked: Option<&SidecarHealth>,
+        id: &str,
+    ) -> Option<String> {
+        let checked = checked?;
+        let until = Instant::now() + Duration::from_secs(60);
+        let now = loop {
+            match self.sidecar_health(ip).await {
+                Some(now) => break now,
+                None if Instant::now() < until => tokio::time::sleep(Duration::from_secs(1)).await,
+                None => {
+                    return Some(
+                        "the source's sidecar did not answer for a minute after the failure"
+                            .to_owned(),
+                    )
+                }
+            }
+        };
+        if now.instance == checked.instance {
+            return None;
+        }
+        Some(if now.resumed_from.as_deref() == Some(id) {
+            "the source's runtime container restarted during the migration and restored the service from its dump: it continues where it was frozen".to_owned()
+        } else {
+            "the source's runtime container restarted during the migration before its state was dumped whole: the service started afresh there, and what it held in memory was lost with the restart (not moved)".to_owned()
+        })
+    }
+
+    /// The source sidecar's run (`GET /healthz`), if it answers.
+    async fn sidecar_health(&self, ip: &str) -> Option<SidecarHealth> {
+        let url = format!("http://{ip}:{}/healthz", self.sidecar_port);
+        let health: Value = self
+            .sidecars
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(SidecarHealth {
+            instance: health["instance"].as_str()?.to_owned(),
+            resumed_from: health["resumedFrom"].as_str().map(str::to_owned),
+        })
     }
 
     /// Asks the source's sidecar to stop migration `id` (logged: the migration's own answer

@@ -202,7 +202,13 @@ async fn peer_migration_matches(
 }
 
 async fn healthz(State(sidecar): State<Arc<Sidecar>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "engine": sidecar.engine.kind() }))
+    let resumed_from = sidecar.resumed_from.lock().ok().and_then(|r| r.clone());
+    Json(serde_json::json!({
+        "status": "ok",
+        "engine": sidecar.engine.kind(),
+        "instance": sidecar.instance,
+        "resumedFrom": resumed_from,
+    }))
 }
 
 /// The SHA-256 of the certificate this sidecar serves TLS with: public, and what a peer pins.

@@ -521,6 +521,9 @@ impl Sidecar {
                 {
                     Ok(()) => {
                         tracing::warn!(container = %name, checkpoint = %c.checkpoint_id, migration = %record.migration_id, "resumed from the dump a migration left: restored from its checkpoint");
+                        if let Ok(mut resumed) = self.resumed_from.lock() {
+                            *resumed = Some(record.migration_id.clone());
+                        }
                         if let Err(e) = self.engine.remove_checkpoint(name, &c.checkpoint_id).await {
                             tracing::warn!(container = %name, error = %chain(&e), "could not remove the checkpoint after resuming from it");
                         }

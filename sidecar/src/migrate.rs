@@ -55,6 +55,10 @@ pub struct MigrateRequest {
     /// stream breaks before, the copy at the destination is removed and the source runs on.
     #[serde(default)]
     pub post_copy: bool,
+    /// The sidecar run (`instance` of `GET /healthz`) the caller checked the pod with: another
+    /// one means the runtime container restarted since, and the migration is refused.
+    #[serde(default)]
+    pub expect_instance: Option<String>,
 }
 
 /// Totals of a migration.
@@ -260,6 +264,21 @@ impl Sidecar {
         }
         let migration_id = request.migration_id.clone().unwrap_or_else(|| new_id("m"));
         tracing::info!(migration = %migration_id, %destination, containers = selected.len(), "migration starting");
+        if let Some(expected) = request
+            .expect_instance
+            .as_deref()
+            .filter(|e| *e != self.instance)
+        {
+            return Err(failed(
+                StatusCode::CONFLICT,
+                "preflight",
+                format!(
+                    "this sidecar ({}) is not the one the migration was checked with ({expected}): the runtime container restarted in between, and nothing was frozen or moved",
+                    self.instance
+                ),
+                vec![],
+            ));
+        }
         let registration = self.aborts.begin(&migration_id);
         let cancel = registration.cancel.clone();
 

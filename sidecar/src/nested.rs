@@ -53,6 +53,11 @@ pub struct Sidecar {
     phases: std::sync::Mutex<HashMap<String, Phase>>,
     /// The migration under way, for an operator's abort.
     pub aborts: crate::abort::Aborts,
+    /// This run of the sidecar (`GET /healthz`): a coordinator that sees another one than it
+    /// checked knows the runtime container restarted in between.
+    pub instance: String,
+    /// The migration whose dump this run resumed from at start, if any (`GET /healthz`).
+    pub resumed_from: std::sync::Mutex<Option<String>>,
 }
 
 /// What `POST /create/{name}` did.
@@ -98,6 +103,8 @@ impl Sidecar {
             engine_info: tokio::sync::OnceCell::new(),
             phases: std::sync::Mutex::new(HashMap::new()),
             aborts: Default::default(),
+            instance: crate::checkpoint::new_id("s"),
+            resumed_from: Default::default(),
         }
     }
 

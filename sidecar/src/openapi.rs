@@ -77,6 +77,7 @@ pub fn document() -> Value {
                     "destinationCertificateSha256": { "type": "string", "description": "SHA-256 (hex) of the destination's certificate, from its GET /tls: required for an https destination, which is accepted with that certificate only" },
                     "migrationId": { "type": "string", "description": "the migration's id (e.g. the coordinator's); default: a new one" },
                     "postCopy": { "type": "boolean", "default": false, "description": "resume at the destination before the memory has arrived; CRIU's lazy pages follow over this migration's connection (one running container; not with leaveRunning). The source stays frozen until the last page arrived; if the page stream breaks first, the copy at the destination is removed and the source runs on" },
+                    "expectInstance": { "type": "string", "description": "the sidecar run (instance of GET /healthz) the caller checked the pod with: another one (the runtime container restarted since) is a 409 before anything is frozen" },
                     "volumes": { "type": "object", "additionalProperties": false, "description": "pod volumes (by name) to carry besides the pod-local kinds (emptyDir, ephemeral), or pod-local ones to leave",
                         "properties": { "include": { "type": "array", "items": { "type": "string" } }, "exclude": { "type": "array", "items": { "type": "string" } } } } } },
                 "MigrationReport": { "type": "object", "properties": {
