@@ -480,6 +480,7 @@ impl Sidecar {
             outcome = post.send() => Some(outcome),
             () = cancel.cancelled() => None,
         };
+        let aborted = outcome.is_none();
         let written = writer.await.map_err(|e| e.to_string()).and_then(|r| r);
         images.remove().await;
         let restore_report = match outcome {
@@ -498,7 +499,8 @@ impl Sidecar {
             (Err(error), _) | (Ok(_), Err(error)) => {
                 let error = error.clone();
                 let error = match &written {
-                    Err(w) if !error.contains(w.as_str()) => {
+                    // The writer's broken pipe is the abort's doing, not news.
+                    Err(w) if !aborted && !error.contains(w.as_str()) => {
                         format!("{error} (archive writer: {w})")
                     }
                     _ => error,
@@ -519,7 +521,7 @@ impl Sidecar {
                 }
                 crate::pending::clear(&self.engine_root);
                 let _ = self.remove_checkpoints(&dump).await;
-                let status = if error == ABORTED {
+                let status = if aborted {
                     StatusCode::CONFLICT
                 } else {
                     StatusCode::BAD_GATEWAY
