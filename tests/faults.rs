@@ -118,6 +118,50 @@ async fn wait_gone(cluster: &Cluster, name: &str, what: &str) {
     .await;
 }
 
+/// SIGKILLs a container of the rig: no goodbye to anyone.
+fn kill(container: &str) {
+    let killed = Command::new("docker")
+        .args(["kill", "--signal", "KILL", container])
+        .output()
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+}
+
+/// What leaves the pod of `container` goes at 40 Mbit/s: 256 MiB take most of a minute.
+fn slow_link(container: &str) {
+    let shaped = Command::new("docker")
+        .args([
+            "exec", container, "tc", "qdisc", "add", "dev", "eth0", "root",
+        ])
+        .args([
+            "tbf", "rate", "40mbit", "burst", "256kb", "latency", "200ms",
+        ])
+        .output()
+        .unwrap();
+    assert!(shaped.status.success(), "{shaped:?}");
+}
+
+/// Exactly one copy, at the source: edge's pod unlocked, cloud's copy deleted, the service
+/// answering with its memory intact, past `before` when it kept its memory.
+async fn one_copy_at_the_source(
+    two: &TwoClusters,
+    name: &str,
+    source_ip: &str,
+    before: Option<&ums_tests::service_pod::ServiceAnswer>,
+) {
+    assert_eq!(
+        annotation(&two.edge, name, "migration-id"),
+        None,
+        "unlocked"
+    );
+    wait_gone(&two.cloud, name, "the copy to be deleted").await;
+    let now = ask_service(source_ip, 8080).await.unwrap();
+    assert!(now.memory_ok, "{now:?}");
+    if let Some(before) = before {
+        assert!(now.tick > before.tick, "{now:?} after {before:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_that_cannot_succeed_are_refused_before_anything_is_locked_or_created() {
     let two = TwoClusters::start();
@@ -329,11 +373,7 @@ async fn runtime_container_killed_comes_back_with_its_engine(interface: &str) {
     let ip = run_service(&cluster, &pod, name).await;
     let before = ask_service(&ip, 8080).await.unwrap();
     let runtime = cluster.pod_container(name, "runtime");
-    let killed = Command::new("docker")
-        .args(["kill", "--signal", "KILL", &runtime])
-        .output()
-        .unwrap();
-    assert!(killed.status.success(), "{killed:?}");
+    kill(&runtime);
 
     // The service answers again: a new process (its counter starts over: what ran in memory
     // died with the runtime container; only a migration carries it), served by the restarted
@@ -521,26 +561,18 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
 ) {
     let name = "service";
     let (two, source_ip, before) = with_a_service(name, 256).await;
-    let TwoClusters { edge, cloud, .. } = &two;
+    let TwoClusters { cloud, .. } = &two;
 
     let call = two.migrate_to_cloud_in_background(name);
     two.wait_edge_migrating().await;
     let runtime = cloud.pod_container(name, "runtime");
-    let killed = Command::new("docker")
-        .args(["kill", "--signal", "KILL", &runtime])
-        .output()
-        .unwrap();
-    assert!(killed.status.success(), "{killed:?}");
+    kill(&runtime);
 
     let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
     assert_eq!(status, 502, "{answer}");
     assert_eq!(answer["phase"], "migrating", "{answer}");
     assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
-    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    let still = ask_service(&source_ip, 8080).await.unwrap();
-    assert!(still.memory_ok, "{still:?}");
-    assert!(still.tick > before.tick, "{still:?} after {before:?}");
-    wait_gone(cloud, name, "the copy to be deleted").await;
+    one_copy_at_the_source(&two, name, &source_ip, Some(&before)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -566,11 +598,7 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
         },
     )
     .await;
-    let killed = Command::new("docker")
-        .args(["kill", "--signal", "KILL", &runtime])
-        .output()
-        .unwrap();
-    assert!(killed.status.success(), "{killed:?}");
+    kill(&runtime);
 
     let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
     assert_eq!(
@@ -626,7 +654,7 @@ async fn an_operator_aborts_a_migration_before_the_freeze_and_nothing_is_left() 
     let two = TwoClusters::start();
     let TwoClusters {
         edge,
-        cloud,
+
         edge_certs,
         edge_coordinator,
         ..
@@ -687,10 +715,7 @@ async fn an_operator_aborts_a_migration_before_the_freeze_and_nothing_is_left() 
         "{answer}"
     );
 
-    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    wait_gone(cloud, name, "the copy to be deleted").await;
-    let still = ask_service(&source_ip, 8080).await.unwrap();
-    assert!(still.memory_ok && still.tick > before.tick, "{still:?}");
+    one_copy_at_the_source(&two, name, &source_ip, Some(&before)).await;
 }
 
 /// Refuses every TCP packet to `address` (`127.0.0.1:port`, a coordinator on the host
@@ -824,7 +849,7 @@ async fn a_restarted_destination_asks_its_source_and_activates_the_copy_the_sour
 async fn the_destination_disk_full_mid_transfer_leaves_the_service_at_the_source() {
     let name = "service";
     let (two, source_ip, before) = with_a_service(name, 256).await;
-    let TwoClusters { edge, cloud, .. } = &two;
+    let TwoClusters { cloud, .. } = &two;
 
     let call = two.migrate_to_cloud_in_background(name);
     // As soon as the copy's runtime container runs, before the state can come (its engine
@@ -869,11 +894,7 @@ async fn the_destination_disk_full_mid_transfer_leaves_the_service_at_the_source
         "the answer names the cause: {answer}"
     );
     assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
-    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    let still = ask_service(&source_ip, 8080).await.unwrap();
-    assert!(still.memory_ok, "{still:?}");
-    assert!(still.tick > before.tick, "{still:?} after {before:?}");
-    wait_gone(cloud, name, "the copy to be deleted").await;
+    one_copy_at_the_source(&two, name, &source_ip, Some(&before)).await;
 }
 
 /// Waits until edge's migration is in `creating` (the destination makes its copy).
@@ -962,7 +983,7 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
     let (two, source_ip, before) = with_a_service(name, 256).await;
     let TwoClusters {
         edge,
-        cloud,
+
         edge_certs,
         edge_coordinator,
         ..
@@ -970,16 +991,7 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
     // The state leaves slowly enough to be stopped on its way: 256 MiB at 40 Mbit/s is most
     // of a minute.
     let runtime = edge.pod_container(name, "runtime");
-    let shaped = Command::new("docker")
-        .args([
-            "exec", &runtime, "tc", "qdisc", "add", "dev", "eth0", "root",
-        ])
-        .args([
-            "tbf", "rate", "40mbit", "burst", "256kb", "latency", "200ms",
-        ])
-        .output()
-        .unwrap();
-    assert!(shaped.status.success(), "{shaped:?}");
+    slow_link(&runtime);
 
     let call = two.migrate_to_cloud_in_background(name);
     two.wait_edge_migrating().await;
@@ -1026,11 +1038,7 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
         rollback.contains("destination pod deleted") && rollback.contains("source pod unlocked"),
         "{answer}"
     );
-    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    let still = ask_service(&source_ip, 8080).await.unwrap();
-    assert!(still.memory_ok, "{still:?}");
-    assert!(still.tick > before.tick, "{still:?} after {before:?}");
-    wait_gone(cloud, name, "the copy to be deleted").await;
+    one_copy_at_the_source(&two, name, &source_ip, Some(&before)).await;
     assert!(
         edge_coordinator
             .log()
@@ -1044,17 +1052,13 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
 async fn the_source_runtime_killed_before_its_dump_and_the_answer_says_its_memory_was_lost() {
     let name = "service";
     let (two, source_ip, _) = with_a_service(name, 64).await;
-    let TwoClusters { edge, cloud, .. } = &two;
+    let TwoClusters { edge, .. } = &two;
     let runtime = edge.pod_container(name, "runtime");
 
     let call = two.migrate_to_cloud_in_background(name);
     // While the destination makes its copy: nothing is frozen or dumped yet.
     wait_edge_creating(&two).await;
-    let killed = Command::new("docker")
-        .args(["kill", "--signal", "KILL", &runtime])
-        .output()
-        .unwrap();
-    assert!(killed.status.success(), "{killed:?}");
+    kill(&runtime);
 
     // The source's sidecar is gone when the state should move (502), or back as another run
     // than the one the pod was checked with (409): either way nothing moved, and the answer
@@ -1065,13 +1069,67 @@ async fn the_source_runtime_killed_before_its_dump_and_the_answer_says_its_memor
     assert!(
         answer["rollback"]
             .to_string()
-            .contains("restarted during the migration before its state was dumped whole"),
+            .contains("restarted during the migration before its state had all left"),
         "{answer}"
     );
     assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
-    assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
-    wait_gone(cloud, name, "the copy to be deleted").await;
     // One copy: the service runs at the source, started afresh by its restarted runtime.
-    let again = ask_service(&source_ip, 8080).await.unwrap();
-    assert!(again.memory_ok, "{again:?}");
+    one_copy_at_the_source(&two, name, &source_ip, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_source_runtime_killed_during_post_copy_and_the_answer_says_the_state_was_lost() {
+    let name = "service";
+    let (two, source_ip, _) = with_a_service(name, 256).await;
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        edge_certs,
+        cloud_coordinator,
+        ..
+    } = &two;
+    // Pages slow enough to kill the source while they flow: 256 MiB at 40 Mbit/s.
+    let runtime = edge.pod_container(name, "runtime");
+    slow_link(&runtime);
+
+    let body = json!({"name": name, "destinationUrl": cloud_coordinator.address, "postCopy": true});
+    let (address, ca, token) = (
+        edge_coordinator.address.clone(),
+        edge_certs.ca.clone(),
+        ums_tests::coordinator::Credential::Bearer(edge_coordinator.api_token.clone()),
+    );
+    let call = tokio::spawn(async move {
+        ums_tests::coordinator::call_result(&address, &ca, &token, "POST", "/migrate", Some(body))
+            .await
+    });
+    // The copy runs at the destination while most of its memory is still at the source.
+    poll(
+        "the copy to run at the destination during post-copy",
+        Duration::from_secs(180),
+        || async {
+            let pod = cloud.kubectl_result(User::Admin, &["get", "pod", name, "-o", "json"]);
+            let pod: Value = serde_json::from_str(&pod.ok()?).ok()?;
+            let ip = pod["status"]["podIP"].as_str()?.to_owned();
+            let (status, probe) = sidecar("GET", format!("http://{ip}:8888/probe/app"), None).await;
+            (status == 200 && probe["state"] == "running").then_some(())
+        },
+    )
+    .await;
+    kill(&runtime);
+
+    // Post-copy's known risk: the pages still at the source die with it. The copy goes (it
+    // cannot run without them), the source's runtime starts the service afresh, and the
+    // answer says the memory was lost.
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(status, 502, "{answer}");
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert!(
+        answer["rollback"]
+            .to_string()
+            .contains("restarted during the migration before its state had all left"),
+        "{answer}"
+    );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    one_copy_at_the_source(&two, name, &source_ip, None).await;
 }

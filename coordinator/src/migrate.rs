@@ -583,7 +583,7 @@ impl Coordinator {
         Some(if now.resumed_from.as_deref() == Some(id) {
             "the source's runtime container restarted during the migration and restored the service from its dump: it continues where it was frozen".to_owned()
         } else {
-            "the source's runtime container restarted during the migration before its state was dumped whole: the service started afresh there, and what it held in memory was lost with the restart (not moved)".to_owned()
+            "the source's runtime container restarted during the migration before its state had all left (no whole dump to resume from): the service started afresh there, and what it held in memory was lost with the restart (not moved)".to_owned()
         })
     }
 
