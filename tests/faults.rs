@@ -11,9 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::TwoClusters;
 use ums_tests::poll;
+use ums_tests::runtime_pod::ndjson_lines;
 use ums_tests::service_pod::{ask_service, container_output, run_service, service_pod, sidecar};
 use ums_tests::workload::ticks;
 
@@ -155,7 +157,13 @@ async fn one_copy_at_the_source(
         "unlocked"
     );
     wait_gone(&two.cloud, name, "the copy to be deleted").await;
-    let now = ask_service(source_ip, 8080).await.unwrap();
+    // A restarted service takes a moment to fill its memory and listen again.
+    let now = poll(
+        "the service to answer at the source",
+        Duration::from_secs(60),
+        || async { ask_service(source_ip, 8080).await },
+    )
+    .await;
     assert!(now.memory_ok, "{now:?}");
     if let Some(before) = before {
         assert!(now.tick > before.tick, "{now:?} after {before:?}");
@@ -1105,14 +1113,24 @@ async fn the_source_runtime_killed_during_post_copy_and_the_answer_says_the_stat
     });
     // The copy runs at the destination while most of its memory is still at the source.
     poll(
-        "the copy to run at the destination during post-copy",
+        "the copy to print at the destination during post-copy",
         Duration::from_secs(180),
         || async {
+            // What the restored process prints, from the copy's sidecar (its coordinator's
+            // token): the ambassador relays it only once the migration has ended.
             let pod = cloud.kubectl_result(User::Admin, &["get", "pod", name, "-o", "json"]);
             let pod: Value = serde_json::from_str(&pod.ok()?).ok()?;
             let ip = pod["status"]["podIP"].as_str()?.to_owned();
-            let (status, probe) = sidecar("GET", format!("http://{ip}:8888/probe/app"), None).await;
-            (status == 200 && probe["state"] == "running").then_some(())
+            let token = cloud.sidecar_token(&ip, Scope::Coordinator, None);
+            let response = reqwest::Client::new()
+                .get(format!("http://{ip}:8888/logs/app"))
+                .bearer_auth(token)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            let text = response.text().await.ok()?;
+            (!ticks(&ndjson_lines(&text)).is_empty()).then_some(())
         },
     )
     .await;
