@@ -106,8 +106,10 @@ async fn migration(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) ->
     }
 }
 
-/// `POST /migrations/{id}/abort`: 202 while the migration can still be stopped (it then rolls
-/// back and its own call answers 409); 409 once its state moves; 404 for an unknown id.
+/// `POST /migrations/{id}/abort`: 202 until the state has arrived (before the freeze the
+/// coordinator rolls back; while the state moves the source's sidecar stops and rolls back,
+/// unless the destination confirmed first), and the migration's own call answers 409; 409
+/// once the service runs at the destination; 404 for an unknown id.
 async fn abort(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
     match c.abort(&id) {
         Ok(phase) => (

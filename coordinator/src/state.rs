@@ -62,7 +62,8 @@ pub struct MigrationRecord {
     pub abort_requested: bool,
     #[serde(skip)]
     pub phase_started: Option<Instant>,
-    /// Cancelled by an abort; the migration rolls back at its next step before the freeze.
+    /// Cancelled by an abort: the migration rolls back at its next step before the freeze, or
+    /// passes the abort to the source's sidecar while the state moves.
     #[serde(skip)]
     pub cancel: tokio_util::sync::CancellationToken,
 }
