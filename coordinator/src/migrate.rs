@@ -366,18 +366,22 @@ impl Coordinator {
             Some(id),
             300,
         );
+        let mut body = json!({
+            "migrationId": id,
+            "destination": created.sidecar_url,
+            "destinationToken": created.sidecar_token,
+            "destinationCertificateSha256": created.sidecar_certificate_sha256,
+            "postCopy": request.post_copy,
+        });
+        // Only to a sidecar that says its run (an older one knows no such field).
+        if let Some(checked) = &checked {
+            body["expectInstance"] = json!(checked.instance);
+        }
         let moving = self
             .sidecars
             .post(&url)
             .bearer_auth(&token)
-            .json(&json!({
-                "migrationId": id,
-                "destination": created.sidecar_url,
-                "destinationToken": created.sidecar_token,
-                "destinationCertificateSha256": created.sidecar_certificate_sha256,
-                "postCopy": request.post_copy,
-                "expectInstance": checked.as_ref().map(|h| h.instance.clone()),
-            }))
+            .json(&body)
             .timeout(Duration::from_secs(3600))
             .send();
         tokio::pin!(moving);

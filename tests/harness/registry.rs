@@ -79,6 +79,8 @@ impl Registry {
         let pushed = format!("{}/{repository}", self.push_address);
         outer::docker(&["tag", local, &pushed]);
         outer::docker(&["push", "--quiet", &pushed]);
+        // The registry has it now: the outer engine keeps no tag per test registry.
+        let _ = outer::docker(&["rmi", &pushed]);
         format!("{}/{repository}", self.pod_address)
     }
 }
