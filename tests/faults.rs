@@ -16,7 +16,9 @@ use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::TwoClusters;
 use ums_tests::poll;
 use ums_tests::runtime_pod::ndjson_lines;
-use ums_tests::service_pod::{ask_service, container_output, run_service, service_pod, sidecar};
+use ums_tests::service_pod::{
+    ask_service, container_output, run_service, service_pod, sidecar, with_connection,
+};
 use ums_tests::workload::ticks;
 
 struct Answer {
@@ -584,10 +586,28 @@ async fn the_destination_runtime_killed_mid_migration_leaves_the_service_at_the_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
-    let name = "service";
-    let (two, source_ip, before) = with_a_service(name, 256).await;
+async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump_with_its_connection() {
+    // Two containers and a live connection between them (front -> back, the sink on back's
+    // port 8081): both ends come back from the dump, the connection held while they do.
+    let two = TwoClusters::start();
     let TwoClusters { edge, cloud, .. } = &two;
+    let name = "service";
+    let pod = with_connection(
+        service_pod(name, "dind", None, &[("front", 16), ("back", 240)]),
+        "front",
+        "back",
+    );
+    let source_ip = run_service(edge, &pod, name).await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let sink_before = poll(
+        "the connection inside the pod to carry ticks",
+        Duration::from_secs(60),
+        || async {
+            let sink = ask_service(&source_ip, 8081).await?.sink?;
+            (sink.lines > 100).then_some(sink)
+        },
+    )
+    .await;
     let runtime = edge.pod_container(name, "runtime");
 
     let call = two.migrate_to_cloud_in_background(name);
@@ -615,19 +635,20 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
     );
     assert_eq!(answer["phase"], "migrating", "{answer}");
     assert!(
-        answer["serviceRunsAt"].is_string(),
-        "the answer says where the service runs: {answer}"
+        answer["rollback"]
+            .to_string()
+            .contains("restored the service from its dump"),
+        "the answer says the restart kept the service: {answer}"
     );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
 
-    // The restarted runtime container restores the service from the dump: it continues where
-    // it stopped (its counter past the last tick seen before the migration), memory intact.
+    // The restarted runtime container restored the service from the dump: it continues where
+    // it stopped (its counter past the last tick seen before the migration), memory intact,
+    // and the connection between the containers is the same one, nothing lost on it.
     let again = poll(
         "the service to continue at the source from its dump",
         Duration::from_secs(180),
-        || {
-            let ip = source_ip.clone();
-            async move { ask_service(&ip, 8080).await }
-        },
+        || async { ask_service(&source_ip, 8080).await },
     )
     .await;
     assert!(again.memory_ok, "{again:?}");
@@ -635,23 +656,30 @@ async fn the_source_runtime_killed_after_its_dump_comes_back_from_the_dump() {
         again.tick > before.tick,
         "restored from the dump, not started afresh: {again:?} after {before:?}"
     );
-    poll(
-        "the restarted sidecar to say it resumed from the dump",
+    let sink = poll(
+        "the connection inside the pod to go on after the restart",
         Duration::from_secs(60),
-        || {
-            let log = Command::new("docker")
-                .args(["logs", &runtime])
-                .output()
-                .unwrap();
-            let log = String::from_utf8_lossy(&log.stdout).into_owned()
-                + &String::from_utf8_lossy(&log.stderr);
-            async move {
-                log.contains("resumed from the dump a migration left")
-                    .then_some(())
-            }
+        || async {
+            let sink = ask_service(&source_ip, 8081).await?.sink?;
+            (sink.lines > sink_before.lines + 100).then_some(sink)
         },
     )
     .await;
+    assert_eq!(
+        (sink.accepted, sink.closed, sink.gaps),
+        (1, 0, 0),
+        "the connection did not survive the restore from the dump: {sink:?}"
+    );
+    let log = Command::new("docker")
+        .args(["logs", &runtime])
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&log.stdout).into_owned() + &String::from_utf8_lossy(&log.stderr);
+    assert!(
+        log.contains("resumed from the dump a migration left"),
+        "{log}"
+    );
     // Exactly one copy: the source runs, the destination's copy is gone, the pod unlocked.
     assert_eq!(annotation(edge, name, "migration-id"), None, "unlocked");
     wait_gone(cloud, name, "the copy to be deleted").await;

@@ -511,6 +511,22 @@ impl Sidecar {
         };
         let _busy = self.busy.lock().await;
         let mut report = Vec::new();
+        // As the rollback does: connections between these containers are dropped until
+        // every end is back.
+        let connections: Vec<TcpConnection> = record
+            .containers
+            .iter()
+            .flat_map(|c| c.connections.iter().cloned())
+            .collect();
+        let _lock = match ConnectionLock::hold(&connections) {
+            Ok(lock) => lock,
+            Err(e) => {
+                report.push(format!(
+                    "connections between containers not locked (they may be reset): {e}"
+                ));
+                None
+            }
+        };
         for c in &record.containers {
             let name = &c.name;
             let line = match self.engine.inspect(name).await {

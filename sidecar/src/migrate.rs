@@ -444,6 +444,7 @@ impl Sidecar {
                         name: c.name.clone(),
                         checkpoint_id: c.checkpoint_id.clone(),
                         tcp_established: !c.tcp_connections.is_empty(),
+                        connections: c.tcp_connections.clone(),
                     })
                     .collect(),
             };

@@ -31,6 +31,10 @@ pub struct PendingContainer {
     pub checkpoint_id: String,
     /// It had established TCP connections (restored as CRIU dumped them).
     pub tcp_established: bool,
+    /// Those connections: held by the connection lock while the containers come back, so
+    /// that one between two of them is not reset by the end that returns first.
+    #[serde(default)]
+    pub connections: Vec<crate::tcp::TcpConnection>,
 }
 
 pub fn path(engine_root: &Path) -> PathBuf {
@@ -84,6 +88,10 @@ mod tests {
                 name: "app".into(),
                 checkpoint_id: "cp1".into(),
                 tcp_established: true,
+                connections: vec![crate::tcp::TcpConnection {
+                    local: "127.0.0.1:40000".parse().unwrap(),
+                    remote: "127.0.0.1:8081".parse().unwrap(),
+                }],
             }],
         };
         write(dir.path(), &pending).unwrap();
