@@ -137,6 +137,23 @@ pub fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+/// Drops the packets of `connections` until the lock goes (both ends of a connection between
+/// two containers must be back before either sends); a failure is reported, not fatal.
+fn hold_connections(
+    connections: &[TcpConnection],
+    report: &mut Vec<String>,
+) -> Option<ConnectionLock> {
+    match ConnectionLock::hold(connections) {
+        Ok(lock) => lock,
+        Err(e) => {
+            report.push(format!(
+                "connections between containers not locked (they may be reset): {e}"
+            ));
+            None
+        }
+    }
+}
+
 impl Sidecar {
     /// The containers a checkpoint covers: `names`, or every container of the pod.
     pub async fn select(&self, names: &[String]) -> Result<Vec<ContainerInfo>, ApiError> {
@@ -431,15 +448,7 @@ impl Sidecar {
             .iter()
             .flat_map(|p| p.connections.iter().cloned())
             .collect();
-        let _lock = match ConnectionLock::hold(&connections) {
-            Ok(lock) => lock,
-            Err(e) => {
-                report.push(format!(
-                    "connections between containers not locked (they may be reset): {e}"
-                ));
-                None
-            }
-        };
+        let _lock = hold_connections(&connections, &mut report);
         for p in progress {
             let name = &p.info.name;
             let now = self.engine.inspect(name).await.ok().flatten();
@@ -518,15 +527,7 @@ impl Sidecar {
             .iter()
             .flat_map(|c| c.connections.iter().cloned())
             .collect();
-        let _lock = match ConnectionLock::hold(&connections) {
-            Ok(lock) => lock,
-            Err(e) => {
-                report.push(format!(
-                    "connections between containers not locked (they may be reset): {e}"
-                ));
-                None
-            }
-        };
+        let _lock = hold_connections(&connections, &mut report);
         for c in &record.containers {
             let name = &c.name;
             let line = match self.engine.inspect(name).await {
