@@ -448,10 +448,14 @@ async fn restore(
             Ok(decoder) => sidecar.restore_archive(decoder, &migration_id).await,
             Err(e) => Err(ApiError::bad_request(format!("invalid zstd stream: {e}"))),
         },
-        other => Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("unsupported Content-Encoding {other:?}: use identity or zstd"),
-        )),
+        other => {
+            // Unread: the pump discards the body from here.
+            drop(reader);
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported Content-Encoding {other:?}: use identity or zstd"),
+            ))
+        }
     };
     match restored {
         Ok(report) => Ok(Json(report).into_response()),
