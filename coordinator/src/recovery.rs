@@ -55,6 +55,14 @@ fn name_of(pod: &Pod) -> Option<(String, String)> {
     Some((pod.metadata.namespace.clone()?, pod.metadata.name.clone()?))
 }
 
+/// A passive copy this coordinator created, and its migration.
+struct PassiveCopy {
+    pod: Pod,
+    id: String,
+    namespace: String,
+    name: String,
+}
+
 impl Coordinator {
     /// Runs both recoveries, logging what they did; the source side retries a while.
     pub async fn recover(&self) {
@@ -102,25 +110,46 @@ impl Coordinator {
         }
     }
 
+    /// The copies this coordinator created that are still passive under their migration.
+    async fn passive_copies(&self) -> Result<Vec<PassiveCopy>, ApiError> {
+        let pods: Api<Pod> = Api::all(self.kube.clone());
+        Ok(pods
+            .list(&Default::default())
+            .await?
+            .into_iter()
+            .filter_map(|pod| {
+                let parsed = annotations_of(&pod);
+                if !marked(&pod, ANNOTATION_COPY_OF, &self.cluster)
+                    || parsed.start_mode != Some(StartMode::Passive)
+                {
+                    return None;
+                }
+                let id = parsed.migration_id?;
+                let (namespace, name) = name_of(&pod)?;
+                Some(PassiveCopy {
+                    pod,
+                    id,
+                    namespace,
+                    name,
+                })
+            })
+            .collect())
+    }
+
     /// Deletes the passive copies this coordinator created that hold no restored state (those
     /// at least `min_age` old, when given).
     pub async fn sweep_abandoned_copies(
         &self,
         min_age: Option<Duration>,
     ) -> Result<Vec<String>, ApiError> {
-        let pods: Api<Pod> = Api::all(self.kube.clone());
         let mut deleted = Vec::new();
-        for pod in pods.list(&Default::default()).await? {
-            let parsed = annotations_of(&pod);
-            if !marked(&pod, ANNOTATION_COPY_OF, &self.cluster)
-                || parsed.start_mode != Some(StartMode::Passive)
-                || parsed.migration_id.is_none()
-            {
-                continue;
-            }
-            let Some((namespace, name)) = name_of(&pod) else {
-                continue;
-            };
+        for PassiveCopy {
+            pod,
+            id,
+            namespace,
+            name,
+        } in self.passive_copies().await?
+        {
             let age = pod
                 .metadata
                 .creation_timestamp
@@ -134,12 +163,12 @@ impl Coordinator {
                 continue;
             }
             if self.any_started(&pod).await {
-                tracing::warn!(pod = %name, namespace = %namespace, "a passive copy from before the restart runs restored containers: left for the source's /restore");
+                tracing::warn!(pod = %name, namespace = %namespace, "a passive copy from before the restart runs restored containers: left to be settled with its source");
                 continue;
             }
             let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
             api.delete(&name, &DeleteParams::default()).await?;
-            tracing::info!(pod = %name, namespace = %namespace, migration = parsed.migration_id.as_deref().unwrap_or(""), "deleted a passive copy abandoned by a restart");
+            tracing::info!(pod = %name, namespace = %namespace, migration = %id, "deleted a passive copy abandoned by a restart");
             deleted.push(format!("{namespace}/{name}"));
         }
         Ok(deleted)
@@ -292,21 +321,14 @@ impl Coordinator {
     /// is made active (the state left the source) or deleted (the service runs at the source);
     /// the number settled.
     pub async fn settle_restored_copies(&self) -> Result<usize, ApiError> {
-        let pods: Api<Pod> = Api::all(self.kube.clone());
         let mut settled = 0;
-        for pod in pods.list(&Default::default()).await? {
-            let parsed = annotations_of(&pod);
-            let Some(id) = parsed.migration_id.clone() else {
-                continue;
-            };
-            if !marked(&pod, ANNOTATION_COPY_OF, &self.cluster)
-                || parsed.start_mode != Some(StartMode::Passive)
-            {
-                continue;
-            }
-            let Some((namespace, name)) = name_of(&pod) else {
-                continue;
-            };
+        for PassiveCopy {
+            pod,
+            id,
+            namespace,
+            name,
+        } in self.passive_copies().await?
+        {
             if !self.any_started(&pod).await {
                 continue;
             }
