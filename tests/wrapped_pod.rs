@@ -15,7 +15,8 @@ use ums_contract::credential::Scope;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::poll;
 use ums_tests::service_pod::{
-    ask_service, container_output, service_pod, sidecar, sidecar_as, with_connection, Sink,
+    ask_service, container_output, service_pod, sidecar, sidecar_as, unbroken_connection,
+    with_connection,
 };
 use ums_tests::workload::ticks;
 
@@ -153,20 +154,13 @@ async fn migrates_between_clusters(
     // The connection inside the pod carries ticks.
     let mut sink_at_source = None;
     if let Some(port) = sink_port {
-        let sink = poll(
+        let sink = unbroken_connection(
+            &source_ip,
+            port,
+            100,
             "the connection inside the pod to carry ticks",
-            Duration::from_secs(60),
-            || async {
-                let sink = ask_service(&source_ip, port).await?.sink?;
-                (sink.lines > 100).then_some(sink)
-            },
         )
         .await;
-        assert_eq!(
-            (sink.accepted, sink.closed, sink.gaps),
-            (1, 0, 0),
-            "{sink:?}"
-        );
         sink_at_source = Some(sink);
     }
 
@@ -449,20 +443,14 @@ async fn migrates_between_clusters(
     // The same connection goes on at the destination: still the one connection accepted at
     // the source, never closed, every tick line after the last one, none missing.
     if let (Some(port), Some(at_source)) = (sink_port, sink_at_source) {
-        let sink: Sink = poll(
+        // The same connection: it did not survive the migration otherwise.
+        unbroken_connection(
+            &destination_ip,
+            port,
+            at_source.lines + 100,
             "the connection inside the pod to go on at the destination",
-            Duration::from_secs(60),
-            || async {
-                let sink = ask_service(&destination_ip, port).await?.sink?;
-                (sink.lines > at_source.lines + 100).then_some(sink)
-            },
         )
         .await;
-        assert_eq!(
-            (sink.accepted, sink.closed, sink.gaps),
-            (1, 0, 0),
-            "the connection did not survive the migration: {sink:?}"
-        );
     }
     // The source pod's nested containers are gone.
     let (_, listed) = sidecar_as(

@@ -79,6 +79,23 @@ pub struct Sink {
     pub gaps: u64,
 }
 
+/// The connection inside the pod (see `with_connection`), its sink answering on `port` at
+/// `ip`: once it has carried more than `past_lines` lines, asserts it is still the one
+/// connection, never closed, with no line missing.
+pub async fn unbroken_connection(ip: &str, port: u16, past_lines: u64, what: &str) -> Sink {
+    let sink = crate::poll(what, Duration::from_secs(60), || async {
+        let sink = ask_service(ip, port).await?.sink?;
+        (sink.lines > past_lines).then_some(sink)
+    })
+    .await;
+    assert_eq!(
+        (sink.accepted, sink.closed, sink.gaps),
+        (1, 0, 0),
+        "the connection inside the pod broke ({what}): {sink:?}"
+    );
+    sink
+}
+
 /// The service's answer on its port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceAnswer {
