@@ -12,7 +12,8 @@
 # - debootstrap: the local Debian base image (no container registry is reachable here);
 # - docker-registry (distribution 2.8): a real registry on this machine, from which the nested
 #   engines pull workload images, as they pull from a registry in a cluster;
-# - iproute2, zstd, jq, curl, gcc (the static test workload).
+# - iproute2, zstd, jq, curl, gcc (the static test workload and the test nodes' pause);
+# - protobuf-compiler: the CRI client of the test node agent is generated from the CRI proto.
 # Then it starts the outer dockerd if none answers (there is no systemd on these machines).
 set -euo pipefail
 
@@ -35,7 +36,7 @@ done
 
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=()
-for pkg in docker.io debootstrap docker-registry iproute2 iptables zstd jq curl ca-certificates gcc libc6-dev; do
+for pkg in docker.io debootstrap docker-registry iproute2 iptables zstd jq curl ca-certificates gcc libc6-dev protobuf-compiler; do
   have "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -18,6 +18,8 @@ echo "[test] images"
 ./images/build.sh
 echo "[test] the test API server (Kubernetes' k8s.io/apiserver, Debian sid's packages in a private root)"
 ./tests/cluster/apiserver/build.sh >/dev/null
+echo "[test] the CRI node image (containerd 2.x, runc, CRIU, CNI plugins from Debian sid, inside the image)"
+./tests/cluster/cri-node/build.sh
 echo "[test] cargo test"
 cargo test --workspace --locked "$@"
 echo "[test] all passed in $(( $(date +%s) - started )) s"

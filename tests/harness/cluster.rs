@@ -74,6 +74,30 @@ struct NodeAgent {
     child: Child,
     network: String,
     subnet: String,
+    /// With a CRI node: the port of the kubelet's HTTPS endpoint.
+    kubelet_port: Option<u16>,
+}
+
+/// The runtime of a cluster's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeRuntime {
+    /// The outer Docker engine (the container-level tests' fast rig).
+    Docker,
+    /// A containerd 2.x node container driven through the CRI (tests/cluster/cri-node).
+    Cri,
+}
+
+/// Builds ums-rs/cri-node:latest if needed (tests/cluster/cri-node/build.sh, cached).
+pub fn cri_node_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/cri-node/build.sh");
+        let status = Command::new(&script)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {} ({e})", script.display()));
+        assert!(status.success(), "{} failed", script.display());
+    });
+    "ums-rs/cri-node:latest"
 }
 
 /// A workspace binary, built if needed (cargo builds other packages' binaries for no test).
@@ -108,23 +132,30 @@ impl Cluster {
     /// Starts etcd, the webhook container and the API server, then applies the project's
     /// webhook configurations (with this cluster's CA bundle).
     pub fn start() -> Self {
-        Self::start_inner(false, false)
+        Self::start_inner(None, false)
+    }
+
+    /// A cluster with one CRI node: `ums-node-agent --runtime cri` runs its pods in a containerd
+    /// node container through the CRI and serves the kubelet's checkpoint endpoint; pods pull
+    /// from the test registry.
+    pub fn start_with_cri_node() -> Self {
+        Self::start_inner(Some(NodeRuntime::Cri), true)
     }
 
     /// A cluster with one node: `ums-node-agent` runs its pods on the outer engine, each with
     /// its own IP on this cluster's pod network (routable from other clusters' pods).
     pub fn start_with_node() -> Self {
-        Self::start_inner(true, true)
+        Self::start_inner(Some(NodeRuntime::Docker), true)
     }
 
     /// A cluster with one node whose wrapped pods cannot pull from the test registry (an edge
     /// site without a registry): its webhook does not mark the registry, which serves plain
     /// HTTP, as insecure, so the nested engines' pulls fail.
     pub fn start_edge() -> Self {
-        Self::start_inner(true, false)
+        Self::start_inner(Some(NodeRuntime::Docker), false)
     }
 
-    fn start_inner(with_node: bool, registry_access: bool) -> Self {
+    fn start_inner(node: Option<NodeRuntime>, registry_access: bool) -> Self {
         let binaries = control_plane_binaries();
         let name = crate::unique("ums-cluster-");
         let dir = PathBuf::from(format!("/tmp/{name}"));
@@ -200,13 +231,13 @@ impl Cluster {
         cluster.write_kubeconfigs();
         cluster.wait_ready(Duration::from_secs(60));
         cluster.install_webhook_configurations();
-        if with_node {
-            cluster.start_node();
+        if let Some(runtime) = node {
+            cluster.start_node(runtime);
         }
         cluster
     }
 
-    fn start_node(&mut self) {
+    fn start_node(&mut self, runtime: NodeRuntime) {
         use std::sync::atomic::{AtomicU32, Ordering};
         static SUBNETS: AtomicU32 = AtomicU32::new(0);
         let subnet = format!(
@@ -216,7 +247,23 @@ impl Cluster {
         );
         let network = format!("{}-pods", self.name);
         let log = std::fs::File::create(self.dir.join("node-agent.log")).unwrap();
-        let child = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"))
+        let mut command = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"));
+        let mut kubelet_port = None;
+        if runtime == NodeRuntime::Cri {
+            let port = free_port();
+            kubelet_port = Some(port);
+            command
+                .env("UMS_NODE_RUNTIME", "cri")
+                .env("UMS_NODE_IMAGE", cri_node_image())
+                .env(
+                    "UMS_INSECURE_REGISTRIES",
+                    &crate::registry::Registry::shared().pod_address,
+                )
+                .env("UMS_KUBELET_ADDRESS", format!("0.0.0.0:{port}"))
+                .env("UMS_KUBELET_TOKEN_FILE", self.dir.join("tokens.csv"))
+                .env("UMS_CHECKPOINT_USERS", COORDINATOR);
+        }
+        let child = command
             .env("KUBECONFIG", self.kubeconfig(User::Admin))
             .env("UMS_NODE_NAME", &self.name)
             .env("UMS_POD_NETWORK", &network)
@@ -231,8 +278,9 @@ impl Cluster {
             child,
             network,
             subnet,
+            kubelet_port,
         });
-        let until = Instant::now() + Duration::from_secs(60);
+        let until = Instant::now() + Duration::from_secs(90);
         while !self.node_log().contains("ums-node-agent ready") {
             assert!(
                 Instant::now() < until,
@@ -264,6 +312,52 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// With a CRI node: the kubelet endpoint's base URL (`https://127.0.0.1:PORT`) and the
+    /// SHA-256 pin of its self-signed certificate.
+    pub fn kubelet(&self) -> (String, String) {
+        let port = self
+            .node
+            .as_ref()
+            .and_then(|n| n.kubelet_port)
+            .expect("a cluster with a CRI node");
+        let pin = std::fs::read_to_string(self.dir.join("node/kubelet.sha256")).unwrap();
+        (format!("https://127.0.0.1:{port}"), pin.trim().to_owned())
+    }
+
+    /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
+    pub fn node_checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("node/checkpoints")
+    }
+
+    /// The output of `container` of `pod` on a CRI node: the log file the runtime writes (CRI
+    /// format: `<time> <stream> <P|F> <line>`), as lines without the prefix.
+    pub fn cri_container_output(&self, pod: &str, container: &str) -> Vec<String> {
+        let uid = self.get_json(&["pod", pod])["metadata"]["uid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let dir = self
+            .dir
+            .join("node/pods")
+            .join(uid)
+            .join("logs")
+            .join(container);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_owned))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// The node agent's log.
@@ -593,6 +687,12 @@ impl Drop for Cluster {
             let _ = Command::new("docker")
                 .args(["network", "rm", &node.network])
                 .output();
+            if node.kubelet_port.is_some() {
+                // The CRI node's pod subnet was routed to its container.
+                let _ = Command::new("ip")
+                    .args(["route", "del", &node.subnet])
+                    .output();
+            }
             for direction in ["-s", "-d"] {
                 let _ = Command::new("iptables")
                     .args(["-D", "DOCKER-USER", direction, &node.subnet, "-j", "ACCEPT"])

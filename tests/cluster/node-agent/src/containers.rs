@@ -1,11 +1,10 @@
-//! A pod's container as Docker runs it: the Kubernetes container spec translated the way a
-//! kubelet would (command/args, env with valueFrom, volume mounts, security context), joined to
-//! the pod's sandbox network namespace.
+//! A pod's container as the kubelet prepares it for any runtime: the Kubernetes container spec
+//! resolved into a [`ContainerPlan`] (command/args, env with valueFrom, volume mounts, security
+//! context), which `docker.rs` and `cri.rs` hand to their runtime.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use bollard::models::{ContainerCreateBody, HostConfig};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, Secret};
 use kube::Api;
 
@@ -22,23 +21,37 @@ pub fn labels(node: &str, uid: &str) -> HashMap<String, String> {
     ])
 }
 
-/// `privileged: true`, as this machine allows it: `--privileged` itself is refused here (the
-/// sandbox's capability bounding set lacks CAP_SYS_RESOURCE, so runc cannot apply the caps);
-/// everything else it means is granted explicitly. On a real node the kubelet passes privileged.
-fn privileged(host: &mut HostConfig) {
-    host.cap_add = Some(vec!["ALL".into()]);
-    host.cap_drop = Some(vec!["SYS_RESOURCE".into()]);
-    host.security_opt = Some(vec![
-        "seccomp=unconfined".into(),
-        "apparmor=unconfined".into(),
-    ]);
-    // The CLI's `--security-opt systempaths=unconfined`: nothing masked, nothing read-only.
-    host.masked_paths = Some(Vec::new());
-    host.readonly_paths = Some(Vec::new());
-    host.device_cgroup_rules = Some(vec!["a *:* rwm".into()]);
-    host.binds
-        .get_or_insert_with(Vec::new)
-        .push("/sys/fs/cgroup:/sys/fs/cgroup:rw".into());
+/// One container, resolved: what a runtime needs to create it.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerPlan {
+    /// The container's name in the pod.
+    pub name: String,
+    pub image: String,
+    /// Always, IfNotPresent or Never, defaulted as Kubernetes defaults it.
+    pub pull_policy: String,
+    pub command: Option<Vec<String>>,
+    pub args: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+    pub mounts: Vec<MountPlan>,
+    pub working_dir: Option<String>,
+    pub privileged: bool,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub readonly_rootfs: bool,
+    pub tty: bool,
+    pub stdin: bool,
+    /// The pod's uid and this node's name, for the runtime's labels.
+    pub labels: HashMap<String, String>,
+}
+
+/// A volume mount: a directory or file of the node at a path in the container.
+#[derive(Debug, Clone)]
+pub struct MountPlan {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
 }
 
 /// A container that cannot be created (the kubelet's CreateContainerConfigError).
@@ -56,14 +69,15 @@ pub struct PodContext<'a> {
     pub pod: &'a Pod,
     pub pod_ip: &'a str,
     pub node_name: &'a str,
-    pub sandbox_id: &'a str,
     pub volumes: &'a HashMap<String, PathBuf>,
 }
 
-pub async fn create_body(
+/// Resolves the container's spec against the running pod (the kubelet's
+/// CreateContainerConfigError when it cannot).
+pub async fn plan(
     context: &PodContext<'_>,
     container: &Container,
-) -> Result<ContainerCreateBody, ConfigError> {
+) -> Result<ContainerPlan, ConfigError> {
     let error = |message: String| ConfigError {
         container: container.name.clone(),
         message,
@@ -71,58 +85,69 @@ pub async fn create_body(
     let mut env = Vec::new();
     for var in container.env.iter().flatten() {
         let value = resolve_env(context, var).await.map_err(error)?;
-        env.push(format!("{}={value}", var.name));
+        env.push((var.name.clone(), value));
     }
-    let mut binds = Vec::new();
+    let mut mounts = Vec::new();
     for mount in container.volume_mounts.iter().flatten() {
         let source = context
             .volumes
             .get(&mount.name)
             .ok_or_else(|| error(format!("mounts unknown volume {:?}", mount.name)))?;
-        let source = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
+        let host_path = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
             Some(sub) => source.join(sub),
             None => source.clone(),
         };
-        let mode = if mount.read_only == Some(true) {
-            "ro"
-        } else {
-            "rw"
-        };
-        binds.push(format!("{}:{}:{mode}", source.display(), mount.mount_path));
+        mounts.push(MountPlan {
+            host_path,
+            container_path: mount.mount_path.clone(),
+            read_only: mount.read_only == Some(true),
+        });
     }
     let security = container.security_context.as_ref();
-    let mut host = HostConfig {
-        network_mode: Some(format!("container:{}", context.sandbox_id)),
-        binds: Some(binds),
-        readonly_rootfs: security.and_then(|s| s.read_only_root_filesystem),
-        ..Default::default()
-    };
-    if security.and_then(|s| s.privileged) == Some(true) {
-        privileged(&mut host);
-    } else if let Some(capabilities) = security.and_then(|s| s.capabilities.as_ref()) {
-        host.cap_add = capabilities.add.clone();
-        host.cap_drop = capabilities.drop.clone();
-    }
-    let user = security.and_then(|s| {
-        s.run_as_user.map(|uid| match s.run_as_group {
-            Some(gid) => format!("{uid}:{gid}"),
-            None => uid.to_string(),
-        })
-    });
+    let capabilities = security.and_then(|s| s.capabilities.as_ref());
     let uid = context.pod.metadata.uid.clone().unwrap_or_default();
-    Ok(ContainerCreateBody {
-        image: container.image.clone(),
-        entrypoint: container.command.clone(),
-        cmd: container.args.clone(),
-        env: Some(env),
+    Ok(ContainerPlan {
+        name: container.name.clone(),
+        image: container.image.clone().unwrap_or_default(),
+        pull_policy: pull_policy(container),
+        command: container.command.clone(),
+        args: container.args.clone(),
+        env,
+        mounts,
         working_dir: container.working_dir.clone(),
-        user,
-        tty: container.tty,
-        open_stdin: container.stdin,
-        labels: Some(labels(context.node_name, &uid)),
-        host_config: Some(host),
-        ..Default::default()
+        privileged: security.and_then(|s| s.privileged) == Some(true),
+        cap_add: capabilities.and_then(|c| c.add.clone()).unwrap_or_default(),
+        cap_drop: capabilities
+            .and_then(|c| c.drop.clone())
+            .unwrap_or_default(),
+        run_as_user: security.and_then(|s| s.run_as_user),
+        run_as_group: security.and_then(|s| s.run_as_group),
+        readonly_rootfs: security.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        tty: container.tty == Some(true),
+        stdin: container.stdin == Some(true),
+        labels: labels(context.node_name, &uid),
     })
+}
+
+/// The container's image pull policy: as given, else Always for an image without a tag or
+/// tagged `latest`, IfNotPresent for others (Kubernetes' defaulting).
+fn pull_policy(container: &Container) -> String {
+    if let Some(policy) = container
+        .image_pull_policy
+        .clone()
+        .filter(|p| !p.is_empty())
+    {
+        return policy;
+    }
+    let image = container.image.as_deref().unwrap_or_default();
+    let name = image.split('@').next().unwrap_or(image);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let pinned = image.contains('@');
+    match last.split_once(':') {
+        Some((_, tag)) if tag != "latest" || pinned => "IfNotPresent".into(),
+        None if pinned => "IfNotPresent".into(),
+        _ => "Always".into(),
+    }
 }
 
 async fn resolve_env(context: &PodContext<'_>, var: &EnvVar) -> Result<String, String> {

@@ -1,19 +1,35 @@
 //! `ums-node-agent`: a kubelet stand-in for the tests of UMS-rs. It watches one cluster's API
-//! server for pods and runs them on this machine's Docker engine the way a kubelet runs them,
-//! for the fields a wrapped pod uses. See README.md for what it does and does not do.
+//! server for pods and runs them the way a kubelet runs them, for the fields the tests' pods use,
+//! on this machine's Docker engine or on a containerd node through the CRI; with the CRI it also
+//! serves the kubelet's checkpoint endpoint. See README.md for what it does and does not do.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 mod containers;
+mod cri;
+mod cri_node;
+mod docker;
+mod kubelet_api;
 mod network;
 mod node;
 mod probes;
+mod runtime;
 mod status;
 mod volumes;
 
-/// Runs a cluster's pods on this machine's Docker engine.
+/// Which container runtime runs the node's pods.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RuntimeKind {
+    /// This machine's Docker engine (no checkpoint endpoint).
+    Docker,
+    /// A containerd 2.x node container (ums-rs/cri-node), driven through the CRI.
+    Cri,
+}
+
+/// Runs a cluster's pods on this machine's Docker engine or on a CRI node.
 #[derive(Debug, Parser)]
 #[command(name = "ums-node-agent", version)]
 struct Args {
@@ -23,26 +39,48 @@ struct Args {
     /// This node's name: the agent runs pods bound to it and pods bound to no node.
     #[arg(long, env = "UMS_NODE_NAME", default_value = "node-1")]
     node_name: String,
-    /// The Docker network that is this cluster's pod network (created if missing).
+    /// The container runtime.
+    #[arg(long, env = "UMS_NODE_RUNTIME", value_enum, default_value = "docker")]
+    runtime: RuntimeKind,
+    /// Docker runtime: the Docker network that is this cluster's pod network (created if
+    /// missing).
     #[arg(long, env = "UMS_POD_NETWORK", default_value = "ums-pods")]
     network: String,
-    /// The pod network's subnet (one per cluster; the host routes between them).
+    /// The pod subnet (Docker: the pod network's; CRI: this node's CNI range). The host routes
+    /// between the subnets of all nodes and clusters on this machine.
     #[arg(long, env = "UMS_POD_SUBNET", default_value = "10.244.0.0/24")]
     subnet: String,
-    /// Where pod volumes live on this machine.
+    /// Where pod volumes (and, with the CRI, the node's containerd state) live on this machine.
     #[arg(
         long,
         env = "UMS_NODE_STATE_DIR",
         default_value = "/var/lib/ums-node-agent"
     )]
     state_dir: PathBuf,
-    /// Image of each pod's sandbox container (holds the pod's network namespace).
+    /// Docker runtime: image of each pod's sandbox container (holds the pod's network namespace).
     #[arg(
         long,
         env = "UMS_SANDBOX_IMAGE",
         default_value = "ums-rs/debian:trixie"
     )]
     sandbox_image: String,
+    /// CRI runtime: the node image (tests/cluster/cri-node/build.sh builds it).
+    #[arg(long, env = "UMS_NODE_IMAGE", default_value = "ums-rs/cri-node:latest")]
+    node_image: String,
+    /// CRI runtime: registries (host:port) the node pulls from and pushes to over plain HTTP.
+    #[arg(long, env = "UMS_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
+    /// CRI runtime: where the kubelet's HTTPS endpoint (checkpoint) listens.
+    #[arg(long, env = "UMS_KUBELET_ADDRESS", default_value = "0.0.0.0:10250")]
+    kubelet_address: std::net::SocketAddr,
+    /// CRI runtime: the static token file the cluster's API server authenticates with (the
+    /// kubelet authenticates the same users).
+    #[arg(long, env = "UMS_KUBELET_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CRI runtime: users granted `create` on `nodes/checkpoint` (comma separated); members of
+    /// system:masters always are.
+    #[arg(long, env = "UMS_CHECKPOINT_USERS", value_delimiter = ',')]
+    checkpoint_users: Vec<String>,
     /// Docker engine socket.
     #[arg(
         long,
@@ -62,32 +100,79 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let Args {
-        kubeconfig,
-        node_name,
-        network,
-        subnet,
-        state_dir,
-        sandbox_image,
-        docker_host,
-    } = Args::parse();
-    let socket = docker_host.trim_start_matches("unix://");
+    let args = Args::parse();
+    let socket = args.docker_host.trim_start_matches("unix://");
     let docker = bollard::Docker::connect_with_socket(socket, 120, bollard::API_DEFAULT_VERSION)?
         .negotiate_version()
         .await?;
-    let kubeconfig = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(&args.kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
     let client = kube::Client::try_from(config)?;
-    let pod_network = network::ensure(&docker, &network, &subnet).await?;
-    tracing::info!(node = %node_name, network = %network, subnet = %subnet, "ums-node-agent ready");
-    node::Node {
-        client,
-        docker,
-        name: node_name,
-        network: pod_network,
-        state_dir,
-        sandbox_image,
+    let index = node::ContainerIndex::default();
+    match args.runtime {
+        RuntimeKind::Docker => {
+            let pod_network = network::ensure(&docker, &args.network, &args.subnet).await?;
+            tracing::info!(node = %args.node_name, network = %args.network, subnet = %args.subnet, "ums-node-agent ready");
+            let runtime = docker::DockerRuntime {
+                docker,
+                node: args.node_name.clone(),
+                network: pod_network,
+                sandbox_image: args.sandbox_image,
+            };
+            node::Node {
+                client,
+                runtime: Arc::new(runtime),
+                name: args.node_name,
+                state_dir: args.state_dir,
+                index,
+            }
+            .run()
+            .await
+        }
+        RuntimeKind::Cri => {
+            let token_file = args
+                .token_file
+                .ok_or_else(|| anyhow::anyhow!("--token-file is required with --runtime cri"))?;
+            let tokens = kubelet_api::read_tokens(&token_file)?;
+            let node = cri_node::start(
+                &docker,
+                &args.node_name,
+                &args.node_image,
+                &args.state_dir,
+                &args.subnet,
+                &args.insecure_registries,
+            )
+            .await?;
+            let runtime = Arc::new(cri::connect(&node.socket, &args.node_name).await?);
+            let cert = ums_tls::EphemeralCert::generate(&args.node_name)?;
+            // Clients pin the kubelet's self-signed certificate, as a kubelet's serving
+            // certificate is pinned or signed in a real cluster.
+            std::fs::write(args.state_dir.join("kubelet.sha256"), cert.sha256())?;
+            let kubelet = Arc::new(kubelet_api::Kubelet {
+                runtime: runtime.clone(),
+                index: index.clone(),
+                tokens,
+                checkpoint_users: args.checkpoint_users,
+                checkpoint_dir: cri_node::KUBELET_CHECKPOINTS.into(),
+            });
+            let listener = ums_tls::bind(args.kubelet_address).await?;
+            let kubelet_address = listener.local_addr()?;
+            tokio::spawn(ums_tls::serve_tls(
+                listener,
+                tokio_rustls::TlsAcceptor::from(cert.server_config()),
+                kubelet_api::router(kubelet),
+            ));
+            tracing::info!(node = %args.node_name, node_ip = %node.ip, subnet = %args.subnet,
+                kubelet = %kubelet_address, "ums-node-agent ready");
+            node::Node {
+                client,
+                runtime,
+                name: args.node_name,
+                state_dir: args.state_dir,
+                index,
+            }
+            .run()
+            .await
+        }
     }
-    .run()
-    .await
 }

@@ -37,6 +37,14 @@ pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> anyhow::Result
             .await
             .map_err(|e| anyhow::anyhow!("failed to create pod network {name} ({subnet}): {e}"))?;
     }
+    accept_forwarding(subnet)?;
+    Ok(PodNetwork {
+        name: name.to_owned(),
+    })
+}
+
+/// Lets traffic from and to `subnet` cross between bridges (Docker isolates them by default).
+pub fn accept_forwarding(subnet: &str) -> anyhow::Result<()> {
     for direction in ["-s", "-d"] {
         let rule = ["DOCKER-USER", direction, subnet, "-j", "ACCEPT"];
         let present = std::process::Command::new("iptables")
@@ -57,7 +65,5 @@ pub async fn ensure(docker: &Docker, name: &str, subnet: &str) -> anyhow::Result
             );
         }
     }
-    Ok(PodNetwork {
-        name: name.to_owned(),
-    })
+    Ok(())
 }

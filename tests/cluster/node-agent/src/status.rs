@@ -45,6 +45,7 @@ pub fn phase(containers: &[Observed], restart_always: bool) -> &'static str {
 
 pub fn pod_status(
     containers: &[Observed],
+    id_scheme: &str,
     restart_always: bool,
     pod_ip: &str,
     start_time: &Time,
@@ -80,12 +81,17 @@ pub fn pod_status(
             condition("ContainersReady", ready),
             condition("Ready", ready),
         ]),
-        container_statuses: Some(containers.iter().map(container_status).collect()),
+        container_statuses: Some(
+            containers
+                .iter()
+                .map(|c| container_status(c, id_scheme))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
 
-fn container_status(c: &Observed) -> ContainerStatus {
+fn container_status(c: &Observed, id_scheme: &str) -> ContainerStatus {
     let state = if c.running {
         ContainerState {
             running: Some(ContainerStateRunning {
@@ -121,7 +127,7 @@ fn container_status(c: &Observed) -> ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone(),
         image_id: String::new(),
-        container_id: c.container_id.as_ref().map(|id| format!("docker://{id}")),
+        container_id: c.container_id.as_ref().map(|id| format!("{id_scheme}{id}")),
         ready: c.ready,
         started: Some(c.started),
         restart_count: c.restart_count,

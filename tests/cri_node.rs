@@ -1,0 +1,221 @@
+//! The CRI node of the test rig (tests/cluster/cri-node + `ums-node-agent --runtime cri`): a
+//! containerd 2.x node driven through the CRI as a kubelet drives it, and the kubelet's
+//! checkpoint endpoint with the kubelet's contract (KEP-2008).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use ums_tests::cluster::{Cluster, User};
+use ums_tests::service_pod::ask_service;
+use ums_tests::workload::registry_workload_image;
+
+/// A two-container pod of the test workload: `main` serves its counter on 8080, `journal`
+/// appends to a file in an emptyDir both mount.
+fn two_container_pod(name: &str) -> Value {
+    let image = registry_workload_image();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "containers": [
+                {"name": "main", "image": image,
+                 "env": [{"name": "WORKLOAD_MIB", "value": "16"},
+                         {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+                 "readinessProbe": {"tcpSocket": {"port": 8080}},
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "journal", "image": image,
+                 "env": [{"name": "WORKLOAD_MIB", "value": "8"},
+                         {"name": "WORKLOAD_JOURNAL", "value": "/data/journal"}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}]
+        }
+    })
+}
+
+async fn kubelet_post(cluster: &Cluster, path: &str, token: Option<&str>) -> (u16, Value) {
+    let (base, pin) = cluster.kubelet();
+    let tls = ums_tls::pinned_client_config(&pin).unwrap();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let mut request = client.post(format!("{base}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "text": text }));
+    (status, body)
+}
+
+fn tar_entries(path: &std::path::Path) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap();
+    tar::Archive::new(file)
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cri_node_runs_pods_and_serves_the_kubelet_checkpoint_endpoint() {
+    let cluster = Cluster::start_with_cri_node();
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &two_container_pod("counter").to_string(),
+    );
+    let ip = cluster
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    let status = cluster.get_json(&["pod", "counter"])["status"].clone();
+    for container in status["containerStatuses"].as_array().unwrap() {
+        let id = container["containerID"].as_str().unwrap();
+        assert!(id.starts_with("containerd://"), "{container}");
+    }
+    // The pod's IP is on the node's CNI bridge, routed from this machine.
+    let answer = ask_service(&ip, 8080)
+        .await
+        .expect("the service answers on its pod IP");
+    assert!(answer.memory_ok, "{answer:?}");
+    let output = cluster.cri_container_output("counter", "main");
+    assert!(
+        output.iter().any(|l| l.starts_with("tick=")),
+        "main's log (CRI log file): {output:?}"
+    );
+
+    // The kubelet's authentication and authorization.
+    let path = "/checkpoint/default/counter/main";
+    let (code, body) = kubelet_post(&cluster, path, None).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = kubelet_post(&cluster, path, Some("no-such-token")).await;
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = kubelet_post(&cluster, path, Some("jane-token")).await;
+    assert_eq!(code, 403, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("user=jane") && message.contains("subresource=checkpoint"),
+        "{message}"
+    );
+    // The kubelet's 404s and its 400 for a bad timeout.
+    let (code, body) = kubelet_post(
+        &cluster,
+        "/checkpoint/default/nothing/main",
+        Some("coordinator-token"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["message"].as_str()),
+        (404, Some("pod does not exist")),
+        "{body}"
+    );
+    let (code, body) = kubelet_post(
+        &cluster,
+        "/checkpoint/default/counter/nothing",
+        Some("coordinator-token"),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("nothing"),
+        "{body}"
+    );
+    let (code, body) = kubelet_post(
+        &cluster,
+        "/checkpoint/default/counter/main?timeout=soon",
+        Some("coordinator-token"),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+
+    // A checkpoint, with the kubelet's file name, of both containers at once.
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (main, journal) = tokio::join!(
+        kubelet_post(
+            &cluster,
+            "/checkpoint/default/counter/main?timeout=60",
+            Some("coordinator-token")
+        ),
+        kubelet_post(
+            &cluster,
+            "/checkpoint/default/counter/journal",
+            Some("coordinator-token")
+        ),
+    );
+    for ((code, body), container) in [(main, "main"), (journal, "journal")] {
+        assert_eq!(code, 200, "{container}: {body}");
+        let items = body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{body}");
+        let path = items[0].as_str().unwrap();
+        let prefix =
+            format!("/var/lib/kubelet/checkpoints/checkpoint-counter_default-{container}-");
+        assert!(
+            path.starts_with(&prefix) && path.ends_with(".tar"),
+            "{path}"
+        );
+        let file = cluster
+            .node_checkpoint_dir()
+            .join(path.rsplit('/').next().unwrap());
+        let entries = tar_entries(&file);
+        assert!(
+            entries.iter().any(|e| e.starts_with("checkpoint/"))
+                && entries.iter().any(|e| e == "config.dump"),
+            "{container}'s archive holds CRIU's images and containerd's config: {entries:?}"
+        );
+    }
+    // A CRI checkpoint leaves the container running (KEP-2008): the service goes on.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after = ask_service(&ip, 8080).await;
+        if let Some(after) = after.filter(|a| a.tick > before.tick) {
+            assert!(after.memory_ok, "{after:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the service stopped after its checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleting the pod removes its containers and sandbox from the node.
+    cluster.kubectl(User::Jane, &["delete", "pod", "counter", "--wait=false"]);
+    let until = Instant::now() + Duration::from_secs(60);
+    while ask_service(&ip, 8080).await.is_some() {
+        assert!(Instant::now() < until, "the deleted pod still answers");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cri_node_applies_the_image_pull_policy() {
+    let cluster = Cluster::start_with_cri_node();
+    // An image the node does not have, with Never: the kubelet's ErrImageNeverPull.
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "never"},
+        "spec": {"containers": [{"name": "main", "image": "example.invalid/absent:1",
+                                 "imagePullPolicy": "Never"}]}
+    });
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting = cluster.get_json(&["pod", "never"])["status"]["containerStatuses"][0]
+            ["state"]["waiting"]
+            .clone();
+        if waiting["reason"] == "ErrImageNeverPull" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no ErrImageNeverPull: {waiting}\n{}",
+            cluster.node_log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
