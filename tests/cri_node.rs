@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::service_pod::ask_service;
-use ums_tests::workload::registry_workload_image;
+use ums_tests::workload::tls_registry_workload_image;
 
 /// A two-container pod of the test workload: `main` serves its counter on 8080, `journal`
 /// appends to a file in an emptyDir both mount.
 fn two_container_pod(name: &str) -> Value {
-    let image = registry_workload_image();
+    let image = tls_registry_workload_image();
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name},
@@ -218,4 +218,111 @@ async fn a_cri_node_applies_the_image_pull_policy() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The orchestrator-level restore's mechanics on the rig: a checkpoint taken through the
+/// kubelet endpoint of one cluster's node, pushed as a checkpoint OCI image
+/// (ums-checkpoint-image, streamed from the archive), restores in a pod of another cluster
+/// whose container image is that image: the counter goes on, memory intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let pod = |image: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "counter"},
+            "spec": {"containers": [{"name": "main", "image": image,
+                "env": [{"name": "WORKLOAD_MIB", "value": "64"},
+                        {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+        })
+        .to_string()
+    };
+    edge.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &pod(tls_registry_workload_image()),
+    );
+    let ip = edge
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    // Let it count a while: the restored counter must be past this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (code, body) = kubelet_post(
+        &edge,
+        "/checkpoint/default/counter/main",
+        Some("coordinator-token"),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // The source is stopped after its checkpoint, as a migration does.
+    edge.kubectl(User::Jane, &["delete", "pod", "counter", "--wait=false"]);
+    let file = edge.node_checkpoint_dir().join(
+        body["items"][0]
+            .as_str()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap(),
+    );
+    let archive = tokio_util::io::ReaderStream::with_capacity(
+        tokio::fs::File::open(&file).await.unwrap(),
+        1 << 20,
+    );
+    let registry = ums_tests::registry::Registry::shared_tls();
+    let ca = std::fs::read(registry.ca.as_ref().unwrap()).unwrap();
+    let client = ums_checkpoint_image::client(&[], &[ca]);
+    let tag = ums_tests::unique("counter-main-");
+    let pushed = ums_checkpoint_image::push(
+        &client,
+        &format!("{}/ums-test/checkpoints:{tag}", registry.push_address),
+        "main",
+        archive,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        pushed.archive_bytes,
+        std::fs::metadata(&file).unwrap().len()
+    );
+    // The destination's nodes pull it by digest from the registry's address they know.
+    let image = pushed
+        .reference
+        .replacen(&registry.push_address, &registry.pod_address, 1);
+    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod(&image));
+    let restored_ip = cloud
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    assert_ne!(
+        restored_ip, ip,
+        "a new pod in another cluster has an IP of its own"
+    );
+    let after = ask_service(&restored_ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(
+        after.tick > before.tick,
+        "the counter went on from {} (before the checkpoint) to {}",
+        before.tick,
+        after.tick
+    );
+    // Restored, not started afresh: its log has no start line, its counter did not restart.
+    let output = cloud.cri_container_output("counter", "main");
+    let first = output
+        .iter()
+        .find(|l| l.starts_with("tick="))
+        .cloned()
+        .unwrap_or_default();
+    let first_tick: u64 = first
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.strip_prefix("tick="))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        first_tick >= before.tick,
+        "the restored log starts at {first:?}"
+    );
 }

@@ -259,6 +259,10 @@ impl Cluster {
                     "UMS_INSECURE_REGISTRIES",
                     &crate::registry::Registry::shared().pod_address,
                 )
+                .env(
+                    "UMS_REGISTRY_CAS",
+                    crate::registry::Registry::shared_tls().ca.as_ref().unwrap(),
+                )
                 .env("UMS_KUBELET_ADDRESS", format!("0.0.0.0:{port}"))
                 .env("UMS_KUBELET_TOKEN_FILE", self.dir.join("tokens.csv"))
                 .env("UMS_CHECKPOINT_USERS", COORDINATOR);

@@ -16,37 +16,71 @@ pub struct Registry {
     pub push_address: String,
     /// `GATEWAY:PORT`: how nested engines in runtime containers reach it.
     pub pod_address: String,
+    /// The CA of its TLS certificate (PEM file), when it serves HTTPS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Registry {
     /// Starts the registry on first use; it stops when this test process exits.
     pub fn shared() -> &'static Registry {
         static REGISTRY: OnceLock<Registry> = OnceLock::new();
-        REGISTRY.get_or_init(Registry::start)
+        REGISTRY.get_or_init(|| Registry::start(false))
     }
 
-    fn start() -> Registry {
-        let dir = PathBuf::from(format!("/tmp/ums-registry-{}", std::process::id()));
+    /// A registry of this test process that serves HTTPS with a certificate of its own CA, as a
+    /// cluster's registry does: containerd 2.1's restore pulls the checkpoint's base image with
+    /// its default resolver, which ignores the CRI's registry configuration and speaks plain
+    /// HTTP only to localhost. CRI nodes trust the CA.
+    pub fn shared_tls() -> &'static Registry {
+        static REGISTRY: OnceLock<Registry> = OnceLock::new();
+        REGISTRY.get_or_init(|| Registry::start(true))
+    }
+
+    fn start(tls: bool) -> Registry {
+        let kind = if tls { "tls-" } else { "" };
+        let dir = PathBuf::from(format!("/tmp/ums-registry-{kind}{}", std::process::id()));
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let port = free_port();
         let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 0.0.0.0:{port}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 0.0.0.0:{port}\n",
+            dir.join("data").display()
+        );
+        let mut ca = None;
+        // The outer engine pushes to 127.0.0.1:PORT: it trusts the CA from certs.d.
+        let docker_certs = PathBuf::from(format!("/etc/docker/certs.d/127.0.0.1:{port}"));
+        if tls {
+            let bundle = ums_certs::generate(&ums_certs::CertRequest {
+                service: "registry".into(),
+                namespace: "ums-test".into(),
+                extra_names: vec!["127.0.0.1".into(), outer::bridge_gateway().to_owned()],
+                valid_for: time::Duration::days(1),
+                client_auth: false,
+            })
+            .unwrap();
+            std::fs::write(dir.join("ca.crt"), &bundle.ca_cert_pem).unwrap();
+            std::fs::write(dir.join("tls.crt"), &bundle.server_cert_pem).unwrap();
+            std::fs::write(dir.join("tls.key"), &bundle.server_key_pem).unwrap();
+            text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.join("tls.crt").display(),
+                dir.join("tls.key").display()
+            ));
+            std::fs::create_dir_all(&docker_certs).unwrap();
+            std::fs::write(docker_certs.join("ca.crt"), &bundle.ca_cert_pem).unwrap();
+            ca = Some(dir.join("ca.crt"));
+        }
+        std::fs::write(&config, text).unwrap();
         let binary = "docker-registry";
         // A watcher stops the registry (and removes its storage) once this test process is
         // gone: statics are never dropped.
         let script = format!(
-            "{binary} serve {config} >{log} 2>&1 & r=$!; while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 1; done; kill $r 2>/dev/null; wait $r; rm -rf {dir}",
+            "{binary} serve {config} >{log} 2>&1 & r=$!; while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 1; done; kill $r 2>/dev/null; wait $r; rm -rf {dir} {docker_certs}",
             config = config.display(),
             log = dir.join("registry.log").display(),
             pid = std::process::id(),
             dir = dir.display(),
+            docker_certs = if tls { docker_certs.display().to_string() } else { String::new() },
         );
         // `setsid --fork` returns at once; the watcher lives on in its own session.
         let status = Command::new("setsid")
@@ -70,6 +104,7 @@ impl Registry {
         Registry {
             push_address,
             pod_address: format!("{}:{port}", outer::bridge_gateway()),
+            ca,
         }
     }
 

@@ -51,24 +51,33 @@ fn workload_rootfs_tar() -> &'static [u8] {
 /// returns the reference pods pull it by. Both nested engines pulling it get the same image ID.
 pub fn registry_workload_image() -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let local = format!("ums-test/workload-build:{}", std::process::id());
-        let dir = std::env::temp_dir().join(format!("ums-workload-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let tar = dir.join("rootfs.tar");
-        std::fs::write(&tar, workload_rootfs_tar()).unwrap();
-        outer::docker(&[
-            "import",
-            "--change",
-            r#"ENTRYPOINT ["/workload"]"#,
-            tar.to_str().unwrap(),
-            &local,
-        ]);
-        let reference = Registry::shared().push(&local, "ums-test/workload:1");
-        let _ = outer::docker(&["rmi", &local]);
-        let _ = std::fs::remove_dir_all(&dir);
-        reference
-    })
+    IMAGE.get_or_init(|| workload_image_in(Registry::shared()))
+}
+
+/// The workload image in the tests' HTTPS registry ([`Registry::shared_tls`]), for pods on CRI
+/// nodes.
+pub fn tls_registry_workload_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| workload_image_in(Registry::shared_tls()))
+}
+
+fn workload_image_in(registry: &Registry) -> String {
+    let local = format!("ums-test/workload-build:{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("ums-workload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tar = dir.join("rootfs.tar");
+    std::fs::write(&tar, workload_rootfs_tar()).unwrap();
+    outer::docker(&[
+        "import",
+        "--change",
+        r#"ENTRYPOINT ["/workload"]"#,
+        tar.to_str().unwrap(),
+        &local,
+    ]);
+    let reference = registry.push(&local, "ums-test/workload:1");
+    let _ = outer::docker(&["rmi", &local]);
+    let _ = std::fs::remove_dir_all(&dir);
+    reference
 }
 
 /// Imports the workload as `name` straight into one pod's nested engine: an image no registry

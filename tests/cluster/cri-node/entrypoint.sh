@@ -1,7 +1,8 @@
 #!/bin/sh
 # Starts one node's container runtime: the pod network's CNI configuration (UMS_POD_SUBNET),
 # plain-HTTP access to the registries in UMS_INSECURE_REGISTRIES (host:port, space separated),
-# containerd, and the pinned sandbox image.
+# the CAs in UMS_CA_DIR (*.crt) in the system trust store, containerd, and the pinned sandbox
+# image.
 set -eu
 subnet=${UMS_POD_SUBNET:?UMS_POD_SUBNET must name the pod subnet of this node}
 mkdir -p /etc/cni/net.d /var/lib/kubelet/checkpoints
@@ -17,6 +18,12 @@ for registry in ${UMS_INSECURE_REGISTRIES:-}; do
   printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve", "push"]\n  skip_verify = true\n' \
     "$registry" "$registry" > "/etc/containerd/certs.d/$registry/hosts.toml"
 done
+# CAs of registries with certificates of their own CA: containerd's default resolver (which
+# the restore's base-image pull uses) trusts the system store.
+if [ -n "${UMS_CA_DIR:-}" ] && ls "$UMS_CA_DIR"/*.crt >/dev/null 2>&1; then
+  cp "$UMS_CA_DIR"/*.crt /usr/local/share/ca-certificates/
+  update-ca-certificates >/dev/null
+fi
 sysctl -qw net.ipv4.ip_forward=1 || true
 containerd --config /etc/containerd/config.toml &
 pid=$!

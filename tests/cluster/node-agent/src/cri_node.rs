@@ -35,6 +35,7 @@ pub async fn start(
     state_dir: &Path,
     subnet: &str,
     insecure_registries: &[String],
+    registry_cas: &[PathBuf],
 ) -> anyhow::Result<CriNode> {
     let container = format!("ums-node-{node}");
     let _ = docker
@@ -50,8 +51,14 @@ pub async fn start(
     let root_dir = state_dir.join("containerd");
     // The node's /var/lib/kubelet/checkpoints, on this machine.
     let checkpoint_dir = state_dir.join("checkpoints");
-    for dir in [&run_dir, &root_dir, &checkpoint_dir] {
+    // CAs the node trusts: installed into its system trust store at start.
+    let ca_dir = state_dir.join("ca");
+    for dir in [&run_dir, &root_dir, &checkpoint_dir, &ca_dir] {
         std::fs::create_dir_all(dir)?;
+    }
+    for (i, ca) in registry_cas.iter().enumerate() {
+        std::fs::copy(ca, ca_dir.join(format!("registry-{i}.crt")))
+            .map_err(|e| anyhow::anyhow!("cannot copy the CA {}: {e}", ca.display()))?;
     }
     let state = state_dir.display().to_string();
     let binds = vec![
@@ -75,6 +82,7 @@ pub async fn start(
                 env: Some(vec![
                     format!("UMS_POD_SUBNET={subnet}"),
                     format!("UMS_INSECURE_REGISTRIES={}", insecure_registries.join(" ")),
+                    format!("UMS_CA_DIR={}", ca_dir.display()),
                 ]),
                 labels: Some([(NODE_LABEL.to_owned(), node.to_owned())].into()),
                 host_config: Some(HostConfig {

@@ -70,6 +70,10 @@ struct Args {
     /// CRI runtime: registries (host:port) the node pulls from and pushes to over plain HTTP.
     #[arg(long, env = "UMS_INSECURE_REGISTRIES", value_delimiter = ',')]
     insecure_registries: Vec<String>,
+    /// CRI runtime: CA certificates (PEM files) the node trusts besides the system's, for
+    /// registries with certificates of their own CA.
+    #[arg(long, env = "UMS_REGISTRY_CAS", value_delimiter = ',')]
+    registry_cas: Vec<PathBuf>,
     /// CRI runtime: where the kubelet's HTTPS endpoint (checkpoint) listens.
     #[arg(long, env = "UMS_KUBELET_ADDRESS", default_value = "0.0.0.0:10250")]
     kubelet_address: std::net::SocketAddr,
@@ -141,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
                 &args.state_dir,
                 &args.subnet,
                 &args.insecure_registries,
+                &args.registry_cas,
             )
             .await?;
             let runtime = Arc::new(cri::connect(&node.socket, &args.node_name).await?);
