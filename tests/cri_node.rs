@@ -74,6 +74,25 @@ async fn a_cri_node_runs_pods_and_serves_the_kubelet_checkpoint_endpoint() {
         .wait_running_and_ready("counter", Duration::from_secs(120))
         .await;
     let status = cluster.get_json(&["pod", "counter"])["status"].clone();
+    // The Node object says where its kubelet endpoint is, as a kubelet registers it; the
+    // pod's hostIP is that address.
+    let nodes = cluster.get_json(&["nodes"]);
+    let node = &nodes["items"][0];
+    let (base, _) = cluster.kubelet();
+    let port = base.rsplit(':').next().unwrap().parse::<u64>().unwrap();
+    assert_eq!(
+        node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"], port,
+        "{node}"
+    );
+    let address = node["status"]["addresses"][0]["address"].clone();
+    assert_eq!(status["hostIP"], address, "{node}");
+    assert!(
+        node["status"]["nodeInfo"]["containerRuntimeVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with("containerd://2."),
+        "{node}"
+    );
     for container in status["containerStatuses"].as_array().unwrap() {
         let id = container["containerID"].as_str().unwrap();
         assert!(id.starts_with("containerd://"), "{container}");

@@ -264,6 +264,9 @@ impl Cluster {
                     crate::registry::Registry::shared_tls().ca.as_ref().unwrap(),
                 )
                 .env("UMS_KUBELET_ADDRESS", format!("0.0.0.0:{port}"))
+                // The kubelet endpoint listens on this machine: pods and host-network
+                // coordinators reach it on the outer bridge's gateway.
+                .env("UMS_NODE_ADDRESS", crate::outer::bridge_gateway())
                 .env("UMS_KUBELET_TOKEN_FILE", self.dir.join("tokens.csv"))
                 .env("UMS_CHECKPOINT_USERS", COORDINATOR);
         }

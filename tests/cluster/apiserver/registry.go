@@ -56,9 +56,18 @@ func (s strategy) PrepareForUpdate(_ context.Context, obj, old runtime.Object) {
 			*pod = *oldPod.DeepCopy()
 			pod.Status = status
 		}
+		if node, ok := obj.(*corev1.Node); ok {
+			oldNode := old.(*corev1.Node)
+			status := node.Status
+			*node = *oldNode.DeepCopy()
+			node.Status = status
+		}
 	case s.hasStatus:
 		if pod, ok := obj.(*corev1.Pod); ok {
 			pod.Status = old.(*corev1.Pod).Status
+		}
+		if node, ok := obj.(*corev1.Node); ok {
+			node.Status = old.(*corev1.Node).Status
 		}
 	}
 }
@@ -195,6 +204,10 @@ var coreResources = []resource{
 	{plural: "pods", singular: "pod", namespaced: true, hasStatus: true, fields: podFields,
 		newFunc: func() runtime.Object { return &corev1.Pod{} }, newListFunc: func() runtime.Object { return &corev1.PodList{} },
 		defaulter: defaultPod},
+	// Nodes (+status): what a kubelet registers, with its addresses and its endpoint's port
+	// (daemonEndpoints), which clients of the kubelet API read.
+	{plural: "nodes", singular: "node", hasStatus: true,
+		newFunc: func() runtime.Object { return &corev1.Node{} }, newListFunc: func() runtime.Object { return &corev1.NodeList{} }},
 	{plural: "namespaces", singular: "namespace",
 		newFunc: func() runtime.Object { return &corev1.Namespace{} }, newListFunc: func() runtime.Object { return &corev1.NamespaceList{} },
 		defaulter: defaultNamespace},

@@ -23,6 +23,8 @@ pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
 #[derive(Debug, Clone)]
 pub struct CriNode {
     pub ip: String,
+    /// containerd's version, as `containerd --version` prints it.
+    pub containerd_version: String,
     /// The CRI socket, as this machine sees it.
     pub socket: PathBuf,
 }
@@ -108,10 +110,18 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot create the node container {container}: {e}"))?;
     docker.start_container(&container, None).await?;
     let until = Instant::now() + Duration::from_secs(60);
+    let containerd_version;
     loop {
         let logs = container_log(docker, &container).await;
-        if logs.contains("ums-node: ready") {
-            tracing::info!(node = %node, "{}", logs.lines().filter(|l| l.contains("ums-node: ready")).collect::<String>());
+        if let Some(line) = logs.lines().find(|l| l.contains("ums-node: ready")) {
+            tracing::info!(node = %node, "{line}");
+            // "... containerd github.com/containerd/containerd/v2 2.1.9+unknown ; ..."
+            containerd_version = line
+                .split_whitespace()
+                .skip_while(|w| !w.starts_with("github.com/containerd"))
+                .nth(1)
+                .unwrap_or("unknown")
+                .to_owned();
             break;
         }
         let inspect = docker
@@ -154,6 +164,7 @@ pub async fn start(
     tracing::info!(%container, %ip, %subnet, "node container up, pod subnet routed to it");
     Ok(CriNode {
         ip,
+        containerd_version,
         socket: run_dir.join("containerd.sock"),
     })
 }

@@ -15,6 +15,7 @@ mod docker;
 mod kubelet_api;
 mod network;
 mod node;
+mod node_object;
 mod probes;
 mod runtime;
 mod status;
@@ -85,6 +86,10 @@ struct Args {
     /// system:masters always are.
     #[arg(long, env = "UMS_CHECKPOINT_USERS", value_delimiter = ',')]
     checkpoint_users: Vec<String>,
+    /// The node's InternalIP in its Node object (and the pods' hostIP on a CRI node): where
+    /// clients reach the kubelet endpoint.
+    #[arg(long, env = "UMS_NODE_ADDRESS", default_value = "127.0.0.1")]
+    node_address: String,
     /// Docker engine socket.
     #[arg(
         long,
@@ -116,6 +121,16 @@ async fn main() -> anyhow::Result<()> {
     match args.runtime {
         RuntimeKind::Docker => {
             let pod_network = network::ensure(&docker, &args.network, &args.subnet).await?;
+            let version = docker.version().await?.version.unwrap_or_default();
+            tokio::spawn(node_object::keep_registered(
+                client.clone(),
+                node_object::NodeFacts {
+                    name: args.node_name.clone(),
+                    address: args.node_address.clone(),
+                    kubelet_port: 0,
+                    runtime_version: format!("docker://{version}"),
+                },
+            ));
             tracing::info!(node = %args.node_name, network = %args.network, subnet = %args.subnet, "ums-node-agent ready");
             let runtime = docker::DockerRuntime {
                 docker,
@@ -128,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
                 runtime: Arc::new(runtime),
                 name: args.node_name,
                 state_dir: args.state_dir,
+                host_ip: None,
                 index,
             }
             .run()
@@ -167,6 +183,15 @@ async fn main() -> anyhow::Result<()> {
                 tokio_rustls::TlsAcceptor::from(cert.server_config()),
                 kubelet_api::router(kubelet),
             ));
+            tokio::spawn(node_object::keep_registered(
+                client.clone(),
+                node_object::NodeFacts {
+                    name: args.node_name.clone(),
+                    address: args.node_address.clone(),
+                    kubelet_port: kubelet_address.port(),
+                    runtime_version: format!("containerd://{}", node.containerd_version),
+                },
+            ));
             tracing::info!(node = %args.node_name, node_ip = %node.ip, subnet = %args.subnet,
                 kubelet = %kubelet_address, "ums-node-agent ready");
             node::Node {
@@ -174,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
                 runtime,
                 name: args.node_name,
                 state_dir: args.state_dir,
+                host_ip: Some(args.node_address),
                 index,
             }
             .run()

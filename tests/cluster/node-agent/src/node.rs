@@ -30,6 +30,8 @@ pub struct Node<R> {
     pub runtime: Arc<R>,
     pub name: String,
     pub state_dir: PathBuf,
+    /// The pods' `status.hostIP` (the node's address); `None`: the pod's own IP.
+    pub host_ip: Option<String>,
     pub index: ContainerIndex,
 }
 
@@ -211,6 +213,7 @@ impl<R: Runtime> Node<R> {
             self.runtime.id_scheme(),
             restart_policy == "Always",
             &state.sandbox.ip,
+            self.host_ip.as_deref().unwrap_or(&state.sandbox.ip),
             &state.start_time,
             state.last_status.as_ref(),
         );

@@ -48,6 +48,7 @@ pub fn pod_status(
     id_scheme: &str,
     restart_always: bool,
     pod_ip: &str,
+    host_ip: &str,
     start_time: &Time,
     previous: Option<&PodStatus>,
 ) -> PodStatus {
@@ -73,7 +74,7 @@ pub fn pod_status(
         pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP {
             ip: pod_ip.into(),
         }]),
-        host_ip: Some(pod_ip.into()),
+        host_ip: Some(host_ip.into()),
         start_time: Some(start_time.clone()),
         conditions: Some(vec![
             condition("PodScheduled", true),
