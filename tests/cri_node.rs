@@ -293,7 +293,7 @@ async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
     );
     let registry = ums_tests::registry::Registry::shared_tls();
     let ca = std::fs::read(registry.ca.as_ref().unwrap()).unwrap();
-    let client = ums_checkpoint_image::client(&[], &[ca]);
+    let client = ums_checkpoint_image::client(&[], &[ca]).unwrap();
     let tag = ums_tests::unique("counter-main-");
     let pushed = ums_checkpoint_image::push(
         &client,

@@ -101,19 +101,25 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
-/// A registry client; `insecure` lists the registries (`host:port`) spoken to over plain HTTP,
-/// `cas` are PEM CA certificates trusted besides the system's.
-pub fn client(insecure: &[String], cas: &[Vec<u8>]) -> Client {
-    Client::new(ClientConfig {
+/// A registry client; `insecure` lists the registries (`host:port`) spoken to over plain HTTP.
+/// With `cas` (PEM CA certificates), the registry's certificate must be signed by one of them
+/// (a cluster's private registry); without, by a CA of the system's store.
+pub fn client(insecure: &[String], cas: &[Vec<u8>]) -> Result<Client, ImageError> {
+    let certificates: Vec<Certificate> = cas
+        .iter()
+        .map(|pem| Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: pem.clone(),
+        })
+        .collect();
+    Client::try_from(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure.to_vec()),
-        extra_root_certificates: cas
-            .iter()
-            .map(|pem| Certificate {
-                encoding: CertificateEncoding::Pem,
-                data: pem.clone(),
-            })
-            .collect(),
+        tls_certs_only: certificates,
         ..Default::default()
+    })
+    .map_err(|e| ImageError::Registry {
+        registry: "(client)".into(),
+        message: format!("cannot set up TLS: {e}"),
     })
 }
 

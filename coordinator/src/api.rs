@@ -35,6 +35,11 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/restore", post(restore))
         .route("/delete", post(delete))
         .route("/outcome", post(outcome))
+        .route("/checkpoint-uploads", post(checkpoint_uploads))
+        .route(
+            "/checkpoints/{id}/{container}",
+            axum::routing::put(receive_checkpoint),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             coordinator.clone(),
             crate::auth::require_credential,
@@ -80,6 +85,29 @@ async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
             "the migration task failed: {e}"
         ))),
     })
+}
+
+/// `POST /checkpoint-uploads` (peers): the upload credential of an orchestrator-level
+/// migration to this cluster.
+async fn checkpoint_uploads(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    answer(
+        body::<crate::checkpoint_upload::UploadRequest>(&bytes)
+            .and_then(|request| c.upload_credential(&request)),
+    )
+}
+
+/// `PUT /checkpoints/{id}/{container}` (the migration's upload credential): one container's
+/// checkpoint archive, streamed into this cluster's checkpoint registry.
+async fn receive_checkpoint(
+    State(c): State<Arc<Coordinator>>,
+    Path((id, container)): Path<(String, String)>,
+    axum::Extension(credential): axum::Extension<crate::auth::MigrationCredential>,
+    body: axum::body::Body,
+) -> Response {
+    if let Err(e) = credential.check(&id) {
+        return e.into_response();
+    }
+    answer(c.receive_checkpoint(&id, &container, body).await)
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {

@@ -87,6 +87,22 @@ pub struct Args {
     /// How long a destination pod may take to run with its sidecar ready, in seconds.
     #[arg(long, env = "UMS_POD_READY_TIMEOUT_SECONDS", default_value_t = 180)]
     pub pod_ready_timeout_seconds: u64,
+    /// Where checkpoint images of orchestrator-level (`ssu`) migrations to this cluster are
+    /// pushed: `host[:port]/repository` of a registry this cluster's nodes pull from. Without
+    /// it this cluster takes no such migration.
+    #[arg(long, env = "UMS_CHECKPOINT_REGISTRY")]
+    pub checkpoint_registry: Option<String>,
+    /// The same repository as this cluster's nodes name it, when they reach the registry by
+    /// another address [default: --checkpoint-registry].
+    #[arg(long, env = "UMS_CHECKPOINT_REGISTRY_PULL")]
+    pub checkpoint_registry_pull: Option<String>,
+    /// A CA (PEM file) the checkpoint registry's certificate is signed by, besides the
+    /// system's.
+    #[arg(long, env = "UMS_CHECKPOINT_REGISTRY_CA")]
+    pub checkpoint_registry_ca: Option<PathBuf>,
+    /// Speak plain HTTP to the checkpoint registry (a registry on a trusted network only).
+    #[arg(long, env = "UMS_CHECKPOINT_REGISTRY_INSECURE")]
+    pub checkpoint_registry_insecure: bool,
     #[arg(long, env = "UMS_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 }
@@ -115,6 +131,33 @@ impl Args {
             .map(crate::peer::peer_base_url)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--advertise-url: {}", e.message))?;
+        let checkpoint_registry = self
+            .checkpoint_registry
+            .as_ref()
+            .map(|push| -> anyhow::Result<_> {
+                let host = push.split('/').next().unwrap_or_default().to_owned();
+                let cas = match &self.checkpoint_registry_ca {
+                    Some(path) => vec![std::fs::read(path).with_context(|| {
+                        format!("failed to read the registry CA {}", path.display())
+                    })?],
+                    None => Vec::new(),
+                };
+                let insecure = if self.checkpoint_registry_insecure {
+                    vec![host]
+                } else {
+                    Vec::new()
+                };
+                Ok(crate::checkpoint_upload::CheckpointRegistry {
+                    push_repository: push.clone(),
+                    pull_repository: self
+                        .checkpoint_registry_pull
+                        .clone()
+                        .unwrap_or_else(|| push.clone()),
+                    client: ums_checkpoint_image::client(&insecure, &cas)
+                        .context("--checkpoint-registry")?,
+                })
+            })
+            .transpose()?;
         let coordinator = Arc::new(Coordinator {
             kube,
             cluster: self.cluster,
@@ -134,6 +177,8 @@ impl Args {
             signing_key_public: signing_key.public_key_bytes(),
             signing_key,
             metrics: crate::metrics::Metrics::default(),
+            checkpoint_registry,
+            uploads: Mutex::default(),
         });
         // Clients may connect without a certificate (operators); peers present theirs.
         let acceptor = TlsAcceptor::from(Arc::new(

@@ -98,6 +98,9 @@ pub enum Audience {
     Peer {
         with_credential: bool,
     },
+    /// The sender of a migration's checkpoint archives (the source's node): the upload
+    /// credential this coordinator issued for it, and nothing else.
+    Uploader,
 }
 
 /// The audience of a request (unknown routes are left to the router's 404).
@@ -122,6 +125,10 @@ pub fn audience(method: &axum::http::Method, path: &str) -> Audience {
         (&Method::POST, "/delete") => Audience::Peer {
             with_credential: false,
         },
+        (&Method::POST, "/checkpoint-uploads") => Audience::Peer {
+            with_credential: false,
+        },
+        (&Method::PUT, p) if p.starts_with("/checkpoints/") => Audience::Uploader,
         // A destination asking what became of a migration: an answer, never an action.
         (&Method::POST, "/outcome") => Audience::Peer {
             with_credential: false,
@@ -204,6 +211,28 @@ pub async fn require_credential(
     };
     match audience {
         Audience::Anyone => next.run(request).await,
+        Audience::Uploader => {
+            let claims = verify(
+                &bearer,
+                std::slice::from_ref(&c.signing_key_public),
+                &[crate::checkpoint_upload::upload_audience(&c.cluster)],
+                now_unix(),
+            )
+            .ok()
+            .filter(|claims| claims.scope == Scope::Migration);
+            match claims {
+                Some(claims) => {
+                    request.extensions_mut().insert(MigrationCredential(claims));
+                    next.run(request).await
+                }
+                None if bearer.is_empty() => unauthorized(format!(
+                    "{path} needs the migration's upload credential (POST /checkpoint-uploads)"
+                )),
+                None => unauthorized(
+                    "the upload credential is not one this coordinator issued, or it expired",
+                ),
+            }
+        }
         Audience::Operator => {
             if !bearer.is_empty() && c.api_tokens.accepts(&bearer) {
                 return next.run(request).await;
@@ -261,6 +290,16 @@ mod tests {
     #[test]
     fn routes_have_their_audience() {
         assert_eq!(audience(&Method::POST, "/migrate"), Audience::Operator);
+        assert_eq!(
+            audience(&Method::PUT, "/checkpoints/m1/main"),
+            Audience::Uploader
+        );
+        assert_eq!(
+            audience(&Method::POST, "/checkpoint-uploads"),
+            Audience::Peer {
+                with_credential: false
+            }
+        );
         assert_eq!(audience(&Method::GET, "/migrations/m1"), Audience::Operator);
         assert_eq!(
             audience(&Method::POST, "/migrations/m1/abort"),

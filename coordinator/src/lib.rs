@@ -12,6 +12,8 @@
 //!   [`outcome`]: what a destination asks its source of a copy whose restored state runs
 //!   while it is still passive (made active, or deleted as a stale duplicate);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
+//! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
+//!   archives stream in and become checkpoint OCI images in this cluster's registry;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
 //!   [`metrics`]: Prometheus.
@@ -19,6 +21,7 @@
 pub mod api;
 pub mod args;
 pub mod auth;
+pub mod checkpoint_upload;
 pub mod destination;
 pub mod error;
 pub mod journal;

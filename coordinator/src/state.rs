@@ -30,6 +30,11 @@ pub struct Coordinator {
     /// Its public key, which verifies the migration credentials this coordinator issues.
     pub signing_key_public: Vec<u8>,
     pub metrics: crate::metrics::Metrics,
+    /// Where checkpoint images of orchestrator-level migrations go (`None`: this cluster
+    /// takes none).
+    pub checkpoint_registry: Option<crate::checkpoint_upload::CheckpointRegistry>,
+    /// The checkpoint images received, by migration and container.
+    pub uploads: Mutex<crate::checkpoint_upload::Uploads>,
 }
 
 impl std::fmt::Debug for Coordinator {

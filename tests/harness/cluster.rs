@@ -333,6 +333,29 @@ impl Cluster {
         (format!("https://127.0.0.1:{port}"), pin.trim().to_owned())
     }
 
+    /// Checkpoints a container through the kubelet endpoint of this cluster's CRI node, as the
+    /// coordinator's service account; returns the archive's path on the node.
+    pub async fn kubelet_checkpoint(&self, namespace: &str, pod: &str, container: &str) -> String {
+        let (base, pin) = self.kubelet();
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(ums_tls::pinned_client_config(&pin).unwrap())
+            .build()
+            .unwrap();
+        let response = client
+            .post(format!("{base}/checkpoint/{namespace}/{pod}/{container}"))
+            .bearer_auth("coordinator-token")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            status.is_success(),
+            "checkpoint of {pod}/{container}: {status} {body}"
+        );
+        body["items"][0].as_str().unwrap().to_owned()
+    }
+
     /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
     pub fn node_checkpoint_dir(&self) -> PathBuf {
         self.dir.join("node/checkpoints")

@@ -112,6 +112,15 @@ impl RunningCoordinator {
             .map(|p| std::fs::read_to_string(p).unwrap())
             .collect();
         std::fs::write(mounted.join("ca.crt"), peers).unwrap();
+        // Its checkpoint registry (orchestrator-level migrations to this cluster): the tests'
+        // HTTPS registry, one repository per cluster; the nodes pull by the bridge's gateway.
+        let registry = crate::registry::Registry::shared_tls();
+        std::fs::copy(
+            registry.ca.as_ref().unwrap(),
+            mounted.join("registry-ca.crt"),
+        )
+        .unwrap();
+        let repository = format!("ums-checkpoints/{}", cluster.name);
         for entry in std::fs::read_dir(&mounted).unwrap() {
             use std::os::unix::fs::PermissionsExt as _;
             let path = entry.unwrap().path();
@@ -125,6 +134,24 @@ impl RunningCoordinator {
             .args(["--env", "KUBECONFIG=/etc/ums-coordinator/files/kubeconfig"])
             .args(["--env", &format!("UMS_CLUSTER_NAME={}", cluster.name)])
             .args(["--env", "RUST_LOG=info"])
+            .args([
+                "--env",
+                &format!(
+                    "UMS_CHECKPOINT_REGISTRY={}/{repository}",
+                    registry.push_address
+                ),
+            ])
+            .args([
+                "--env",
+                &format!(
+                    "UMS_CHECKPOINT_REGISTRY_PULL={}/{repository}",
+                    registry.pod_address
+                ),
+            ])
+            .args([
+                "--env",
+                "UMS_CHECKPOINT_REGISTRY_CA=/etc/ums-coordinator/files/registry-ca.crt",
+            ])
             .arg("ums-rs/coordinator:latest")
             .arg(format!("--listen={address}"))
             .arg("--tls-cert=/etc/ums-coordinator/files/tls.crt")
@@ -335,7 +362,8 @@ fn client(ca: &Path) -> reqwest::Client {
     client_with(ca, &Credential::None)
 }
 
-fn client_with(ca: &Path, credential: &Credential) -> reqwest::Client {
+/// An HTTPS client that trusts `ca` only and presents `credential`'s certificate, if any.
+pub fn client_with(ca: &Path, credential: &Credential) -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let pem = std::fs::read(ca).unwrap();
     let mut builder = reqwest::Client::builder()
