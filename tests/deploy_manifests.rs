@@ -28,6 +28,7 @@ struct Rendered {
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
     deployments: Vec<Deployment>,
+    daemon_sets: Vec<k8s_openapi::api::apps::v1::DaemonSet>,
     services: Vec<Service>,
     pdbs: Vec<PodDisruptionBudget>,
     mutating: Vec<MutatingWebhookConfiguration>,
@@ -71,6 +72,7 @@ fn render(dir: &str) -> Rendered {
             "ClusterRole" => rendered.cluster_roles.push(typed(&doc)),
             "ClusterRoleBinding" => rendered.cluster_role_bindings.push(typed(&doc)),
             "Deployment" => rendered.deployments.push(typed(&doc)),
+            "DaemonSet" => rendered.daemon_sets.push(typed(&doc)),
             "Service" => rendered.services.push(typed(&doc)),
             "PodDisruptionBudget" => rendered.pdbs.push(typed(&doc)),
             "MutatingWebhookConfiguration" => rendered.mutating.push(typed(&doc)),
@@ -558,4 +560,67 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         port_number(container, port.target_port.as_ref().unwrap()),
         i32::from(args.listen.port())
     );
+}
+
+#[test]
+fn the_node_part_mounts_the_checkpoint_directory_and_holds_no_privilege() {
+    let r = render("deploy/node");
+    let [daemon_set] = r.daemon_sets.as_slice() else {
+        panic!("one DaemonSet")
+    };
+    let spec = daemon_set.spec.as_ref().unwrap();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(selects(&spec.selector, &labels));
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_ne!(pod.host_network, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let volumes = pod.volumes.as_ref().unwrap();
+    let host_paths: Vec<&str> = volumes
+        .iter()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
+        .collect();
+    assert_eq!(
+        host_paths,
+        ["/var/lib/kubelet/checkpoints"],
+        "the only hostPath"
+    );
+    let [container] = pod.containers.as_slice() else {
+        panic!("one container")
+    };
+    let security = container.security_context.as_ref().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
+    assert!(security.capabilities.as_ref().unwrap().add.is_none());
+    let mount = &container.volume_mounts.as_ref().unwrap()[0];
+    let env: BTreeMap<&str, &k8s_openapi::api::core::v1::EnvVar> = container
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e))
+        .collect();
+    assert_eq!(
+        env["UMS_POD_IP"]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "status.podIP"
+    );
+    assert!(env.contains_key("UMS_COORDINATOR_KEYS"));
+    assert_eq!(mount.mount_path, "/checkpoints");
 }

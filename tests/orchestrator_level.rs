@@ -1,8 +1,9 @@
 //! The orchestrator-level interface (`ssu`, the Pisa workflow) on CRI clusters, through the
-//! real coordinator image. What is built so far: the destination half of the transfer (a
-//! checkpoint archive from the kubelet's checkpoint endpoint, uploaded with the migration's
-//! upload credential, becomes a checkpoint image in the destination's registry from which its
-//! node restores the container). The source's flow is not built yet (README, status).
+//! real images. What is built so far: the transfer. A checkpoint from the kubelet endpoint of
+//! the source's node leaves that node through the node part (deploy/node, as deployed), goes
+//! straight to the destination coordinator with the migration's upload credential, and becomes
+//! a checkpoint image in the destination's registry, from which its node restores the
+//! container. The source coordinator's flow that drives these steps is not built yet (README).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -119,12 +120,64 @@ async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cl
         status, 403,
         "the credential opens its own migration's uploads only: {answer}"
     );
-    let (status, answer) = upload("m-orchestrator-1", Some(token), true).await;
+
+    // The archive leaves the source node through the node part (deploy/node, as deployed),
+    // straight to the destination coordinator.
+    let (node_part, node_part_ip) = edge.deploy_node_part().await;
+    let coordinator_token = edge.coordinator_token_for(
+        "ums-system",
+        &node_part,
+        ums_contract::credential::Scope::Coordinator,
+    );
+    let send = |body: serde_json::Value, token: Option<String>| {
+        let url = format!("http://{node_part_ip}:8889/send");
+        async move {
+            let mut request = reqwest::Client::new().post(url).json(&body);
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let send_body = |archive: &str| {
+        json!({"archive": archive,
+               "url": format!("https://{}/checkpoints/m-orchestrator-1/main",
+                              cloud_coordinator.pod_network_address),
+               "token": token, "caPem": std::fs::read_to_string(ca).unwrap()})
+    };
+    let (status, answer) = send(send_body(&path), None).await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = send(
+        send_body("../../etc/shadow"),
+        Some(coordinator_token.clone()),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = send(send_body(&path), Some(coordinator_token.clone())).await;
     assert_eq!(status, 200, "{answer}\n{}", cloud_coordinator.log());
+    assert_eq!(
+        answer["bytes"].as_u64().unwrap(),
+        std::fs::metadata(&archive).unwrap().len()
+    );
+    let answer = answer["destination"].clone();
     assert_eq!(
         answer["archiveBytes"].as_u64().unwrap(),
         std::fs::metadata(&archive).unwrap().len()
     );
+    // Once the migration is over, the node part removes the archive.
+    let response = reqwest::Client::new()
+        .delete(format!(
+            "http://{node_part_ip}:8889/archives/{}",
+            path.rsplit('/').next().unwrap()
+        ))
+        .bearer_auth(&coordinator_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 204);
+    assert!(!archive.exists(), "the archive is removed from the node");
     let image = answer["image"].as_str().unwrap().to_owned();
     assert!(image.contains("@sha256:"), "{answer}");
 

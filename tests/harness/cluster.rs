@@ -356,6 +356,83 @@ impl Cluster {
         body["items"][0].as_str().unwrap().to_owned()
     }
 
+    /// The node part (deploy/node, as rendered) on this cluster's CRI node: the DaemonSet's pod
+    /// (the rig has no DaemonSet controller, so its pod is created from the template as the
+    /// controller would), its image pushed to the tests' HTTPS registry, the cluster
+    /// coordinator's public key set. Returns its pod's name and IP once it is ready.
+    pub async fn deploy_node_part(&self) -> (String, String) {
+        static IMAGE: OnceLock<String> = OnceLock::new();
+        let image = IMAGE.get_or_init(|| {
+            crate::outer::require_image("ums-rs/node:latest");
+            crate::registry::Registry::shared_tls().push("ums-rs/node:latest", "ums-rs/node:1")
+        });
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/node");
+        let rendered = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&root)
+            .output()
+            .expect("kubectl kustomize deploy/node");
+        assert!(
+            rendered.status.success(),
+            "kubectl kustomize deploy/node failed"
+        );
+        let daemon_set: serde_json::Value = serde_yaml::from_slice(&rendered.stdout).unwrap();
+        let key = SigningKey::from_pkcs8(&std::fs::read(self.signing_key_file()).unwrap())
+            .unwrap()
+            .public_key();
+        let mut template = daemon_set["spec"]["template"].clone();
+        let container = &mut template["spec"]["containers"][0];
+        container["image"] = image.as_str().into();
+        for env in container["env"].as_array_mut().unwrap() {
+            if env["name"] == "UMS_COORDINATOR_KEYS" {
+                env["value"] = key.clone().into();
+            }
+        }
+        let name = "ums-node-1";
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": daemon_set["metadata"]["namespace"],
+                         "labels": template["metadata"]["labels"]},
+            "spec": template["spec"],
+        });
+        self.kubectl_with_input(User::Admin, &["create", "-f", "-"], &pod.to_string());
+        let until = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.get_json(&["pod", "-n", "ums-system", name])["status"].clone();
+            let ready = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            if ready {
+                return (
+                    name.to_owned(),
+                    status["podIP"].as_str().unwrap().to_owned(),
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "the node part did not get ready: {status}\n{}",
+                self.node_log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// A token of this cluster's coordinator for the pod `namespace/name` (bound to its IP and
+    /// UID, as the coordinator binds it).
+    pub fn coordinator_token_for(&self, namespace: &str, name: &str, scope: Scope) -> String {
+        let pod = self.get_json(&["pod", "-n", namespace, name]);
+        let key = SigningKey::from_pkcs8(&std::fs::read(self.signing_key_file()).unwrap()).unwrap();
+        key.sign(&Claims {
+            aud: pod["status"]["podIP"].as_str().unwrap().to_owned(),
+            scope,
+            exp: ums_contract::credential::now_unix() + 600,
+            mid: None,
+            uid: pod["metadata"]["uid"].as_str().map(str::to_owned),
+        })
+    }
+
     /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
     pub fn node_checkpoint_dir(&self) -> PathBuf {
         self.dir.join("node/checkpoints")

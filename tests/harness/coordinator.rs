@@ -21,12 +21,16 @@ pub struct CoordinatorCerts {
 }
 
 impl CoordinatorCerts {
-    /// A CA and a serving certificate for `ums-coordinator.ums-system.svc` and 127.0.0.1.
+    /// A CA and a serving certificate for `ums-coordinator.ums-system.svc`, 127.0.0.1 and the
+    /// outer bridge's gateway (where pods reach it: the node part sends archives to it).
     pub fn generate(cluster: &Cluster) -> Self {
         let bundle = ums_certs::generate(&ums_certs::CertRequest {
             service: "ums-coordinator".into(),
             namespace: "ums-system".into(),
-            extra_names: vec!["127.0.0.1".into()],
+            extra_names: vec![
+                "127.0.0.1".into(),
+                crate::outer::bridge_gateway().to_owned(),
+            ],
             valid_for: time::Duration::days(1),
             client_auth: true,
         })
@@ -52,6 +56,8 @@ pub struct RunningCoordinator {
     container: String,
     /// `127.0.0.1:port`, as UMS's `destinationUrl` names a coordinator.
     pub address: String,
+    /// `GATEWAY:port`: the same coordinator as pods reach it (it listens on every address).
+    pub pod_network_address: String,
     /// The operators' token (what the `ums-coordinator-api` Secret would hold).
     pub api_token: String,
 }
@@ -153,7 +159,7 @@ impl RunningCoordinator {
                 "UMS_CHECKPOINT_REGISTRY_CA=/etc/ums-coordinator/files/registry-ca.crt",
             ])
             .arg("ums-rs/coordinator:latest")
-            .arg(format!("--listen={address}"))
+            .arg(format!("--listen=0.0.0.0:{port}"))
             .arg("--tls-cert=/etc/ums-coordinator/files/tls.crt")
             .arg("--tls-key=/etc/ums-coordinator/files/tls.key")
             .arg("--peer-ca=/etc/ums-coordinator/files/ca.crt")
@@ -170,6 +176,7 @@ impl RunningCoordinator {
         let running = RunningCoordinator {
             container,
             address,
+            pod_network_address: format!("{}:{port}", crate::outer::bridge_gateway()),
             api_token,
         };
         running.wait_listening(1);

@@ -1,0 +1,199 @@
+//! The node part's HTTP API on the pod network, for this cluster's coordinator only (its signed
+//! token, bound to this pod's IP and UID, as the sidecars take it):
+//! - `POST /send` `{"archive", "url", "token", "caPem"}`: streams the archive to `url` (the
+//!   destination coordinator's `PUT /checkpoints/{migration}/{container}`) over TLS verified
+//!   against `caPem`, with the migration's upload credential; answers the destination's answer;
+//! - `DELETE /archives/{name}`: removes an archive (the migration is over);
+//! - `GET /healthz` (open).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use ums_contract::credential::{now_unix, verify, Scope};
+
+use crate::archive::archive_path;
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct NodePart {
+    /// Where the checkpoint directory is mounted in this container.
+    pub dir: PathBuf,
+    /// The same directory as the node (and the kubelet's answers) name it.
+    pub node_dir: PathBuf,
+    pub coordinator_keys: Vec<Vec<u8>>,
+    pub pod_ip: String,
+    pub pod_uid: Option<String>,
+}
+
+/// An error answer: status and JSON message.
+#[derive(Debug)]
+pub struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+pub fn router(part: Arc<NodePart>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/send", post(send))
+        .route("/archives/{name}", delete(remove))
+        .with_state(part)
+}
+
+async fn healthz(State(part): State<Arc<NodePart>>) -> Json<serde_json::Value> {
+    let archives = std::fs::read_dir(&part.dir)
+        .map(|d| d.filter_map(Result::ok).count())
+        .ok();
+    Json(json!({"status": "ok", "checkpointDir": part.node_dir, "archives": archives}))
+}
+
+fn authorize(part: &NodePart, headers: &HeaderMap) -> Result<(), Refusal> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    if token.is_empty() {
+        return Err(Refusal(
+            StatusCode::UNAUTHORIZED,
+            "a token of this cluster's coordinator is required (Authorization: Bearer)".into(),
+        ));
+    }
+    let claims = verify(
+        token,
+        &part.coordinator_keys,
+        std::slice::from_ref(&part.pod_ip),
+        now_unix(),
+    )
+    .map_err(|e| {
+        Refusal(
+            StatusCode::UNAUTHORIZED,
+            format!("the token is refused: {e}"),
+        )
+    })?;
+    if claims.scope != Scope::Coordinator {
+        return Err(Refusal(
+            StatusCode::FORBIDDEN,
+            "only this cluster's coordinator may send or remove archives".into(),
+        ));
+    }
+    claims
+        .check_uid(part.pod_uid.as_deref())
+        .map_err(|e| Refusal(StatusCode::FORBIDDEN, e.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SendRequest {
+    archive: String,
+    url: String,
+    token: String,
+    ca_pem: String,
+}
+
+async fn send(
+    State(part): State<Arc<NodePart>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Refusal> {
+    authorize(&part, &headers)?;
+    let request: SendRequest = serde_json::from_slice(&body)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?;
+    let path = archive_path(&part.dir, &part.node_dir, &request.archive)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if !request.url.starts_with("https://") {
+        return Err(Refusal(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "url {:?}: archives leave the node over HTTPS only",
+                request.url
+            ),
+        ));
+    }
+    let ca = reqwest::Certificate::from_pem(request.ca_pem.as_bytes())
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("caPem: {e}")))?;
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        let status = if e.kind() == std::io::ErrorKind::NotFound {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Refusal(status, format!("archive {}: {e}", path.display()))
+    })?;
+    let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let client = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let started = Instant::now();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+    let response = client
+        .put(&request.url)
+        .bearer_auth(&request.token)
+        .header("content-length", bytes)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .map_err(|e| {
+            Refusal(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "sending {} to {}: {}",
+                    request.archive,
+                    request.url,
+                    ums_tls::error_chain(&e)
+                ),
+            )
+        })?;
+    let status = response.status();
+    let answer: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let message = answer["error"].as_str().unwrap_or("no message");
+        return Err(Refusal(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "the destination refused {}: {status}: {message}",
+                request.archive
+            ),
+        ));
+    }
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(archive = %request.archive, bytes, ms, url = %request.url, "archive sent");
+    Ok(Json(
+        json!({"archive": request.archive, "bytes": bytes, "sendMs": ms, "destination": answer}),
+    ))
+}
+
+async fn remove(
+    State(part): State<Arc<NodePart>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, Refusal> {
+    authorize(&part, &headers)?;
+    let path = archive_path(&part.dir, &part.node_dir, &name)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => {
+            tracing::info!(archive = %name, "archive removed");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StatusCode::NO_CONTENT),
+        Err(e) => Err(Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("removing {}: {e}", path.display()),
+        )),
+    }
+}
