@@ -22,7 +22,8 @@ fn two_container_pod(name: &str) -> Value {
             "containers": [
                 {"name": "main", "image": image,
                  "env": [{"name": "WORKLOAD_MIB", "value": "16"},
-                         {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+                         {"name": "WORKLOAD_LISTEN", "value": "8080"},
+                         {"name": "WORKLOAD_SINK", "value": "9000"}],
                  "readinessProbe": {"tcpSocket": {"port": 8080}},
                  "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
                 {"name": "journal", "image": image,
@@ -36,12 +37,9 @@ fn two_container_pod(name: &str) -> Value {
 }
 
 async fn kubelet_post(cluster: &Cluster, path: &str, token: Option<&str>) -> (u16, Value) {
-    let (base, pin) = cluster.kubelet();
-    let tls = ums_tls::pinned_client_config(&pin).unwrap();
-    let client = reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .build()
-        .unwrap();
+    let (base, ca) = cluster.kubelet();
+    let client =
+        ums_tests::coordinator::client_with(&ca, &ums_tests::coordinator::Credential::None);
     let mut request = client.post(format!("{base}{path}"));
     if let Some(token) = token {
         request = request.bearer_auth(token);
@@ -152,7 +150,13 @@ async fn a_cri_node_runs_pods_and_serves_the_kubelet_checkpoint_endpoint() {
     .await;
     assert_eq!(code, 400, "{body}");
 
-    // A checkpoint, with the kubelet's file name, of both containers at once.
+    // A checkpoint, with the kubelet's file name, of both containers at once, while a client
+    // holds a TCP connection to the service (as clients and the kubelet's probes do): the
+    // node's CRIU configuration (tcp-close) checkpoints it, to be restored closed.
+    let held = tokio::net::TcpStream::connect((ip.as_str(), 9000))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let before = ask_service(&ip, 8080).await.unwrap();
     let (main, journal) = tokio::join!(
         kubelet_post(
@@ -187,6 +191,7 @@ async fn a_cri_node_runs_pods_and_serves_the_kubelet_checkpoint_endpoint() {
             "{container}'s archive holds CRIU's images and containerd's config: {entries:?}"
         );
     }
+    drop(held);
     // A CRI checkpoint leaves the container running (KEP-2008): the service goes on.
     let until = Instant::now() + Duration::from_secs(30);
     loop {

@@ -190,3 +190,173 @@ async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cl
     assert!(after.memory_ok, "{after:?}");
     assert!(after.tick > before.tick, "{before:?} -> {after:?}");
 }
+
+/// One `POST /migrate` moves an ordinary, unannotated two-container pod between two CRI
+/// clusters: the kubelet checkpoints both containers at once, the source pod is stopped, the
+/// node part sends the archives to the destination coordinator, which restores the pod from
+/// checkpoint images. The service goes on at the destination with its memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ums_call_moves_an_unannotated_two_container_pod() {
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    edge.deploy_node_part().await;
+    let image = tls_registry_workload_image();
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "service", "labels": {"app": "service"}},
+        "spec": {"containers": [
+            {"name": "main", "image": image,
+             "env": [{"name": "WORKLOAD_MIB", "value": "32"},
+                     {"name": "WORKLOAD_LISTEN", "value": "8080"},
+                     {"name": "WORKLOAD_SINK", "value": "9000"}],
+             "readinessProbe": {"tcpSocket": {"port": 8080}}},
+            {"name": "side", "image": image,
+             "env": [{"name": "WORKLOAD_MIB", "value": "8"}]}
+        ]}
+    });
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let source_ip = edge
+        .wait_running_and_ready("service", Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    // The destination as the node part reaches it too (pods send it the archives).
+    let destination = cloud_coordinator.pod_network_address.clone();
+    let operator = Credential::Bearer(edge_coordinator.api_token.clone());
+    let call = |body: serde_json::Value| {
+        call_result(
+            &edge_coordinator.address,
+            &edge_certs.ca,
+            &operator,
+            "POST",
+            "/migrate",
+            Some(body),
+        )
+    };
+
+    // A pod already under migration is refused before anything is checkpointed.
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", "service", "migration-id=other"],
+    );
+    let (status, answer) = call(json!({"name": "service", "destinationUrl": destination}))
+        .await
+        .unwrap();
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("being migrated"),
+        "{answer}"
+    );
+    edge.kubectl(
+        User::Coordinator,
+        &["annotate", "pod", "service", "migration-id-"],
+    );
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing was checkpointed"
+    );
+
+    // A client holds a connection to the service while it moves: the checkpoint takes it
+    // (restored closed: the pod has a new IP at the destination).
+    let held = tokio::net::TcpStream::connect((source_ip.as_str(), 9000))
+        .await
+        .unwrap();
+    let (status, report) = call(json!({"name": "service", "destinationUrl": destination}))
+        .await
+        .unwrap();
+    drop(held);
+    assert_eq!(
+        status,
+        200,
+        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}\n--- edge node:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log(),
+        edge.node_log()
+    );
+    assert_eq!(report["migrationInterface"], "ssu", "{report}");
+    let details = &report["sidecar"];
+    assert_eq!(
+        details["checkpoints"].as_array().unwrap().len(),
+        2,
+        "{report}"
+    );
+    assert!(details["checkpointSkewMs"].is_u64(), "{report}");
+    assert!(details["divergenceMs"].is_u64(), "{report}");
+    assert!(
+        details["totals"]["contentBytes"].as_u64().unwrap() > 32 << 20,
+        "{report}"
+    );
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "checking",
+            "locking",
+            "checkpointing",
+            "stopping",
+            "transferring",
+            "creating",
+            "finishing"
+        ],
+        "{report}"
+    );
+
+    // The source pod is gone, its archives removed from its node.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while edge
+        .kubectl_result(User::Admin, &["get", "pod", "service"])
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the source pod is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "the archives are removed"
+    );
+    // The service goes on at the destination, from where it stopped, memory intact.
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    assert_eq!(cloud.get_json(&["pod", "service"])["status"]["podIP"], ip);
+    let after = ask_service(ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+    // The second container was restored too: its log at the destination starts past zero.
+    let side = cloud.cri_container_output("service", "side");
+    let first: u64 = side
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("tick=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        first > 10,
+        "side's restored log starts at tick {first}: {side:?}"
+    );
+    assert_eq!(
+        cloud.get_json(&["pod", "service"])["metadata"]["labels"]["app"],
+        "service",
+        "the labels came along (Services select it)"
+    );
+}

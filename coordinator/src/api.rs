@@ -65,7 +65,11 @@ async fn identity(State(c): State<Arc<Coordinator>>) -> Json<Identity> {
         service: "ums-coordinator".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         cluster: c.cluster.clone(),
-        interfaces: vec!["dind".into(), "pind".into()],
+        interfaces: vec![
+            "dind".into(),
+            "pind".into(),
+            crate::orchestrator::INTERFACE.into(),
+        ],
         public_key: c.signing_key.public_key(),
     })
 }

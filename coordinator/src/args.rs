@@ -103,6 +103,29 @@ pub struct Args {
     /// Speak plain HTTP to the checkpoint registry (a registry on a trusted network only).
     #[arg(long, env = "UMS_CHECKPOINT_REGISTRY_INSECURE")]
     pub checkpoint_registry_insecure: bool,
+    /// The CA (PEM file) that signs the kubelets' serving certificates: enables
+    /// orchestrator-level (`ssu`) migrations from this cluster, through the kubelet's
+    /// checkpoint API.
+    #[arg(long, env = "UMS_KUBELET_CA")]
+    pub kubelet_ca: Option<PathBuf>,
+    /// Do not verify the kubelets' certificates (as metrics-server's flag of that name; for
+    /// clusters whose kubelets serve self-signed certificates).
+    #[arg(long, env = "UMS_KUBELET_INSECURE_TLS")]
+    pub kubelet_insecure_tls: bool,
+    /// The token presented to kubelets: this coordinator's service account token (RBAC:
+    /// `create` on `nodes/checkpoint`).
+    #[arg(
+        long,
+        env = "UMS_KUBELET_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kubelet_token_file: PathBuf,
+    /// The namespace of the node part (deploy/node).
+    #[arg(long, env = "UMS_NODE_PART_NAMESPACE", default_value = "ums-system")]
+    pub node_part_namespace: String,
+    /// The node part's API port.
+    #[arg(long, env = "UMS_NODE_PART_PORT", default_value_t = 8889)]
+    pub node_part_port: u16,
     #[arg(long, env = "UMS_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 }
@@ -158,6 +181,36 @@ impl Args {
                 })
             })
             .transpose()?;
+        let kubelets = if self.kubelet_ca.is_some() || self.kubelet_insecure_tls {
+            let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+            if let Some(path) = &self.kubelet_ca {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("failed to read the kubelet CA {}", path.display()))?;
+                let ca = reqwest::Certificate::from_pem(&pem)
+                    .with_context(|| format!("kubelet CA {}", path.display()))?;
+                builder = builder.tls_certs_only([ca]);
+            } else {
+                tracing::warn!(
+                    "--kubelet-insecure-tls: the kubelets' certificates are not verified"
+                );
+                builder = builder.tls_danger_accept_invalid_certs(true);
+            }
+            Some(crate::kubelet::Kubelets {
+                client: builder
+                    .build()
+                    .context("failed to build the kubelet client")?,
+                token_file: self.kubelet_token_file.clone(),
+            })
+        } else {
+            None
+        };
+        let mut peer_ca_pem = String::new();
+        for path in &self.peer_ca {
+            peer_ca_pem.push_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("failed to read {}", path.display()))?,
+            );
+        }
         let coordinator = Arc::new(Coordinator {
             kube,
             cluster: self.cluster,
@@ -179,6 +232,12 @@ impl Args {
             metrics: crate::metrics::Metrics::default(),
             checkpoint_registry,
             uploads: Mutex::default(),
+            kubelets,
+            node_part: crate::state::NodePart {
+                namespace: self.node_part_namespace,
+                port: self.node_part_port,
+                peer_ca_pem,
+            },
         });
         // Clients may connect without a certificate (operators); peers present theirs.
         let acceptor = TlsAcceptor::from(Arc::new(

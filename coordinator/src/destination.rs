@@ -29,6 +29,10 @@ pub struct CreateRequest {
     /// them, to ask what became of the migration ([`crate::outcome`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceRef>,
+    /// `ssu`: the pod runs from checkpoint images and is active at once (no sidecar, no
+    /// passive phase); absent: a wrapped pod's passive copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
 }
 
 /// The created pod, ready to take the restore.
@@ -129,8 +133,10 @@ impl Coordinator {
             .name
             .clone()
             .ok_or_else(|| ApiError::bad_request("the pod to create has no name"))?;
+        let orchestrator_level =
+            request.interface.as_deref() == Some(crate::orchestrator::INTERFACE);
         let locked_by = annotations_of(&request.pod).migration_id;
-        if locked_by.as_deref() != Some(request.migration_id.as_str()) {
+        if !orchestrator_level && locked_by.as_deref() != Some(request.migration_id.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "the pod to create must carry {ANNOTATION_ID}={}",
                 request.migration_id
@@ -148,7 +154,9 @@ impl Coordinator {
             .annotations
             .get_or_insert_with(Default::default);
         annotations.remove(ANNOTATION_LOCKED_BY);
-        annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
+        if !orchestrator_level {
+            annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
+        }
         annotations.remove(ANNOTATION_SOURCE);
         annotations.remove(ANNOTATION_SOURCE_POD);
         for (key, value) in request.source.iter().flat_map(SourceRef::annotations) {
@@ -169,6 +177,27 @@ impl Coordinator {
             }
         };
         tracing::info!(migration = %request.migration_id, pod = %name, "destination pod created");
+        if orchestrator_level {
+            // Restored from its checkpoint images: done once it runs and is ready.
+            return match self.wait_restored_ready(&pods, &name).await {
+                Ok(ip) => Ok(CreateAnswer {
+                    sidecar_url: String::new(),
+                    sidecar_certificate_sha256: String::new(),
+                    migration_credential: self.migration_credential(&request.migration_id),
+                    sidecar_token: String::new(),
+                    name,
+                    namespace: request.namespace,
+                    pod_ip: ip,
+                    create_ms: started.elapsed().as_millis() as u64,
+                }),
+                Err(e) => {
+                    if let Err(d) = pods.delete(&name, &DeleteParams::default()).await {
+                        tracing::warn!(pod = %name, error = %d, "failed to delete the restored pod after a failed restore");
+                    }
+                    Err(e)
+                }
+            };
+        }
         match self.wait_passive_ready(&pods, &name).await {
             Ok((ip, pin)) => Ok(CreateAnswer {
                 sidecar_url: format!("https://{ip}:{}", self.sidecar_port),
@@ -192,6 +221,46 @@ impl Coordinator {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Waits until a pod restored from checkpoint images runs and is ready; its IP. A
+    /// container the node cannot restore (its waiting reason and message) fails at once.
+    async fn wait_restored_ready(&self, pods: &Api<Pod>, name: &str) -> Result<String, ApiError> {
+        let until = Instant::now() + self.pod_ready_timeout;
+        let mut last = String::from("not seen yet");
+        loop {
+            if Instant::now() > until {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the pod {name} restored from its checkpoint images was not ready within {} s ({last})",
+                        self.pod_ready_timeout.as_secs()
+                    ),
+                ));
+            }
+            let pod = pods.get(name).await?;
+            let status = pod.status.clone().unwrap_or_default();
+            let phase = status.phase.clone().unwrap_or_default();
+            let ip = status.pod_ip.clone().unwrap_or_default();
+            if phase == "Running" && is_ready(&pod) && !ip.is_empty() {
+                return Ok(ip);
+            }
+            for c in status.container_statuses.iter().flatten() {
+                let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+                if let Some(w) = waiting {
+                    let reason = w.reason.clone().unwrap_or_default();
+                    if reason.ends_with("Error") || reason.starts_with("ErrImage") {
+                        return Err(ApiError::bad_gateway(format!(
+                            "the destination's node cannot restore container {}: {reason}: {}",
+                            c.name,
+                            w.message.clone().unwrap_or_default()
+                        )));
+                    }
+                }
+            }
+            last = format!("phase {phase}, ready {}", is_ready(&pod));
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

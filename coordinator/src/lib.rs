@@ -12,6 +12,8 @@
 //!   [`outcome`]: what a destination asks its source of a copy whose restored state runs
 //!   while it is still passive (made active, or deleted as a stale duplicate);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
+//! - [`orchestrator`]: the orchestrator-level interface's source side (UMS's `ssu`: an
+//!   unwrapped pod checkpointed through [`kubelet`], its archives sent by the node part);
 //! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
 //!   archives stream in and become checkpoint OCI images in this cluster's registry;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
@@ -25,9 +27,11 @@ pub mod checkpoint_upload;
 pub mod destination;
 pub mod error;
 pub mod journal;
+pub mod kubelet;
 pub mod live_migration;
 pub mod metrics;
 pub mod migrate;
+pub mod orchestrator;
 pub mod outcome;
 pub mod peer;
 pub mod pod;

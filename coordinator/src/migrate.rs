@@ -96,10 +96,15 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
             )
         })
         .and_then(|d| peer_base_url(&d))?;
-    if let Some(i) = &request.interface {
-        if i != "dind" && i != "pind" {
+    // The orchestrator-level interface under UMS's name, or the name users read.
+    let interface = request.interface.map(|i| match i.as_str() {
+        "orchestrator" => crate::orchestrator::INTERFACE.to_owned(),
+        _ => i,
+    });
+    if let Some(i) = &interface {
+        if i != "dind" && i != "pind" && i != crate::orchestrator::INTERFACE {
             return Err(ApiError::bad_request(format!(
-                "interface {i:?}: the coordinator migrates \"dind\" and \"pind\" pods"
+                "interface {i:?}: the coordinator migrates \"dind\" and \"pind\" pods, and ordinary pods as \"ssu\" (or \"orchestrator\")"
             )));
         }
     }
@@ -114,7 +119,7 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         namespace,
         destination,
         keep: request.keep,
-        interface: request.interface,
+        interface,
         post_copy: request.post_copy,
     })
 }
@@ -215,6 +220,15 @@ impl Coordinator {
                 )
                 .in_phase("checking")
             })?;
+        if crate::orchestrator::is_orchestrator_level(&pod, request.interface.as_deref()) {
+            if request.keep || request.post_copy {
+                return Err(ApiError::bad_request(
+                    "keep and postCopy apply to wrapped pods (dind, pind): an orchestrator-level migration stops the source and copies its state once",
+                )
+                .in_phase("checking"));
+            }
+            return self.migrate_orchestrator(request, id, started, pod).await;
+        }
         let migratable = check(&pod, request.interface.as_deref()).map_err(|r| {
             ApiError::new(
                 StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
@@ -293,6 +307,7 @@ impl Coordinator {
                 namespace: request.namespace.clone(),
                 name: request.name.clone(),
             }),
+            interface: None,
         };
         let creating = peer.post::<_, CreateAnswer>(
             "/create",

@@ -35,6 +35,20 @@ pub struct Coordinator {
     pub checkpoint_registry: Option<crate::checkpoint_upload::CheckpointRegistry>,
     /// The checkpoint images received, by migration and container.
     pub uploads: Mutex<crate::checkpoint_upload::Uploads>,
+    /// The kubelets' checkpoint API (`None`: this coordinator drives no orchestrator-level
+    /// migration).
+    pub kubelets: Option<crate::kubelet::Kubelets>,
+    /// The node part (deploy/node), which sends checkpoint archives from the nodes.
+    pub node_part: NodePart,
+}
+
+/// Where the node part runs and what it is given.
+#[derive(Debug, Clone)]
+pub struct NodePart {
+    pub namespace: String,
+    pub port: u16,
+    /// The peers' CAs (PEM): the node part verifies the destination coordinator with them.
+    pub peer_ca_pem: String,
 }
 
 impl std::fmt::Debug for Coordinator {

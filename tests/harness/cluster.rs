@@ -252,7 +252,27 @@ impl Cluster {
         if runtime == NodeRuntime::Cri {
             let port = free_port();
             kubelet_port = Some(port);
+            // The kubelet's serving certificate, signed by the cluster's kubelet CA (what
+            // kube-apiserver's --kubelet-certificate-authority names); clients trust the CA.
+            let bundle = ums_certs::generate(&ums_certs::CertRequest {
+                service: "kubelet".into(),
+                namespace: "kube-system".into(),
+                extra_names: vec![
+                    "127.0.0.1".into(),
+                    crate::outer::bridge_gateway().to_owned(),
+                ],
+                valid_for: time::Duration::days(1),
+                client_auth: false,
+            })
+            .unwrap();
+            let pki = self.dir.join("kubelet-pki");
+            std::fs::create_dir_all(&pki).unwrap();
+            std::fs::write(pki.join("ca.crt"), &bundle.ca_cert_pem).unwrap();
+            std::fs::write(pki.join("kubelet.crt"), &bundle.server_cert_pem).unwrap();
+            std::fs::write(pki.join("kubelet.key"), &bundle.server_key_pem).unwrap();
             command
+                .env("UMS_KUBELET_TLS_CERT", pki.join("kubelet.crt"))
+                .env("UMS_KUBELET_TLS_KEY", pki.join("kubelet.key"))
                 .env("UMS_NODE_RUNTIME", "cri")
                 .env("UMS_NODE_IMAGE", cri_node_image())
                 .env(
@@ -321,26 +341,31 @@ impl Cluster {
         }
     }
 
-    /// With a CRI node: the kubelet endpoint's base URL (`https://127.0.0.1:PORT`) and the
-    /// SHA-256 pin of its self-signed certificate.
-    pub fn kubelet(&self) -> (String, String) {
+    /// With a CRI node: the kubelet endpoint's base URL (`https://127.0.0.1:PORT`) and the CA
+    /// (PEM file) that signs its certificate.
+    pub fn kubelet(&self) -> (String, PathBuf) {
         let port = self
             .node
             .as_ref()
             .and_then(|n| n.kubelet_port)
             .expect("a cluster with a CRI node");
-        let pin = std::fs::read_to_string(self.dir.join("node/kubelet.sha256")).unwrap();
-        (format!("https://127.0.0.1:{port}"), pin.trim().to_owned())
+        (
+            format!("https://127.0.0.1:{port}"),
+            self.kubelet_ca().expect("a cluster with a CRI node"),
+        )
+    }
+
+    /// The CA of the kubelet's serving certificate, when the cluster has a CRI node.
+    pub fn kubelet_ca(&self) -> Option<PathBuf> {
+        let ca = self.dir.join("kubelet-pki/ca.crt");
+        ca.exists().then_some(ca)
     }
 
     /// Checkpoints a container through the kubelet endpoint of this cluster's CRI node, as the
     /// coordinator's service account; returns the archive's path on the node.
     pub async fn kubelet_checkpoint(&self, namespace: &str, pod: &str, container: &str) -> String {
-        let (base, pin) = self.kubelet();
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(ums_tls::pinned_client_config(&pin).unwrap())
-            .build()
-            .unwrap();
+        let (base, ca) = self.kubelet();
+        let client = crate::coordinator::client_with(&ca, &crate::coordinator::Credential::None);
         let response = client
             .post(format!("{base}/checkpoint/{namespace}/{pod}/{container}"))
             .bearer_auth("coordinator-token")

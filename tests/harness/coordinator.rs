@@ -127,6 +127,13 @@ impl RunningCoordinator {
         )
         .unwrap();
         let repository = format!("ums-checkpoints/{}", cluster.name);
+        // With a CRI node: the kubelets' CA and the service account token the coordinator
+        // presents to them (the static token of its account).
+        let kubelet_ca = cluster.kubelet_ca();
+        if let Some(ca) = &kubelet_ca {
+            std::fs::copy(ca, mounted.join("kubelet-ca.crt")).unwrap();
+            std::fs::write(mounted.join("token"), "coordinator-token").unwrap();
+        }
         for entry in std::fs::read_dir(&mounted).unwrap() {
             use std::os::unix::fs::PermissionsExt as _;
             let path = entry.unwrap().path();
@@ -134,12 +141,23 @@ impl RunningCoordinator {
         }
         let container = format!("{}-coordinator", cluster.name);
         let mount = format!("{}:/etc/ums-coordinator/files:ro", mounted.display());
+        let kubelet_env: Vec<String> = if kubelet_ca.is_some() {
+            vec![
+                "--env".into(),
+                "UMS_KUBELET_CA=/etc/ums-coordinator/files/kubelet-ca.crt".into(),
+                "--env".into(),
+                "UMS_KUBELET_TOKEN_FILE=/etc/ums-coordinator/files/token".into(),
+            ]
+        } else {
+            Vec::new()
+        };
         let output = Command::new("docker")
             .args(["run", "--detach", "--name", &container, "--network", "host"])
             .args(["--volume", &mount])
             .args(["--env", "KUBECONFIG=/etc/ums-coordinator/files/kubeconfig"])
             .args(["--env", &format!("UMS_CLUSTER_NAME={}", cluster.name)])
             .args(["--env", "RUST_LOG=info"])
+            .args(&kubelet_env)
             .args([
                 "--env",
                 &format!(

@@ -70,6 +70,21 @@ pub struct Kubelet<R> {
     pub checkpoint_users: Vec<String>,
     /// The kubelet's checkpoint directory, as the runtime sees it (the same path on the node).
     pub checkpoint_dir: PathBuf,
+    /// Where the node's /run/containerd is on this machine: a failed checkpoint's CRIU log is
+    /// read from there into the agent's log.
+    pub containerd_run_dir: PathBuf,
+}
+
+/// The last lines of the CRIU log a runtime error names (`path= /run/containerd/.../criu-dump.log`).
+fn criu_log_tail(error: &str, run_dir: &Path) -> Option<String> {
+    let path = error
+        .split_whitespace()
+        .find(|w| w.ends_with("criu-dump.log") || w.ends_with("criu-dump.log)"))?
+        .trim_end_matches(')');
+    let on_host = run_dir.join(path.strip_prefix("/run/containerd/")?);
+    let text = std::fs::read_to_string(on_host).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    Some(lines[lines.len().saturating_sub(20)..].join("\n"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +190,9 @@ async fn checkpoint<R: Runtime>(
         }
         Err(e) => {
             tracing::warn!(%namespace, %pod, %container, error = %e, "checkpoint failed");
+            if let Some(tail) = criu_log_tail(&e.to_string(), &kubelet.containerd_run_dir) {
+                tracing::warn!(%container, "CRIU's dump log ends:\n{tail}");
+            }
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("checkpointing of {namespace}/{pod}/{container} failed ({e})"),

@@ -78,6 +78,13 @@ struct Args {
     /// CRI runtime: where the kubelet's HTTPS endpoint (checkpoint) listens.
     #[arg(long, env = "UMS_KUBELET_ADDRESS", default_value = "0.0.0.0:10250")]
     kubelet_address: std::net::SocketAddr,
+    /// CRI runtime: the kubelet endpoint's serving certificate and key (PEM), signed by a CA its
+    /// clients trust; without them, a self-signed certificate made at start (its SHA-256 in
+    /// `<state dir>/kubelet.sha256`).
+    #[arg(long, env = "UMS_KUBELET_TLS_CERT", requires = "kubelet_tls_key")]
+    kubelet_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "UMS_KUBELET_TLS_KEY", requires = "kubelet_tls_cert")]
+    kubelet_tls_key: Option<PathBuf>,
     /// CRI runtime: the static token file the cluster's API server authenticates with (the
     /// kubelet authenticates the same users).
     #[arg(long, env = "UMS_KUBELET_TOKEN_FILE")]
@@ -165,22 +172,30 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             let runtime = Arc::new(cri::connect(&node.socket, &args.node_name).await?);
-            let cert = ums_tls::EphemeralCert::generate(&args.node_name)?;
-            // Clients pin the kubelet's self-signed certificate, as a kubelet's serving
-            // certificate is pinned or signed in a real cluster.
-            std::fs::write(args.state_dir.join("kubelet.sha256"), cert.sha256())?;
+            let server_config = match (&args.kubelet_tls_cert, &args.kubelet_tls_key) {
+                (Some(cert), Some(key)) => {
+                    Arc::new(ums_tls::ReloadingCert::load(cert, key)?.server_config()?)
+                }
+                _ => {
+                    // A kubelet's default: a self-signed serving certificate; clients pin it.
+                    let cert = ums_tls::EphemeralCert::generate(&args.node_name)?;
+                    std::fs::write(args.state_dir.join("kubelet.sha256"), cert.sha256())?;
+                    cert.server_config()
+                }
+            };
             let kubelet = Arc::new(kubelet_api::Kubelet {
                 runtime: runtime.clone(),
                 index: index.clone(),
                 tokens,
                 checkpoint_users: args.checkpoint_users,
                 checkpoint_dir: cri_node::KUBELET_CHECKPOINTS.into(),
+                containerd_run_dir: args.state_dir.join("containerd-run"),
             });
             let listener = ums_tls::bind(args.kubelet_address).await?;
             let kubelet_address = listener.local_addr()?;
             tokio::spawn(ums_tls::serve_tls(
                 listener,
-                tokio_rustls::TlsAcceptor::from(cert.server_config()),
+                tokio_rustls::TlsAcceptor::from(server_config),
                 kubelet_api::router(kubelet),
             ));
             tokio::spawn(node_object::keep_registered(

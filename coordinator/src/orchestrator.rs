@@ -1,0 +1,550 @@
+//! The orchestrator-level interface (UMS's `ssu`; the Pisa workflow), source side: an ordinary
+//! pod, unwrapped, moves through the kubelet's checkpoint API.
+//!
+//! checking (the pod runs, its node's runtime restores checkpoints and serves the kubelet
+//! endpoint, the node part runs there, the destination takes checkpoint uploads) -> locking ->
+//! checkpointing (every container at once, through the kubelet of the pod's node) ->
+//! stopping (the source pod is deleted right after: a CRI checkpoint leaves it running, and
+//! the time it ran on is reported as the divergence window) -> transferring (the node part
+//! sends each archive straight to the destination coordinator, which stores it as a checkpoint
+//! image) -> creating (the destination creates the pod from the source's spec with each
+//! container's image replaced by its checkpoint image, and answers once it runs and is ready)
+//! -> finishing (the archives are removed from the node).
+//!
+//! A failure before the source is stopped leaves it running (the archives are removed, the lock
+//! released). After, the archives on the source's node are the service: they are kept, and the
+//! answer says so (restoring the pod at the source from them is not built yet).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::{json, Value};
+use ums_contract::ANNOTATION_ID;
+
+use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
+use crate::destination::{CreateAnswer, CreateRequest};
+use crate::error::ApiError;
+use crate::journal::{unlock_patch, ANNOTATION_LOCKED_BY};
+use crate::kubelet::{checkpoint_node, node_of, skew_ms, Checkpoint, CheckpointNode};
+use crate::migrate::{DestinationPod, MigrateReport, Validated};
+use crate::peer::Peer;
+use crate::state::{unix_ms, Coordinator};
+
+/// The interface's name in reports (UMS's).
+pub const INTERFACE: &str = "ssu";
+
+/// Whether `POST /migrate` goes the orchestrator-level way: asked for, or (UMS's order) the pod
+/// carries no `migration-interface`.
+pub fn is_orchestrator_level(pod: &Pod, requested: Option<&str>) -> bool {
+    match requested {
+        Some(i) => i == INTERFACE,
+        None => !pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ums_contract::annotations::ANNOTATION_INTERFACE)),
+    }
+}
+
+/// The pod to create at the destination: the source's spec, each container's image replaced by
+/// its checkpoint image (pulled by digest), unbound from the source's node, without this
+/// migration's lock (pure).
+pub fn restored_pod(source: &Pod, images: &BTreeMap<String, String>) -> Result<Pod, String> {
+    let mut spec = source.spec.clone().unwrap_or_default();
+    for container in &mut spec.containers {
+        let image = images
+            .get(&container.name)
+            .ok_or_else(|| format!("no checkpoint image for container {}", container.name))?;
+        container.image = Some(image.clone());
+        container.image_pull_policy = Some("IfNotPresent".into());
+    }
+    spec.node_name = None;
+    let mut annotations = source.metadata.annotations.clone().unwrap_or_default();
+    annotations.remove(ANNOTATION_ID);
+    annotations.remove(ANNOTATION_LOCKED_BY);
+    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    Ok(Pod {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: source.metadata.name.clone(),
+            labels: source.metadata.labels.clone(),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+/// Why a pod cannot move this way now (pure): not running, or a container not running.
+pub fn not_ready(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Unknown");
+    if phase != "Running" {
+        return Some(format!("it is {phase}, not Running"));
+    }
+    let names: Vec<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.as_str()))
+        .collect();
+    for name in names {
+        let running = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.name == name))
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.running.is_some());
+        if !running {
+            return Some(format!("its container {name} is not running"));
+        }
+    }
+    if pod
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.init_containers.as_ref().is_some_and(|i| !i.is_empty()))
+    {
+        return Some("it has init containers, which a checkpoint does not carry".into());
+    }
+    None
+}
+
+impl Coordinator {
+    /// The node part (deploy/node) on the pod's node: its pod IP and UID.
+    async fn node_part(
+        &self,
+        node: &CheckpointNode,
+        host_ip: Option<&str>,
+    ) -> Result<(String, Option<String>), ApiError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &self.node_part.namespace);
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=ums-node"))
+            .await?;
+        list.into_iter()
+            .find(|p| {
+                let on_node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                let status = p.status.as_ref();
+                let here = match on_node {
+                    Some(name) if !name.is_empty() => name == node.name,
+                    _ => host_ip.is_some() && status.and_then(|s| s.host_ip.as_deref()) == host_ip,
+                };
+                let ready = status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                here && ready
+            })
+            .and_then(|p| {
+                let ip = p.status.as_ref()?.pod_ip.clone()?;
+                Some((ip, p.metadata.uid.clone()))
+            })
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "no ready node part (deploy/node, label app.kubernetes.io/name=ums-node in namespace {}) on node {}: it sends the checkpoints from the node",
+                    self.node_part.namespace, node.name
+                ))
+            })
+    }
+
+    async fn node_part_call(
+        &self,
+        (ip, uid): &(String, Option<String>),
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ApiError> {
+        let token = self.sidecar_token(
+            ip,
+            uid.as_deref(),
+            ums_contract::credential::Scope::Coordinator,
+            None,
+            600,
+        );
+        let url = format!("http://{ip}:{}{path}", self.node_part.port);
+        let mut request = self
+            .sidecars
+            .request(method, &url)
+            .bearer_auth(token)
+            .timeout(Duration::from_secs(3600));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| {
+            ApiError::bad_gateway(format!(
+                "the node part at {url}: {}",
+                crate::peer::error_chain(&e)
+            ))
+        })?;
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(answer)
+        } else {
+            Err(ApiError::bad_gateway(format!(
+                "the node part: {status}: {}",
+                answer["error"].as_str().unwrap_or("no message")
+            )))
+        }
+    }
+
+    /// Removes the archives from the node; what was done, for the answer.
+    async fn remove_archives(
+        &self,
+        part: &(String, Option<String>),
+        checkpoints: &[Checkpoint],
+    ) -> String {
+        let mut failed = Vec::new();
+        for c in checkpoints {
+            let name = c.archive.rsplit('/').next().unwrap_or_default();
+            if let Err(e) = self
+                .node_part_call(
+                    part,
+                    reqwest::Method::DELETE,
+                    &format!("/archives/{name}"),
+                    None,
+                )
+                .await
+            {
+                failed.push(format!("{name}: {}", e.message));
+            }
+        }
+        if failed.is_empty() {
+            format!(
+                "{} checkpoint archive(s) removed from the node",
+                checkpoints.len()
+            )
+        } else {
+            format!(
+                "FAILED to remove checkpoint archives from the node: {}",
+                failed.join("; ")
+            )
+        }
+    }
+
+    pub(crate) async fn migrate_orchestrator(
+        &self,
+        request: &Validated,
+        id: &str,
+        started: Instant,
+        pod: Pod,
+    ) -> Result<MigrateReport, ApiError> {
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        let name = format!("{}/{}", request.namespace, request.name);
+        let kubelets = self.kubelets.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "this coordinator does not drive orchestrator-level migrations: it has no kubelet credentials (--kubelet-ca or --kubelet-insecure-tls)",
+            )
+            .in_phase("checking")
+        })?;
+        if let Some(reason) = not_ready(&pod) {
+            return Err(
+                ApiError::conflict(format!("pod {name} cannot be checkpointed: {reason}"))
+                    .in_phase("checking"),
+            );
+        }
+        if pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(ANNOTATION_ID))
+        {
+            return Err(
+                ApiError::conflict(format!("pod {name} is being migrated already"))
+                    .in_phase("checking"),
+            );
+        }
+        let nodes: Vec<Node> = Api::<Node>::all(self.kube.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| ApiError::from(e).in_phase("checking"))?
+            .items;
+        let node = node_of(&pod, &nodes).ok_or_else(|| {
+            ApiError::conflict(format!("pod {name} runs on no node this cluster lists"))
+                .in_phase("checking")
+        })?;
+        let node = checkpoint_node(node).map_err(|reason| {
+            ApiError::conflict(format!("pod {name} cannot be checkpointed: {reason}"))
+                .in_phase("checking")
+        })?;
+        let host_ip = pod.status.as_ref().and_then(|s| s.host_ip.clone());
+        let part = self
+            .node_part(&node, host_ip.as_deref())
+            .await
+            .map_err(|e| e.in_phase("checking"))?;
+        let peer = Peer::new(self.peers.clone(), request.destination.clone());
+        let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
+        // The destination's preflight: it takes checkpoint images (a registry its nodes pull
+        // from), before anything is checkpointed.
+        let upload: UploadAnswer = peer
+            .post(
+                "/checkpoint-uploads",
+                &UploadRequest {
+                    migration_id: id.to_owned(),
+                },
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| e.in_phase("checking"))?;
+        let containers: Vec<String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+            .collect();
+
+        self.enter(id, "locking");
+        let lock = json!({"metadata": {
+            "resourceVersion": pod.metadata.resource_version,
+            "annotations": {ANNOTATION_ID: id, ANNOTATION_LOCKED_BY: &self.cluster},
+        }});
+        pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
+            .await
+            .map_err(|e| {
+                let e = ApiError::from(e);
+                if e.status == axum::http::StatusCode::CONFLICT {
+                    ApiError::conflict(format!(
+                        "pod {name} changed while it was checked (another migration?): try again"
+                    ))
+                } else {
+                    e
+                }
+                .in_phase("locking")
+            })?;
+        let unlock = || async {
+            match pods
+                .patch(
+                    &request.name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&unlock_patch()),
+                )
+                .await
+            {
+                Ok(_) => "source pod unlocked".to_owned(),
+                Err(e) => format!("FAILED to unlock the source pod: {e}"),
+            }
+        };
+
+        // Every container at once: their states are taken as close together as the kubelet
+        // allows (the skew is reported).
+        self.enter(id, "checkpointing");
+        let results = futures_util::future::join_all(
+            containers
+                .iter()
+                .map(|c| kubelets.checkpoint(&node, &request.namespace, &request.name, c)),
+        )
+        .await;
+        let checkpoints: Vec<Checkpoint> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok().cloned())
+            .collect();
+        if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+            let mut e = e.in_phase("checkpointing");
+            e.rollback
+                .push(self.remove_archives(&part, &checkpoints).await);
+            e.rollback.push(unlock().await);
+            e.rollback.push(
+                "a kubelet checkpoint leaves the container running: the service runs at the source"
+                    .into(),
+            );
+            e.service_runs_at = Some("source");
+            return Err(e);
+        }
+
+        // The source runs on after its dump until it is stopped: stop it now.
+        self.enter(id, "stopping");
+        let delete = pods
+            .delete(
+                &request.name,
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let stopped = unix_ms();
+        let first_dump_end = checkpoints
+            .iter()
+            .map(|c| c.answered_unix_ms)
+            .min()
+            .unwrap_or(stopped);
+        if let Err(e) = delete {
+            let mut e = ApiError::from(e).in_phase("stopping");
+            e.rollback
+                .push(self.remove_archives(&part, &checkpoints).await);
+            e.rollback.push(unlock().await);
+            e.service_runs_at = Some("source");
+            return Err(e);
+        }
+        let kept = |e: &mut ApiError| {
+            e.service_runs_at = Some("nowhere");
+            e.rollback.push(format!(
+                "the source pod is stopped; its state is kept in the checkpoint archives on node {}: {}",
+                node.name,
+                checkpoints.iter().map(|c| c.archive.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        };
+
+        // Each archive goes from the node straight to the destination.
+        self.enter(id, "transferring");
+        let ca_pem = self.node_part.peer_ca_pem.clone();
+        let sends = futures_util::future::join_all(checkpoints.iter().map(|c| {
+            let body = json!({
+                "archive": c.archive,
+                "url": format!("{}/checkpoints/{id}/{}", request.destination, c.container),
+                "token": upload.upload_token,
+                "caPem": ca_pem,
+            });
+            self.node_part_call(&part, reqwest::Method::POST, "/send", Some(body))
+        }))
+        .await;
+        let mut images = BTreeMap::new();
+        let mut transfers = Vec::new();
+        for (c, sent) in checkpoints.iter().zip(sends) {
+            match sent {
+                Ok(answer) => {
+                    let uploaded: Option<UploadedImage> =
+                        serde_json::from_value(answer["destination"].clone()).ok();
+                    let Some(uploaded) = uploaded else {
+                        let mut e = ApiError::bad_gateway(format!(
+                            "the destination's answer for {} names no image: {answer}",
+                            c.container
+                        ))
+                        .in_phase("transferring");
+                        kept(&mut e);
+                        return Err(e);
+                    };
+                    images.insert(c.container.clone(), uploaded.image.clone());
+                    transfers.push(json!({"container": c.container, "bytes": answer["bytes"], "sendMs": answer["sendMs"], "image": uploaded.image}));
+                }
+                Err(e) => {
+                    let mut e = e.in_phase("transferring");
+                    kept(&mut e);
+                    return Err(e);
+                }
+            }
+        }
+
+        self.enter(id, "creating");
+        let restored =
+            restored_pod(&pod, &images).map_err(|m| ApiError::internal(m).in_phase("creating"))?;
+        let create = CreateRequest {
+            migration_id: id.to_owned(),
+            namespace: request.namespace.clone(),
+            pod: restored,
+            source: None,
+            interface: Some(INTERFACE.to_owned()),
+        };
+        let created: CreateAnswer = peer
+            .post(
+                "/create",
+                &create,
+                self.pod_ready_timeout + Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| {
+                let mut e = e.in_phase("creating");
+                kept(&mut e);
+                e
+            })?;
+
+        self.enter(id, "finishing");
+        let cleanup = self.remove_archives(&part, &checkpoints).await;
+        self.enter(id, "done");
+        let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
+        let bytes: u64 = transfers.iter().filter_map(|t| t["bytes"].as_u64()).sum();
+        tracing::info!(migration = id, pod = %name, destination = %request.destination, "orchestrator-level migration done");
+        Ok(MigrateReport {
+            message: "migration complete!",
+            migration_id_ums: id.to_owned(),
+            migration_interface: INTERFACE.to_owned(),
+            migration_id: id.to_owned(),
+            pod: name,
+            destination: DestinationPod {
+                url: request.destination.clone(),
+                cluster: identity.cluster,
+                pod: format!("{}/{}", created.namespace, created.name),
+                pod_ip: created.pod_ip,
+            },
+            source_kept: false,
+            phases,
+            total_ms: started.elapsed().as_millis() as u64,
+            sidecar: json!({
+                "node": node.name,
+                "runtime": node.runtime,
+                "checkpoints": checkpoints,
+                "checkpointSkewMs": skew_ms(&checkpoints),
+                // From the end of the first dump until the source pod's deletion was accepted
+                // (the kubelet stops its containers right after).
+                "divergenceMs": stopped.saturating_sub(first_dump_end),
+                "transfers": transfers,
+                "totals": {"contentBytes": bytes},
+                "cleanup": cleanup,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(value: Value) -> Pod {
+        serde_json::from_value(value).unwrap_or_default()
+    }
+
+    #[test]
+    fn unannotated_pods_go_the_orchestrator_level_way() {
+        let plain = pod(json!({"metadata": {"name": "p"}}));
+        let wrapped =
+            pod(json!({"metadata": {"name": "p", "annotations": {"migration-interface": "dind"}}}));
+        assert!(is_orchestrator_level(&plain, None));
+        assert!(!is_orchestrator_level(&wrapped, None));
+        assert!(is_orchestrator_level(&wrapped, Some("ssu")));
+        assert!(!is_orchestrator_level(&plain, Some("dind")));
+    }
+
+    #[test]
+    fn the_restored_pod_runs_the_checkpoint_images_off_the_source_node() {
+        let source = pod(json!({
+            "metadata": {"name": "p", "labels": {"app": "a"}, "uid": "u1", "resourceVersion": "7",
+                "annotations": {"migration-id": "m1", "migration.ums-rs.io/locked-by-coordinator": "edge", "team": "x"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "a", "image": "img:1", "env": [{"name": "K", "value": "V"}]},
+                                                        {"name": "b", "image": "img:2"}]},
+            "status": {"phase": "Running"}
+        }));
+        let images = BTreeMap::from([
+            ("a".to_owned(), "r/c@sha256:1".to_owned()),
+            ("b".to_owned(), "r/c@sha256:2".to_owned()),
+        ]);
+        let restored = restored_pod(&source, &images).unwrap_or_default();
+        let spec = restored.spec.clone().unwrap_or_default();
+        assert_eq!(spec.containers[0].image.as_deref(), Some("r/c@sha256:1"));
+        assert_eq!(spec.containers[1].image.as_deref(), Some("r/c@sha256:2"));
+        assert_eq!(spec.containers[0].env.as_ref().map(Vec::len), Some(1));
+        assert_eq!(spec.node_name, None);
+        assert!(restored.status.is_none());
+        assert_eq!(restored.metadata.uid, None);
+        assert_eq!(restored.metadata.resource_version, None);
+        let annotations = restored.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.get("team").map(String::as_str), Some("x"));
+        assert!(!annotations.contains_key("migration-id"));
+        assert!(!annotations.contains_key("migration.ums-rs.io/locked-by-coordinator"));
+        assert!(restored_pod(&source, &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn only_running_pods_without_init_containers_qualify() {
+        let running = |state: Value| {
+            pod(json!({
+                "spec": {"containers": [{"name": "a"}]},
+                "status": {"phase": "Running", "containerStatuses": [{"name": "a", "image": "", "imageID": "", "ready": true, "restartCount": 0, "state": state}]}
+            }))
+        };
+        assert_eq!(not_ready(&running(json!({"running": {}}))), None);
+        assert!(not_ready(&running(json!({"waiting": {}})))
+            .unwrap_or_default()
+            .contains("container a"));
+        assert!(not_ready(&pod(json!({"status": {"phase": "Pending"}})))
+            .unwrap_or_default()
+            .contains("Pending"));
+    }
+}
