@@ -280,6 +280,8 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         cloud_coordinator.log(),
         edge.node_log()
     );
+    // The figures the README quotes (run with --nocapture).
+    eprintln!("orchestrator-level report: {report}");
     assert_eq!(report["migrationInterface"], "ssu", "{report}");
     let details = &report["sidecar"];
     assert_eq!(
@@ -359,4 +361,40 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         "service",
         "the labels came along (Services select it)"
     );
+
+    // And back, by a LiveMigration object in cloud: a second hop, through cloud's node part.
+    cloud.deploy_node_part().await;
+    let migration = json!({
+        "apiVersion": "migration.ums-rs.io/v1alpha1",
+        "kind": "LiveMigration",
+        "metadata": {"name": "back-to-edge"},
+        "spec": {"pod": "service", "destination": edge_coordinator.pod_network_address}
+    });
+    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
+    let until = std::time::Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        let status = cloud.get_json(&["livemigration", "back-to-edge"])["status"].clone();
+        if matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")) {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the LiveMigration did not finish: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        status["phase"],
+        "Succeeded",
+        "{status}\n--- cloud coordinator:\n{}\n--- edge coordinator:\n{}",
+        cloud_coordinator.log(),
+        edge_coordinator.log()
+    );
+    assert_eq!(status["destinationCluster"], edge.name.as_str());
+    let back_ip = edge
+        .wait_running_and_ready("service", Duration::from_secs(60))
+        .await;
+    let back = ask_service(&back_ip, 8080).await.unwrap();
+    assert!(back.memory_ok, "{back:?}");
+    assert!(back.tick > after.tick, "{after:?} -> {back:?}");
 }
