@@ -398,3 +398,85 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     assert!(back.memory_ok, "{back:?}");
     assert!(back.tick > after.tick, "{after:?} -> {back:?}");
 }
+
+/// The destination fails after the source was stopped (its node cannot pull the checkpoint
+/// images: its coordinator names them by an address nothing serves): the destination deletes
+/// its copy, and the source's coordinator restores the pod at the source from the archives on
+/// its node. The service goes on at the source with its memory; one copy, never two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_the_source() {
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let nowhere = format!(
+        "127.0.0.1:{}/ums-checkpoints/nowhere",
+        ums_tests::registry::free_port()
+    );
+    let cloud_coordinator = RunningCoordinator::start_with_env(
+        &cloud,
+        &cloud_certs,
+        &[&edge_certs.ca],
+        &[("UMS_CHECKPOINT_REGISTRY_PULL", &nowhere)],
+    );
+    edge.deploy_node_part().await;
+    edge.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &counter_pod(tls_registry_workload_image()),
+    );
+    let source_ip = edge
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (status, answer) = call_result(
+        &edge_coordinator.address,
+        &edge_certs.ca,
+        &Credential::Bearer(edge_coordinator.api_token.clone()),
+        "POST",
+        "/migrate",
+        Some(json!({"name": "counter", "destinationUrl": cloud_coordinator.pod_network_address})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            status,
+            answer["phase"].as_str(),
+            answer["serviceRunsAt"].as_str()
+        ),
+        (502, Some("creating"), Some("source")),
+        "{answer}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}\n--- edge's node part:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log(),
+        edge.cri_container_output_in("ums-system", "ums-node-1", "ums-node").join("\n")
+    );
+    let rollback = answer["rollback"].to_string();
+    assert!(
+        rollback.contains("the destination holds no copy"),
+        "{answer}"
+    );
+    assert!(rollback.contains("restored at the source"), "{answer}");
+    // One copy: none at the destination, the restored one at the source.
+    assert!(
+        cloud
+            .kubectl_result(User::Admin, &["get", "pod", "counter"])
+            .is_err(),
+        "the destination's copy is deleted"
+    );
+    let ip = edge
+        .wait_running_and_ready("counter", Duration::from_secs(60))
+        .await;
+    let after = ask_service(&ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "the archives are removed once the pod runs again"
+    );
+}

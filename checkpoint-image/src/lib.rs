@@ -104,6 +104,9 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// A registry client; `insecure` lists the registries (`host:port`) spoken to over plain HTTP.
 /// With `cas` (PEM CA certificates), the registry's certificate must be signed by one of them
 /// (a cluster's private registry); without, by a CA of the system's store.
+///
+/// The process needs a system CA store even with `cas`: oci-client 0.18 also builds a default
+/// reqwest client, which panics when the store is empty (the images install ca-certificates).
 pub fn client(insecure: &[String], cas: &[Vec<u8>]) -> Result<Client, ImageError> {
     let certificates: Vec<Certificate> = cas
         .iter()

@@ -165,6 +165,9 @@ impl Args {
                     })?],
                     None => Vec::new(),
                 };
+                let ca_pem = cas
+                    .first()
+                    .map(|pem| String::from_utf8_lossy(pem).into_owned());
                 let insecure = if self.checkpoint_registry_insecure {
                     vec![host]
                 } else {
@@ -178,6 +181,8 @@ impl Args {
                         .unwrap_or_else(|| push.clone()),
                     client: ums_checkpoint_image::client(&insecure, &cas)
                         .context("--checkpoint-registry")?,
+                    ca_pem,
+                    insecure: self.checkpoint_registry_insecure,
                 })
             })
             .transpose()?;

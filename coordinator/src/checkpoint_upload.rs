@@ -22,6 +22,10 @@ pub struct CheckpointRegistry {
     /// The same repository as this cluster's nodes name it (`--checkpoint-registry-pull`).
     pub pull_repository: String,
     pub client: oci_client::Client,
+    /// The CA of the registry's certificate (PEM), given to the node part when it pushes.
+    pub ca_pem: Option<String>,
+    /// Plain HTTP to the registry.
+    pub insecure: bool,
 }
 
 impl std::fmt::Debug for CheckpointRegistry {

@@ -154,7 +154,14 @@ impl Coordinator {
             .annotations
             .get_or_insert_with(Default::default);
         annotations.remove(ANNOTATION_LOCKED_BY);
-        if !orchestrator_level {
+        if orchestrator_level {
+            // Which migration restored it: the source may ask to delete it (/delete) before
+            // it restores the service at the source instead.
+            annotations.insert(
+                crate::orchestrator::ANNOTATION_RESTORED_FOR.to_owned(),
+                request.migration_id.clone(),
+            );
+        } else {
             annotations.insert(ANNOTATION_COPY_OF.to_owned(), self.cluster.clone());
         }
         annotations.remove(ANNOTATION_SOURCE);
@@ -420,6 +427,21 @@ impl Coordinator {
         &self,
         request: PodRequest,
     ) -> Result<serde_json::Value, ApiError> {
+        // A pod restored for an orchestrator-level migration whose source gave up on it: the
+        // source restores the service itself once this one is gone.
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
+        if let Some(pod) = pods.get_opt(&request.name).await? {
+            let restored_for = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(crate::orchestrator::ANNOTATION_RESTORED_FOR));
+            if restored_for == Some(&request.migration_id) {
+                pods.delete(&request.name, &DeleteParams::default()).await?;
+                tracing::info!(migration = %request.migration_id, pod = %request.name, "restored pod deleted at its source's request");
+                return Ok(json!({"deleted": true}));
+            }
+        }
         let deleted = match self.pod_of(&request).await? {
             Some((_, pod))
                 if annotations_of(&pod).start_mode != Some(ums_contract::StartMode::Passive) =>

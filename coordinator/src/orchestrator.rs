@@ -12,8 +12,10 @@
 //! -> finishing (the archives are removed from the node).
 //!
 //! A failure before the source is stopped leaves it running (the archives are removed, the lock
-//! released). After, the archives on the source's node are the service: they are kept, and the
-//! answer says so (restoring the pod at the source from them is not built yet).
+//! released). After, the archives on the source's node are the service: once the destination
+//! has said it holds no copy (`/delete`), the pod is restored at the source from them (the node
+//! part pushes them into this cluster's checkpoint registry); if the destination cannot say
+//! so, or the restore fails, they are kept and the answer names them: never two copies.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -35,6 +37,9 @@ use crate::state::{unix_ms, Coordinator};
 
 /// The interface's name in reports (UMS's).
 pub const INTERFACE: &str = "ssu";
+
+/// On a pod restored from checkpoint images: the migration it was restored for.
+pub const ANNOTATION_RESTORED_FOR: &str = "migration.ums-rs.io/restored-for";
 
 /// Whether `POST /migrate` goes the orchestrator-level way: asked for, or (UMS's order) the pod
 /// carries no `migration-interface`.
@@ -221,6 +226,109 @@ impl Coordinator {
         }
     }
 
+    /// After the source was stopped and the move failed: the destination deletes any copy it
+    /// made, then the pod is restored here from its archives. What was done, for the answer,
+    /// and where the service runs.
+    async fn restore_at_source(
+        &self,
+        peer: &Peer,
+        id: &str,
+        source: &Pod,
+        part: &(String, Option<String>),
+        checkpoints: &[Checkpoint],
+    ) -> (Vec<String>, &'static str) {
+        let namespace = source.metadata.namespace.clone().unwrap_or_default();
+        let name = source.metadata.name.clone().unwrap_or_default();
+        let archives = checkpoints
+            .iter()
+            .map(|c| c.archive.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let kept = |why: String| {
+            (
+                vec![format!(
+                    "{why}: the state is kept in the checkpoint archives on the source's node: {archives}"
+                )],
+                "nowhere",
+            )
+        };
+        // Never two copies: the destination first says it holds none.
+        let delete = crate::destination::PodRequest {
+            migration_id: id.to_owned(),
+            namespace: namespace.clone(),
+            name: name.clone(),
+        };
+        let mut done = Vec::new();
+        match peer
+            .post::<_, Value>("/delete", &delete, Duration::from_secs(60))
+            .await
+        {
+            Ok(answer) => done.push(format!(
+                "the destination holds no copy (deleted: {})",
+                answer["deleted"]
+            )),
+            Err(e) => {
+                return kept(format!(
+                    "the destination could not say it holds no copy ({}), so the pod is not restored at the source",
+                    e.message
+                ))
+            }
+        }
+        let Some(registry) = &self.checkpoint_registry else {
+            return kept("this cluster has no checkpoint registry to restore from".into());
+        };
+        let mut images = BTreeMap::new();
+        for c in checkpoints {
+            let body = json!({
+                "archive": c.archive,
+                "target": format!("{}:{}-source", registry.pull_repository,
+                    crate::checkpoint_upload::image_tag(id, &c.container)),
+                "container": c.container,
+                "caPem": registry.ca_pem,
+                "insecure": registry.insecure,
+            });
+            match self
+                .node_part_call(part, reqwest::Method::POST, "/push", Some(body))
+                .await
+            {
+                Ok(answer) => {
+                    let digest = answer["digest"].as_str().unwrap_or_default();
+                    images.insert(
+                        c.container.clone(),
+                        crate::checkpoint_upload::pull_reference(registry, digest),
+                    );
+                }
+                Err(e) => return kept(format!("pushing {} failed: {}", c.container, e.message)),
+            }
+        }
+        let restored = match restored_pod(source, &images) {
+            Ok(pod) => pod,
+            Err(m) => return kept(m),
+        };
+        let create = CreateRequest {
+            migration_id: id.to_owned(),
+            namespace,
+            pod: restored,
+            source: None,
+            interface: Some(INTERFACE.to_owned()),
+        };
+        match self.create_destination(create).await {
+            Ok(created) => {
+                done.push(format!(
+                    "the pod was restored at the source from its checkpoints (pod IP {})",
+                    created.pod_ip
+                ));
+                done.push(self.remove_archives(part, checkpoints).await);
+                (done, "source")
+            }
+            Err(e) => {
+                let (mut more, at) = kept(format!("restoring at the source failed: {}", e.message));
+                done.append(&mut more);
+                (done, at)
+            }
+        }
+    }
+
     pub(crate) async fn migrate_orchestrator(
         &self,
         request: &Validated,
@@ -374,13 +482,19 @@ impl Coordinator {
             e.service_runs_at = Some("source");
             return Err(e);
         }
-        let kept = |e: &mut ApiError| {
-            e.service_runs_at = Some("nowhere");
-            e.rollback.push(format!(
-                "the source pod is stopped; its state is kept in the checkpoint archives on node {}: {}",
-                node.name,
-                checkpoints.iter().map(|c| c.archive.as_str()).collect::<Vec<_>>().join(", ")
-            ));
+        let restore = |mut e: ApiError| {
+            let peer = &peer;
+            let pod = &pod;
+            let part = &part;
+            let checkpoints = &checkpoints;
+            async move {
+                let (done, at) = self
+                    .restore_at_source(peer, id, pod, part, checkpoints)
+                    .await;
+                e.rollback.extend(done);
+                e.service_runs_at = Some(at);
+                e
+            }
         };
 
         // Each archive goes from the node straight to the destination.
@@ -404,28 +518,25 @@ impl Coordinator {
                     let uploaded: Option<UploadedImage> =
                         serde_json::from_value(answer["destination"].clone()).ok();
                     let Some(uploaded) = uploaded else {
-                        let mut e = ApiError::bad_gateway(format!(
+                        let e = ApiError::bad_gateway(format!(
                             "the destination's answer for {} names no image: {answer}",
                             c.container
                         ))
                         .in_phase("transferring");
-                        kept(&mut e);
-                        return Err(e);
+                        return Err(restore(e).await);
                     };
                     images.insert(c.container.clone(), uploaded.image.clone());
                     transfers.push(json!({"container": c.container, "bytes": answer["bytes"], "sendMs": answer["sendMs"], "image": uploaded.image}));
                 }
-                Err(e) => {
-                    let mut e = e.in_phase("transferring");
-                    kept(&mut e);
-                    return Err(e);
-                }
+                Err(e) => return Err(restore(e.in_phase("transferring")).await),
             }
         }
 
         self.enter(id, "creating");
-        let restored =
-            restored_pod(&pod, &images).map_err(|m| ApiError::internal(m).in_phase("creating"))?;
+        let restored = match restored_pod(&pod, &images) {
+            Ok(restored) => restored,
+            Err(m) => return Err(restore(ApiError::internal(m).in_phase("creating")).await),
+        };
         let create = CreateRequest {
             migration_id: id.to_owned(),
             namespace: request.namespace.clone(),
@@ -433,18 +544,17 @@ impl Coordinator {
             source: None,
             interface: Some(INTERFACE.to_owned()),
         };
-        let created: CreateAnswer = peer
+        let created: CreateAnswer = match peer
             .post(
                 "/create",
                 &create,
                 self.pod_ready_timeout + Duration::from_secs(30),
             )
             .await
-            .map_err(|e| {
-                let mut e = e.in_phase("creating");
-                kept(&mut e);
-                e
-            })?;
+        {
+            Ok(created) => created,
+            Err(e) => return Err(restore(e.in_phase("creating")).await),
+        };
 
         self.enter(id, "finishing");
         let cleanup = self.remove_archives(&part, &checkpoints).await;

@@ -3,6 +3,10 @@
 //! - `POST /send` `{"archive", "url", "token", "caPem"}`: streams the archive to `url` (the
 //!   destination coordinator's `PUT /checkpoints/{migration}/{container}`) over TLS verified
 //!   against `caPem`, with the migration's upload credential; answers the destination's answer;
+//! - `POST /push` `{"archive", "target", "container", "caPem", "insecure"}`: streams the archive
+//!   into a registry as a checkpoint image (`target`: `registry/repository:tag`, as this node
+//!   reaches it): how the source's coordinator restores the pod at the source when the
+//!   destination failed after the source was stopped;
 //! - `DELETE /archives/{name}`: removes an archive (the migration is over);
 //! - `GET /healthz` (open).
 
@@ -47,6 +51,7 @@ pub fn router(part: Arc<NodePart>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/send", post(send))
+        .route("/push", post(push))
         .route("/archives/{name}", delete(remove))
         .with_state(part)
 }
@@ -174,6 +179,65 @@ async fn send(
     tracing::info!(archive = %request.archive, bytes, ms, url = %request.url, "archive sent");
     Ok(Json(
         json!({"archive": request.archive, "bytes": bytes, "sendMs": ms, "destination": answer}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PushRequest {
+    archive: String,
+    target: String,
+    container: String,
+    #[serde(default)]
+    ca_pem: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+}
+
+async fn push(
+    State(part): State<Arc<NodePart>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Refusal> {
+    authorize(&part, &headers)?;
+    let request: PushRequest = serde_json::from_slice(&body)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?;
+    let path = archive_path(&part.dir, &part.node_dir, &request.archive)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        Refusal(
+            StatusCode::NOT_FOUND,
+            format!("archive {}: {e}", path.display()),
+        )
+    })?;
+    let registry = request
+        .target
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let insecure = if request.insecure {
+        vec![registry]
+    } else {
+        Vec::new()
+    };
+    let cas: Vec<Vec<u8>> = request
+        .ca_pem
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    let client = ums_checkpoint_image::client(&insecure, &cas)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let started = Instant::now();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+    let pushed = ums_checkpoint_image::push(&client, &request.target, &request.container, stream)
+        .await
+        .map_err(|e| Refusal(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(archive = %request.archive, image = %pushed.reference, ms, "archive pushed as a checkpoint image");
+    Ok(Json(
+        json!({"image": pushed.reference, "digest": pushed.digest,
+        "archiveBytes": pushed.archive_bytes, "pushMs": ms}),
     ))
 }
 

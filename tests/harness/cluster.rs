@@ -466,7 +466,17 @@ impl Cluster {
     /// The output of `container` of `pod` on a CRI node: the log file the runtime writes (CRI
     /// format: `<time> <stream> <P|F> <line>`), as lines without the prefix.
     pub fn cri_container_output(&self, pod: &str, container: &str) -> Vec<String> {
-        let uid = self.get_json(&["pod", pod])["metadata"]["uid"]
+        self.cri_container_output_in("default", pod, container)
+    }
+
+    /// [`Cluster::cri_container_output`] for a pod of `namespace`.
+    pub fn cri_container_output_in(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Vec<String> {
+        let uid = self.get_json(&["pod", "-n", namespace, pod])["metadata"]["uid"]
             .as_str()
             .unwrap()
             .to_owned();

@@ -78,6 +78,17 @@ pub enum Credential {
 impl RunningCoordinator {
     /// Starts the coordinator of `cluster`, trusting the peers' CAs `peer_cas`.
     pub fn start(cluster: &Cluster, certs: &CoordinatorCerts, peer_cas: &[&Path]) -> Self {
+        Self::start_with_env(cluster, certs, peer_cas, &[])
+    }
+
+    /// [`RunningCoordinator::start`], with environment variables of the caller's (they win
+    /// over the harness's own).
+    pub fn start_with_env(
+        cluster: &Cluster,
+        certs: &CoordinatorCerts,
+        peer_cas: &[&Path],
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         crate::outer::require_image("ums-rs/coordinator:latest");
         let port = crate::registry::free_port();
         let address = format!("127.0.0.1:{port}");
@@ -176,6 +187,11 @@ impl RunningCoordinator {
                 "--env",
                 "UMS_CHECKPOINT_REGISTRY_CA=/etc/ums-coordinator/files/registry-ca.crt",
             ])
+            .args(
+                extra_env
+                    .iter()
+                    .flat_map(|(k, v)| ["--env".to_owned(), format!("{k}={v}")]),
+            )
             .arg("ums-rs/coordinator:latest")
             .arg(format!("--listen=0.0.0.0:{port}"))
             .arg("--tls-cert=/etc/ums-coordinator/files/tls.crt")
