@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::service_pod::ask_service;
+use ums_tests::service_pod::{ask_service, plain_counter_pod, run_plain_counter};
 use ums_tests::workload::tls_registry_workload_image;
 
 /// A two-container pod of the test workload: `main` serves its counter on 8080, `journal`
@@ -253,28 +253,7 @@ async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let edge = Cluster::start_with_cri_node();
     let cloud = Cluster::start_with_cri_node();
-    let pod = |image: &str| {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "counter"},
-            "spec": {"containers": [{"name": "main", "image": image,
-                "env": [{"name": "WORKLOAD_MIB", "value": "64"},
-                        {"name": "WORKLOAD_LISTEN", "value": "8080"}],
-                "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
-        })
-        .to_string()
-    };
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &pod(tls_registry_workload_image()),
-    );
-    let ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(120))
-        .await;
-    // Let it count a while: the restored counter must be past this.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = ask_service(&ip, 8080).await.unwrap();
+    let (ip, before) = run_plain_counter(&edge).await;
     let (code, body) = kubelet_post(
         &edge,
         "/checkpoint/default/counter/main",
@@ -316,7 +295,11 @@ async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
     let image = pushed
         .reference
         .replacen(&registry.push_address, &registry.pod_address, 1);
-    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod(&image));
+    cloud.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &plain_counter_pod(&image),
+    );
     let restored_ip = cloud
         .wait_running_and_ready("counter", Duration::from_secs(120))
         .await;

@@ -14,20 +14,8 @@ use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::{
     call_result, client_with, CoordinatorCerts, Credential, RunningCoordinator,
 };
-use ums_tests::service_pod::ask_service;
+use ums_tests::service_pod::{ask_service, plain_counter_pod, run_plain_counter};
 use ums_tests::workload::tls_registry_workload_image;
-
-fn counter_pod(image: &str) -> String {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "counter"},
-        "spec": {"containers": [{"name": "main", "image": image,
-            "env": [{"name": "WORKLOAD_MIB", "value": "64"},
-                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
-            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
-    })
-    .to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cluster() {
@@ -42,16 +30,7 @@ async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cl
     };
 
     // The checkpoint, as the source takes it: the kubelet endpoint of the pod's node.
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &counter_pod(tls_registry_workload_image()),
-    );
-    let ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(120))
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = ask_service(&ip, 8080).await.unwrap();
+    let (_, before) = run_plain_counter(&edge).await;
     let path = edge.kubelet_checkpoint("default", "counter", "main").await;
     edge.kubectl(User::Jane, &["delete", "pod", "counter", "--wait=false"]);
     let archive = edge
@@ -182,7 +161,11 @@ async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cl
     assert!(image.contains("@sha256:"), "{answer}");
 
     // The destination's node restores the container from it.
-    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &counter_pod(&image));
+    cloud.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &plain_counter_pod(&image),
+    );
     let restored_ip = cloud
         .wait_running_and_ready("counter", Duration::from_secs(120))
         .await;
@@ -371,18 +354,15 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         "spec": {"pod": "service", "destination": edge_coordinator.pod_network_address}
     });
     cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
-    let until = std::time::Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        let status = cloud.get_json(&["livemigration", "back-to-edge"])["status"].clone();
-        if matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")) {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "the LiveMigration did not finish: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let status = ums_tests::poll(
+        "the LiveMigration back to edge to finish",
+        Duration::from_secs(240),
+        || async {
+            let status = cloud.get_json(&["livemigration", "back-to-edge"])["status"].clone();
+            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
+        },
+    )
+    .await;
     assert_eq!(
         status["phase"],
         "Succeeded",
@@ -421,16 +401,7 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
         &[("UMS_CHECKPOINT_REGISTRY_PULL", &nowhere)],
     );
     edge.deploy_node_part().await;
-    edge.kubectl_with_input(
-        User::Jane,
-        &["create", "-f", "-"],
-        &counter_pod(tls_registry_workload_image()),
-    );
-    let source_ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(120))
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = ask_service(&source_ip, 8080).await.unwrap();
+    let (_, before) = run_plain_counter(&edge).await;
     let (status, answer) = call_result(
         &edge_coordinator.address,
         &edge_certs.ca,

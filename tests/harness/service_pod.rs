@@ -229,6 +229,38 @@ pub async fn run_service(cluster: &crate::cluster::Cluster, pod: &Value, name: &
     ip
 }
 
+/// An ordinary (unwrapped, unannotated) pod `counter` of the test workload: 64 MiB, its
+/// counter served on 8080, ready when it answers there.
+pub fn plain_counter_pod(image: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "counter"},
+        "spec": {"containers": [{"name": "main", "image": image,
+            "env": [{"name": "WORKLOAD_MIB", "value": "64"},
+                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+    })
+    .to_string()
+}
+
+/// Runs [`plain_counter_pod`] (the workload from the tests' HTTPS registry, for CRI nodes) as
+/// Jane; once it has counted a while, its IP and its answer.
+pub async fn run_plain_counter(cluster: &crate::cluster::Cluster) -> (String, ServiceAnswer) {
+    let image = crate::workload::tls_registry_workload_image();
+    cluster.kubectl_with_input(
+        crate::cluster::User::Jane,
+        &["create", "-f", "-"],
+        &plain_counter_pod(image),
+    );
+    let ip = cluster
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    // Let it count a while: a restored counter must be past this.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answer = ask_service(&ip, 8080).await.expect("the counter answers");
+    (ip, answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
