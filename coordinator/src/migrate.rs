@@ -257,38 +257,9 @@ impl Coordinator {
 
         // Lock, on the version of the pod that was checked: a change in between is a 409.
         self.enter(id, "locking");
-        let lock = json!({"metadata": {
-            "resourceVersion": migratable.resource_version,
-            "annotations": {ANNOTATION_ID: id, ANNOTATION_LOCKED_BY: &self.cluster},
-        }});
-        pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
-            .await
-            .map_err(|e| {
-                let e = ApiError::from(e);
-                if e.status == StatusCode::CONFLICT {
-                    ApiError::conflict(format!(
-                        "pod {}/{} changed while it was checked (another migration?): try again",
-                        request.namespace, request.name
-                    ))
-                } else {
-                    e
-                }
-                .in_phase("locking")
-            })?;
-        let unlock = || async {
-            let patch = unlock_patch();
-            match pods
-                .patch(
-                    &request.name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
-                Ok(_) => "source pod unlocked".to_owned(),
-                Err(e) => format!("FAILED to unlock the source pod: {e}"),
-            }
-        };
+        self.lock_source(&pods, request, Some(&migratable.resource_version), id)
+            .await?;
+        let unlock = || self.unlock_source(&pods, &request.name);
 
         if cancel.is_cancelled() {
             let mut e = aborted();
@@ -522,6 +493,51 @@ impl Coordinator {
             total_ms: started.elapsed().as_millis() as u64,
             sidecar: sidecar_report,
         })
+    }
+
+    /// Locks the source pod for migration `id` (this coordinator's lock), on the version that
+    /// was checked: a change in between is a 409 in `locking`.
+    pub(crate) async fn lock_source(
+        &self,
+        pods: &Api<Pod>,
+        request: &Validated,
+        resource_version: Option<&str>,
+        id: &str,
+    ) -> Result<(), ApiError> {
+        let lock = json!({"metadata": {
+            "resourceVersion": resource_version,
+            "annotations": {ANNOTATION_ID: id, ANNOTATION_LOCKED_BY: &self.cluster},
+        }});
+        pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
+            .await
+            .map_err(|e| {
+                let e = ApiError::from(e);
+                if e.status == StatusCode::CONFLICT {
+                    ApiError::conflict(format!(
+                        "pod {}/{} changed while it was checked (another migration?): try again",
+                        request.namespace, request.name
+                    ))
+                } else {
+                    e
+                }
+                .in_phase("locking")
+            })?;
+        Ok(())
+    }
+
+    /// Releases the source pod's lock; what was done, for the answer.
+    pub(crate) async fn unlock_source(&self, pods: &Api<Pod>, name: &str) -> String {
+        match pods
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&unlock_patch()),
+            )
+            .await
+        {
+            Ok(_) => "source pod unlocked".to_owned(),
+            Err(e) => format!("FAILED to unlock the source pod: {e}"),
+        }
     }
 
     /// The service moved: the source pod is deleted, or kept emptied and released.

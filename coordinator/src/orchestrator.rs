@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 use serde_json::{json, Value};
 use ums_contract::ANNOTATION_ID;
@@ -29,7 +29,7 @@ use ums_contract::ANNOTATION_ID;
 use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
 use crate::destination::{CreateAnswer, CreateRequest};
 use crate::error::ApiError;
-use crate::journal::{unlock_patch, ANNOTATION_LOCKED_BY};
+use crate::journal::ANNOTATION_LOCKED_BY;
 use crate::kubelet::{checkpoint_node, node_of, skew_ms, Checkpoint, CheckpointNode};
 use crate::migrate::{DestinationPod, MigrateReport, Validated};
 use crate::peer::Peer;
@@ -400,36 +400,9 @@ impl Coordinator {
             .collect();
 
         self.enter(id, "locking");
-        let lock = json!({"metadata": {
-            "resourceVersion": pod.metadata.resource_version,
-            "annotations": {ANNOTATION_ID: id, ANNOTATION_LOCKED_BY: &self.cluster},
-        }});
-        pods.patch(&request.name, &PatchParams::default(), &Patch::Merge(&lock))
-            .await
-            .map_err(|e| {
-                let e = ApiError::from(e);
-                if e.status == axum::http::StatusCode::CONFLICT {
-                    ApiError::conflict(format!(
-                        "pod {name} changed while it was checked (another migration?): try again"
-                    ))
-                } else {
-                    e
-                }
-                .in_phase("locking")
-            })?;
-        let unlock = || async {
-            match pods
-                .patch(
-                    &request.name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&unlock_patch()),
-                )
-                .await
-            {
-                Ok(_) => "source pod unlocked".to_owned(),
-                Err(e) => format!("FAILED to unlock the source pod: {e}"),
-            }
-        };
+        self.lock_source(&pods, request, pod.metadata.resource_version.as_deref(), id)
+            .await?;
+        let unlock = || self.unlock_source(&pods, &request.name);
 
         // Every container at once: their states are taken as close together as the kubelet
         // allows (the skew is reported).
