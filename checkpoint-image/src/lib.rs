@@ -239,6 +239,70 @@ where
     )
 }
 
+/// What a registry says of an image reference (`lookup`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// It exists: its manifest's digest.
+    Found(String),
+    /// The registry answered that it has no such image (or repository).
+    NotFound(String),
+    /// The registry asks for credentials this client does not have.
+    Unauthorized(String),
+    /// No answer that says either (unreachable, TLS, a server error, not a reference).
+    Unknown(String),
+}
+
+/// Asks the registry of `reference` whether it has the image (a manifest `HEAD`, anonymous),
+/// as a node would before it pulls it.
+pub async fn lookup(client: &Client, reference: &str) -> Lookup {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode};
+    let parsed: Reference = match reference.parse() {
+        Ok(r) => r,
+        Err(e) => return Lookup::Unknown(format!("not an image reference: {e}")),
+    };
+    match client
+        .fetch_manifest_digest(&parsed, &oci_client::secrets::RegistryAuth::Anonymous)
+        .await
+    {
+        Ok(digest) => Lookup::Found(digest),
+        Err(E::ImageManifestNotFoundError(m)) => Lookup::NotFound(m),
+        Err(E::RegistryError { envelope, url })
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::NotFound
+                )
+            }) =>
+        {
+            Lookup::NotFound(format!("{url}: {envelope}"))
+        }
+        Err(e @ (E::UnauthorizedError { .. } | E::AuthenticationFailure(_))) => {
+            Lookup::Unauthorized(e.to_string())
+        }
+        Err(E::RegistryError { envelope, url })
+            if envelope
+                .errors
+                .iter()
+                .any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) =>
+        {
+            Lookup::Unauthorized(format!("{url}: {envelope}"))
+        }
+        Err(E::ServerError { code: 404, url, .. }) => Lookup::NotFound(format!("{url}: 404")),
+        Err(e) => {
+            // The whole chain: "error sending request" alone says nothing.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                text.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            Lookup::Unknown(text)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

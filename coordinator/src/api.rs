@@ -94,10 +94,11 @@ async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
 /// `POST /checkpoint-uploads` (peers): the upload credential of an orchestrator-level
 /// migration to this cluster.
 async fn checkpoint_uploads(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
-    answer(
-        body::<crate::checkpoint_upload::UploadRequest>(&bytes)
-            .and_then(|request| c.upload_credential(&request)),
-    )
+    let request = match body::<crate::checkpoint_upload::UploadRequest>(&bytes) {
+        Ok(request) => request,
+        Err(e) => return answer::<()>(Err(e)),
+    };
+    answer(c.upload_credential(&request).await)
 }
 
 /// `PUT /checkpoints/{id}/{container}` (the migration's upload credential): one container's

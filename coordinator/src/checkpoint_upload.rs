@@ -4,7 +4,8 @@
 //! this cluster's checkpoint registry as a checkpoint OCI image (ums-checkpoint-image), from
 //! which this cluster's nodes restore the container. The sender presents an upload credential
 //! this coordinator issued for that migration (`POST /checkpoint-uploads`, peers only): it
-//! opens only that migration's uploads and nothing else.
+//! opens only that migration's uploads and nothing else, and gets it only once the preflight
+//! (restore_preflight) found nothing that would make the restore fail here.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -42,6 +43,13 @@ impl std::fmt::Debug for CheckpointRegistry {
 #[serde(rename_all = "camelCase")]
 pub struct UploadRequest {
     pub migration_id: String,
+    /// The pod to be restored here, as the source has it (namespace, name, spec): what the
+    /// preflight checks (restore_preflight).
+    #[serde(default)]
+    pub pod: Option<k8s_openapi::api::core::v1::Pod>,
+    /// The kernel of the source's node (`nodeInfo.kernelVersion`).
+    #[serde(default)]
+    pub source_kernel: Option<String>,
 }
 
 /// The credential for one migration's uploads, and where they go.
@@ -52,6 +60,9 @@ pub struct UploadAnswer {
     pub upload_token: String,
     /// The repository the images go to, as this cluster's nodes pull them.
     pub repository: String,
+    /// What the preflight checked, and what it could not verify.
+    #[serde(default)]
+    pub checks: Vec<String>,
 }
 
 /// One container's archive, now an image.
@@ -105,10 +116,14 @@ impl Coordinator {
         })
     }
 
-    /// `POST /checkpoint-uploads`: an upload credential for one migration.
-    pub fn upload_credential(&self, request: &UploadRequest) -> Result<UploadAnswer, ApiError> {
+    /// `POST /checkpoint-uploads`: the preflight, then an upload credential for one migration.
+    pub async fn upload_credential(
+        &self,
+        request: &UploadRequest,
+    ) -> Result<UploadAnswer, ApiError> {
         let registry = self.checkpoint_registry()?;
         crate::migrate::check_label("migrationId", &request.migration_id)?;
+        let checks = self.restore_preflight(request, registry).await?;
         let token = self.signing_key.sign(&ums_contract::credential::Claims {
             aud: upload_audience(&self.cluster),
             scope: ums_contract::credential::Scope::Migration,
@@ -119,6 +134,7 @@ impl Coordinator {
         Ok(UploadAnswer {
             upload_token: token,
             repository: registry.pull_repository.clone(),
+            checks,
         })
     }
 

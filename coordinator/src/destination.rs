@@ -86,7 +86,11 @@ fn is_ready(pod: &Pod) -> bool {
 impl Coordinator {
     /// Refuses (409) a copy whose namespace, configMaps, secrets or service account this
     /// cluster lacks, naming each; the copy would never start.
-    async fn check_prerequisites(&self, namespace: &str, pod: &Pod) -> Result<(), ApiError> {
+    pub(crate) async fn check_prerequisites(
+        &self,
+        namespace: &str,
+        pod: &Pod,
+    ) -> Result<(), ApiError> {
         let namespaces: Api<Namespace> = Api::all(self.kube.clone());
         if namespaces.get_opt(namespace).await?.is_none() {
             return Err(ApiError::conflict(format!(

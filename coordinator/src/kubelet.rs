@@ -56,15 +56,19 @@ fn internal_ip(node: &Node) -> Option<&str> {
         .map(|a| a.address.as_str())
 }
 
-/// Whether the node can checkpoint and restore, and where its kubelet is; the reason if not.
-pub fn checkpoint_node(node: &Node) -> Result<CheckpointNode, String> {
-    let name = node.metadata.name.clone().unwrap_or_default();
-    let status = node.status.as_ref();
-    let runtime = status
+/// The node's runtime (`nodeInfo.containerRuntimeVersion`).
+pub fn runtime_of(node: &Node) -> String {
+    node.status
+        .as_ref()
         .and_then(|s| s.node_info.as_ref())
         .map(|i| i.container_runtime_version.clone())
-        .unwrap_or_default();
-    let supported = match runtime.split_once("://") {
+        .unwrap_or_default()
+}
+
+/// Whether a runtime (`containerd://2.1.9`, `cri-o://1.31.0`) checkpoints containers and
+/// restores a container whose image is a checkpoint image: containerd >= 2.0, CRI-O.
+pub fn restores_checkpoints(runtime: &str) -> bool {
+    match runtime.split_once("://") {
         Some(("containerd", version)) => version
             .split('.')
             .next()
@@ -72,8 +76,15 @@ pub fn checkpoint_node(node: &Node) -> Result<CheckpointNode, String> {
             .is_some_and(|major| major >= 2),
         Some(("cri-o", _)) => true,
         _ => false,
-    };
-    if !supported {
+    }
+}
+
+/// Whether the node can checkpoint and restore, and where its kubelet is; the reason if not.
+pub fn checkpoint_node(node: &Node) -> Result<CheckpointNode, String> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let status = node.status.as_ref();
+    let runtime = runtime_of(node);
+    if !restores_checkpoints(&runtime) {
         return Err(format!(
             "node {name} runs {}: checkpoint and restore need containerd >= 2.0 or CRI-O (with CRIU) on the node",
             if runtime.is_empty() { "an unknown runtime" } else { runtime.as_str() }

@@ -15,7 +15,8 @@
 //! - [`orchestrator`]: the orchestrator-level interface's source side (UMS's `ssu`: an
 //!   unwrapped pod checkpointed through [`kubelet`], its archives sent by the node part);
 //! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
-//!   archives stream in and become checkpoint OCI images in this cluster's registry;
+//!   archives stream in and become checkpoint OCI images in this cluster's registry, once
+//!   [`restore_preflight`] found nothing here that would make the restore fail;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
 //!   [`metrics`]: Prometheus.
@@ -37,6 +38,7 @@ pub mod peer;
 pub mod pod;
 pub mod prerequisites;
 pub mod recovery;
+pub mod restore_preflight;
 pub mod state;
 
 pub use args::Args;

@@ -58,20 +58,28 @@ pub fn is_orchestrator_level(pod: &Pod, requested: Option<&str>) -> bool {
 /// its checkpoint image (pulled by digest), unbound from the source's node, without this
 /// migration's lock (pure).
 pub fn restored_pod(source: &Pod, images: &BTreeMap<String, String>) -> Result<Pod, String> {
-    let mut spec = source.spec.clone().unwrap_or_default();
-    for container in &mut spec.containers {
+    let mut pod = pod_to_restore(source);
+    for container in pod.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
         let image = images
             .get(&container.name)
             .ok_or_else(|| format!("no checkpoint image for container {}", container.name))?;
         container.image = Some(image.clone());
         container.image_pull_policy = Some("IfNotPresent".into());
     }
+    Ok(pod)
+}
+
+/// The pod as it will be restored, its containers still naming their base images (what the
+/// destination's preflight checks): the source's spec unbound from its node, its metadata
+/// without this migration's lock (pure).
+pub fn pod_to_restore(source: &Pod) -> Pod {
+    let mut spec = source.spec.clone().unwrap_or_default();
     spec.node_name = None;
     let mut annotations = source.metadata.annotations.clone().unwrap_or_default();
     annotations.remove(ANNOTATION_ID);
     annotations.remove(ANNOTATION_LOCKED_BY);
     annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    Ok(Pod {
+    Pod {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: source.metadata.name.clone(),
             labels: source.metadata.labels.clone(),
@@ -80,7 +88,7 @@ pub fn restored_pod(source: &Pod, images: &BTreeMap<String, String>) -> Result<P
         },
         spec: Some(spec),
         status: None,
-    })
+    }
 }
 
 /// Why a pod cannot move this way now (pure): not running, or a container not running.
@@ -383,13 +391,21 @@ impl Coordinator {
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
         // The destination's preflight: it takes checkpoint images (a registry its nodes pull
         // from), before anything is checkpointed.
+        let source_kernel = node_of(&pod, &nodes)
+            .and_then(|n| n.status.as_ref()?.node_info.as_ref())
+            .map(|i| i.kernel_version.clone())
+            .filter(|k| !k.is_empty());
+        let mut to_restore = pod_to_restore(&pod);
+        to_restore.metadata.namespace = Some(request.namespace.clone());
         let upload: UploadAnswer = peer
             .post(
                 "/checkpoint-uploads",
                 &UploadRequest {
                     migration_id: id.to_owned(),
+                    pod: Some(to_restore),
+                    source_kernel,
                 },
-                Duration::from_secs(30),
+                Duration::from_secs(60),
             )
             .await
             .map_err(|e| e.in_phase("checking"))?;
@@ -553,6 +569,7 @@ impl Coordinator {
             sidecar: json!({
                 "node": node.name,
                 "runtime": node.runtime,
+                "destinationPreflight": upload.checks,
                 "checkpoints": checkpoints,
                 "checkpointSkewMs": skew_ms(&checkpoints),
                 // From the end of the first dump until the source pod's deletion was accepted

@@ -1,6 +1,6 @@
 //! The node's Node object, as a kubelet registers it: labels, addresses, the kubelet
 //! endpoint's port (`status.daemonEndpoints`, what clients of the kubelet API read), the
-//! container runtime's version and a Ready condition, refreshed every ten seconds.
+//! container runtime's and the kernel's versions and a Ready condition, refreshed every ten seconds.
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams, PostParams};
@@ -46,6 +46,8 @@ async fn register(
         tracing::info!(node = %facts.name, address = %facts.address, kubelet_port = facts.kubelet_port, "Node registered");
     }
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // The node runs on the host's kernel, as `uname -r` names it.
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let status = json!({"status": {
         "addresses": [{"type": "InternalIP", "address": facts.address},
                       {"type": "Hostname", "address": facts.name}],
@@ -53,7 +55,7 @@ async fn register(
         "nodeInfo": {"containerRuntimeVersion": facts.runtime_version,
                      "kubeletVersion": "ums-node-agent", "operatingSystem": "linux",
                      "architecture": "amd64", "machineID": "", "systemUUID": "", "bootID": "",
-                     "kernelVersion": "", "osImage": "", "kubeProxyVersion": ""},
+                     "kernelVersion": kernel.trim(), "osImage": "", "kubeProxyVersion": ""},
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                         "lastHeartbeatTime": now, "lastTransitionTime": now}],
     }});
