@@ -1,9 +1,9 @@
 //! The orchestrator-level interface (`ssu`, the Pisa workflow) on CRI clusters, through the
-//! real images. What is built so far: the transfer. A checkpoint from the kubelet endpoint of
-//! the source's node leaves that node through the node part (deploy/node, as deployed), goes
-//! straight to the destination coordinator with the migration's upload credential, and becomes
-//! a checkpoint image in the destination's registry, from which its node restores the
-//! container. The source coordinator's flow that drives these steps is not built yet (README).
+//! real images: the transfer on its own (a kubelet checkpoint leaves its node through the node
+//! part, as deployed, straight to the destination coordinator, and becomes a checkpoint image
+//! its node restores); one `POST /migrate` and a `LiveMigration` moving an unannotated pod;
+//! what is refused before anything is checkpointed; a destination that fails, or whose
+//! coordinator dies, after the source was stopped.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -450,4 +450,217 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
             .is_none(),
         "the archives are removed once the pod runs again"
     );
+}
+
+/// What would make the move fail is refused before anything is checkpointed, the pod left
+/// running and unlocked: a base image the destination's registry does not know (containerd
+/// restores a checkpoint onto its base image), and a pod on a node whose runtime cannot
+/// checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_checkpoint() {
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    edge.deploy_node_part().await;
+    let destination = cloud_coordinator.pod_network_address.clone();
+
+    // A base image only edge's node has: the workload tagged there under a name its registry
+    // never received.
+    run_plain_counter(&edge).await;
+    let image = tls_registry_workload_image();
+    let registry = image.split('/').next().unwrap();
+    let local_only = format!("{registry}/ums-test/only-on-edge:1");
+    edge.cri_node_exec(&["ctr", "-n", "k8s.io", "images", "tag", image, &local_only]);
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "local"},
+        "spec": {"containers": [{"name": "main", "image": local_only, "imagePullPolicy": "Never",
+            "env": [{"name": "WORKLOAD_MIB", "value": "8"}, {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+    });
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let ip = edge
+        .wait_running_and_ready("local", Duration::from_secs(120))
+        .await;
+    let (status, answer) = call_result(
+        &edge_coordinator.address,
+        &edge_certs.ca,
+        &Credential::Bearer(edge_coordinator.api_token.clone()),
+        "POST",
+        "/migrate",
+        Some(json!({"name": "local", "destinationUrl": destination})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, answer["phase"].as_str()),
+        (409, Some("checking")),
+        "{answer}\n--- cloud coordinator:\n{}",
+        cloud_coordinator.log()
+    );
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains(&local_only) && message.contains("base image of container main"),
+        "{answer}"
+    );
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing was checkpointed"
+    );
+    let annotations = edge.get_json(&["pod", "local"])["metadata"]["annotations"].clone();
+    assert!(
+        annotations.get("migration-id").is_none()
+            && annotations
+                .get("migration.ums-rs.io/locked-by-coordinator")
+                .is_none(),
+        "not locked: {annotations}"
+    );
+    assert!(ask_service(&ip, 8080).await.unwrap().memory_ok);
+
+    // A node whose runtime cannot checkpoint (Docker): refused naming it, before its kubelet
+    // is asked anything.
+    let docker = Cluster::start_with_node();
+    let docker_certs = CoordinatorCerts::generate(&docker);
+    let docker_coordinator = RunningCoordinator::start_with_env(
+        &docker,
+        &docker_certs,
+        &[&cloud_certs.ca],
+        &[("UMS_KUBELET_INSECURE_TLS", "true")],
+    );
+    // Bound to the node by name, as a scheduler binds it.
+    let plain = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "plain"},
+        "spec": {"nodeName": docker.name, "containers": [{"name": "main", "image": "ums-rs/debian:trixie",
+            "imagePullPolicy": "IfNotPresent", "command": ["sleep", "infinity"]}]}
+    });
+    docker.kubectl_with_input(User::Jane, &["create", "-f", "-"], &plain.to_string());
+    docker
+        .wait_running_and_ready("plain", Duration::from_secs(120))
+        .await;
+    let (status, answer) = call_result(
+        &docker_coordinator.address,
+        &docker_certs.ca,
+        &Credential::Bearer(docker_coordinator.api_token.clone()),
+        "POST",
+        "/migrate",
+        Some(json!({"name": "plain", "destinationUrl": destination})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (status, answer["phase"].as_str()),
+        (409, Some("checking")),
+        "{answer}"
+    );
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("runs docker://") && message.contains("containerd >= 2.0"),
+        "{answer}"
+    );
+    assert_eq!(
+        docker.get_json(&["pod", "plain"])["status"]["phase"],
+        "Running"
+    );
+}
+
+/// The destination coordinator dies once the source was checkpointed and stopped, while the
+/// archives move to it: its Deployment brings it back, the source's coordinator asks it again
+/// until it says it holds no copy, then restores the pod at the source from the archives.
+/// The service comes back with its memory; exactly one copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_coordinator_killed_after_the_checkpoint_and_the_service_comes_back_once() {
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    edge.deploy_node_part().await;
+    let (_, before) = run_plain_counter(&edge).await;
+    let operator = Credential::Bearer(edge_coordinator.api_token.clone());
+    let migration = {
+        let (address, ca, operator) = (
+            edge_coordinator.address.clone(),
+            edge_certs.ca.clone(),
+            operator.clone(),
+        );
+        let body =
+            json!({"name": "counter", "destinationUrl": cloud_coordinator.pod_network_address});
+        tokio::spawn(async move {
+            call_result(&address, &ca, &operator, "POST", "/migrate", Some(body)).await
+        })
+    };
+    // Past the stop: the archives are the service now.
+    let seen = ums_tests::poll(
+        "edge's migration to pass the stop",
+        Duration::from_secs(120),
+        || async {
+            let (_, records) = call_result(
+                &edge_coordinator.address,
+                &edge_certs.ca,
+                &operator,
+                "GET",
+                "/migrations",
+                None,
+            )
+            .await
+            .ok()?;
+            let phase = records[0]["phase"].as_str()?.to_owned();
+            (!matches!(
+                phase.as_str(),
+                "checking" | "locking" | "checkpointing" | "stopping"
+            ))
+            .then_some(phase)
+        },
+    )
+    .await;
+    assert!(
+        seen == "transferring" || seen == "creating",
+        "the test must catch the migration between the stop and its end, it saw {seen}"
+    );
+    cloud_coordinator.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| cloud_coordinator.restart());
+
+    let (status, answer) = migration.await.unwrap().unwrap();
+    assert_eq!(
+        (status, answer["serviceRunsAt"].as_str()),
+        (502, Some("source")),
+        "{answer}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
+    );
+    let rollback = answer["rollback"].to_string();
+    assert!(
+        rollback.contains("the destination holds no copy"),
+        "{answer}"
+    );
+    assert!(rollback.contains("restored at the source"), "{answer}");
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("the destination does not say it holds no copy; asking again"),
+        "the source asked the restarting destination again:\n{}",
+        edge_coordinator.log()
+    );
+    // Exactly one copy: none at the destination, the restored one at the source.
+    assert!(
+        cloud
+            .kubectl_result(User::Admin, &["get", "pod", "counter"])
+            .is_err(),
+        "no copy at the destination"
+    );
+    let ip = edge
+        .wait_running_and_ready("counter", Duration::from_secs(60))
+        .await;
+    let after = ask_service(&ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
 }

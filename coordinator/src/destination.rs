@@ -441,7 +441,23 @@ impl Coordinator {
                 .as_ref()
                 .and_then(|a| a.get(crate::orchestrator::ANNOTATION_RESTORED_FOR));
             if restored_for == Some(&request.migration_id) {
-                pods.delete(&request.name, &DeleteParams::default()).await?;
+                // The source restores the service once this answers: the copy stops at once
+                // and is gone first (never two copies running).
+                let now = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                };
+                pods.delete(&request.name, &now).await?;
+                let until = Instant::now() + Duration::from_secs(60);
+                while pods.get_opt(&request.name).await?.is_some() {
+                    if Instant::now() > until {
+                        return Err(ApiError::internal(format!(
+                            "pod {}/{} was deleted but is still there after a minute",
+                            request.namespace, request.name
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
                 tracing::info!(migration = %request.migration_id, pod = %request.name, "restored pod deleted at its source's request");
                 return Ok(json!({"deleted": true}));
             }

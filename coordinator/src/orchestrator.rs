@@ -267,10 +267,22 @@ impl Coordinator {
             name: name.clone(),
         };
         let mut done = Vec::new();
-        match peer
-            .post::<_, Value>("/delete", &delete, Duration::from_secs(60))
-            .await
-        {
+        // A destination coordinator that does not answer may be restarting (its Deployment
+        // brings it back): asked again for two minutes; a refusal is its answer.
+        let until = Instant::now() + Duration::from_secs(120);
+        let deleted = loop {
+            match peer
+                .post::<_, Value>("/delete", &delete, Duration::from_secs(90))
+                .await
+            {
+                Err(e) if e.is_transient() && Instant::now() < until => {
+                    tracing::warn!(migration = id, error = %e.message, "the destination does not say it holds no copy; asking again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                outcome => break outcome,
+            }
+        };
+        match deleted {
             Ok(answer) => done.push(format!(
                 "the destination holds no copy (deleted: {})",
                 answer["deleted"]

@@ -10,6 +10,11 @@
 //!   downtime and total), and the sidecars' peak RSS (VmHWM).
 //! - `criu`: CRIU's own dump (to tmpfs) and restore of the same workload run as a plain
 //!   process in the runtime container: the floor an engine path is compared with.
+//! - `ssu`: the orchestrator-level interface: the same workload as an ordinary pod on a CRI
+//!   node (containerd 2.x + CRIU) of one test cluster, moved to another by one `POST /migrate`
+//!   on its coordinator (kubelet checkpoint -> node part -> destination registry -> restore);
+//!   downtime is from the checkpoint request to the restored pod ready, and the divergence
+//!   window (the source running on after its dump) is among the parts. Engine `containerd`.
 //!
 //! Prints one table (downtime and total per method, the ratios to staged and to CRIU) and
 //! writes it as JSON and as an SVG bar chart (`--out`, default `docs/bench`).
@@ -44,11 +49,12 @@ struct Args {
     engines: Vec<String>,
     /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`), criu, shaped and
     /// shaped-postcopy (the sidecar over a link shaped to 1 Gbit/s with tc between the two
-    /// pods' network namespaces).
+    /// pods' network namespaces), ssu (the orchestrator-level interface, on CRI nodes: once per
+    /// size, whatever the engines).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "staged,sidecar,postcopy,criu,shaped,shaped-postcopy"
+        default_value = "staged,sidecar,postcopy,criu,shaped,shaped-postcopy,ssu"
     )]
     methods: Vec<String>,
     /// Set up a source (workload running) and a passive destination for the first engine and
@@ -407,6 +413,82 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
     }
 }
 
+/// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
+/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
+async fn ssu(mib: u32) -> Row {
+    use ums_tests::cluster::{Cluster, User};
+    use ums_tests::coordinator::{call_result, CoordinatorCerts, Credential, RunningCoordinator};
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    edge.deploy_node_part().await;
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": NAME},
+        "spec": {"containers": [{"name": NAME,
+            "image": ums_tests::workload::tls_registry_workload_image(),
+            "env": [{"name": "WORKLOAD_MIB", "value": mib.to_string()},
+                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+    });
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    // The workload listens once its memory is filled.
+    edge.wait_running_and_ready(NAME, Duration::from_secs(600))
+        .await;
+    settle().await;
+    let (status, report) = call_result(
+        &edge_coordinator.address,
+        &edge_certs.ca,
+        &Credential::Bearer(edge_coordinator.api_token.clone()),
+        "POST",
+        "/migrate",
+        Some(json!({"name": NAME, "destinationUrl": cloud_coordinator.pod_network_address})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
+    );
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
+    assert!(
+        answer.memory_ok,
+        "the restored workload's memory: {answer:?}"
+    );
+    let mut parts: BTreeMap<String, u64> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
+        .collect();
+    let details = &report["sidecar"];
+    parts.insert(
+        "divergence".into(),
+        details["divergenceMs"].as_u64().unwrap_or(0),
+    );
+    let downtime = ["checkpointing", "stopping", "transferring", "creating"]
+        .iter()
+        .map(|p| parts.get(*p).copied().unwrap_or(0))
+        .sum();
+    Row {
+        engine: "containerd".into(),
+        mib,
+        method: "ssu",
+        downtime_ms: downtime,
+        total_ms: report["totalMs"].as_u64().unwrap_or(0),
+        parts,
+        sidecar_peak_rss_kib: None,
+        bytes_sent: details["totals"]["contentBytes"].as_u64(),
+    }
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | sidecar peak RSS MiB (src/dst) |"
@@ -494,8 +576,8 @@ fn svg(rows: &[Row]) -> String {
             groups.push((r.engine.clone(), r.mib));
         }
     }
-    let methods = ["staged", "sidecar", "postcopy", "criu"];
-    let colors = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c"];
+    let methods = ["staged", "sidecar", "postcopy", "criu", "ssu"];
+    let colors = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
     let max = rows
         .iter()
         .filter(|r| methods.contains(&r.method))
@@ -504,7 +586,7 @@ fn svg(rows: &[Row]) -> String {
         .unwrap_or(1)
         .max(1) as f64;
     let (bar, gap, height, left, top) = (28.0, 30.0, 300.0, 60.0, 40.0);
-    let width = left + groups.len() as f64 * (4.0 * bar + gap) + 160.0;
+    let width = left + groups.len() as f64 * (methods.len() as f64 * bar + gap) + 160.0;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"20\" font-size=\"14\">Downtime (s), one run of scripts/bench.sh</text>\n",
         height + top + 60.0
@@ -516,7 +598,7 @@ fn svg(rows: &[Row]) -> String {
         top + height
     ));
     for (g, (engine, mib)) in groups.iter().enumerate() {
-        let x0 = left + g as f64 * (4.0 * bar + gap) + gap / 2.0;
+        let x0 = left + g as f64 * (methods.len() as f64 * bar + gap) + gap / 2.0;
         for (m, method) in methods.iter().enumerate() {
             if let Some(r) = rows
                 .iter()
@@ -600,6 +682,15 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
                 rows.push(row);
             }
+        }
+    }
+    if args.methods.iter().any(|m| m == "ssu") && !args.hold {
+        for &mib in &args.sizes {
+            eprint!("[bench] containerd {mib} MiB ssu ... ");
+            std::io::stderr().flush().ok();
+            let row = ssu(mib).await;
+            eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
+            rows.push(row);
         }
     }
     print_table(&rows);

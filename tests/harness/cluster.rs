@@ -458,6 +458,23 @@ impl Cluster {
         })
     }
 
+    /// Runs a command in the CRI node's container (`ctr`, `crictl`...); its output.
+    pub fn cri_node_exec(&self, args: &[&str]) -> String {
+        let output = Command::new("docker")
+            .arg("exec")
+            .arg(format!("ums-node-{}", self.name))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?} on the CRI node of {}: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
     pub fn node_checkpoint_dir(&self) -> PathBuf {
         self.dir.join("node/checkpoints")
