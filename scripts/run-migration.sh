@@ -2,7 +2,7 @@
 # The main job on this machine: a live migration of a stateful service in a wrapped pod between
 # two clusters, the way it runs on Kubernetes.
 #
-#   scripts/run-migration.sh [MIB] [--interface dind|pind] [--keep]     (default 256 MiB, dind)
+#   scripts/run-migration.sh [MIB] [--interface dind|pind|ssu] [--keep]     (default 256 MiB, dind)
 #
 # Two clusters, "edge" and "cloud", each: etcd and an API server built from Kubernetes' own
 # library (tests/cluster/apiserver), the real ums-rs/webhook image configured by deploy/base's
@@ -16,12 +16,18 @@
 # sidecars move the state over the pod network, the copy becomes active, the edge pod is
 # deleted. Progress while it runs (the coordinator's phase, the bytes received), then the
 # report. Everything it started is stopped at the end (or on Ctrl-C).
+#
+# --interface ssu: the orchestrator-level interface. Each cluster's node is a CRI node instead
+# (tests/cluster/cri-node: containerd 2.x + CRIU, driven through the CRI), the service is an
+# ordinary pod without annotations, and the call moves it through the kubelet's checkpoint API,
+# the node part (deploy/node) and checkpoint images in cloud's registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (it runs privileged pod containers)" >&2; exit 1; }
 ./scripts/install-host.sh >/dev/null
 ./images/build.sh >/dev/null
 ./tests/cluster/apiserver/build.sh >/dev/null
+./tests/cluster/cri-node/build.sh >/dev/null
 cargo build --quiet --locked -p ums-tests --bin ums-demo -p ums-node-agent
 target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 exec "$target/debug/ums-demo" "$@"

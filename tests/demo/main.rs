@@ -3,6 +3,11 @@
 //! agent each), a stateful service in a wrapped pod created by a user in the edge cluster, a
 //! passive copy in the cloud cluster, and the live migration between them over the pod network,
 //! with progress while it runs and the report at the end. Everything is stopped at the end.
+//!
+//! `--interface ssu`: the orchestrator-level interface instead. Both clusters get a CRI node
+//! (containerd 2.x + CRIU, driven through the CRI as a kubelet drives it), the service is an
+//! ordinary pod without any annotation, the node part (deploy/node) runs in edge, and the same
+//! call moves the pod through the kubelet's checkpoint API and checkpoint images.
 
 #![allow(clippy::unwrap_used)] // a demo on the test harness: a panic is the failure report
 
@@ -27,7 +32,7 @@ struct Args {
     /// Memory of the stateful service, MiB.
     #[arg(default_value_t = 256)]
     mib: u32,
-    /// dind or pind.
+    /// dind, pind (container-level: a wrapped pod) or ssu (orchestrator-level: an ordinary pod).
     #[arg(long, env = "UMS_DEMO_INTERFACE", default_value = "dind")]
     interface: String,
     /// Leave both clusters up after the migration until Ctrl-C.
@@ -43,11 +48,18 @@ fn step(n: u32, text: &str) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        matches!(args.interface.as_str(), "dind" | "pind"),
-        "--interface must be dind or pind"
+        matches!(args.interface.as_str(), "dind" | "pind" | "ssu"),
+        "--interface must be dind, pind or ssu"
     );
+    let demo = async {
+        if args.interface == "ssu" {
+            run_ssu(&args).await
+        } else {
+            run(&args).await
+        }
+    };
     tokio::select! {
-        result = run(&args) => result,
+        result = demo => result,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted: stopping everything");
             Ok(())
@@ -201,39 +213,13 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         let destination_ip = report["destination"]["podIp"].as_str().unwrap_or("?");
         // A credential as cloud's coordinator would give it, for trying the sidecar by hand.
         let token = cloud.sidecar_token(destination_ip, Scope::Coordinator, None);
-        println!("KEEP: both clusters and their coordinators stay up until Ctrl-C");
-        for (side, cluster, certs, coordinator) in [
-            ("edge", &edge, &edge_certs, &edge_coordinator),
-            ("cloud", &cloud, &cloud_certs, &cloud_coordinator),
-        ] {
-            println!("  {side}:");
-            println!(
-                "    kubectl --kubeconfig {}   (admin; a user: {})",
-                cluster.kubeconfig(User::Admin).display(),
-                cluster.kubeconfig(User::Jane).display()
-            );
-            println!(
-                "    coordinator https://{}  CA {}  operator token {}",
-                coordinator.address,
-                certs.ca.display(),
-                coordinator.api_token
-            );
-        }
-        println!("  the service back to edge, by one UMS call on cloud's coordinator:");
-        println!(
-            "    curl --cacert {} -H 'Authorization: Bearer {}' -H 'content-type: application/json' \\\n      -d '{{\"name\": \"{name}\", \"destinationUrl\": \"{}\"}}' https://{}/migrate",
-            cloud_certs.ca.display(),
-            cloud_coordinator.api_token,
-            edge_coordinator.address,
-            cloud_coordinator.address
-        );
-        println!(
-            "  or by a LiveMigration object in cloud (the CRD is installed in both clusters):"
-        );
-        println!(
-            "    echo '{{\"apiVersion\": \"migration.ums-rs.io/v1alpha1\", \"kind\": \"LiveMigration\", \"metadata\": {{\"name\": \"back\"}}, \"spec\": {{\"pod\": \"{name}\", \"destination\": \"{}\"}}}}' | kubectl --kubeconfig {} create -f -",
-            edge_coordinator.address,
-            cloud.kubeconfig(User::Jane).display()
+        print_keep(
+            name,
+            [
+                ("edge", &edge, &edge_certs, &edge_coordinator),
+                ("cloud", &cloud, &cloud_certs, &cloud_coordinator),
+            ],
+            &edge_coordinator.address,
         );
         println!(
             "  the copy's sidecar (token valid 10 minutes): curl -H 'Authorization: Bearer {token}' http://{destination_ip}:8888/containers"
@@ -241,6 +227,173 @@ async fn run(args: &Args) -> anyhow::Result<()> {
         tokio::signal::ctrl_c().await?;
     }
     Ok(())
+}
+
+/// The orchestrator-level interface: an ordinary pod on a CRI node moved by the same call.
+async fn run_ssu(args: &Args) -> anyhow::Result<()> {
+    use ums_tests::service_pod::ask_service;
+    let started = Instant::now();
+    step(
+        1,
+        "cluster edge: API server (k8s.io/apiserver), webhook image, a CRI node (containerd 2.x + CRIU) with the kubelet's checkpoint endpoint",
+    );
+    let edge = Cluster::start_with_cri_node();
+    step(2, "cluster cloud: the same");
+    let cloud = Cluster::start_with_cri_node();
+    let name = "stateful-service";
+    step(
+        3,
+        &format!(
+            "a user creates the {} MiB service as an ordinary pod in edge (no annotation: UMS's ssu)",
+            args.mib
+        ),
+    );
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"containers": [{"name": "app",
+            "image": ums_tests::workload::tls_registry_workload_image(),
+            "env": [{"name": "WORKLOAD_MIB", "value": args.mib.to_string()},
+                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+    });
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let source_ip = edge
+        .wait_running_and_ready(name, Duration::from_secs(600))
+        .await;
+    let before = ask_service(&source_ip, 8080)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the service does not answer on {source_ip}:8080"))?;
+    eprintln!(
+        "      running on pod IP {source_ip}, unwrapped ({} containers); it answers: tick={} memory {}",
+        edge.get_json(&["pod", name])["spec"]["containers"]
+            .as_array()
+            .map_or(0, Vec::len),
+        before.tick,
+        if before.memory_ok { "ok" } else { "BAD" }
+    );
+    let (node_part, _) = edge.deploy_node_part().await;
+    eprintln!("      the node part (deploy/node) runs on edge's node: ums-system/{node_part}");
+
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    // The node part sends the archives from the pod network: the destination as pods reach it.
+    let destination = cloud_coordinator.pod_network_address.clone();
+    step(
+        4,
+        &format!(
+            "one UMS call on edge's coordinator (an operator's token): POST https://{}/migrate {{\"name\": \"{name}\", \"destinationUrl\": \"{destination}\"}}",
+            edge_coordinator.address
+        ),
+    );
+    let migration = tokio::spawn({
+        let body = json!({"name": name, "namespace": "default", "destinationUrl": destination});
+        let ca = edge_certs.ca.clone();
+        let address = edge_coordinator.address.clone();
+        let operator = Credential::Bearer(edge_coordinator.api_token.clone());
+        async move { call(&address, &ca, &operator, "POST", "/migrate", Some(body)).await }
+    });
+    let mut last = String::new();
+    let migration_started = Instant::now();
+    while !migration.is_finished() {
+        let (_, records) = edge_coordinator
+            .call(&edge_certs.ca, "GET", "/migrations", None)
+            .await;
+        let phase = records
+            .as_array()
+            .and_then(|r| r.last())
+            .and_then(|r| r["phase"].as_str())
+            .unwrap_or("starting")
+            .to_owned();
+        if phase != last {
+            eprintln!(
+                "      {phase} ({:.1} s)",
+                migration_started.elapsed().as_secs_f64()
+            );
+            last = phase;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, report) = migration.await?;
+    anyhow::ensure!(
+        status == 200,
+        "the migration failed ({status}): {report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log()
+    );
+    step(5, "report");
+    print_report(&report);
+    step(6, "the service in cloud");
+    let ip = report["destination"]["podIp"].as_str().unwrap_or_default();
+    let after = ask_service(ip, 8080)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the restored service does not answer on {ip}:8080"))?;
+    println!(
+        "the service in cloud (pod IP {ip}) answers: tick={} (it was {} in edge before the move) memory {}",
+        after.tick,
+        before.tick,
+        if after.memory_ok { "ok" } else { "BAD" }
+    );
+    let gone = edge
+        .kubectl_result(User::Admin, &["get", "pod", name])
+        .is_err();
+    println!(
+        "done in {:.0} s (the edge pod {}; the service runs in cloud from its checkpoint images)",
+        started.elapsed().as_secs_f64(),
+        if gone { "is deleted" } else { "is still there" },
+    );
+    if args.keep {
+        print_keep(
+            name,
+            [
+                ("edge", &edge, &edge_certs, &edge_coordinator),
+                ("cloud", &cloud, &cloud_certs, &cloud_coordinator),
+            ],
+            &edge_coordinator.pod_network_address,
+        );
+        println!("  (cloud has no node part yet: deploy it to move the pod back)");
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+/// With `--keep`: how to reach both clusters and their coordinators, and how to move the
+/// service back to edge (`back_to`: edge's coordinator as the sender reaches it).
+fn print_keep(
+    name: &str,
+    sides: [(&str, &Cluster, &CoordinatorCerts, &RunningCoordinator); 2],
+    back_to: &str,
+) {
+    println!("KEEP: both clusters and their coordinators stay up until Ctrl-C");
+    for (side, cluster, certs, coordinator) in sides {
+        println!("  {side}:");
+        println!(
+            "    kubectl --kubeconfig {}   (admin; a user: {})",
+            cluster.kubeconfig(User::Admin).display(),
+            cluster.kubeconfig(User::Jane).display()
+        );
+        println!(
+            "    coordinator https://{}  CA {}  operator token {}",
+            coordinator.address,
+            certs.ca.display(),
+            coordinator.api_token
+        );
+    }
+    let (_, cloud, cloud_certs, cloud_coordinator) = sides[1];
+    println!("  the service back to edge, by one UMS call on cloud's coordinator:");
+    println!(
+        "    curl --cacert {} -H 'Authorization: Bearer {}' -H 'content-type: application/json' \\\n      -d '{{\"name\": \"{name}\", \"destinationUrl\": \"{back_to}\"}}' https://{}/migrate",
+        cloud_certs.ca.display(),
+        cloud_coordinator.api_token,
+        cloud_coordinator.address
+    );
+    println!("  or by a LiveMigration object in cloud (the CRD is installed in both clusters):");
+    println!(
+        "    echo '{{\"apiVersion\": \"migration.ums-rs.io/v1alpha1\", \"kind\": \"LiveMigration\", \"metadata\": {{\"name\": \"back\"}}, \"spec\": {{\"pod\": \"{name}\", \"destination\": \"{back_to}\"}}}}' | kubectl --kubeconfig {} create -f -",
+        cloud.kubeconfig(User::Jane).display()
+    );
 }
 
 /// Bytes received by a runtime container's network interface (the destination pod's eth0).
@@ -283,8 +436,47 @@ fn print_report(coordinator_report: &Value) {
             phase[1]
         );
     }
-    println!("  the source sidecar's migration:");
     let report = &coordinator_report["sidecar"];
+    if coordinator_report["migrationInterface"] == "ssu" {
+        println!(
+            "  the kubelet checkpoints on node {} ({}):",
+            report["node"].as_str().unwrap_or("?"),
+            report["runtime"].as_str().unwrap_or("?")
+        );
+        for c in report["checkpoints"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<12} {:>7} ms  {}",
+                c["container"].as_str().unwrap_or("?"),
+                c["answeredUnixMs"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(c["requestedUnixMs"].as_u64().unwrap_or(0)),
+                c["archive"].as_str().unwrap_or("?")
+            );
+        }
+        println!(
+            "  skew between the containers' checkpoints {} ms; the source ran on {} ms after its dump (divergence)",
+            report["checkpointSkewMs"], report["divergenceMs"]
+        );
+        for t in report["transfers"].as_array().into_iter().flatten() {
+            println!(
+                "  {} sent from the node straight to cloud: {} bytes in {} ms -> {}",
+                t["container"].as_str().unwrap_or("?"),
+                t["bytes"],
+                t["sendMs"],
+                t["image"].as_str().unwrap_or("?")
+            );
+        }
+        for check in report["destinationPreflight"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            println!("  cloud's preflight: {}", check.as_str().unwrap_or("?"));
+        }
+    } else {
+        println!("  the source sidecar's migration:");
+    }
     let totals = &report["totals"];
     for (label, key) in [
         ("preflight", "preflightMs"),
