@@ -333,3 +333,83 @@ async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
         "the restored log starts at {first:?}"
     );
 }
+
+/// A wrapped pod (the container-level interface) on CRI nodes: the webhook's privileged
+/// runtime container runs its nested engine under containerd's `privileged`, and one UMS call
+/// moves the service to another CRI cluster with its memory.
+async fn a_wrapped_pod_migrates_between_cri_nodes(interface: &str) {
+    use ums_tests::coordinator::{call_result, CoordinatorCerts, Credential, RunningCoordinator};
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    for cluster in [&edge, &cloud] {
+        for image in [
+            format!("ums-rs/{interface}:latest"),
+            "ums-rs/ambassador:latest".to_owned(),
+        ] {
+            cluster.cri_node_import(&image);
+        }
+    }
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let name = "service";
+    let pod = ums_tests::service_pod::service_pod(name, interface, None, &[("app", 32)]);
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let source_ip = edge
+        .wait_running_and_ready(name, Duration::from_secs(300))
+        .await;
+    let before = ums_tests::poll(
+        "the wrapped service to answer",
+        Duration::from_secs(120),
+        || ask_service(&source_ip, 8080),
+    )
+    .await;
+    let (status, report) = call_result(
+        &edge_coordinator.address,
+        &edge_certs.ca,
+        &Credential::Bearer(edge_coordinator.api_token.clone()),
+        "POST",
+        "/migrate",
+        Some(json!({"name": name, "destinationUrl": cloud_coordinator.pod_network_address})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}\n--- edge node:\n{}",
+        edge_coordinator.log(),
+        cloud_coordinator.log(),
+        edge.node_log()
+    );
+    assert_eq!(report["migrationInterface"], interface, "{report}");
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    let after = ums_tests::poll(
+        "the moved service to answer",
+        Duration::from_secs(60),
+        || ask_service(ip, 8080),
+    )
+    .await;
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+    // The runtime container ran privileged under containerd: what its spec asked for.
+    let runtime = &cloud.get_json(&["pod", name])["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "runtime")
+        .cloned()
+        .unwrap();
+    assert_eq!(runtime["securityContext"]["privileged"], true, "{runtime}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_dind_pod_migrates_between_cri_nodes() {
+    a_wrapped_pod_migrates_between_cri_nodes("dind").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrapped_pind_pod_migrates_between_cri_nodes() {
+    a_wrapped_pod_migrates_between_cri_nodes("pind").await;
+}

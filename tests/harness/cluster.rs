@@ -475,6 +475,30 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Loads an image of this machine's Docker engine into the CRI node's containerd (the
+    /// project's images, which no registry here serves), as `docker.io/<name>`.
+    pub fn cri_node_import(&self, image: &str) {
+        let mut save = Command::new("docker")
+            .args(["save", image])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let import = Command::new("docker")
+            .arg("exec")
+            .arg("-i")
+            .arg(format!("ums-node-{}", self.name))
+            .args(["ctr", "-n", "k8s.io", "images", "import", "-"])
+            .stdin(save.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            save.wait().unwrap().success() && import.status.success(),
+            "importing {image} into the CRI node of {}: {}",
+            self.name,
+            String::from_utf8_lossy(&import.stderr)
+        );
+    }
+
     /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
     pub fn node_checkpoint_dir(&self) -> PathBuf {
         self.dir.join("node/checkpoints")
