@@ -181,18 +181,10 @@ impl PodmanEngine {
                 b"no State.CgroupPath",
             ));
         }
-        let v1 = Path::new("/sys/fs/cgroup/freezer")
-            .join(&cgroup)
-            .join("freezer.state");
-        if v1.exists() {
-            return Ok((v1, true));
-        }
-        Ok((
-            Path::new("/sys/fs/cgroup")
-                .join(&cgroup)
-                .join("cgroup.freeze"),
-            false,
-        ))
+        let mountinfo = tokio::fs::read_to_string("/proc/self/mountinfo")
+            .await
+            .unwrap_or_default();
+        Ok(freezer_file(&mountinfo, &cgroup))
     }
 
     async fn set_frozen(&self, name: &str, frozen: bool) -> Result<(), EngineError> {
@@ -548,4 +540,98 @@ fn put_files(
         }
     }
     Ok(())
+}
+
+/// The freezer file of the cgroup at `cgroup` (its path in the hierarchy, as the engine reads it
+/// from /proc) and whether it is cgroup v1's `freezer.state` (else v2's `cgroup.freeze`), from
+/// this process's mount table: a hierarchy may be mounted at its root (the host's tree bound
+/// in) or at this container's own cgroup (a privileged container of containerd on a cgroup v1
+/// node), whose path is then taken off the front (pure).
+pub fn freezer_file(mountinfo: &str, cgroup: &str) -> (PathBuf, bool) {
+    let cgroup = cgroup.trim_start_matches('/');
+    let mounts = mountinfo.lines().filter_map(|line| {
+        let (fields, tail) = line.split_once(" - ")?;
+        let fields: Vec<&str> = fields.split(' ').collect();
+        let tail: Vec<&str> = tail.split(' ').collect();
+        Some((
+            *fields.get(3)?,
+            *fields.get(4)?,
+            *tail.first()?,
+            *tail.get(2)?,
+        ))
+    });
+    // A later mount on the same place hides an earlier one (the host's tree bound over the
+    // container's own): the last one found counts.
+    let (mut v1, mut v2) = (None, None);
+    for (root, mount_point, fs_type, options) in mounts {
+        let within = |root: &str| {
+            let root = root.trim_matches('/');
+            let relative = if root.is_empty() {
+                cgroup
+            } else {
+                cgroup
+                    .strip_prefix(root)
+                    .map(|r| r.trim_start_matches('/'))
+                    .unwrap_or(cgroup)
+            };
+            Path::new(mount_point).join(relative)
+        };
+        if fs_type == "cgroup" && options.split(',').any(|o| o == "freezer") {
+            v1 = Some(within(root).join("freezer.state"));
+        }
+        if fs_type == "cgroup2" {
+            v2 = Some(within(root).join("cgroup.freeze"));
+        }
+    }
+    match (v1, v2) {
+        (Some(v1), _) => (v1, true),
+        (None, v2) => (
+            v2.unwrap_or_else(|| {
+                Path::new("/sys/fs/cgroup")
+                    .join(cgroup)
+                    .join("cgroup.freeze")
+            }),
+            false,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_freezer_is_found_where_its_hierarchy_is_mounted() {
+        let cgroup = "/k8s.io/abc/libpod_parent/libpod-1";
+        // containerd's privileged container on a cgroup v1 node: its own cgroup is the root.
+        let own = "346 340 0:34 /k8s.io/abc /sys/fs/cgroup/freezer rw,nosuid - cgroup cgroup rw,freezer\n\
+                   349 340 0:37 /k8s.io/abc /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd\n";
+        assert_eq!(
+            freezer_file(own, cgroup),
+            (
+                PathBuf::from("/sys/fs/cgroup/freezer/libpod_parent/libpod-1/freezer.state"),
+                true
+            )
+        );
+        // The host's tree bound over the container's own (the Docker-run rig).
+        let host = "30 29 0:26 /docker/x /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n\
+                    60 59 0:26 / /sys/fs/cgroup/freezer rw - cgroup cgroup rw,freezer\n";
+        assert_eq!(
+            freezer_file(host, cgroup).0,
+            PathBuf::from("/sys/fs/cgroup/freezer/k8s.io/abc/libpod_parent/libpod-1/freezer.state")
+        );
+        // cgroup v2.
+        let v2 = "40 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            freezer_file(v2, "/libpod_parent/libpod-1"),
+            (
+                PathBuf::from("/sys/fs/cgroup/libpod_parent/libpod-1/cgroup.freeze"),
+                false
+            )
+        );
+        assert_eq!(
+            freezer_file("", "/x").0,
+            PathBuf::from("/sys/fs/cgroup/x/cgroup.freeze")
+        );
+    }
 }
