@@ -338,10 +338,9 @@ async fn a_checkpoint_image_restores_the_container_in_another_cluster() {
 /// runtime container runs its nested engine under containerd's `privileged`, and one UMS call
 /// moves the service to another CRI cluster with its memory.
 async fn a_wrapped_pod_migrates_between_cri_nodes(interface: &str) {
-    use ums_tests::coordinator::{call_result, CoordinatorCerts, Credential, RunningCoordinator};
-    let edge = Cluster::start_with_cri_node();
-    let cloud = Cluster::start_with_cri_node();
-    for cluster in [&edge, &cloud] {
+    let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
+    let (edge, cloud) = (&two.edge, &two.cloud);
+    for cluster in [edge, cloud] {
         for image in [
             format!("ums-rs/{interface}:latest"),
             "ums-rs/ambassador:latest".to_owned(),
@@ -349,10 +348,6 @@ async fn a_wrapped_pod_migrates_between_cri_nodes(interface: &str) {
             cluster.cri_node_import(&image);
         }
     }
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
     let name = "service";
     let pod = ums_tests::service_pod::service_pod(name, interface, None, &[("app", 32)]);
     edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
@@ -365,22 +360,15 @@ async fn a_wrapped_pod_migrates_between_cri_nodes(interface: &str) {
         || ask_service(&source_ip, 8080),
     )
     .await;
-    let (status, report) = call_result(
-        &edge_coordinator.address,
-        &edge_certs.ca,
-        &Credential::Bearer(edge_coordinator.api_token.clone()),
-        "POST",
-        "/migrate",
-        Some(json!({"name": name, "destinationUrl": cloud_coordinator.pod_network_address})),
-    )
-    .await
-    .unwrap();
+    let (status, report) = two
+        .migrate(json!({"name": name, "destinationUrl": two.destination}))
+        .await;
     assert_eq!(
         status,
         200,
         "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}\n--- edge node:\n{}",
-        edge_coordinator.log(),
-        cloud_coordinator.log(),
+        two.edge_coordinator.log(),
+        two.cloud_coordinator.log(),
         edge.node_log()
     );
     assert_eq!(report["migrationInterface"], interface, "{report}");

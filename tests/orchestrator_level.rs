@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::{
-    call_result, client_with, CoordinatorCerts, Credential, RunningCoordinator,
+    call_result, client_with, CoordinatorCerts, Credential, RunningCoordinator, TwoClusters,
 };
 use ums_tests::service_pod::{ask_service, plain_counter_pod, run_plain_counter};
 use ums_tests::workload::tls_registry_workload_image;
@@ -180,12 +180,14 @@ async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cl
 /// checkpoint images. The service goes on at the destination with its memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ums_call_moves_an_unannotated_two_container_pod() {
-    let edge = Cluster::start_with_cri_node();
-    let cloud = Cluster::start_with_cri_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start_with_cri_nodes();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        cloud_coordinator,
+        ..
+    } = &two;
     edge.deploy_node_part().await;
     let image = tls_registry_workload_image();
     let pod = json!({
@@ -208,27 +210,16 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ask_service(&source_ip, 8080).await.unwrap();
     // The destination as the node part reaches it too (pods send it the archives).
-    let destination = cloud_coordinator.pod_network_address.clone();
-    let operator = Credential::Bearer(edge_coordinator.api_token.clone());
-    let call = |body: serde_json::Value| {
-        call_result(
-            &edge_coordinator.address,
-            &edge_certs.ca,
-            &operator,
-            "POST",
-            "/migrate",
-            Some(body),
-        )
-    };
+    let destination = two.destination.clone();
 
     // A pod already under migration is refused before anything is checkpointed.
     edge.kubectl(
         User::Coordinator,
         &["annotate", "pod", "service", "migration-id=other"],
     );
-    let (status, answer) = call(json!({"name": "service", "destinationUrl": destination}))
-        .await
-        .unwrap();
+    let (status, answer) = two
+        .migrate(json!({"name": "service", "destinationUrl": destination}))
+        .await;
     assert_eq!(status, 409, "{answer}");
     assert!(
         answer["error"].as_str().unwrap().contains("being migrated"),
@@ -251,9 +242,9 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     let held = tokio::net::TcpStream::connect((source_ip.as_str(), 9000))
         .await
         .unwrap();
-    let (status, report) = call(json!({"name": "service", "destinationUrl": destination}))
-        .await
-        .unwrap();
+    let (status, report) = two
+        .migrate(json!({"name": "service", "destinationUrl": destination}))
+        .await;
     drop(held);
     assert_eq!(
         status,
@@ -424,25 +415,7 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
         cloud_coordinator.log(),
         edge.cri_container_output_in("ums-system", "ums-node-1", "ums-node").join("\n")
     );
-    let rollback = answer["rollback"].to_string();
-    assert!(
-        rollback.contains("the destination holds no copy"),
-        "{answer}"
-    );
-    assert!(rollback.contains("restored at the source"), "{answer}");
-    // One copy: none at the destination, the restored one at the source.
-    assert!(
-        cloud
-            .kubectl_result(User::Admin, &["get", "pod", "counter"])
-            .is_err(),
-        "the destination's copy is deleted"
-    );
-    let ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(60))
-        .await;
-    let after = ask_service(&ip, 8080).await.unwrap();
-    assert!(after.memory_ok, "{after:?}");
-    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+    restored_at_the_source_only(&answer, &edge, &cloud, &before).await;
     assert!(
         std::fs::read_dir(edge.node_checkpoint_dir())
             .unwrap()
@@ -458,18 +431,19 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
 /// checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_checkpoint() {
-    let edge = Cluster::start_with_cri_node();
-    let cloud = Cluster::start_with_cri_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start_with_cri_nodes();
+    let TwoClusters {
+        edge,
+        cloud_certs,
+        cloud_coordinator,
+        ..
+    } = &two;
     edge.deploy_node_part().await;
-    let destination = cloud_coordinator.pod_network_address.clone();
+    let destination = two.destination.clone();
 
     // A base image only edge's node has: the workload tagged there under a name its registry
     // never received.
-    run_plain_counter(&edge).await;
+    run_plain_counter(edge).await;
     let image = tls_registry_workload_image();
     let registry = image.split('/').next().unwrap();
     let local_only = format!("{registry}/ums-test/only-on-edge:1");
@@ -485,16 +459,9 @@ async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_ch
     let ip = edge
         .wait_running_and_ready("local", Duration::from_secs(120))
         .await;
-    let (status, answer) = call_result(
-        &edge_coordinator.address,
-        &edge_certs.ca,
-        &Credential::Bearer(edge_coordinator.api_token.clone()),
-        "POST",
-        "/migrate",
-        Some(json!({"name": "local", "destinationUrl": destination})),
-    )
-    .await
-    .unwrap();
+    let (status, answer) = two
+        .migrate(json!({"name": "local", "destinationUrl": destination}))
+        .await;
     assert_eq!(
         (status, answer["phase"].as_str()),
         (409, Some("checking")),
@@ -576,48 +543,28 @@ async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_ch
 /// The service comes back with its memory; exactly one copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_destination_coordinator_killed_after_the_checkpoint_and_the_service_comes_back_once() {
-    let edge = Cluster::start_with_cri_node();
-    let cloud = Cluster::start_with_cri_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    let two = TwoClusters::start_with_cri_nodes();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        cloud_coordinator,
+        ..
+    } = &two;
     edge.deploy_node_part().await;
-    let (_, before) = run_plain_counter(&edge).await;
-    let operator = Credential::Bearer(edge_coordinator.api_token.clone());
-    let migration = {
-        let (address, ca, operator) = (
-            edge_coordinator.address.clone(),
-            edge_certs.ca.clone(),
-            operator.clone(),
-        );
-        let body =
-            json!({"name": "counter", "destinationUrl": cloud_coordinator.pod_network_address});
-        tokio::spawn(async move {
-            call_result(&address, &ca, &operator, "POST", "/migrate", Some(body)).await
-        })
-    };
+    let (_, before) = run_plain_counter(edge).await;
+    let migration = two.migrate_to_cloud_in_background("counter");
     // Past the stop: the archives are the service now.
     let seen = ums_tests::poll(
         "edge's migration to pass the stop",
         Duration::from_secs(120),
         || async {
-            let (_, records) = call_result(
-                &edge_coordinator.address,
-                &edge_certs.ca,
-                &operator,
-                "GET",
-                "/migrations",
-                None,
-            )
-            .await
-            .ok()?;
-            let phase = records[0]["phase"].as_str()?.to_owned();
-            (!matches!(
-                phase.as_str(),
-                "checking" | "locking" | "checkpointing" | "stopping"
-            ))
-            .then_some(phase)
+            two.edge_phase().await.filter(|phase| {
+                !matches!(
+                    phase.as_str(),
+                    "checking" | "locking" | "checkpointing" | "stopping"
+                )
+            })
         },
     )
     .await;
@@ -637,12 +584,6 @@ async fn the_destination_coordinator_killed_after_the_checkpoint_and_the_service
         edge_coordinator.log(),
         cloud_coordinator.log()
     );
-    let rollback = answer["rollback"].to_string();
-    assert!(
-        rollback.contains("the destination holds no copy"),
-        "{answer}"
-    );
-    assert!(rollback.contains("restored at the source"), "{answer}");
     assert!(
         edge_coordinator
             .log()
@@ -650,6 +591,24 @@ async fn the_destination_coordinator_killed_after_the_checkpoint_and_the_service
         "the source asked the restarting destination again:\n{}",
         edge_coordinator.log()
     );
+    restored_at_the_source_only(&answer, edge, cloud, &before).await;
+}
+
+/// After a failed move past the stop: the answer says the destination holds no copy and the
+/// pod was restored at the source; no counter pod in cloud, the one in edge runs on from
+/// where it was (`before`) with its memory intact.
+async fn restored_at_the_source_only(
+    answer: &serde_json::Value,
+    edge: &Cluster,
+    cloud: &Cluster,
+    before: &ums_tests::service_pod::ServiceAnswer,
+) {
+    let rollback = answer["rollback"].to_string();
+    assert!(
+        rollback.contains("the destination holds no copy"),
+        "{answer}"
+    );
+    assert!(rollback.contains("restored at the source"), "{answer}");
     // Exactly one copy: none at the destination, the restored one at the source.
     assert!(
         cloud

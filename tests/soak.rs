@@ -63,6 +63,7 @@ async fn a_service_moved_back_and_forth_keeps_its_state_and_leaves_nothing_behin
         cloud_certs,
         edge_coordinator,
         cloud_coordinator,
+        ..
     } = &two;
     let name = "service";
     let mut ip = run_service(edge, &service_pod(name, "dind", None, &[("app", 64)]), name).await;

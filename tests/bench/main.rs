@@ -416,14 +416,9 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
 /// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
 /// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
 async fn ssu(mib: u32) -> Row {
-    use ums_tests::cluster::{Cluster, User};
-    use ums_tests::coordinator::{call_result, CoordinatorCerts, Credential, RunningCoordinator};
-    let edge = Cluster::start_with_cri_node();
-    let cloud = Cluster::start_with_cri_node();
-    let edge_certs = CoordinatorCerts::generate(&edge);
-    let cloud_certs = CoordinatorCerts::generate(&cloud);
-    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
-    let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+    use ums_tests::cluster::User;
+    let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
+    let edge = &two.edge;
     edge.deploy_node_part().await;
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -439,22 +434,15 @@ async fn ssu(mib: u32) -> Row {
     edge.wait_running_and_ready(NAME, Duration::from_secs(600))
         .await;
     settle().await;
-    let (status, report) = call_result(
-        &edge_coordinator.address,
-        &edge_certs.ca,
-        &Credential::Bearer(edge_coordinator.api_token.clone()),
-        "POST",
-        "/migrate",
-        Some(json!({"name": NAME, "destinationUrl": cloud_coordinator.pod_network_address})),
-    )
-    .await
-    .unwrap();
+    let (status, report) = two
+        .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
+        .await;
     assert_eq!(
         status,
         200,
         "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
-        edge_coordinator.log(),
-        cloud_coordinator.log()
+        two.edge_coordinator.log(),
+        two.cloud_coordinator.log()
     );
     let ip = report["destination"]["podIp"].as_str().unwrap();
     let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();

@@ -312,16 +312,37 @@ pub struct TwoClusters {
     pub cloud_certs: CoordinatorCerts,
     pub edge: Cluster,
     pub cloud: Cluster,
+    /// Cloud's coordinator as edge's calls name it (`destinationUrl`): on CRI nodes its
+    /// pod-network address, which the node part sends the archives to.
+    pub destination: String,
 }
 
 impl TwoClusters {
+    /// Each cluster with a Docker-backed node (the container-level tests).
     pub fn start() -> Self {
-        let edge = Cluster::start_with_node();
-        let cloud = Cluster::start_with_node();
+        Self::of(Cluster::start_with_node(), Cluster::start_with_node())
+    }
+
+    /// Each cluster with a CRI node (containerd 2.x + CRIU, the kubelet's checkpoint endpoint):
+    /// the orchestrator-level interface's rig. Its node part is not deployed.
+    pub fn start_with_cri_nodes() -> Self {
+        Self::of(
+            Cluster::start_with_cri_node(),
+            Cluster::start_with_cri_node(),
+        )
+    }
+
+    fn of(edge: Cluster, cloud: Cluster) -> Self {
+        let cri = edge.kubelet_ca().is_some();
         let edge_certs = CoordinatorCerts::generate(&edge);
         let cloud_certs = CoordinatorCerts::generate(&cloud);
         let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
         let cloud_coordinator = RunningCoordinator::start(&cloud, &cloud_certs, &[&edge_certs.ca]);
+        let destination = if cri {
+            cloud_coordinator.pod_network_address.clone()
+        } else {
+            cloud_coordinator.address.clone()
+        };
         TwoClusters {
             edge_coordinator,
             cloud_coordinator,
@@ -329,7 +350,22 @@ impl TwoClusters {
             cloud_certs,
             edge,
             cloud,
+            destination,
         }
+    }
+
+    /// UMS's call on edge's coordinator, as an operator: `POST /migrate` with `body`.
+    pub async fn migrate(&self, body: Value) -> (u16, Value) {
+        call_result(
+            &self.edge_coordinator.address,
+            &self.edge_certs.ca,
+            &Credential::Bearer(self.edge_coordinator.api_token.clone()),
+            "POST",
+            "/migrate",
+            Some(body),
+        )
+        .await
+        .unwrap()
     }
 
     /// UMS's call on edge's coordinator moving `pod` to cloud, in the background: the moment
@@ -343,8 +379,7 @@ impl TwoClusters {
             self.edge_certs.ca.clone(),
             Credential::Bearer(self.edge_coordinator.api_token.clone()),
         );
-        let body =
-            serde_json::json!({"name": pod, "destinationUrl": self.cloud_coordinator.address});
+        let body = serde_json::json!({"name": pod, "destinationUrl": self.destination});
         tokio::spawn(async move {
             call_result(&address, &ca, &token, "POST", "/migrate", Some(body)).await
         })
