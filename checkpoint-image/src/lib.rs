@@ -29,6 +29,8 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// The size of each upload request to the registry.
 const CHUNK: usize = 8 << 20;
+/// How many chunks are read ahead while one uploads (memory: `CHUNK * (PREFETCH + 2)` at most).
+const PREFETCH: usize = 2;
 
 /// A checkpoint image could not be pushed.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +154,7 @@ where
         message: e.to_string(),
     };
     let layer = client
-        .push_blob_stream_chunked(&reference, rechunk(archive))
+        .push_blob_stream_chunked(&reference, prefetched(rechunk(archive)))
         .await
         .map_err(|e| match e {
             oci_client::errors::OciDistributionError::PushNoDataError => {
@@ -198,6 +200,30 @@ where
         reference: format!("{repository}@{digest}"),
         digest,
         archive_bytes: layer.size,
+    })
+}
+
+/// Reads the next chunks while one is being uploaded (at most [`PREFETCH`] waiting): the
+/// archive's sender and the registry work at the same time instead of in turns.
+fn prefetched<S>(
+    chunks: S,
+) -> impl Stream<Item = oci_client::errors::Result<Bytes>> + Send + 'static
+where
+    S: Stream<Item = oci_client::errors::Result<Bytes>> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(PREFETCH);
+    tokio::spawn(async move {
+        let mut chunks = Box::pin(chunks);
+        while let Some(chunk) = chunks.next().await {
+            let failed = chunk.is_err();
+            // The upload gave up (its receiver is gone) or the archive failed: stop reading.
+            if sender.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|chunk| (chunk, receiver))
     })
 }
 

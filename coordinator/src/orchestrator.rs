@@ -2,7 +2,7 @@
 //! pod, unwrapped, moves through the kubelet's checkpoint API.
 //!
 //! checking (the pod runs, its node's runtime restores checkpoints and serves the kubelet
-//! endpoint, the node part runs there, the destination takes checkpoint uploads) -> locking ->
+//! endpoint, the node part runs there, the destination's preflight passes) -> locking ->
 //! checkpointing (every container at once, through the kubelet of the pod's node) ->
 //! stopping (the source pod is deleted right after: a CRI checkpoint leaves it running, and
 //! the time it ran on is reported as the divergence window) -> transferring (the node part
@@ -401,8 +401,9 @@ impl Coordinator {
             .map_err(|e| e.in_phase("checking"))?;
         let peer = Peer::new(self.peers.clone(), request.destination.clone());
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
-        // The destination's preflight: it takes checkpoint images (a registry its nodes pull
-        // from), before anything is checkpointed.
+        // The destination's preflight (restore_preflight), before anything is checkpointed:
+        // what would make the restore fail there (the namespace and name, a node that restores
+        // onto this kernel, the base images, its checkpoint registry) is refused now.
         let source_kernel = node_of(&pod, &nodes)
             .and_then(|n| n.status.as_ref()?.node_info.as_ref())
             .map(|i| i.kernel_version.clone())
