@@ -528,6 +528,8 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         ("pods", "create"),
         ("pods", "delete"),
         ("configmaps", "get"),
+        ("configmaps", "create"),
+        ("configmaps", "delete"),
         ("secrets", "get"),
         ("serviceaccounts", "get"),
         ("namespaces", "get"),

@@ -554,24 +554,7 @@ async fn the_destination_coordinator_killed_after_the_checkpoint_and_the_service
     edge.deploy_node_part().await;
     let (_, before) = run_plain_counter(edge).await;
     let migration = two.migrate_to_cloud_in_background("counter");
-    // Past the stop: the archives are the service now.
-    let seen = ums_tests::poll(
-        "edge's migration to pass the stop",
-        Duration::from_secs(120),
-        || async {
-            two.edge_phase().await.filter(|phase| {
-                !matches!(
-                    phase.as_str(),
-                    "checking" | "locking" | "checkpointing" | "stopping"
-                )
-            })
-        },
-    )
-    .await;
-    assert!(
-        seen == "transferring" || seen == "creating",
-        "the test must catch the migration between the stop and its end, it saw {seen}"
-    );
+    past_the_stop(&two).await;
     cloud_coordinator.kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
     tokio::task::block_in_place(|| cloud_coordinator.restart());
@@ -622,4 +605,102 @@ async fn restored_at_the_source_only(
     let after = ask_service(&ip, 8080).await.unwrap();
     assert!(after.memory_ok, "{after:?}");
     assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+}
+
+/// Until edge's migration has passed the stop (the archives are the service now); panics
+/// unless it is then between the stop and its end.
+async fn past_the_stop(two: &TwoClusters) {
+    let seen = ums_tests::poll(
+        "edge's migration to pass the stop",
+        Duration::from_secs(120),
+        || async {
+            two.edge_phase().await.filter(|phase| {
+                !matches!(
+                    phase.as_str(),
+                    "checking" | "locking" | "checkpointing" | "stopping"
+                )
+            })
+        },
+    )
+    .await;
+    assert!(
+        seen == "transferring" || seen == "creating",
+        "the test must catch the migration between the stop and its end, it saw {seen}"
+    );
+}
+
+/// The source's coordinator dies once the source pod was checkpointed and stopped: its pod
+/// object is gone, and the migration's journal (a configMap in the pod's namespace) names the
+/// archives on the node. The coordinator that starts again has the destination delete any
+/// copy it made and restores the pod at the source from them: the service comes back with its
+/// memory, exactly one copy, the journal and the archives gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_its_journal() {
+    let two = TwoClusters::start_with_cri_nodes();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        ..
+    } = &two;
+    edge.deploy_node_part().await;
+    let (_, before) = run_plain_counter(edge).await;
+    let migration = two.migrate_to_cloud_in_background("counter");
+    past_the_stop(&two).await;
+    edge_coordinator.kill();
+    assert!(
+        migration.await.unwrap().is_err(),
+        "the call dies with the coordinator"
+    );
+    let journals = || {
+        edge.get_json(&["configmaps", "-l", "migration.ums-rs.io/ssu-journal"])["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(journals(), 1, "the migration's journal is there");
+
+    tokio::task::block_in_place(|| edge_coordinator.restart());
+    ums_tests::poll(
+        "the restarted coordinator to restore the pod at the source",
+        Duration::from_secs(180),
+        || async {
+            edge.kubectl_result(User::Admin, &["get", "pod", "counter"])
+                .is_ok()
+                .then_some(())
+        },
+    )
+    .await;
+    let ip = edge
+        .wait_running_and_ready("counter", Duration::from_secs(120))
+        .await;
+    let after = ask_service(&ip, 8080).await.unwrap();
+    assert!(after.memory_ok, "{after:?}");
+    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
+    assert!(
+        cloud
+            .kubectl_result(User::Admin, &["get", "pod", "counter"])
+            .is_err(),
+        "no copy at the destination"
+    );
+    ums_tests::poll(
+        "the journal to be deleted once the pod runs again",
+        Duration::from_secs(60),
+        || async { (journals() == 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "the archives are removed"
+    );
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("finished an orchestrator-level migration from its journal"),
+        "{}",
+        edge_coordinator.log()
+    );
 }

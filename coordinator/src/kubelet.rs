@@ -109,7 +109,7 @@ pub fn checkpoint_node(node: &Node) -> Result<CheckpointNode, String> {
 }
 
 /// One container's checkpoint, as the kubelet made it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Checkpoint {
     pub container: String,

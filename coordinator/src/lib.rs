@@ -13,7 +13,8 @@
 //!   while it is still passive (made active, or deleted as a stale duplicate);
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`orchestrator`]: the orchestrator-level interface's source side (UMS's `ssu`: an
-//!   unwrapped pod checkpointed through [`kubelet`], its archives sent by the node part);
+//!   unwrapped pod checkpointed through [`kubelet`], its archives sent by the node part), with
+//!   [`checkpoint_journal`]: what a coordinator that died after the stop needs to restore it;
 //! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
 //!   archives stream in and become checkpoint OCI images in this cluster's registry, once
 //!   [`restore_preflight`] found nothing here that would make the restore fail;
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod args;
 pub mod auth;
+pub mod checkpoint_journal;
 pub mod checkpoint_upload;
 pub mod destination;
 pub mod error;

@@ -20,12 +20,15 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 use ums_contract::ANNOTATION_ID;
 
+use crate::checkpoint_journal::{
+    from_config_map, journal_name, to_config_map, CheckpointJournal, LABEL_JOURNAL,
+};
 use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
 use crate::destination::{CreateAnswer, CreateRequest};
 use crate::error::ApiError;
@@ -349,6 +352,125 @@ impl Coordinator {
         }
     }
 
+    async fn write_journal(&self, journal: &CheckpointJournal) -> Result<(), ApiError> {
+        let namespace = journal.pod.metadata.namespace.clone().unwrap_or_default();
+        let config_map = to_config_map(journal).map_err(|e| {
+            ApiError::internal(format!("the migration's journal could not be written: {e}"))
+        })?;
+        Api::<ConfigMap>::namespaced(self.kube.clone(), &namespace)
+            .create(&PostParams::default(), &config_map)
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "the migration's journal (configMap {namespace}/{}) could not be written: {e}",
+                    journal_name(&journal.migration_id)
+                ))
+            })?;
+        Ok(())
+    }
+
+    async fn drop_journal(&self, namespace: &str, id: &str) {
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.kube.clone(), namespace);
+        if let Err(e) = config_maps
+            .delete(&journal_name(id), &DeleteParams::default())
+            .await
+        {
+            tracing::warn!(migration = id, error = %e, "the migration's journal could not be deleted");
+        }
+    }
+
+    /// The orchestrator-level migrations whose coordinator stopped after the checkpoint (their
+    /// journals, which nobody here drives): a source pod that still runs keeps the service
+    /// (its archives are removed); one that was stopped is restored at the source from its
+    /// archives once the destination says it holds no copy. The number still pending.
+    pub async fn finish_checkpoint_journals(&self) -> Result<usize, ApiError> {
+        let config_maps: Api<ConfigMap> = Api::all(self.kube.clone());
+        let mut pending = 0;
+        for config_map in config_maps
+            .list(&ListParams::default().labels(LABEL_JOURNAL))
+            .await?
+        {
+            let Some(journal) = from_config_map(&config_map) else {
+                tracing::warn!(configmap = ?config_map.metadata.name, "an unreadable orchestrator-level journal: left as it is");
+                continue;
+            };
+            let id = journal.migration_id.as_str();
+            if self.is_driving(Some(id)) {
+                continue;
+            }
+            match self.finish_journal(&journal).await {
+                Ok(done) => {
+                    let namespace = journal.pod.metadata.namespace.clone().unwrap_or_default();
+                    self.drop_journal(&namespace, id).await;
+                    tracing::info!(
+                        migration = id,
+                        ?done,
+                        "finished an orchestrator-level migration from its journal"
+                    );
+                }
+                Err(why) => {
+                    pending += 1;
+                    tracing::warn!(migration = id, %why, "an orchestrator-level migration's journal cannot be finished yet; asking again in a minute");
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// What finishing one journal did, or why it cannot be finished now.
+    async fn finish_journal(&self, journal: &CheckpointJournal) -> Result<Vec<String>, String> {
+        let namespace = journal.pod.metadata.namespace.clone().unwrap_or_default();
+        let name = journal.pod.metadata.name.clone().unwrap_or_default();
+        let node = Api::<Node>::all(self.kube.clone())
+            .get(&journal.node)
+            .await
+            .map_err(|e| format!("node {}: {e}", journal.node))?;
+        let node = checkpoint_node(&node)?;
+        let host_ip = journal.pod.status.as_ref().and_then(|s| s.host_ip.clone());
+        let part = self
+            .node_part(&node, host_ip.as_deref())
+            .await
+            .map_err(|e| e.message)?;
+        let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+        let source = pods.get_opt(&name).await.map_err(|e| e.to_string())?;
+        let still_runs = source.as_ref().is_some_and(|p| {
+            p.metadata.uid == journal.pod.metadata.uid && p.metadata.deletion_timestamp.is_none()
+        });
+        let restored_here = source.as_ref().is_some_and(|p| {
+            p.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_RESTORED_FOR))
+                == Some(&journal.migration_id)
+        });
+        if still_runs || restored_here {
+            // Stopped before the stop (the service never left), or already restored here.
+            return Ok(vec![
+                if still_runs {
+                    "the source pod still runs".into()
+                } else {
+                    "the pod was restored at the source already".into()
+                },
+                self.remove_archives(&part, &journal.checkpoints).await,
+            ]);
+        }
+        let peer = Peer::new(self.peers.clone(), journal.destination.clone());
+        let (done, at) = self
+            .restore_at_source(
+                &peer,
+                &journal.migration_id,
+                &journal.pod,
+                &part,
+                &journal.checkpoints,
+            )
+            .await;
+        if at == "source" {
+            Ok(done)
+        } else {
+            Err(done.join("; "))
+        }
+    }
+
     pub(crate) async fn migrate_orchestrator(
         &self,
         request: &Validated,
@@ -459,6 +581,27 @@ impl Coordinator {
             return Err(e);
         }
 
+        // Past the stop the archives are the service: what restores it is written down first.
+        let journal = CheckpointJournal {
+            migration_id: id.to_owned(),
+            destination: request.destination.clone(),
+            node: node.name.clone(),
+            checkpoints: checkpoints.clone(),
+            pod: {
+                let mut source = pod.clone();
+                source.metadata.namespace = Some(request.namespace.clone());
+                source
+            },
+        };
+        if let Err(e) = self.write_journal(&journal).await {
+            let mut e = e.in_phase("checkpointing");
+            e.rollback
+                .push(self.remove_archives(&part, &checkpoints).await);
+            e.rollback.push(unlock().await);
+            e.service_runs_at = Some("source");
+            return Err(e);
+        }
+
         // The source runs on after its dump until it is stopped: stop it now.
         self.enter(id, "stopping");
         let delete = pods
@@ -481,6 +624,7 @@ impl Coordinator {
             e.rollback
                 .push(self.remove_archives(&part, &checkpoints).await);
             e.rollback.push(unlock().await);
+            self.drop_journal(&request.namespace, id).await;
             e.service_runs_at = Some("source");
             return Err(e);
         }
@@ -494,6 +638,15 @@ impl Coordinator {
                     .restore_at_source(peer, id, pod, part, checkpoints)
                     .await;
                 e.rollback.extend(done);
+                if at == "source" {
+                    self.drop_journal(&request.namespace, id).await;
+                } else {
+                    e.rollback.push(format!(
+                        "the migration's journal (configMap {}/{}) is kept: the coordinator tries the restore at the source again every minute",
+                        request.namespace,
+                        journal_name(id)
+                    ));
+                }
                 e.service_runs_at = Some(at);
                 e
             }
@@ -560,6 +713,7 @@ impl Coordinator {
 
         self.enter(id, "finishing");
         let cleanup = self.remove_archives(&part, &checkpoints).await;
+        self.drop_journal(&request.namespace, id).await;
         self.enter(id, "done");
         let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
         let bytes: u64 = transfers.iter().filter_map(|t| t["bytes"].as_u64()).sum();

@@ -11,6 +11,8 @@
 //!   and the source deleted (or kept). The same pass runs every minute, for migrations whose
 //!   activation failed while the coordinator ran (the destination unreachable for longer than
 //!   the two minutes `/migrate` retries).
+//! - Orchestrator-level migrations stopped after their checkpoint are finished from their
+//!   journals ([`crate::checkpoint_journal`]), at start and every minute.
 
 use std::time::Duration;
 
@@ -68,6 +70,7 @@ impl Coordinator {
     pub async fn recover(&self) {
         self.sweep_logged(None).await;
         self.settle_logged().await;
+        self.journals_logged().await;
         let until = tokio::time::Instant::now() + RETRY_FOR;
         loop {
             match self.release_orphaned_locks().await {
@@ -253,6 +256,13 @@ impl Coordinator {
                 tracing::warn!(error = %e, "could not look for pods left locked");
             }
             self.settle_logged().await;
+            self.journals_logged().await;
+        }
+    }
+
+    async fn journals_logged(&self) {
+        if let Err(e) = self.finish_checkpoint_journals().await {
+            tracing::warn!(error = %e, "could not look for orchestrator-level journals");
         }
     }
 
