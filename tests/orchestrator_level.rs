@@ -592,16 +592,24 @@ async fn restored_at_the_source_only(
         "{answer}"
     );
     assert!(rollback.contains("restored at the source"), "{answer}");
-    // Exactly one copy: none at the destination, the restored one at the source.
+    runs_again_at_the_source_only(edge, cloud, before, Duration::from_secs(60)).await;
+}
+
+/// Exactly one copy: no counter pod in cloud, the one in edge (ready within `deadline`) runs
+/// on from where it was (`before`) with its memory intact.
+async fn runs_again_at_the_source_only(
+    edge: &Cluster,
+    cloud: &Cluster,
+    before: &ums_tests::service_pod::ServiceAnswer,
+    deadline: Duration,
+) {
     assert!(
         cloud
             .kubectl_result(User::Admin, &["get", "pod", "counter"])
             .is_err(),
         "no copy at the destination"
     );
-    let ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(60))
-        .await;
+    let ip = edge.wait_running_and_ready("counter", deadline).await;
     let after = ask_service(&ip, 8080).await.unwrap();
     assert!(after.memory_ok, "{after:?}");
     assert!(after.tick > before.tick, "{before:?} -> {after:?}");
@@ -671,18 +679,7 @@ async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_
         },
     )
     .await;
-    let ip = edge
-        .wait_running_and_ready("counter", Duration::from_secs(120))
-        .await;
-    let after = ask_service(&ip, 8080).await.unwrap();
-    assert!(after.memory_ok, "{after:?}");
-    assert!(after.tick > before.tick, "{before:?} -> {after:?}");
-    assert!(
-        cloud
-            .kubectl_result(User::Admin, &["get", "pod", "counter"])
-            .is_err(),
-        "no copy at the destination"
-    );
+    runs_again_at_the_source_only(edge, cloud, &before, Duration::from_secs(120)).await;
     ums_tests::poll(
         "the journal to be deleted once the pod runs again",
         Duration::from_secs(60),

@@ -435,12 +435,7 @@ impl Coordinator {
         // source restores the service itself once this one is gone.
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
         if let Some(pod) = pods.get_opt(&request.name).await? {
-            let restored_for = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(crate::orchestrator::ANNOTATION_RESTORED_FOR));
-            if restored_for == Some(&request.migration_id) {
+            if crate::orchestrator::restored_for(&pod) == Some(request.migration_id.as_str()) {
                 // The source restores the service once this answers: the copy stops at once
                 // and is gone first (never two copies running).
                 let now = DeleteParams {

@@ -65,6 +65,15 @@ pub fn runtime_of(node: &Node) -> String {
         .unwrap_or_default()
 }
 
+/// The node's kernel (`nodeInfo.kernelVersion`), empty when it says none.
+pub fn kernel_of(node: &Node) -> String {
+    node.status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.kernel_version.clone())
+        .unwrap_or_default()
+}
+
 /// Whether a runtime (`containerd://2.1.9`, `cri-o://1.31.0`) checkpoints containers and
 /// restores a container whose image is a checkpoint image: containerd >= 2.0, CRI-O.
 pub fn restores_checkpoints(runtime: &str) -> bool {

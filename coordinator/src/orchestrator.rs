@@ -33,7 +33,7 @@ use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
 use crate::destination::{CreateAnswer, CreateRequest};
 use crate::error::ApiError;
 use crate::journal::ANNOTATION_LOCKED_BY;
-use crate::kubelet::{checkpoint_node, node_of, skew_ms, Checkpoint, CheckpointNode};
+use crate::kubelet::{checkpoint_node, kernel_of, node_of, skew_ms, Checkpoint, CheckpointNode};
 use crate::migrate::{DestinationPod, MigrateReport, Validated};
 use crate::peer::Peer;
 use crate::state::{unix_ms, Coordinator};
@@ -43,6 +43,16 @@ pub const INTERFACE: &str = "ssu";
 
 /// On a pod restored from checkpoint images: the migration it was restored for.
 pub const ANNOTATION_RESTORED_FOR: &str = "migration.ums-rs.io/restored-for";
+
+/// The migration a pod was restored for, from checkpoint images (its
+/// [`ANNOTATION_RESTORED_FOR`]).
+pub fn restored_for(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_RESTORED_FOR)
+        .map(String::as_str)
+}
 
 /// Whether `POST /migrate` goes the orchestrator-level way: asked for, or (UMS's order) the pod
 /// carries no `migration-interface`.
@@ -436,13 +446,9 @@ impl Coordinator {
         let still_runs = source.as_ref().is_some_and(|p| {
             p.metadata.uid == journal.pod.metadata.uid && p.metadata.deletion_timestamp.is_none()
         });
-        let restored_here = source.as_ref().is_some_and(|p| {
-            p.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_RESTORED_FOR))
-                == Some(&journal.migration_id)
-        });
+        let restored_here = source
+            .as_ref()
+            .is_some_and(|p| restored_for(p) == Some(journal.migration_id.as_str()));
         if still_runs || restored_here {
             // Stopped before the stop (the service never left), or already restored here.
             return Ok(vec![
@@ -508,11 +514,11 @@ impl Coordinator {
             .await
             .map_err(|e| ApiError::from(e).in_phase("checking"))?
             .items;
-        let node = node_of(&pod, &nodes).ok_or_else(|| {
+        let source_node = node_of(&pod, &nodes).ok_or_else(|| {
             ApiError::conflict(format!("pod {name} runs on no node this cluster lists"))
                 .in_phase("checking")
         })?;
-        let node = checkpoint_node(node).map_err(|reason| {
+        let node = checkpoint_node(source_node).map_err(|reason| {
             ApiError::conflict(format!("pod {name} cannot be checkpointed: {reason}"))
                 .in_phase("checking")
         })?;
@@ -526,10 +532,7 @@ impl Coordinator {
         // The destination's preflight (restore_preflight), before anything is checkpointed:
         // what would make the restore fail there (the namespace and name, a node that restores
         // onto this kernel, the base images, its checkpoint registry) is refused now.
-        let source_kernel = node_of(&pod, &nodes)
-            .and_then(|n| n.status.as_ref()?.node_info.as_ref())
-            .map(|i| i.kernel_version.clone())
-            .filter(|k| !k.is_empty());
+        let source_kernel = Some(kernel_of(source_node)).filter(|k| !k.is_empty());
         let mut to_restore = pod_to_restore(&pod);
         to_restore.metadata.namespace = Some(request.namespace.clone());
         let upload: UploadAnswer = peer

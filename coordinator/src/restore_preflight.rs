@@ -23,7 +23,7 @@ use ums_checkpoint_image::Lookup;
 
 use crate::checkpoint_upload::UploadRequest;
 use crate::error::ApiError;
-use crate::kubelet::{restores_checkpoints, runtime_of};
+use crate::kubelet::{kernel_of, restores_checkpoints, runtime_of};
 use crate::state::Coordinator;
 
 /// `major.minor` of a kernel release (`6.1.0-28-amd64` -> (6, 1)).
@@ -48,12 +48,7 @@ pub fn restore_nodes(
     for node in nodes {
         let name = node.metadata.name.clone().unwrap_or_default();
         let runtime = runtime_of(node);
-        let kernel = node
-            .status
-            .as_ref()
-            .and_then(|s| s.node_info.as_ref())
-            .map(|i| i.kernel_version.clone())
-            .unwrap_or_default();
+        let kernel = kernel_of(node);
         if !restores_checkpoints(&runtime) {
             others.push(format!(
                 "{name} ({})",

@@ -99,6 +99,24 @@ fn authorize(part: &NodePart, headers: &HeaderMap) -> Result<(), Refusal> {
         .map_err(|e| Refusal(StatusCode::FORBIDDEN, e.to_string()))
 }
 
+/// A JSON request body, or 400 naming what is wrong with it.
+fn request_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+/// An archive to read: 404 when it is not there, 500 when it cannot be opened.
+async fn open_archive(path: &std::path::Path) -> Result<tokio::fs::File, Refusal> {
+    tokio::fs::File::open(path).await.map_err(|e| {
+        let status = if e.kind() == std::io::ErrorKind::NotFound {
+            StatusCode::NOT_FOUND
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Refusal(status, format!("archive {}: {e}", path.display()))
+    })
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SendRequest {
@@ -114,8 +132,7 @@ async fn send(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, Refusal> {
     authorize(&part, &headers)?;
-    let request: SendRequest = serde_json::from_slice(&body)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?;
+    let request: SendRequest = request_body(&body)?;
     let path = archive_path(&part.dir, &part.node_dir, &request.archive)
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
     if !request.url.starts_with("https://") {
@@ -129,14 +146,7 @@ async fn send(
     }
     let ca = reqwest::Certificate::from_pem(request.ca_pem.as_bytes())
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("caPem: {e}")))?;
-    let file = tokio::fs::File::open(&path).await.map_err(|e| {
-        let status = if e.kind() == std::io::ErrorKind::NotFound {
-            StatusCode::NOT_FOUND
-        } else {
-            StatusCode::INTERNAL_SERVER_ERROR
-        };
-        Refusal(status, format!("archive {}: {e}", path.display()))
-    })?;
+    let file = open_archive(&path).await?;
     let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let client = reqwest::Client::builder()
         .tls_certs_only([ca])
@@ -200,16 +210,10 @@ async fn push(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, Refusal> {
     authorize(&part, &headers)?;
-    let request: PushRequest = serde_json::from_slice(&body)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?;
+    let request: PushRequest = request_body(&body)?;
     let path = archive_path(&part.dir, &part.node_dir, &request.archive)
         .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let file = tokio::fs::File::open(&path).await.map_err(|e| {
-        Refusal(
-            StatusCode::NOT_FOUND,
-            format!("archive {}: {e}", path.display()),
-        )
-    })?;
+    let file = open_archive(&path).await?;
     let registry = request
         .target
         .split('/')
