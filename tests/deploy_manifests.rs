@@ -565,7 +565,7 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
 }
 
 #[test]
-fn the_node_part_mounts_the_checkpoint_directory_and_holds_no_privilege() {
+fn the_node_part_mounts_the_checkpoint_directory_and_reads_pod_directories_only() {
     let r = render("deploy/node");
     let [daemon_set] = r.daemon_sets.as_slice() else {
         panic!("one DaemonSet")
@@ -590,8 +590,8 @@ fn the_node_part_mounts_the_checkpoint_directory_and_holds_no_privilege() {
         .collect();
     assert_eq!(
         host_paths,
-        ["/var/lib/kubelet/checkpoints"],
-        "the only hostPath"
+        ["/var/lib/kubelet/checkpoints", "/var/lib/kubelet/pods"],
+        "the only hostPaths"
     );
     let [container] = pod.containers.as_slice() else {
         panic!("one container")
@@ -604,8 +604,19 @@ fn the_node_part_mounts_the_checkpoint_directory_and_holds_no_privilege() {
         security.capabilities.as_ref().unwrap().drop.as_deref(),
         Some(&["ALL".to_owned()][..])
     );
-    assert!(security.capabilities.as_ref().unwrap().add.is_none());
-    let mount = &container.volume_mounts.as_ref().unwrap()[0];
+    // Reading the emptyDirs' files whatever their modes; nothing else.
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().add.as_deref(),
+        Some(&["DAC_READ_SEARCH".to_owned()][..])
+    );
+    let mounts = container.volume_mounts.as_ref().unwrap();
+    let mount = &mounts[0];
+    let pods = &mounts[1];
+    assert_eq!(
+        (pods.mount_path.as_str(), pods.read_only),
+        ("/pods", Some(true)),
+        "the pod directories, read-only"
+    );
     let env: BTreeMap<&str, &k8s_openapi::api::core::v1::EnvVar> = container
         .env
         .iter()

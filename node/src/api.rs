@@ -7,6 +7,12 @@
 //!   into a registry as a checkpoint image (`target`: `registry/repository:tag`, as this node
 //!   reaches it): how the source's coordinator restores the pod at the source when the
 //!   destination failed after the source was stopped;
+//! - `POST /volumes` `{"podUid", "pod", "namespace", "migrationId", "volumes"}`: writes the
+//!   named emptyDir volumes of that pod (read in the kubelet's pod directories, mounted
+//!   read-only) into one tar archive beside the checkpoints, a top directory per volume, owners,
+//!   modes and symbolic links kept; answers its node path and size;
+//! - `GET /archives/{name}`: streams an archive (the source's coordinator restoring a pod at the
+//!   source takes its emptyDir archive this way);
 //! - `DELETE /archives/{name}`: removes an archive (the migration is over);
 //! - `GET /healthz` (open).
 
@@ -23,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use ums_contract::credential::{now_unix, verify, Scope};
 
-use crate::archive::archive_path;
+use crate::archive::{archive_path, empty_dir_path, volumes_archive_name};
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -35,6 +41,8 @@ pub struct NodePart {
     pub coordinator_keys: Vec<Vec<u8>>,
     pub pod_ip: String,
     pub pod_uid: Option<String>,
+    /// Where the kubelet's pod directories are mounted (read-only), if they are.
+    pub pods_dir: Option<PathBuf>,
 }
 
 /// An error answer: status and JSON message.
@@ -52,7 +60,8 @@ pub fn router(part: Arc<NodePart>) -> Router {
         .route("/healthz", get(healthz))
         .route("/send", post(send))
         .route("/push", post(push))
-        .route("/archives/{name}", delete(remove))
+        .route("/volumes", post(volumes))
+        .route("/archives/{name}", delete(remove).get(download))
         .with_state(part)
 }
 
@@ -243,6 +252,105 @@ async fn push(
         json!({"image": pushed.reference, "digest": pushed.digest,
         "archiveBytes": pushed.archive_bytes, "pushMs": ms}),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VolumesRequest {
+    pod_uid: String,
+    pod: String,
+    namespace: String,
+    migration_id: String,
+    volumes: Vec<String>,
+}
+
+async fn volumes(
+    State(part): State<Arc<NodePart>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Refusal> {
+    authorize(&part, &headers)?;
+    let request: VolumesRequest = request_body(&body)?;
+    let pods_dir = part.pods_dir.clone().ok_or_else(|| {
+        Refusal(
+            StatusCode::CONFLICT,
+            "this node part does not mount the kubelet's pod directories (deploy/node: the pods volume, UMS_PODS_DIR): it cannot read emptyDir volumes".into(),
+        )
+    })?;
+    let name = volumes_archive_name(&request.pod, &request.namespace, &request.migration_id);
+    let path = archive_path(&part.dir, &part.node_dir, &name)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut sources = Vec::new();
+    for volume in &request.volumes {
+        let dir = empty_dir_path(&pods_dir, &request.pod_uid, volume)
+            .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+        if !dir.is_dir() {
+            return Err(Refusal(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "pod {} has no emptyDir {volume:?} on this node ({} is not a directory)",
+                    request.pod_uid,
+                    dir.display()
+                ),
+            ));
+        }
+        sources.push((volume.clone(), dir));
+    }
+    let started = Instant::now();
+    let written = path.clone();
+    let bytes = tokio::task::spawn_blocking(move || write_volumes(&written, &sources))
+        .await
+        .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&path);
+            Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("archiving the emptyDir volumes: {e}"),
+            )
+        })?;
+    let ms = started.elapsed().as_millis() as u64;
+    let archive = part.node_dir.join(&name);
+    tracing::info!(archive = %archive.display(), bytes, ms, "emptyDir volumes archived");
+    Ok(Json(
+        json!({"archive": archive, "bytes": bytes, "archiveMs": ms}),
+    ))
+}
+
+/// One tar archive of the volumes, a top directory per volume; its size.
+fn write_volumes(path: &std::path::Path, sources: &[(String, PathBuf)]) -> std::io::Result<u64> {
+    let file = std::fs::File::create(path)?;
+    let mut builder = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, file));
+    // A link is archived as a link: nothing outside the volume is read through one.
+    builder.follow_symlinks(false);
+    for (volume, dir) in sources {
+        builder.append_dir_all(volume, dir)?;
+    }
+    let mut writer = builder.into_inner()?;
+    std::io::Write::flush(&mut writer)?;
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+async fn download(
+    State(part): State<Arc<NodePart>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    authorize(&part, &headers)?;
+    let path = archive_path(&part.dir, &part.node_dir, &name)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let file = open_archive(&path).await?;
+    let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
+    Ok((
+        [
+            ("content-type", "application/x-tar".to_owned()),
+            ("content-length", bytes.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn remove(

@@ -1,11 +1,12 @@
-//! Which files the node part may touch: the kubelet's checkpoint archives, by file name only,
-//! inside the checkpoint directory it was given (pure).
+//! Which files the node part may touch (pure): the kubelet's checkpoint archives and the
+//! emptyDir archives it writes beside them, by file name only, inside the checkpoint directory
+//! it was given; and, to read only, a pod's emptyDir volumes in the kubelet's pod directories.
 
 use std::path::{Path, PathBuf};
 
 /// A file name that is not a kubelet checkpoint archive.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not a kubelet checkpoint archive name (checkpoint-<pod>_<namespace>-<container>-<time>.tar, no directories)")]
+#[error("{0:?} is not a checkpoint archive name (checkpoint-<pod>_<namespace>-<container>-<time>.tar or volumes-<pod>_<namespace>-<migration>.tar, no directories)")]
 pub struct NotAnArchive(pub String);
 
 /// The archive's path in `dir`, if `name` is the file name of a kubelet checkpoint archive
@@ -15,7 +16,7 @@ pub fn archive_path(dir: &Path, node_dir: &Path, name: &str) -> Result<PathBuf, 
         Ok(rest) => rest.to_str().unwrap_or_default(),
         Err(_) => name,
     };
-    let valid = file.starts_with("checkpoint-")
+    let valid = (file.starts_with("checkpoint-") || file.starts_with("volumes-"))
         && file.ends_with(".tar")
         && !file.contains('/')
         && !file.contains('\0')
@@ -27,9 +28,79 @@ pub fn archive_path(dir: &Path, node_dir: &Path, name: &str) -> Result<PathBuf, 
     }
 }
 
+/// The file name of a pod's emptyDir archive for one migration, beside its checkpoints:
+/// `volumes-<pod>_<namespace>-<migration>.tar`.
+pub fn volumes_archive_name(pod: &str, namespace: &str, migration: &str) -> String {
+    format!("volumes-{pod}_{namespace}-{migration}.tar")
+}
+
+/// A name that may not be part of a path here.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{what} {value:?} is not a valid name (letters, digits, '-', '.', '_'; not '.' or '..')")]
+pub struct BadName {
+    pub what: &'static str,
+    pub value: String,
+}
+
+fn plain_name(what: &'static str, value: &str) -> Result<(), BadName> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value != "."
+        && value != ".."
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BadName {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// Where the kubelet keeps a pod's emptyDir volume, in the pod directories mounted at
+/// `pods_dir`: `<pods_dir>/<pod uid>/volumes/kubernetes.io~empty-dir/<volume>`.
+pub fn empty_dir_path(pods_dir: &Path, pod_uid: &str, volume: &str) -> Result<PathBuf, BadName> {
+    plain_name("pod uid", pod_uid)?;
+    plain_name("volume", volume)?;
+    Ok(pods_dir
+        .join(pod_uid)
+        .join("volumes")
+        .join("kubernetes.io~empty-dir")
+        .join(volume))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_dirs_of_a_pod_only() {
+        let pods = Path::new("/pods");
+        assert_eq!(
+            empty_dir_path(pods, "0b6c-11", "data"),
+            Ok(PathBuf::from(
+                "/pods/0b6c-11/volumes/kubernetes.io~empty-dir/data"
+            ))
+        );
+        for (uid, volume) in [
+            ("..", "data"),
+            ("a/b", "data"),
+            ("u", "../x"),
+            ("u", ""),
+            ("", "d"),
+        ] {
+            assert!(empty_dir_path(pods, uid, volume).is_err(), "{uid} {volume}");
+        }
+        let name = volumes_archive_name("counter", "default", "m-1");
+        assert_eq!(name, "volumes-counter_default-m-1.tar");
+        assert_eq!(
+            archive_path(pods, Path::new("/var/lib/kubelet/checkpoints"), &name),
+            Ok(pods.join(&name))
+        );
+    }
 
     #[test]
     fn only_archive_names_in_the_directory() {

@@ -18,6 +18,8 @@ use crate::containers::NODE_LABEL;
 
 /// The kubelet's checkpoint directory on a node.
 pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
+/// The kubelet's pod directories on a node.
+pub const KUBELET_PODS: &str = "/var/lib/kubelet/pods";
 
 /// A running node container.
 #[derive(Debug, Clone)]
@@ -55,7 +57,8 @@ pub async fn start(
     let checkpoint_dir = state_dir.join("checkpoints");
     // CAs the node trusts: installed into its system trust store at start.
     let ca_dir = state_dir.join("ca");
-    for dir in [&run_dir, &root_dir, &checkpoint_dir, &ca_dir] {
+    let pods_dir = state_dir.join("pods");
+    for dir in [&run_dir, &root_dir, &checkpoint_dir, &ca_dir, &pods_dir] {
         std::fs::create_dir_all(dir)?;
     }
     for (i, ca) in registry_cas.iter().enumerate() {
@@ -71,6 +74,9 @@ pub async fn start(
         // Pod volumes and logs live under the state dir: the same paths inside and outside.
         format!("{state}:{state}"),
         format!("{}:{KUBELET_CHECKPOINTS}", checkpoint_dir.display()),
+        // The kubelet's pod directories (volumes) where a node keeps them, for the pods that
+        // mount /var/lib/kubelet/pods (the node part reads emptyDirs there).
+        format!("{}:{KUBELET_PODS}", pods_dir.display()),
     ];
     docker
         .create_container(

@@ -41,6 +41,9 @@ struct RunningPod {
     sandbox: Sandbox,
     start_time: Time,
     volumes: HashMap<String, PathBuf>,
+    /// The init containers, run one after the other to success before `containers`.
+    init: Vec<ContainerRun>,
+    initialized: bool,
     containers: Vec<ContainerRun>,
     last_status: Option<PodStatus>,
 }
@@ -149,29 +152,34 @@ impl<R: Runtime> Node<R> {
         };
         let volumes = volumes::prepare(&self.client, pod, &dir).await?;
         let specs: Vec<&Container> = pod.spec.iter().flat_map(|s| s.containers.iter()).collect();
+        let init_specs: Vec<&Container> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .collect();
         let privileged = specs
             .iter()
+            .chain(&init_specs)
             .any(|c| c.security_context.as_ref().and_then(|s| s.privileged) == Some(true));
         let sandbox = self.runtime.run_sandbox(&pod_ref, privileged).await?;
         tracing::info!(pod = %pod_ref.name, namespace = %pod_ref.namespace, ip = %sandbox.ip, "pod sandbox up");
-        let containers = specs
-            .into_iter()
-            .map(|c| ContainerRun {
-                spec: c.clone(),
-                observed: Observed {
-                    name: c.name.clone(),
-                    image: c.image.clone().unwrap_or_default(),
-                    ..Default::default()
-                },
-                next_restart: None,
-            })
-            .collect();
+        let run = |c: &Container| ContainerRun {
+            spec: c.clone(),
+            observed: Observed {
+                name: c.name.clone(),
+                image: c.image.clone().unwrap_or_default(),
+                ..Default::default()
+            },
+            next_restart: None,
+        };
         Ok(RunningPod {
             pod: pod_ref,
             sandbox,
             start_time: status::now(),
             volumes,
-            containers,
+            initialized: init_specs.is_empty(),
+            init: init_specs.into_iter().map(run).collect(),
+            containers: specs.into_iter().map(run).collect(),
             last_status: None,
         })
     }
@@ -185,7 +193,13 @@ impl<R: Runtime> Node<R> {
             .as_ref()
             .and_then(|s| s.restart_policy.clone())
             .unwrap_or_else(|| "Always".into());
+        if !state.initialized {
+            state.initialized = self.sync_init(pod, state, &restart_policy).await;
+        }
         for index in 0..state.containers.len() {
+            if !state.initialized {
+                break;
+            }
             if state.containers[index].observed.container_id.is_none() {
                 let spec = state.containers[index].spec.clone();
                 let created = self.create_container(pod, state, &spec).await;
@@ -208,10 +222,13 @@ impl<R: Runtime> Node<R> {
             .iter()
             .map(|c| c.observed.clone())
             .collect();
+        let init: Vec<Observed> = state.init.iter().map(|c| c.observed.clone()).collect();
         let status = status::pod_status(
             &observed,
+            &init,
+            state.initialized,
             self.runtime.id_scheme(),
-            restart_policy == "Always",
+            &restart_policy,
             &state.sandbox.ip,
             self.host_ip.as_deref().unwrap_or(&state.sandbox.ip),
             &state.start_time,
@@ -232,6 +249,86 @@ impl<R: Runtime> Node<R> {
                 Err(e) => tracing::warn!(pod = %state.pod.name, error = %e, "status update"),
             }
         }
+    }
+
+    /// Runs the init containers in order, each to its successful end, as the kubelet does:
+    /// one that fails is run again after a back-off (restartPolicy Never: the pod fails).
+    /// Whether all have succeeded.
+    async fn sync_init(&self, pod: &Pod, state: &mut RunningPod, restart_policy: &str) -> bool {
+        for index in 0..state.init.len() {
+            if state.init[index].observed.exit_code == Some(0)
+                && !state.init[index].observed.running
+            {
+                continue;
+            }
+            let spec = state.init[index].spec.clone();
+            let Some(id) = state.init[index].observed.container_id.clone() else {
+                let created = self.create_container(pod, state, &spec).await;
+                let run = &mut state.init[index];
+                match created {
+                    Ok(id) => {
+                        run.observed.container_id = Some(id);
+                        run.observed.waiting_reason = None;
+                    }
+                    Err(reason) => run.observed.waiting_reason = Some(reason),
+                }
+                return false;
+            };
+            let Some(current) = self.runtime.container_state(&id).await else {
+                return false;
+            };
+            let run = &mut state.init[index];
+            run.observed.started_at = current.started_at;
+            if current.running {
+                run.observed.running = true;
+                return false;
+            }
+            let code = current.exit_code.unwrap_or(0);
+            if run.observed.running || run.observed.exit_code.is_none() {
+                tracing::info!(pod = %state.pod.name, container = %spec.name, code, "init container exited");
+            }
+            run.observed.running = false;
+            run.observed.exit_code = Some(code);
+            run.observed.finished_at = current.finished_at;
+            if code == 0 {
+                continue;
+            }
+            if restart_policy == "Never" {
+                return false;
+            }
+            let now = Instant::now();
+            match run.next_restart {
+                None => {
+                    let delay = Duration::from_secs(1 << run.observed.restart_count.clamp(0, 4));
+                    run.next_restart = Some(now + delay);
+                }
+                Some(at) if now >= at => {
+                    let attempt = (run.observed.restart_count + 1) as u32;
+                    let Ok(plan) = self.plan(pod, state, &spec).await else {
+                        return false;
+                    };
+                    let restarted = self
+                        .runtime
+                        .restart_container(&state.pod, &state.sandbox, &plan, &id, attempt)
+                        .await;
+                    let run = &mut state.init[index];
+                    run.next_restart = None;
+                    match restarted {
+                        Ok(new_id) => {
+                            run.observed.container_id = Some(new_id);
+                            run.observed.restart_count += 1;
+                            run.observed.exit_code = None;
+                        }
+                        Err((reason, message)) => {
+                            tracing::warn!(container = %spec.name, %reason, %message, "init container restart failed");
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+            return false;
+        }
+        true
     }
 
     /// The container's plan against the running pod.
@@ -357,7 +454,7 @@ impl<R: Runtime> Node<R> {
 
     async fn stop(&self, pod: RunningPod) {
         tracing::info!(pod = %pod.pod.name, namespace = %pod.pod.namespace, "pod gone: removing its containers");
-        for run in &pod.containers {
+        for run in pod.init.iter().chain(&pod.containers) {
             if let Some(id) = &run.observed.container_id {
                 self.runtime.remove_container(id).await;
             }

@@ -23,8 +23,25 @@ pub struct Observed {
 }
 
 /// The pod's phase: Running once every container runs (or ran), Succeeded/Failed when all
-/// ended for good, Pending before.
-pub fn phase(containers: &[Observed], restart_always: bool) -> &'static str {
+/// ended for good, Pending before (and while init containers run; Failed when one failed
+/// under restartPolicy Never).
+pub fn phase(
+    containers: &[Observed],
+    init: &[Observed],
+    initialized: bool,
+    restart_policy_never: bool,
+    restart_always: bool,
+) -> &'static str {
+    if !initialized {
+        let failed = init
+            .iter()
+            .any(|c| !c.running && c.exit_code.is_some_and(|code| code != 0));
+        return if failed && restart_policy_never {
+            "Failed"
+        } else {
+            "Pending"
+        };
+    }
     let all_ended = containers
         .iter()
         .all(|c| c.exit_code.is_some() && !c.running);
@@ -43,16 +60,20 @@ pub fn phase(containers: &[Observed], restart_always: bool) -> &'static str {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn pod_status(
     containers: &[Observed],
+    init: &[Observed],
+    initialized: bool,
     id_scheme: &str,
-    restart_always: bool,
+    restart_policy: &str,
     pod_ip: &str,
     host_ip: &str,
     start_time: &Time,
     previous: Option<&PodStatus>,
 ) -> PodStatus {
-    let ready = !containers.is_empty() && containers.iter().all(|c| c.ready);
+    let ready = initialized && !containers.is_empty() && containers.iter().all(|c| c.ready);
+    let restart_always = restart_policy == "Always";
     let condition = |kind: &str, status: bool| {
         let status = if status { "True" } else { "False" };
         // Keep the transition time while the condition does not change.
@@ -69,7 +90,16 @@ pub fn pod_status(
         }
     };
     PodStatus {
-        phase: Some(phase(containers, restart_always).into()),
+        phase: Some(
+            phase(
+                containers,
+                init,
+                initialized,
+                restart_policy == "Never",
+                restart_always,
+            )
+            .into(),
+        ),
         pod_ip: Some(pod_ip.into()),
         pod_ips: Some(vec![k8s_openapi::api::core::v1::PodIP {
             ip: pod_ip.into(),
@@ -78,7 +108,7 @@ pub fn pod_status(
         start_time: Some(start_time.clone()),
         conditions: Some(vec![
             condition("PodScheduled", true),
-            condition("Initialized", true),
+            condition("Initialized", initialized),
             condition("ContainersReady", ready),
             condition("Ready", ready),
         ]),
@@ -88,6 +118,11 @@ pub fn pod_status(
                 .map(|c| container_status(c, id_scheme))
                 .collect(),
         ),
+        init_container_statuses: (!init.is_empty()).then(|| {
+            init.iter()
+                .map(|c| container_status(c, id_scheme))
+                .collect()
+        }),
         ..Default::default()
     }
 }

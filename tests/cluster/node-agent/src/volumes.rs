@@ -1,11 +1,12 @@
-//! Pod volumes on this machine, one directory each under `<state>/pods/<uid>/volumes/`:
-//! emptyDir, hostPath, configMap and secret (their keys as files), and downwardAPI (rewritten
-//! whenever the pod's labels or annotations change, as the kubelet does).
+//! Pod volumes on this machine, one directory each where the kubelet keeps them,
+//! `<pod dir>/volumes/kubernetes.io~<kind>/<name>` (on a CRI node the pod dirs are the node's
+//! `/var/lib/kubelet/pods`): emptyDir, hostPath, configMap and secret (their keys as files), and
+//! downwardAPI (rewritten whenever the pod's labels or annotations change, as the kubelet does).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, DownwardAPIVolumeFile, Pod, Secret, Volume};
 use kube::Api;
 
 /// A volume the agent cannot provide.
@@ -30,7 +31,7 @@ pub async fn prepare(
             volume: volume.name.clone(),
             message,
         };
-        let dir = pod_dir.join("volumes").join(&volume.name);
+        let dir = volume_dir(pod_dir, volume);
         if let Some(host) = &volume.host_path {
             paths.insert(volume.name.clone(), PathBuf::from(&host.path));
             continue;
@@ -67,11 +68,30 @@ pub async fn prepare(
     Ok(paths)
 }
 
+/// Where the kubelet keeps a volume of the pod: `volumes/kubernetes.io~<kind>/<name>`.
+fn volume_dir(pod_dir: &Path, volume: &Volume) -> PathBuf {
+    let kind = if volume.empty_dir.is_some() {
+        "empty-dir"
+    } else if volume.config_map.is_some() {
+        "configmap"
+    } else if volume.secret.is_some() {
+        "secret"
+    } else if volume.downward_api.is_some() {
+        "downward-api"
+    } else {
+        "other"
+    };
+    pod_dir
+        .join("volumes")
+        .join(format!("kubernetes.io~{kind}"))
+        .join(&volume.name)
+}
+
 /// Rewrites the pod's downward-API volumes (a no-op for files whose content is unchanged).
 pub fn refresh_downward_api(pod: &Pod, pod_dir: &Path) -> std::io::Result<()> {
     for volume in pod.spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
         if let Some(source) = &volume.downward_api {
-            let dir = pod_dir.join("volumes").join(&volume.name);
+            let dir = volume_dir(pod_dir, volume);
             write_downward_api(pod, &dir, source.items.as_deref().unwrap_or_default())?;
         }
     }
