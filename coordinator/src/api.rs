@@ -40,6 +40,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
             "/checkpoints/{id}/{container}",
             axum::routing::put(receive_checkpoint),
         )
+        .route(
+            "/checkpoint-volumes/{id}",
+            axum::routing::put(receive_volumes),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             coordinator.clone(),
             crate::auth::require_credential,
@@ -113,6 +117,20 @@ async fn receive_checkpoint(
         return e.into_response();
     }
     answer(c.receive_checkpoint(&id, &container, body).await)
+}
+
+/// `PUT /checkpoint-volumes/{id}` (the migration's upload credential): the pod's emptyDir
+/// archive, staged until the restored pod's init container takes it.
+async fn receive_volumes(
+    State(c): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+    axum::Extension(credential): axum::Extension<crate::auth::MigrationCredential>,
+    body: axum::body::Body,
+) -> Response {
+    if let Err(e) = credential.check(&id) {
+        return e.into_response();
+    }
+    answer(c.receive_volumes(&id, body).await)
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {

@@ -126,6 +126,14 @@ pub struct Args {
     /// The node part's API port.
     #[arg(long, env = "UMS_NODE_PART_PORT", default_value_t = 8889)]
     pub node_part_port: u16,
+    /// Where an orchestrator-level migration's emptyDir archive waits for the pod it goes
+    /// into (an emptyDir of the coordinator's pod: as large as the pods' emptyDirs).
+    #[arg(
+        long,
+        env = "UMS_COORDINATOR_DATA_DIR",
+        default_value = "/var/lib/ums-coordinator"
+    )]
+    pub data_dir: PathBuf,
     #[arg(long, env = "UMS_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
 }
@@ -243,6 +251,7 @@ impl Args {
                 port: self.node_part_port,
                 peer_ca_pem,
             },
+            data_dir: self.data_dir,
         });
         // Clients may connect without a certificate (operators); peers present theirs.
         let acceptor = TlsAcceptor::from(Arc::new(

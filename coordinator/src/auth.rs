@@ -129,6 +129,7 @@ pub fn audience(method: &axum::http::Method, path: &str) -> Audience {
             with_credential: false,
         },
         (&Method::PUT, p) if p.starts_with("/checkpoints/") => Audience::Uploader,
+        (&Method::PUT, p) if p.starts_with("/checkpoint-volumes/") => Audience::Uploader,
         // A destination asking what became of a migration: an answer, never an action.
         (&Method::POST, "/outcome") => Audience::Peer {
             with_credential: false,
@@ -292,6 +293,10 @@ mod tests {
         assert_eq!(audience(&Method::POST, "/migrate"), Audience::Operator);
         assert_eq!(
             audience(&Method::PUT, "/checkpoints/m1/main"),
+            Audience::Uploader
+        );
+        assert_eq!(
+            audience(&Method::PUT, "/checkpoint-volumes/m1"),
             Audience::Uploader
         );
         assert_eq!(

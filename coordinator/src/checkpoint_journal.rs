@@ -31,6 +31,9 @@ pub struct CheckpointJournal {
     /// The node that holds the archives.
     pub node: String,
     pub checkpoints: Vec<Checkpoint>,
+    /// The archive of the pod's emptyDir volumes on that node, if it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<String>,
     /// The source pod as it was checked (namespace, name, spec).
     pub pod: Pod,
 }
@@ -91,6 +94,7 @@ mod tests {
                 requested_unix_ms: 1,
                 answered_unix_ms: 2,
             }],
+            volumes: Some("/var/lib/kubelet/checkpoints/volumes-p_shop-m1.tar".into()),
             pod,
         };
         let config_map = to_config_map(&journal).unwrap_or_default();

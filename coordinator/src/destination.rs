@@ -54,6 +54,10 @@ pub struct CreateAnswer {
     /// migration's restore, for this pod, expiring (see `PEER_TOKEN_SECONDS`).
     pub sidecar_token: String,
     pub create_ms: u64,
+    /// What the restored pod's init container unpacked of the source's emptyDirs
+    /// (orchestrator-level, a pod with emptyDirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<serde_json::Value>,
 }
 
 /// `POST /restore` (make active) and `POST /delete`: one pod of one migration.
@@ -173,6 +177,19 @@ impl Coordinator {
         for (key, value) in request.source.iter().flat_map(SourceRef::annotations) {
             annotations.insert(key.to_owned(), value);
         }
+        // Its emptyDirs come back through its init container, from the archive staged here:
+        // it takes them from this coordinator only.
+        let restores_volumes = orchestrator_level && crate::empty_dirs::has_restorer(&pod);
+        if restores_volumes {
+            let staged = crate::empty_dirs::staged_path(&self.data_dir, &request.migration_id);
+            if !staged.is_file() {
+                return Err(ApiError::conflict(format!(
+                    "the pod's emptyDir archive for migration {} has not arrived (PUT /checkpoint-volumes/{})",
+                    request.migration_id, request.migration_id
+                )));
+            }
+            crate::empty_dirs::with_creator_key(&mut pod, &self.signing_key.public_key());
+        }
         let uid = match pods.create(&PostParams::default(), &pod).await {
             Ok(created) => created.metadata.uid,
             Err(e) => {
@@ -189,9 +206,27 @@ impl Coordinator {
         };
         tracing::info!(migration = %request.migration_id, pod = %name, "destination pod created");
         if orchestrator_level {
-            // Restored from its checkpoint images: done once it runs and is ready.
-            return match self.wait_restored_ready(&pods, &name).await {
-                Ok(ip) => Ok(CreateAnswer {
+            // Its emptyDirs first (its init container waits for them), then restored from its
+            // checkpoint images: done once it runs and is ready.
+            let restored = async {
+                let volumes = if restores_volumes {
+                    Some(
+                        self.deliver_volumes(&pods, &name, &request.migration_id)
+                            .await?,
+                    )
+                } else {
+                    None
+                };
+                let ip = self.wait_restored_ready(&pods, &name).await?;
+                Ok::<_, ApiError>((ip, volumes))
+            }
+            .await;
+            if restores_volumes {
+                self.drop_staged_volumes(&request.migration_id).await;
+            }
+            return match restored {
+                Ok((ip, volumes)) => Ok(CreateAnswer {
+                    volumes,
                     sidecar_url: String::new(),
                     sidecar_certificate_sha256: String::new(),
                     migration_credential: self.migration_credential(&request.migration_id),
@@ -225,6 +260,7 @@ impl Coordinator {
                 namespace: request.namespace,
                 pod_ip: ip,
                 create_ms: started.elapsed().as_millis() as u64,
+                volumes: None,
             }),
             Err(e) => {
                 if let Err(d) = pods.delete(&name, &DeleteParams::default()).await {

@@ -14,7 +14,9 @@
 //! - [`live_migration`]: the `LiveMigration` resource, reconciled by the same state machine;
 //! - [`orchestrator`]: the orchestrator-level interface's source side (UMS's `ssu`: an
 //!   unwrapped pod checkpointed through [`kubelet`], its archives sent by the node part), with
-//!   [`checkpoint_journal`]: what a coordinator that died after the stop needs to restore it;
+//!   [`checkpoint_journal`]: what a coordinator that died after the stop needs to restore it,
+//!   and [`empty_dirs`]: the pod's emptyDir volumes, archived on the node and put back by an
+//!   init container of the restored pod;
 //! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
 //!   archives stream in and become checkpoint OCI images in this cluster's registry, once
 //!   [`restore_preflight`] found nothing here that would make the restore fail;
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod checkpoint_journal;
 pub mod checkpoint_upload;
 pub mod destination;
+pub mod empty_dirs;
 pub mod error;
 pub mod journal;
 pub mod kubelet;

@@ -31,6 +31,7 @@ use crate::checkpoint_journal::{
 };
 use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
 use crate::destination::{CreateAnswer, CreateRequest};
+use crate::empty_dirs::with_restorer;
 use crate::error::ApiError;
 use crate::journal::ANNOTATION_LOCKED_BY;
 use crate::kubelet::{checkpoint_node, kernel_of, node_of, skew_ms, Checkpoint, CheckpointNode};
@@ -69,9 +70,14 @@ pub fn is_orchestrator_level(pod: &Pod, requested: Option<&str>) -> bool {
 
 /// The pod to create at the destination: the source's spec, each container's image replaced by
 /// its checkpoint image (pulled by digest), unbound from the source's node, without this
-/// migration's lock (pure).
-pub fn restored_pod(source: &Pod, images: &BTreeMap<String, String>) -> Result<Pod, String> {
-    let mut pod = pod_to_restore(source);
+/// migration's lock, with the init container that puts its emptyDirs back (running
+/// `restorer_image`) when it has some (pure).
+pub fn restored_pod(
+    source: &Pod,
+    images: &BTreeMap<String, String>,
+    restorer_image: &str,
+) -> Result<Pod, String> {
+    let mut pod = pod_to_restore(source, restorer_image);
     for container in pod.spec.iter_mut().flat_map(|s| s.containers.iter_mut()) {
         let image = images
             .get(&container.name)
@@ -84,15 +90,15 @@ pub fn restored_pod(source: &Pod, images: &BTreeMap<String, String>) -> Result<P
 
 /// The pod as it will be restored, its containers still naming their base images (what the
 /// destination's preflight checks): the source's spec unbound from its node, its metadata
-/// without this migration's lock (pure).
-pub fn pod_to_restore(source: &Pod) -> Pod {
+/// without this migration's lock, and the emptyDirs' restorer when it has some (pure).
+pub fn pod_to_restore(source: &Pod, restorer_image: &str) -> Pod {
     let mut spec = source.spec.clone().unwrap_or_default();
     spec.node_name = None;
     let mut annotations = source.metadata.annotations.clone().unwrap_or_default();
     annotations.remove(ANNOTATION_ID);
     annotations.remove(ANNOTATION_LOCKED_BY);
     annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    Pod {
+    let mut pod = Pod {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: source.metadata.name.clone(),
             labels: source.metadata.labels.clone(),
@@ -101,7 +107,9 @@ pub fn pod_to_restore(source: &Pod) -> Pod {
         },
         spec: Some(spec),
         status: None,
-    }
+    };
+    with_restorer(&mut pod, restorer_image);
+    pod
 }
 
 /// Why a pod cannot move this way now (pure): not running, or a container not running.
@@ -126,23 +134,33 @@ pub fn not_ready(pod: &Pod) -> Option<String> {
             return Some(format!("its container {name} is not running"));
         }
     }
-    if pod
-        .spec
-        .as_ref()
-        .is_some_and(|s| s.init_containers.as_ref().is_some_and(|i| !i.is_empty()))
-    {
+    if pod.spec.as_ref().is_some_and(|s| {
+        s.init_containers
+            .iter()
+            .flatten()
+            .any(|c| c.name != crate::empty_dirs::RESTORER)
+    }) {
         return Some("it has init containers, which a checkpoint does not carry".into());
     }
     None
 }
 
+/// The node part's pod on one node.
+#[derive(Debug, Clone)]
+struct NodePartPod {
+    ip: String,
+    uid: Option<String>,
+    /// Its image: the restored pod's init container runs it (`ums-node restore-volumes`).
+    image: String,
+}
+
 impl Coordinator {
-    /// The node part (deploy/node) on the pod's node: its pod IP and UID.
+    /// The node part (deploy/node) on the pod's node.
     async fn node_part(
         &self,
         node: &CheckpointNode,
         host_ip: Option<&str>,
-    ) -> Result<(String, Option<String>), ApiError> {
+    ) -> Result<NodePartPod, ApiError> {
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &self.node_part.namespace);
         let list = pods
             .list(&ListParams::default().labels("app.kubernetes.io/name=ums-node"))
@@ -161,8 +179,11 @@ impl Coordinator {
                 here && ready
             })
             .and_then(|p| {
-                let ip = p.status.as_ref()?.pod_ip.clone()?;
-                Some((ip, p.metadata.uid.clone()))
+                Some(NodePartPod {
+                    ip: p.status.as_ref()?.pod_ip.clone()?,
+                    image: p.spec.as_ref()?.containers.first()?.image.clone()?,
+                    uid: p.metadata.uid.clone(),
+                })
             })
             .ok_or_else(|| {
                 ApiError::conflict(format!(
@@ -174,7 +195,7 @@ impl Coordinator {
 
     async fn node_part_call(
         &self,
-        (ip, uid): &(String, Option<String>),
+        NodePartPod { ip, uid, .. }: &NodePartPod,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
@@ -213,15 +234,21 @@ impl Coordinator {
         }
     }
 
-    /// Removes the archives from the node; what was done, for the answer.
+    /// Removes the archives (the checkpoints', the emptyDirs') from the node; what was done,
+    /// for the answer.
     async fn remove_archives(
         &self,
-        part: &(String, Option<String>),
+        part: &NodePartPod,
         checkpoints: &[Checkpoint],
+        volumes: Option<&str>,
     ) -> String {
         let mut failed = Vec::new();
-        for c in checkpoints {
-            let name = c.archive.rsplit('/').next().unwrap_or_default();
+        let archives = checkpoints
+            .iter()
+            .map(|c| c.archive.as_str())
+            .chain(volumes);
+        for archive in archives {
+            let name = archive.rsplit('/').next().unwrap_or_default();
             if let Err(e) = self
                 .node_part_call(
                     part,
@@ -236,8 +263,13 @@ impl Coordinator {
         }
         if failed.is_empty() {
             format!(
-                "{} checkpoint archive(s) removed from the node",
-                checkpoints.len()
+                "{} checkpoint archive(s){} removed from the node",
+                checkpoints.len(),
+                if volumes.is_some() {
+                    " and the emptyDir archive"
+                } else {
+                    ""
+                }
             )
         } else {
             format!(
@@ -255,14 +287,16 @@ impl Coordinator {
         peer: &Peer,
         id: &str,
         source: &Pod,
-        part: &(String, Option<String>),
+        part: &NodePartPod,
         checkpoints: &[Checkpoint],
+        volumes: Option<&str>,
     ) -> (Vec<String>, &'static str) {
         let namespace = source.metadata.namespace.clone().unwrap_or_default();
         let name = source.metadata.name.clone().unwrap_or_default();
         let archives = checkpoints
             .iter()
             .map(|c| c.archive.as_str())
+            .chain(volumes)
             .collect::<Vec<_>>()
             .join(", ");
         let kept = |why: String| {
@@ -334,7 +368,15 @@ impl Coordinator {
                 Err(e) => return kept(format!("pushing {} failed: {}", c.container, e.message)),
             }
         }
-        let restored = match restored_pod(source, &images) {
+        if let Some(archive) = volumes {
+            if let Err(e) = self.stage_from_node_part(part, id, archive).await {
+                return kept(format!(
+                    "taking the emptyDir archive from the node failed: {}",
+                    e.message
+                ));
+            }
+        }
+        let restored = match restored_pod(source, &images, &part.image) {
             Ok(pod) => pod,
             Err(m) => return kept(m),
         };
@@ -351,7 +393,7 @@ impl Coordinator {
                     "the pod was restored at the source from its checkpoints (pod IP {})",
                     created.pod_ip
                 ));
-                done.push(self.remove_archives(part, checkpoints).await);
+                done.push(self.remove_archives(part, checkpoints, volumes).await);
                 (done, "source")
             }
             Err(e) => {
@@ -360,6 +402,49 @@ impl Coordinator {
                 (done, at)
             }
         }
+    }
+
+    /// Stages a migration's emptyDir archive from the node part (`GET /archives/{name}`), for
+    /// the pod restored here.
+    async fn stage_from_node_part(
+        &self,
+        part: &NodePartPod,
+        id: &str,
+        archive: &str,
+    ) -> Result<u64, ApiError> {
+        let name = archive.rsplit('/').next().unwrap_or_default();
+        let token = self.sidecar_token(
+            &part.ip,
+            part.uid.as_deref(),
+            ums_contract::credential::Scope::Coordinator,
+            None,
+            600,
+        );
+        let url = format!("http://{}:{}/archives/{name}", part.ip, self.node_part.port);
+        let response = self
+            .sidecars
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::bad_gateway(format!(
+                    "the node part at {url}: {}",
+                    crate::peer::error_chain(&e)
+                ))
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let answer: Value = response.json().await.unwrap_or(Value::Null);
+            return Err(ApiError::bad_gateway(format!(
+                "the node part: {status}: {}",
+                answer["error"].as_str().unwrap_or("no message")
+            )));
+        }
+        let stream = futures_util::TryStreamExt::map_err(response.bytes_stream(), |e| {
+            std::io::Error::other(e)
+        });
+        self.stage_volumes(id, stream).await
     }
 
     async fn write_journal(&self, journal: &CheckpointJournal) -> Result<(), ApiError> {
@@ -457,7 +542,8 @@ impl Coordinator {
                 } else {
                     "the pod was restored at the source already".into()
                 },
-                self.remove_archives(&part, &journal.checkpoints).await,
+                self.remove_archives(&part, &journal.checkpoints, journal.volumes.as_deref())
+                    .await,
             ]);
         }
         let peer = Peer::new(self.peers.clone(), journal.destination.clone());
@@ -468,6 +554,7 @@ impl Coordinator {
                 &journal.pod,
                 &part,
                 &journal.checkpoints,
+                journal.volumes.as_deref(),
             )
             .await;
         if at == "source" {
@@ -533,7 +620,7 @@ impl Coordinator {
         // what would make the restore fail there (the namespace and name, a node that restores
         // onto this kernel, the base images, its checkpoint registry) is refused now.
         let source_kernel = Some(kernel_of(source_node)).filter(|k| !k.is_empty());
-        let mut to_restore = pod_to_restore(&pod);
+        let mut to_restore = pod_to_restore(&pod, &part.image);
         to_restore.metadata.namespace = Some(request.namespace.clone());
         let upload: UploadAnswer = peer
             .post(
@@ -574,7 +661,7 @@ impl Coordinator {
         if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
             let mut e = e.in_phase("checkpointing");
             e.rollback
-                .push(self.remove_archives(&part, &checkpoints).await);
+                .push(self.remove_archives(&part, &checkpoints, None).await);
             e.rollback.push(unlock().await);
             e.rollback.push(
                 "a kubelet checkpoint leaves the container running: the service runs at the source"
@@ -584,12 +671,47 @@ impl Coordinator {
             return Err(e);
         }
 
+        // The emptyDirs, archived on the node right after the dumps (the service still runs:
+        // their time counts in the divergence window).
+        let empty_dirs = crate::empty_dirs::empty_dirs(&pod);
+        let mut volumes: Option<Value> = None;
+        if !empty_dirs.is_empty() {
+            let body = json!({
+                "podUid": pod.metadata.uid.clone().unwrap_or_default(),
+                "pod": request.name,
+                "namespace": request.namespace,
+                "migrationId": id,
+                "volumes": empty_dirs,
+            });
+            match self
+                .node_part_call(&part, reqwest::Method::POST, "/volumes", Some(body))
+                .await
+            {
+                Ok(answer) => volumes = Some(answer),
+                Err(e) => {
+                    let mut e = e.in_phase("checkpointing");
+                    e.message = format!("archiving the pod's emptyDir volumes: {}", e.message);
+                    e.rollback
+                        .push(self.remove_archives(&part, &checkpoints, None).await);
+                    e.rollback.push(unlock().await);
+                    e.service_runs_at = Some("source");
+                    return Err(e);
+                }
+            }
+        }
+        let volumes_archive: Option<String> = volumes
+            .as_ref()
+            .and_then(|v| v["archive"].as_str())
+            .map(str::to_owned);
+        let volumes_archive = volumes_archive.as_deref();
+
         // Past the stop the archives are the service: what restores it is written down first.
         let journal = CheckpointJournal {
             migration_id: id.to_owned(),
             destination: request.destination.clone(),
             node: node.name.clone(),
             checkpoints: checkpoints.clone(),
+            volumes: volumes_archive.map(str::to_owned),
             pod: {
                 let mut source = pod.clone();
                 source.metadata.namespace = Some(request.namespace.clone());
@@ -598,8 +720,10 @@ impl Coordinator {
         };
         if let Err(e) = self.write_journal(&journal).await {
             let mut e = e.in_phase("checkpointing");
-            e.rollback
-                .push(self.remove_archives(&part, &checkpoints).await);
+            e.rollback.push(
+                self.remove_archives(&part, &checkpoints, volumes_archive)
+                    .await,
+            );
             e.rollback.push(unlock().await);
             e.service_runs_at = Some("source");
             return Err(e);
@@ -624,8 +748,10 @@ impl Coordinator {
             .unwrap_or(stopped);
         if let Err(e) = delete {
             let mut e = ApiError::from(e).in_phase("stopping");
-            e.rollback
-                .push(self.remove_archives(&part, &checkpoints).await);
+            e.rollback.push(
+                self.remove_archives(&part, &checkpoints, volumes_archive)
+                    .await,
+            );
             e.rollback.push(unlock().await);
             self.drop_journal(&request.namespace, id).await;
             e.service_runs_at = Some("source");
@@ -638,7 +764,7 @@ impl Coordinator {
             let checkpoints = &checkpoints;
             async move {
                 let (done, at) = self
-                    .restore_at_source(peer, id, pod, part, checkpoints)
+                    .restore_at_source(peer, id, pod, part, checkpoints, volumes_archive)
                     .await;
                 e.rollback.extend(done);
                 if at == "source" {
@@ -666,8 +792,25 @@ impl Coordinator {
                 "caPem": ca_pem,
             });
             self.node_part_call(&part, reqwest::Method::POST, "/send", Some(body))
-        }))
-        .await;
+        }));
+        let send_volumes = async {
+            let archive = volumes_archive?;
+            let body = json!({
+                "archive": archive,
+                "url": format!("{}/checkpoint-volumes/{id}", request.destination),
+                "token": upload.upload_token,
+                "caPem": ca_pem,
+            });
+            Some(
+                self.node_part_call(&part, reqwest::Method::POST, "/send", Some(body))
+                    .await,
+            )
+        };
+        let (sends, volumes_sent) = futures_util::join!(sends, send_volumes);
+        let volumes_sent = match volumes_sent.transpose() {
+            Ok(sent) => sent,
+            Err(e) => return Err(restore(e.in_phase("transferring")).await),
+        };
         let mut images = BTreeMap::new();
         let mut transfers = Vec::new();
         for (c, sent) in checkpoints.iter().zip(sends) {
@@ -691,7 +834,7 @@ impl Coordinator {
         }
 
         self.enter(id, "creating");
-        let restored = match restored_pod(&pod, &images) {
+        let restored = match restored_pod(&pod, &images, &part.image) {
             Ok(restored) => restored,
             Err(m) => return Err(restore(ApiError::internal(m).in_phase("creating")).await),
         };
@@ -715,11 +858,21 @@ impl Coordinator {
         };
 
         self.enter(id, "finishing");
-        let cleanup = self.remove_archives(&part, &checkpoints).await;
+        let cleanup = self
+            .remove_archives(&part, &checkpoints, volumes_archive)
+            .await;
         self.drop_journal(&request.namespace, id).await;
         self.enter(id, "done");
         let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
-        let bytes: u64 = transfers.iter().filter_map(|t| t["bytes"].as_u64()).sum();
+        let volume_bytes = volumes_sent
+            .as_ref()
+            .and_then(|v| v["bytes"].as_u64())
+            .unwrap_or(0);
+        let bytes: u64 = transfers
+            .iter()
+            .filter_map(|t| t["bytes"].as_u64())
+            .sum::<u64>()
+            + volume_bytes;
         tracing::info!(migration = id, pod = %name, destination = %request.destination, "orchestrator-level migration done");
         Ok(MigrateReport {
             message: "migration complete!",
@@ -746,6 +899,15 @@ impl Coordinator {
                 // (the kubelet stops its containers right after).
                 "divergenceMs": stopped.saturating_sub(first_dump_end),
                 "transfers": transfers,
+                // The emptyDirs: archived on the node, sent beside the checkpoints, unpacked
+                // by the restored pod's init container.
+                "emptyDirs": volumes.map(|v| json!({
+                    "volumes": crate::empty_dirs::empty_dirs(&pod),
+                    "archiveBytes": v["bytes"],
+                    "archiveMs": v["archiveMs"],
+                    "sendMs": volumes_sent.as_ref().map(|s| s["sendMs"].clone()),
+                    "restored": created.volumes.clone(),
+                })),
                 "totals": {"contentBytes": bytes},
                 "cleanup": cleanup,
             }),
@@ -785,7 +947,7 @@ mod tests {
             ("a".to_owned(), "r/c@sha256:1".to_owned()),
             ("b".to_owned(), "r/c@sha256:2".to_owned()),
         ]);
-        let restored = restored_pod(&source, &images).unwrap_or_default();
+        let restored = restored_pod(&source, &images, "ums-rs/node:1").unwrap_or_default();
         let spec = restored.spec.clone().unwrap_or_default();
         assert_eq!(spec.containers[0].image.as_deref(), Some("r/c@sha256:1"));
         assert_eq!(spec.containers[1].image.as_deref(), Some("r/c@sha256:2"));
@@ -798,7 +960,7 @@ mod tests {
         assert_eq!(annotations.get("team").map(String::as_str), Some("x"));
         assert!(!annotations.contains_key("migration-id"));
         assert!(!annotations.contains_key("migration.ums-rs.io/locked-by-coordinator"));
-        assert!(restored_pod(&source, &BTreeMap::new()).is_err());
+        assert!(restored_pod(&source, &BTreeMap::new(), "ums-rs/node:1").is_err());
     }
 
     #[test]

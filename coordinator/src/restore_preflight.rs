@@ -131,7 +131,11 @@ impl Coordinator {
             .pod
             .iter()
             .filter_map(|p| p.spec.as_ref())
-            .flat_map(|s| s.containers.iter())
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
             .filter_map(|c| Some((c.image.clone()?, c.name.clone())))
             .collect();
         for (image, container) in images {

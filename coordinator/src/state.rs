@@ -40,6 +40,8 @@ pub struct Coordinator {
     pub kubelets: Option<crate::kubelet::Kubelets>,
     /// The node part (deploy/node), which sends checkpoint archives from the nodes.
     pub node_part: NodePart,
+    /// Where emptyDir archives wait for the pod they go into (`--data-dir`).
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Where the node part runs and what it is given.
