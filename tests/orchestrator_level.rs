@@ -14,7 +14,9 @@ use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::{
     call_result, client_with, CoordinatorCerts, Credential, RunningCoordinator, TwoClusters,
 };
-use ums_tests::service_pod::{ask_service, plain_counter_pod, run_plain_counter};
+use ums_tests::service_pod::{
+    ask_service, plain_counter_pod, run_journaling_counter, run_plain_counter,
+};
 use ums_tests::workload::tls_registry_workload_image;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,8 +202,11 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
                      {"name": "WORKLOAD_SINK", "value": "9000"}],
              "readinessProbe": {"tcpSocket": {"port": 8080}}},
             {"name": "side", "image": image,
-             "env": [{"name": "WORKLOAD_MIB", "value": "8"}]}
-        ]}
+             "env": [{"name": "WORKLOAD_MIB", "value": "8"},
+                     {"name": "WORKLOAD_JOURNAL", "value": "/data/journal"}],
+             "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+        ],
+        "volumes": [{"name": "data", "emptyDir": {}}]}
     });
     edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
     let source_ip = edge
@@ -209,6 +214,13 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ask_service(&source_ip, 8080).await.unwrap();
+    // The side container's journal, in the pod's emptyDir, which a checkpoint does not carry.
+    let source_journal = edge.empty_dir("service", "data").join("journal");
+    let journaled = journal_ticks(&source_journal);
+    assert!(
+        !journaled.is_empty(),
+        "the journal has lines before the move"
+    );
     // The destination as the node part reaches it too (pods send it the archives).
     let destination = two.destination.clone();
 
@@ -335,6 +347,16 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         "service",
         "the labels came along (Services select it)"
     );
+    // The emptyDir came along, its journal file in place before the side container was
+    // restored (it holds it open), and goes on from where it was.
+    let carried = &details["emptyDirs"];
+    assert_eq!(carried["volumes"], json!(["data"]), "{report}");
+    assert!(
+        carried["restored"]["entries"].as_u64().unwrap() >= 2,
+        "{report}"
+    );
+    let journal = cloud.empty_dir("service", "data").join("journal");
+    journal_goes_on(&journal, *journaled.last().unwrap()).await;
 
     // And back, by a LiveMigration object in cloud: a second hop, through cloud's node part.
     cloud.deploy_node_part().await;
@@ -368,6 +390,50 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     let back = ask_service(&back_ip, 8080).await.unwrap();
     assert!(back.memory_ok, "{back:?}");
     assert!(back.tick > after.tick, "{after:?} -> {back:?}");
+    // The journal made the second hop too (the restored pod's init container, removed from
+    // the spec it moves with, was added again for edge).
+    let cloud_last = *journal_ticks(&journal).last().unwrap();
+    let back_journal = edge.empty_dir("service", "data").join("journal");
+    journal_goes_on(&back_journal, cloud_last).await;
+    let init = edge.get_json(&["pod", "service"])["spec"]["initContainers"].clone();
+    assert_eq!(init.as_array().map(Vec::len), Some(1), "{init}");
+}
+
+/// The ticks the workload wrote to its journal (`tick=N` lines).
+fn journal_ticks(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick=")?.parse().ok())
+        .collect()
+}
+
+/// Waits until the journal at `path` has lines past `last` (the restored process writes on),
+/// then checks it whole: from tick 0, every 50 ticks, no gap. A line the source wrote between
+/// its dump and its stop is in the emptyDir and is written again by the restored process (the
+/// divergence window the report measures): a tick may repeat, never go missing.
+async fn journal_goes_on(path: &std::path::Path, last: u64) {
+    let ticks = ums_tests::poll(
+        "the journal to go on after the move",
+        Duration::from_secs(30),
+        || async {
+            let ticks = journal_ticks(path);
+            ticks
+                .last()
+                .is_some_and(|t| *t > last + 50)
+                .then_some(ticks)
+        },
+    )
+    .await;
+    assert_eq!(ticks[0], 0, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert!(
+            pair[1] == pair[0] + 50 || pair[1] == pair[0],
+            "gap in the journal at {pair:?}: {ticks:?}"
+        );
+    }
+    let repeats = ticks.windows(2).filter(|p| p[0] == p[1]).count();
+    assert!(repeats <= 2, "at most one repeat per move: {ticks:?}");
 }
 
 /// The destination fails after the source was stopped (its node cannot pull the checkpoint
@@ -392,7 +458,8 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
         &[("UMS_CHECKPOINT_REGISTRY_PULL", &nowhere)],
     );
     edge.deploy_node_part().await;
-    let (_, before) = run_plain_counter(&edge).await;
+    let (_, before) = run_journaling_counter(&edge).await;
+    let journaled = journal_ticks(&edge.empty_dir("counter", "data").join("journal"));
     let (status, answer) = call_result(
         &edge_coordinator.address,
         &edge_certs.ca,
@@ -416,6 +483,9 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
         edge.cri_container_output_in("ums-system", "ums-node-1", "ums-node").join("\n")
     );
     restored_at_the_source_only(&answer, &edge, &cloud, &before).await;
+    // Its emptyDir too: the archive the node part wrote came back through the init container.
+    let journal = edge.empty_dir("counter", "data").join("journal");
+    journal_goes_on(&journal, *journaled.last().unwrap()).await;
     assert!(
         std::fs::read_dir(edge.node_checkpoint_dir())
             .unwrap()
@@ -652,7 +722,8 @@ async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_
         ..
     } = &two;
     edge.deploy_node_part().await;
-    let (_, before) = run_plain_counter(edge).await;
+    let (_, before) = run_journaling_counter(edge).await;
+    let journaled = journal_ticks(&edge.empty_dir("counter", "data").join("journal"));
     let migration = two.migrate_to_cloud_in_background("counter");
     past_the_stop(&two).await;
     edge_coordinator.kill();
@@ -680,6 +751,9 @@ async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_
     )
     .await;
     runs_again_at_the_source_only(edge, cloud, &before, Duration::from_secs(120)).await;
+    // With its emptyDir, taken from the node part by the restarted coordinator.
+    let journal = edge.empty_dir("counter", "data").join("journal");
+    journal_goes_on(&journal, *journaled.last().unwrap()).await;
     ums_tests::poll(
         "the journal to be deleted once the pod runs again",
         Duration::from_secs(60),

@@ -467,6 +467,9 @@ impl Coordinator {
         &self,
         request: PodRequest,
     ) -> Result<serde_json::Value, ApiError> {
+        // An orchestrator-level migration's emptyDir archive staged here is of no use once its
+        // source gives up on it.
+        self.drop_staged_volumes(&request.migration_id).await;
         // A pod restored for an orchestrator-level migration whose source gave up on it: the
         // source restores the service itself once this one is gone.
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);

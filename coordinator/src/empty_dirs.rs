@@ -206,6 +206,9 @@ impl Coordinator {
 
     /// Removes a migration's staged archive (the pod was created, or will not be).
     pub async fn drop_staged_volumes(&self, migration_id: &str) {
+        if crate::migrate::check_label("migrationId", migration_id).is_err() {
+            return;
+        }
         let _ = tokio::fs::remove_file(staged_path(&self.data_dir, migration_id)).await;
     }
 

@@ -504,6 +504,20 @@ impl Cluster {
         self.dir.join("node/checkpoints")
     }
 
+    /// Where the emptyDir `volume` of pod `pod` (namespace default) is on this machine: the
+    /// node's /var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/<volume>.
+    pub fn empty_dir(&self, pod: &str, volume: &str) -> PathBuf {
+        let uid = self.get_json(&["pod", pod])["metadata"]["uid"]
+            .as_str()
+            .expect("the pod has a uid")
+            .to_owned();
+        self.dir
+            .join("node/pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~empty-dir")
+            .join(volume)
+    }
+
     /// The output of `container` of `pod` on a CRI node: the log file the runtime writes (CRI
     /// format: `<time> <stream> <P|F> <line>`), as lines without the prefix.
     pub fn cri_container_output(&self, pod: &str, container: &str) -> Vec<String> {

@@ -243,15 +243,38 @@ pub fn plain_counter_pod(image: &str) -> String {
     .to_string()
 }
 
+/// [`plain_counter_pod`] with an emptyDir `data` where it keeps a journal (`/data/journal`,
+/// held open: the file must be there when the process is restored).
+pub fn journaling_counter_pod(image: &str) -> String {
+    let mut pod: serde_json::Value = serde_json::from_str(&plain_counter_pod(image)).unwrap();
+    let main = &mut pod["spec"]["containers"][0];
+    main["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "WORKLOAD_JOURNAL", "value": "/data/journal"}));
+    main["volumeMounts"] = serde_json::json!([{"name": "data", "mountPath": "/data"}]);
+    pod["spec"]["volumes"] = serde_json::json!([{"name": "data", "emptyDir": {}}]);
+    pod.to_string()
+}
+
 /// Runs [`plain_counter_pod`] (the workload from the tests' HTTPS registry, for CRI nodes) as
 /// Jane; once it has counted a while, its IP and its answer.
 pub async fn run_plain_counter(cluster: &crate::cluster::Cluster) -> (String, ServiceAnswer) {
-    let image = crate::workload::tls_registry_workload_image();
-    cluster.kubectl_with_input(
-        crate::cluster::User::Jane,
-        &["create", "-f", "-"],
-        &plain_counter_pod(image),
-    );
+    run_counter(
+        cluster,
+        &plain_counter_pod(crate::workload::tls_registry_workload_image()),
+    )
+    .await
+}
+
+/// Runs [`journaling_counter_pod`] as [`run_plain_counter`] runs its pod.
+pub async fn run_journaling_counter(cluster: &crate::cluster::Cluster) -> (String, ServiceAnswer) {
+    let pod = journaling_counter_pod(crate::workload::tls_registry_workload_image());
+    run_counter(cluster, &pod).await
+}
+
+async fn run_counter(cluster: &crate::cluster::Cluster, pod: &str) -> (String, ServiceAnswer) {
+    cluster.kubectl_with_input(crate::cluster::User::Jane, &["create", "-f", "-"], pod);
     let ip = cluster
         .wait_running_and_ready("counter", Duration::from_secs(120))
         .await;
