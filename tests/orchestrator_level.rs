@@ -357,6 +357,7 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     );
     let journal = cloud.empty_dir("service", "data").join("journal");
     journal_goes_on(&journal, *journaled.last().unwrap()).await;
+    let journaled_in_cloud = journal_ticks(&journal);
 
     // And back, by a LiveMigration object in cloud: a second hop, through cloud's node part.
     cloud.deploy_node_part().await;
@@ -392,9 +393,8 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     assert!(back.tick > after.tick, "{after:?} -> {back:?}");
     // The journal made the second hop too (the restored pod's init container, removed from
     // the spec it moves with, was added again for edge).
-    let cloud_last = *journal_ticks(&journal).last().unwrap();
     let back_journal = edge.empty_dir("service", "data").join("journal");
-    journal_goes_on(&back_journal, cloud_last).await;
+    journal_goes_on(&back_journal, *journaled_in_cloud.last().unwrap()).await;
     let init = edge.get_json(&["pod", "service"])["spec"]["initContainers"].clone();
     assert_eq!(init.as_array().map(Vec::len), Some(1), "{init}");
 }
