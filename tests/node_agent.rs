@@ -124,3 +124,87 @@ fn downward_api_files_follow_annotation_changes() {
             .then_some(())
     });
 }
+
+/// Init containers run in order, each to its end, before the pod's containers, on a volume
+/// they share; one that fails under `restartPolicy: Never` fails the pod, and its containers
+/// never start.
+#[test]
+fn init_containers_run_to_their_end_before_the_containers() {
+    let cluster = Cluster::start_with_node();
+    let pod = |name: &str, second_init: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "initContainers": [
+                    {"name": "first", "image": "ums-rs/debian:trixie",
+                     "command": ["sh", "-c", "sleep 1; echo first >> /data/order"],
+                     "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                    {"name": "second", "image": "ums-rs/debian:trixie",
+                     "command": ["sh", "-c", second_init],
+                     "volumeMounts": [{"name": "data", "mountPath": "/data"}]}
+                ],
+                "containers": [{"name": "main", "image": "ums-rs/debian:trixie",
+                    "command": ["sh", "-c", "echo main >> /data/order; cat /data/order; sleep 600"],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "volumes": [{"name": "data", "emptyDir": {}}]
+            }
+        })
+        .to_string()
+    };
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &pod("ordered", "echo second >> /data/order"),
+    );
+    cluster.kubectl_with_input(
+        User::Jane,
+        &["create", "-f", "-"],
+        &pod("failing", "exit 4"),
+    );
+    let status = wait_for("the ordered pod to run", || {
+        let status = cluster.get_json(&["pod", "ordered"])["status"].clone();
+        (status["phase"] == "Running").then_some(status)
+    });
+    let init = status["initContainerStatuses"].as_array().unwrap();
+    assert_eq!(init.len(), 2, "{status}");
+    for (c, name) in init.iter().zip(["first", "second"]) {
+        assert_eq!(c["name"], name, "{status}");
+        assert_eq!(c["state"]["terminated"]["exitCode"], 0, "{status}");
+    }
+    assert!(
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Initialized" && c["status"] == "True"),
+        "{status}"
+    );
+    let output = wait_for("main's output", || {
+        let output = container_output(&cluster.pod_container("ordered", "main"));
+        (output.len() >= 3).then_some(output)
+    });
+    assert_eq!(output[..3], ["first", "second", "main"], "{output:?}");
+
+    let failed = wait_for("the failing pod to fail", || {
+        let status = cluster.get_json(&["pod", "failing"])["status"].clone();
+        (status["phase"] == "Failed").then_some(status)
+    });
+    assert_eq!(
+        failed["initContainerStatuses"][1]["state"]["terminated"]["exitCode"], 4,
+        "{failed}"
+    );
+    assert!(
+        failed["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Initialized" && c["status"] == "False"),
+        "{failed}"
+    );
+    assert!(
+        failed["containerStatuses"][0]["state"]["running"].is_null(),
+        "main never started: {failed}"
+    );
+}
