@@ -560,6 +560,38 @@ async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_ch
     );
     assert!(ask_service(&ip, 8080).await.unwrap().memory_ok);
 
+    // A pod with an emptyDir, on a node whose node part does not mount the kubelet's pod
+    // directories: refused naming the volume, nothing checkpointed.
+    edge.deploy_node_part_with(false).await;
+    let mut journaling: serde_json::Value = serde_json::from_str(
+        &ums_tests::service_pod::journaling_counter_pod(tls_registry_workload_image()),
+    )
+    .unwrap();
+    journaling["metadata"]["name"] = "journaling".into();
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &journaling.to_string());
+    edge.wait_running_and_ready("journaling", Duration::from_secs(120))
+        .await;
+    let (status, answer) = two
+        .migrate(json!({"name": "journaling", "destinationUrl": destination}))
+        .await;
+    assert_eq!(
+        (status, answer["phase"].as_str()),
+        (409, Some("checking")),
+        "{answer}"
+    );
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("emptyDir volumes (data)") && message.contains("pod directories"),
+        "{answer}"
+    );
+    assert!(
+        std::fs::read_dir(edge.node_checkpoint_dir())
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing was checkpointed"
+    );
+
     // A node whose runtime cannot checkpoint (Docker): refused naming it, before its kubelet
     // is asked anything.
     let docker = Cluster::start_with_node();

@@ -614,6 +614,21 @@ impl Coordinator {
             .node_part(&node, host_ip.as_deref())
             .await
             .map_err(|e| e.in_phase("checking"))?;
+        let empty_dirs = crate::empty_dirs::empty_dirs(&pod);
+        if !empty_dirs.is_empty() {
+            let health = self
+                .node_part_call(&part, reqwest::Method::GET, "/healthz", None)
+                .await
+                .map_err(|e| e.in_phase("checking"))?;
+            if health["emptyDirs"] != Value::Bool(true) {
+                return Err(ApiError::conflict(format!(
+                    "pod {name} has emptyDir volumes ({}) and the node part on node {} cannot read them: it does not mount the kubelet's pod directories (deploy/node, volume pods)",
+                    empty_dirs.join(", "),
+                    node.name
+                ))
+                .in_phase("checking"));
+            }
+        }
         let peer = Peer::new(self.peers.clone(), request.destination.clone());
         let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
         // The destination's preflight (restore_preflight), before anything is checkpointed:
@@ -673,7 +688,6 @@ impl Coordinator {
 
         // The emptyDirs, archived on the node right after the dumps (the service still runs:
         // their time counts in the divergence window).
-        let empty_dirs = crate::empty_dirs::empty_dirs(&pod);
         let mut volumes: Option<Value> = None;
         if !empty_dirs.is_empty() {
             let body = json!({
@@ -902,7 +916,7 @@ impl Coordinator {
                 // The emptyDirs: archived on the node, sent beside the checkpoints, unpacked
                 // by the restored pod's init container.
                 "emptyDirs": volumes.map(|v| json!({
-                    "volumes": crate::empty_dirs::empty_dirs(&pod),
+                    "volumes": empty_dirs,
                     "archiveBytes": v["bytes"],
                     "archiveMs": v["archiveMs"],
                     "sendMs": volumes_sent.as_ref().map(|s| s["sendMs"].clone()),

@@ -14,7 +14,7 @@
 //! - `GET /archives/{name}`: streams an archive (the source's coordinator restoring a pod at the
 //!   source takes its emptyDir archive this way);
 //! - `DELETE /archives/{name}`: removes an archive (the migration is over);
-//! - `GET /healthz` (open).
+//! - `GET /healthz` (open): also whether it can read emptyDirs (`"emptyDirs"`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,7 +69,11 @@ async fn healthz(State(part): State<Arc<NodePart>>) -> Json<serde_json::Value> {
     let archives = std::fs::read_dir(&part.dir)
         .map(|d| d.filter_map(Result::ok).count())
         .ok();
-    Json(json!({"status": "ok", "checkpointDir": part.node_dir, "archives": archives}))
+    Json(
+        json!({"status": "ok", "checkpointDir": part.node_dir, "archives": archives,
+        // Whether it can archive a pod's emptyDirs (the kubelet's pod directories mounted).
+        "emptyDirs": part.pods_dir.is_some()}),
+    )
 }
 
 fn authorize(part: &NodePart, headers: &HeaderMap) -> Result<(), Refusal> {

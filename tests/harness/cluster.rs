@@ -386,6 +386,13 @@ impl Cluster {
     /// controller would), its image pushed to the tests' HTTPS registry, the cluster
     /// coordinator's public key set. Returns its pod's name and IP once it is ready.
     pub async fn deploy_node_part(&self) -> (String, String) {
+        self.deploy_node_part_with(true).await
+    }
+
+    /// [`Self::deploy_node_part`], with or without the kubelet's pod directories mounted (the
+    /// `pods` volume: without it the node part cannot read emptyDirs). An earlier one is
+    /// replaced.
+    pub async fn deploy_node_part_with(&self, pod_directories: bool) -> (String, String) {
         static IMAGE: OnceLock<String> = OnceLock::new();
         let image = IMAGE.get_or_init(|| {
             crate::outer::require_image("ums-rs/node:latest");
@@ -406,6 +413,17 @@ impl Cluster {
             .unwrap()
             .public_key();
         let mut template = daemon_set["spec"]["template"].clone();
+        if !pod_directories {
+            let spec = &mut template["spec"];
+            spec["volumes"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|v| v["name"] != "pods");
+            spec["containers"][0]["volumeMounts"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|v| v["name"] != "pods");
+        }
         let container = &mut template["spec"]["containers"][0];
         container["image"] = image.as_str().into();
         for env in container["env"].as_array_mut().unwrap() {
@@ -414,6 +432,15 @@ impl Cluster {
             }
         }
         let name = "ums-node-1";
+        if self
+            .kubectl_result(User::Admin, &["get", "pod", "-n", "ums-system", name])
+            .is_ok()
+        {
+            self.kubectl(
+                User::Admin,
+                &["delete", "pod", "-n", "ums-system", name, "--wait=true"],
+            );
+        }
         let pod = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": daemon_set["metadata"]["namespace"],
