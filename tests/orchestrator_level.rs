@@ -241,13 +241,7 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         User::Coordinator,
         &["annotate", "pod", "service", "migration-id-"],
     );
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "nothing was checkpointed"
-    );
+    assert_no_archives(edge, "nothing was checkpointed");
 
     // A client holds a connection to the service while it moves: the checkpoint takes it
     // (restored closed: the pod has a new IP at the destination).
@@ -313,13 +307,7 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "the archives are removed"
-    );
+    assert_no_archives(edge, "the archives are removed");
     // The service goes on at the destination, from where it stopped, memory intact.
     let ip = report["destination"]["podIp"].as_str().unwrap();
     assert_eq!(cloud.get_json(&["pod", "service"])["status"]["podIP"], ip);
@@ -397,6 +385,15 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     journal_goes_on(&back_journal, *journaled_in_cloud.last().unwrap()).await;
     let init = edge.get_json(&["pod", "service"])["spec"]["initContainers"].clone();
     assert_eq!(init.as_array().map(Vec::len), Some(1), "{init}");
+}
+
+/// The source node's checkpoint directory is empty (no archive of any kind).
+fn assert_no_archives(cluster: &Cluster, why: &str) {
+    let left: Vec<_> = std::fs::read_dir(cluster.node_checkpoint_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{why}: {left:?}");
 }
 
 /// The ticks the workload wrote to its journal (`tick=N` lines).
@@ -486,13 +483,7 @@ async fn a_destination_that_fails_after_the_stop_leaves_the_service_restored_at_
     // Its emptyDir too: the archive the node part wrote came back through the init container.
     let journal = edge.empty_dir("counter", "data").join("journal");
     journal_goes_on(&journal, *journaled.last().unwrap()).await;
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "the archives are removed once the pod runs again"
-    );
+    assert_no_archives(&edge, "the archives are removed once the pod runs again");
 }
 
 /// What would make the move fail is refused before anything is checkpointed, the pod left
@@ -543,13 +534,7 @@ async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_ch
         message.contains(&local_only) && message.contains("base image of container main"),
         "{answer}"
     );
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "nothing was checkpointed"
-    );
+    assert_no_archives(edge, "nothing was checkpointed");
     let annotations = edge.get_json(&["pod", "local"])["metadata"]["annotations"].clone();
     assert!(
         annotations.get("migration-id").is_none()
@@ -584,13 +569,7 @@ async fn what_would_fail_at_the_destination_or_the_node_is_refused_before_any_ch
         message.contains("emptyDir volumes (data)") && message.contains("pod directories"),
         "{answer}"
     );
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "nothing was checkpointed"
-    );
+    assert_no_archives(edge, "nothing was checkpointed");
 
     // A node whose runtime cannot checkpoint (Docker): refused naming it, before its kubelet
     // is asked anything.
@@ -792,13 +771,7 @@ async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_
         || async { (journals() == 0).then_some(()) },
     )
     .await;
-    assert!(
-        std::fs::read_dir(edge.node_checkpoint_dir())
-            .unwrap()
-            .next()
-            .is_none(),
-        "the archives are removed"
-    );
+    assert_no_archives(edge, "the archives are removed");
     assert!(
         edge_coordinator
             .log()

@@ -76,13 +76,18 @@ async fn healthz(State(part): State<Arc<NodePart>>) -> Json<serde_json::Value> {
     )
 }
 
-fn authorize(part: &NodePart, headers: &HeaderMap) -> Result<(), Refusal> {
-    let token = headers
+/// The request's bearer token (`Authorization: Bearer ...`), or "".
+pub fn bearer(headers: &HeaderMap) -> &str {
+    headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn authorize(part: &NodePart, headers: &HeaderMap) -> Result<(), Refusal> {
+    let token = bearer(headers);
     if token.is_empty() {
         return Err(Refusal(
             StatusCode::UNAUTHORIZED,

@@ -161,14 +161,8 @@ async fn receive(
             "the volumes are taken over TLS only (https:// with the certificate GET /tls names)",
         );
     }
-    let token = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
     let claims = match verify(
-        token,
+        crate::api::bearer(&headers),
         &restorer.keys,
         std::slice::from_ref(&restorer.pod_ip),
         now_unix(),

@@ -48,6 +48,22 @@ struct RunningPod {
     last_status: Option<PodStatus>,
 }
 
+/// Which of a pod's container lists.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Init,
+    Main,
+}
+
+impl Kind {
+    fn run(self, state: &mut RunningPod, index: usize) -> &mut ContainerRun {
+        match self {
+            Kind::Init => &mut state.init[index],
+            Kind::Main => &mut state.containers[index],
+        }
+    }
+}
+
 struct ContainerRun {
     spec: Container,
     observed: Observed,
@@ -296,36 +312,8 @@ impl<R: Runtime> Node<R> {
             if restart_policy == "Never" {
                 return false;
             }
-            let now = Instant::now();
-            match run.next_restart {
-                None => {
-                    let delay = Duration::from_secs(1 << run.observed.restart_count.clamp(0, 4));
-                    run.next_restart = Some(now + delay);
-                }
-                Some(at) if now >= at => {
-                    let attempt = (run.observed.restart_count + 1) as u32;
-                    let Ok(plan) = self.plan(pod, state, &spec).await else {
-                        return false;
-                    };
-                    let restarted = self
-                        .runtime
-                        .restart_container(&state.pod, &state.sandbox, &plan, &id, attempt)
-                        .await;
-                    let run = &mut state.init[index];
-                    run.next_restart = None;
-                    match restarted {
-                        Ok(new_id) => {
-                            run.observed.container_id = Some(new_id);
-                            run.observed.restart_count += 1;
-                            run.observed.exit_code = None;
-                        }
-                        Err((reason, message)) => {
-                            tracing::warn!(container = %spec.name, %reason, %message, "init container restart failed");
-                        }
-                    }
-                }
-                Some(_) => {}
-            }
+            self.restart_after_back_off(pod, state, Kind::Init, index, &id)
+                .await;
             return false;
         }
         true
@@ -417,7 +405,21 @@ impl<R: Runtime> Node<R> {
         if !restart {
             return;
         }
-        // Back off like the kubelet (doubling, capped), without its five minutes.
+        self.restart_after_back_off(pod, state, Kind::Main, index, &id)
+            .await;
+    }
+
+    /// Runs an exited container again once its back-off is over, like the kubelet (doubling
+    /// from 1 s, capped at 16 s; the kubelet's goes to five minutes).
+    async fn restart_after_back_off(
+        &self,
+        pod: &Pod,
+        state: &mut RunningPod,
+        kind: Kind,
+        index: usize,
+        id: &str,
+    ) {
+        let run = kind.run(state, index);
         let now = Instant::now();
         match run.next_restart {
             None => {
@@ -432,19 +434,19 @@ impl<R: Runtime> Node<R> {
                 };
                 let restarted = self
                     .runtime
-                    .restart_container(&state.pod, &state.sandbox, &plan, &id, attempt)
+                    .restart_container(&state.pod, &state.sandbox, &plan, id, attempt)
                     .await;
-                let run = &mut state.containers[index];
+                let run = kind.run(state, index);
+                run.next_restart = None;
                 match restarted {
                     Ok(new_id) => {
                         run.observed.container_id = Some(new_id);
                         run.observed.restart_count += 1;
-                        run.next_restart = None;
-                        tracing::info!(container = %run.spec.name, restarts = run.observed.restart_count, "container restarted");
+                        run.observed.exit_code = None;
+                        tracing::info!(container = %spec.name, restarts = run.observed.restart_count, "container restarted");
                     }
                     Err((reason, message)) => {
-                        tracing::warn!(container = %run.spec.name, %reason, %message, "restart failed");
-                        run.next_restart = None;
+                        tracing::warn!(container = %spec.name, %reason, %message, "restart failed");
                     }
                 }
             }
