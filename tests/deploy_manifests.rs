@@ -529,6 +529,7 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         ("pods", "delete"),
         ("configmaps", "get"),
         ("configmaps", "create"),
+        ("configmaps", "update"),
         ("configmaps", "delete"),
         ("secrets", "get"),
         ("serviceaccounts", "get"),

@@ -780,3 +780,116 @@ async fn the_source_coordinator_killed_after_the_stop_restores_the_service_from_
         edge_coordinator.log()
     );
 }
+
+/// A coordinator that stopped while the kubelet checkpointed: its journal (written before the
+/// checkpoints, as the coordinator writes it) names no archive yet, and the pod was never
+/// stopped. The coordinator that starts again removes what that pod's checkpoints left on the
+/// node since the journal, and nothing else (another pod's archive stays), drops the journal,
+/// and the service runs on untouched. (Killing a coordinator inside the kubelet's checkpoint
+/// cannot be timed here: the journal is written by hand, the archives by the real kubelet
+/// endpoint.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_stopped_while_checkpointing_leaves_no_archive_behind() {
+    let edge = Cluster::start_with_cri_node();
+    let cloud = Cluster::start_with_cri_node();
+    let edge_certs = CoordinatorCerts::generate(&edge);
+    let cloud_certs = CoordinatorCerts::generate(&cloud);
+    let edge_coordinator = RunningCoordinator::start(&edge, &edge_certs, &[&cloud_certs.ca]);
+    edge.deploy_node_part().await;
+    let (ip, before) = run_plain_counter(&edge).await;
+    let mut other: serde_json::Value =
+        serde_json::from_str(&plain_counter_pod(tls_registry_workload_image())).unwrap();
+    other["metadata"]["name"] = "other".into();
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &other.to_string());
+    edge.wait_running_and_ready("other", Duration::from_secs(120))
+        .await;
+    let kept = edge.kubelet_checkpoint("default", "other", "main").await;
+
+    let pod = edge.get_json(&["pod", "counter"]);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let journal = json!({
+        "migrationId": "m-interrupted",
+        "destination": cloud.name,
+        "node": edge.name,
+        "checkpoints": [],
+        "startedUnixMs": started,
+        "pod": pod,
+    });
+    let config_map = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "ums-ssu-m-interrupted",
+                     "labels": {"migration.ums-rs.io/ssu-journal": "m-interrupted"}},
+        "data": {"journal.json": journal.to_string()},
+    });
+    // What the kubelet wrote for the checkpoint the coordinator asked for before it stopped
+    // (before the journal appears: a coordinator finishing journals every minute must find
+    // it there whenever it looks).
+    let left = edge.kubelet_checkpoint("default", "counter", "main").await;
+    let name_of = |path: &str| path.rsplit('/').next().unwrap().to_owned();
+    assert!(edge.node_checkpoint_dir().join(name_of(&left)).exists());
+    edge.kubectl_with_input(User::Admin, &["create", "-f", "-"], &config_map.to_string());
+    // Locked, as the coordinator locks it before the journal.
+    edge.kubectl(
+        User::Coordinator,
+        &[
+            "annotate",
+            "pod",
+            "counter",
+            "migration-id=m-interrupted",
+            &format!("migration.ums-rs.io/locked-by-coordinator={}", edge.name),
+        ],
+    );
+
+    edge_coordinator.kill();
+    tokio::task::block_in_place(|| edge_coordinator.restart());
+    ums_tests::poll(
+        "the restarted coordinator to finish the interrupted migration's journal",
+        Duration::from_secs(120),
+        || async {
+            edge.kubectl_result(User::Admin, &["get", "configmap", "ums-ssu-m-interrupted"])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    let files: Vec<String> = std::fs::read_dir(edge.node_checkpoint_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        files,
+        [name_of(&kept)],
+        "the interrupted checkpoint's archive is removed, another pod's stays\n{}",
+        edge_coordinator.log()
+    );
+    assert!(
+        edge_coordinator
+            .log()
+            .contains("archive(s) of the interrupted checkpoint removed"),
+        "{}",
+        edge_coordinator.log()
+    );
+    assert_eq!(
+        edge.get_json(&["pod", "counter"])["metadata"]["uid"],
+        pod["metadata"]["uid"],
+        "the same pod runs on"
+    );
+    ums_tests::poll(
+        "the pod to be unlocked",
+        Duration::from_secs(60),
+        || async {
+            let annotations = edge.get_json(&["pod", "counter"])["metadata"]["annotations"].clone();
+            (annotations.get("migration-id").is_none()
+                && annotations
+                    .get("migration.ums-rs.io/locked-by-coordinator")
+                    .is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    let after = ask_service(&ip, 8080).await.unwrap();
+    assert!(after.memory_ok && after.tick > before.tick, "{after:?}");
+}

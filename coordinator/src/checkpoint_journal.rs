@@ -1,11 +1,13 @@
 //! The journal of an orchestrator-level migration, for the coordinator that comes back after
 //! it died mid-way. Once the source pod is stopped, the checkpoint archives on its node are the
-//! service, and the pod object that would name them is gone: so before the stop the source's
-//! coordinator writes what it takes to restore the pod (its spec, its node, the archives, the
-//! destination) into a ConfigMap `ums-ssu-<migration>` in the pod's namespace, and deletes it
-//! when the migration ends either way. A coordinator that starts (and every minute after)
-//! finishes the journals nobody drives: the destination deletes any copy it made, and the pod
-//! is restored at the source from its archives (one copy, never two). Pure here: the ConfigMap
+//! service, and the pod object that would name them is gone: so before the checkpoints the
+//! source's coordinator writes what it takes to restore the pod (its spec, its node, the
+//! destination) into a ConfigMap `ums-ssu-<migration>` in the pod's namespace, adds the archives
+//! once they are taken (before the stop), and deletes it when the migration ends either way. A
+//! coordinator that starts (and every minute after) finishes the journals nobody drives: one
+//! without archives (it died while checkpointing: the pod was never stopped) has what the
+//! checkpoints left on the node removed; otherwise the destination deletes any copy it made, and
+//! the pod is restored at the source from its archives (one copy, never two). Pure here: the ConfigMap
 //! and back; the recovery is in [`crate::orchestrator`].
 
 use std::collections::BTreeMap;
@@ -34,6 +36,11 @@ pub struct CheckpointJournal {
     /// The archive of the pod's emptyDir volumes on that node, if it has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<String>,
+    /// When the journal was first written, before the checkpoints (Unix ms). A journal without
+    /// checkpoints is one whose coordinator stopped while checkpointing: the pod was never
+    /// stopped, and the archives made since then are removed.
+    #[serde(default)]
+    pub started_unix_ms: u64,
     /// The source pod as it was checked (namespace, name, spec).
     pub pod: Pod,
 }
@@ -95,6 +102,7 @@ mod tests {
                 answered_unix_ms: 2,
             }],
             volumes: Some("/var/lib/kubelet/checkpoints/volumes-p_shop-m1.tar".into()),
+            started_unix_ms: 1,
             pod,
         };
         let config_map = to_config_map(&journal).unwrap_or_default();

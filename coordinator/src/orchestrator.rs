@@ -464,6 +464,24 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Replaces the journal's content (the archives, once the checkpoints are taken).
+    async fn update_journal(&self, journal: &CheckpointJournal) -> Result<(), ApiError> {
+        let namespace = journal.pod.metadata.namespace.clone().unwrap_or_default();
+        let name = journal_name(&journal.migration_id);
+        let config_map = to_config_map(journal).map_err(|e| {
+            ApiError::internal(format!("the migration's journal could not be written: {e}"))
+        })?;
+        Api::<ConfigMap>::namespaced(self.kube.clone(), &namespace)
+            .replace(&name, &PostParams::default(), &config_map)
+            .await
+            .map_err(|e| {
+                ApiError::internal(format!(
+                    "the migration's journal (configMap {namespace}/{name}) could not be updated: {e}"
+                ))
+            })?;
+        Ok(())
+    }
+
     async fn drop_journal(&self, namespace: &str, id: &str) {
         let config_maps: Api<ConfigMap> = Api::namespaced(self.kube.clone(), namespace);
         if let Err(e) = config_maps
@@ -534,9 +552,42 @@ impl Coordinator {
         let restored_here = source
             .as_ref()
             .is_some_and(|p| restored_for(p) == Some(journal.migration_id.as_str()));
+        if journal.checkpoints.is_empty() {
+            // Died while the kubelet checkpointed: the pod was never stopped. What the
+            // checkpoints wrote since the journal is removed from the node.
+            let containers: Vec<String> = journal
+                .pod
+                .spec
+                .iter()
+                .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+                .collect();
+            let body = json!({
+                "pod": name,
+                "namespace": namespace,
+                "containers": containers,
+                "migrationId": journal.migration_id,
+                "sinceUnixMs": journal.started_unix_ms,
+            });
+            let removed = self
+                .node_part_call(&part, reqwest::Method::POST, "/archives/remove", Some(body))
+                .await
+                .map_err(|e| e.message)?;
+            let mut done = vec![
+                "the coordinator stopped while checkpointing: the source pod was never stopped"
+                    .into(),
+                format!(
+                    "{} archive(s) of the interrupted checkpoint removed from the node",
+                    removed["removed"].as_array().map_or(0, Vec::len)
+                ),
+            ];
+            if still_runs {
+                done.push(self.unlock_source(&pods, &name).await);
+            }
+            return Ok(done);
+        }
         if still_runs || restored_here {
             // Stopped before the stop (the service never left), or already restored here.
-            return Ok(vec![
+            let mut done = vec![
                 if still_runs {
                     "the source pod still runs".into()
                 } else {
@@ -544,7 +595,11 @@ impl Coordinator {
                 },
                 self.remove_archives(&part, &journal.checkpoints, journal.volumes.as_deref())
                     .await,
-            ]);
+            ];
+            if still_runs {
+                done.push(self.unlock_source(&pods, &name).await);
+            }
+            return Ok(done);
         }
         let peer = Peer::new(self.peers.clone(), journal.destination.clone());
         let (done, at) = self
@@ -660,6 +715,28 @@ impl Coordinator {
             .await?;
         let unlock = || self.unlock_source(&pods, &request.name);
 
+        // The journal first: a coordinator that dies while the kubelet checkpoints finds it
+        // and removes what the checkpoints left on the node (the pod still runs then).
+        let mut journal = CheckpointJournal {
+            migration_id: id.to_owned(),
+            destination: request.destination.clone(),
+            node: node.name.clone(),
+            checkpoints: Vec::new(),
+            volumes: None,
+            started_unix_ms: unix_ms(),
+            pod: {
+                let mut source = pod.clone();
+                source.metadata.namespace = Some(request.namespace.clone());
+                source
+            },
+        };
+        if let Err(e) = self.write_journal(&journal).await {
+            let mut e = e.in_phase("checkpointing");
+            e.rollback.push(unlock().await);
+            e.service_runs_at = Some("source");
+            return Err(e);
+        }
+
         // Every container at once: their states are taken as close together as the kubelet
         // allows (the skew is reported).
         self.enter(id, "checkpointing");
@@ -682,6 +759,7 @@ impl Coordinator {
                 "a kubelet checkpoint leaves the container running: the service runs at the source"
                     .into(),
             );
+            self.drop_journal(&request.namespace, id).await;
             e.service_runs_at = Some("source");
             return Err(e);
         }
@@ -708,6 +786,7 @@ impl Coordinator {
                     e.rollback
                         .push(self.remove_archives(&part, &checkpoints, None).await);
                     e.rollback.push(unlock().await);
+                    self.drop_journal(&request.namespace, id).await;
                     e.service_runs_at = Some("source");
                     return Err(e);
                 }
@@ -720,25 +799,16 @@ impl Coordinator {
         let volumes_archive = volumes_archive.as_deref();
 
         // Past the stop the archives are the service: what restores it is written down first.
-        let journal = CheckpointJournal {
-            migration_id: id.to_owned(),
-            destination: request.destination.clone(),
-            node: node.name.clone(),
-            checkpoints: checkpoints.clone(),
-            volumes: volumes_archive.map(str::to_owned),
-            pod: {
-                let mut source = pod.clone();
-                source.metadata.namespace = Some(request.namespace.clone());
-                source
-            },
-        };
-        if let Err(e) = self.write_journal(&journal).await {
+        journal.checkpoints = checkpoints.clone();
+        journal.volumes = volumes_archive.map(str::to_owned);
+        if let Err(e) = self.update_journal(&journal).await {
             let mut e = e.in_phase("checkpointing");
             e.rollback.push(
                 self.remove_archives(&part, &checkpoints, volumes_archive)
                     .await,
             );
             e.rollback.push(unlock().await);
+            self.drop_journal(&request.namespace, id).await;
             e.service_runs_at = Some("source");
             return Err(e);
         }

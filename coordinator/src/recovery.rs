@@ -193,6 +193,26 @@ impl Coordinator {
             let Some((namespace, name)) = name_of(&pod) else {
                 continue;
             };
+            if crate::orchestrator::is_orchestrator_level(&pod, None) {
+                // An unwrapped pod has no sidecar to ask: with a journal, the journal's recovery
+                // finishes it (crate::orchestrator); without, nothing was checkpointed (the
+                // journal comes before the checkpoints) and it runs here.
+                let journals: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                    Api::namespaced(self.kube.clone(), &namespace);
+                if journals
+                    .get_metadata_opt(&crate::checkpoint_journal::journal_name(&id))
+                    .await?
+                    .is_none()
+                {
+                    let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
+                    let mut patch = unlock_patch();
+                    patch["metadata"]["resourceVersion"] = json!(pod.metadata.resource_version);
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
+                    tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked an unwrapped pod whose migration stopped with the coordinator before its checkpoints: the service runs here");
+                }
+                continue;
+            }
             match self.source_state(&pod).await {
                 SourceState::Here => {
                     let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);

@@ -14,6 +14,10 @@
 //! - `GET /archives/{name}`: streams an archive (the source's coordinator restoring a pod at the
 //!   source takes its emptyDir archive this way);
 //! - `DELETE /archives/{name}`: removes an archive (the migration is over);
+//! - `POST /archives/remove` `{"pod", "namespace", "containers", "migrationId", "sinceUnixMs"}`:
+//!   removes what an interrupted checkpoint of that pod left (its containers' kubelet archives
+//!   written since then, the migration's emptyDir archive), for a coordinator that stopped
+//!   while checkpointing; answers the names removed;
 //! - `GET /healthz` (open): also whether it can read emptyDirs (`"emptyDirs"`).
 
 use std::path::PathBuf;
@@ -29,7 +33,7 @@ use serde::Deserialize;
 use serde_json::json;
 use ums_contract::credential::{now_unix, verify, Scope};
 
-use crate::archive::{archive_path, empty_dir_path, volumes_archive_name};
+use crate::archive::{archive_path, empty_dir_path, left_by_checkpoint, volumes_archive_name};
 
 /// What the handlers share.
 #[derive(Debug)]
@@ -61,6 +65,7 @@ pub fn router(part: Arc<NodePart>) -> Router {
         .route("/send", post(send))
         .route("/push", post(push))
         .route("/volumes", post(volumes))
+        .route("/archives/remove", post(remove_left))
         .route("/archives/{name}", delete(remove).get(download))
         .with_state(part)
 }
@@ -360,6 +365,56 @@ async fn download(
         axum::body::Body::from_stream(stream),
     )
         .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LeftRequest {
+    pod: String,
+    namespace: String,
+    containers: Vec<String>,
+    migration_id: String,
+    since_unix_ms: u64,
+}
+
+async fn remove_left(
+    State(part): State<Arc<NodePart>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Refusal> {
+    authorize(&part, &headers)?;
+    let request: LeftRequest = request_body(&body)?;
+    // Written since the migration's journal (a second of slack for the clocks' rounding).
+    let since =
+        std::time::UNIX_EPOCH + Duration::from_millis(request.since_unix_ms.saturating_sub(1000));
+    let entries = std::fs::read_dir(&part.dir)
+        .map_err(|e| Refusal(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let recent = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t >= since);
+        let left = left_by_checkpoint(
+            &file,
+            &request.pod,
+            &request.namespace,
+            &request.containers,
+            &request.migration_id,
+        );
+        if recent && left {
+            std::fs::remove_file(entry.path()).map_err(|e| {
+                Refusal(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("removing {file}: {e}"),
+                )
+            })?;
+            tracing::info!(archive = %file, "archive of an interrupted checkpoint removed");
+            removed.push(file);
+        }
+    }
+    Ok(Json(json!({"removed": removed})))
 }
 
 async fn remove(

@@ -34,6 +34,40 @@ pub fn volumes_archive_name(pod: &str, namespace: &str, migration: &str) -> Stri
     format!("volumes-{pod}_{namespace}-{migration}.tar")
 }
 
+/// Whether `file` is an archive an interrupted checkpoint of pod `pod` in `namespace` left:
+/// the kubelet's `checkpoint-<pod>_<namespace>-<container>-<time>.tar` of one of `containers`
+/// (the time an RFC 3339 one, so that another pod's names, whose namespace or container merely
+/// starts alike, do not match), or the migration's emptyDir archive (pure).
+pub fn left_by_checkpoint(
+    file: &str,
+    pod: &str,
+    namespace: &str,
+    containers: &[String],
+    migration: &str,
+) -> bool {
+    if file == volumes_archive_name(pod, namespace, migration) {
+        return true;
+    }
+    let Some(rest) = file
+        .strip_prefix(&format!("checkpoint-{pod}_{namespace}-"))
+        .and_then(|r| r.strip_suffix(".tar"))
+    else {
+        return false;
+    };
+    containers.iter().any(|c| {
+        rest.strip_prefix(c.as_str())
+            .and_then(|r| r.strip_prefix('-'))
+            .is_some_and(|time| {
+                let b = time.as_bytes();
+                b.len() >= 20
+                    && b[..4].iter().all(u8::is_ascii_digit)
+                    && b[4] == b'-'
+                    && b[10] == b'T'
+                    && !time.contains('/')
+            })
+    })
+}
+
 /// A name that may not be part of a path here.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{what} {value:?} is not a valid name (letters, digits, '-', '.', '_'; not '.' or '..')")]
@@ -75,6 +109,25 @@ pub fn empty_dir_path(pods_dir: &Path, pod_uid: &str, volume: &str) -> Result<Pa
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_checkpoint_leaves_these_archives_only() {
+        let containers = vec!["main".to_owned(), "side".to_owned()];
+        let left = |file: &str| left_by_checkpoint(file, "p", "ns", &containers, "m1");
+        assert!(left("checkpoint-p_ns-main-2026-12-03T13:44:17Z.tar"));
+        assert!(left("checkpoint-p_ns-side-2026-12-03T13:44:17+01:00.tar"));
+        assert!(left("volumes-p_ns-m1.tar"));
+        for other in [
+            // pod p in namespace ns-main, container x
+            "checkpoint-p_ns-main-x-2026-12-03T13:44:17Z.tar",
+            "checkpoint-p_ns-other-2026-12-03T13:44:17Z.tar",
+            "checkpoint-q_ns-main-2026-12-03T13:44:17Z.tar",
+            "volumes-p_ns-m2.tar",
+            "checkpoint-p_ns-main-2026-12-03T13:44:17Z.tar.partial",
+        ] {
+            assert!(!left(other), "{other}");
+        }
+    }
 
     #[test]
     fn empty_dirs_of_a_pod_only() {
