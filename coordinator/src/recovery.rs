@@ -204,22 +204,14 @@ impl Coordinator {
                     .await?
                     .is_none()
                 {
-                    let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
-                    let mut patch = unlock_patch();
-                    patch["metadata"]["resourceVersion"] = json!(pod.metadata.resource_version);
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await?;
+                    self.unlock_as_seen(&pod, &namespace, &name).await?;
                     tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked an unwrapped pod whose migration stopped with the coordinator before its checkpoints: the service runs here");
                 }
                 continue;
             }
             match self.source_state(&pod).await {
                 SourceState::Here => {
-                    let api: Api<Pod> = Api::namespaced(self.kube.clone(), &namespace);
-                    let mut patch = unlock_patch();
-                    patch["metadata"]["resourceVersion"] = json!(pod.metadata.resource_version);
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await?;
+                    self.unlock_as_seen(&pod, &namespace, &name).await?;
                     tracing::info!(pod = %name, namespace = %namespace, migration = %id, "unlocked a pod whose migration stopped with the coordinator: the service runs here");
                 }
                 SourceState::Migrating | SourceState::Unknown => pending += 1,
@@ -242,6 +234,16 @@ impl Coordinator {
             }
         }
         Ok(pending)
+    }
+
+    /// Unlocks a pod, if it is still the version that was looked at.
+    async fn unlock_as_seen(&self, pod: &Pod, namespace: &str, name: &str) -> Result<(), ApiError> {
+        let api: Api<Pod> = Api::namespaced(self.kube.clone(), namespace);
+        let mut patch = unlock_patch();
+        patch["metadata"]["resourceVersion"] = json!(pod.metadata.resource_version);
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
     }
 
     /// Makes the copy active (the destination answers a repeat too) and deletes or keeps the
