@@ -80,6 +80,17 @@ fn annotations_of(pod: &Pod) -> MigrationAnnotations {
         .unwrap_or_default()
 }
 
+/// The reason and message of a container the node gave up starting (a waiting reason such as
+/// CreateContainerError or ErrImagePull), as opposed to one still on its way.
+pub(crate) fn cannot_start(
+    state: &k8s_openapi::api::core::v1::ContainerState,
+) -> Option<(String, String)> {
+    let waiting = state.waiting.as_ref()?;
+    let reason = waiting.reason.clone().unwrap_or_default();
+    (reason.ends_with("Error") || reason.starts_with("ErrImage"))
+        .then(|| (reason, waiting.message.clone().unwrap_or_default()))
+}
+
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -294,16 +305,11 @@ impl Coordinator {
                 return Ok(ip);
             }
             for c in status.container_statuses.iter().flatten() {
-                let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
-                if let Some(w) = waiting {
-                    let reason = w.reason.clone().unwrap_or_default();
-                    if reason.ends_with("Error") || reason.starts_with("ErrImage") {
-                        return Err(ApiError::bad_gateway(format!(
-                            "the destination's node cannot restore container {}: {reason}: {}",
-                            c.name,
-                            w.message.clone().unwrap_or_default()
-                        )));
-                    }
+                if let Some((reason, message)) = c.state.as_ref().and_then(cannot_start) {
+                    return Err(ApiError::bad_gateway(format!(
+                        "the destination's node cannot restore container {}: {reason}: {message}",
+                        c.name
+                    )));
                 }
             }
             last = format!("phase {phase}, ready {}", is_ready(&pod));
@@ -369,27 +375,41 @@ impl Coordinator {
     /// The certificate the sidecar at `ip` serves its TLS with (`GET /tls`, asked over the
     /// cluster's own pod network, as the kubelet's probes are).
     async fn sidecar_pin(&self, ip: &str) -> Result<String, ApiError> {
-        let url = format!("http://{ip}:{}/tls", self.sidecar_port);
+        self.certificate_pin(ip, self.sidecar_port, Duration::from_secs(10))
+            .await
+            .map_err(|e| {
+                ApiError::bad_gateway(format!(
+                    "the destination pod's sidecar did not say its certificate: {e}"
+                ))
+            })
+    }
+
+    /// The SHA-256 of the throwaway certificate a pod's server (a sidecar, the emptyDirs'
+    /// restorer) made, as it says it on `GET http://<ip>:<port>/tls` over the pod network; or
+    /// what went wrong, naming the URL.
+    pub(crate) async fn certificate_pin(
+        &self,
+        ip: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        let url = format!("http://{ip}:{port}/tls");
         let answer: serde_json::Value = self
             .sidecars
             .get(&url)
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| {
-                ApiError::bad_gateway(format!(
-                    "the destination pod's sidecar did not say its certificate ({url}): {e}"
-                ))
-            })?
+            .map_err(|e| format!("{url}: {e}"))?
             .json()
             .await
-            .map_err(|e| ApiError::bad_gateway(format!("{url}: unreadable answer: {e}")))?;
+            .map_err(|e| format!("{url}: unreadable answer: {e}"))?;
         answer["certificateSha256"]
             .as_str()
             .filter(|pin| pin.len() == 64)
             .map(str::to_owned)
-            .ok_or_else(|| ApiError::bad_gateway(format!("{url}: no certificateSha256")))
+            .ok_or_else(|| format!("{url}: no certificateSha256"))
     }
 
     /// The pod of `request`, if it carries the request's migration id.

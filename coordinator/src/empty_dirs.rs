@@ -242,14 +242,10 @@ impl Coordinator {
                 .flatten()
                 .find(|c| c.name == RESTORER);
             let state = restorer.and_then(|c| c.state.clone()).unwrap_or_default();
-            if let Some(w) = &state.waiting {
-                let reason = w.reason.clone().unwrap_or_default();
-                if reason.ends_with("Error") || reason.starts_with("ErrImage") {
-                    return Err(ApiError::bad_gateway(format!(
-                        "the init container {RESTORER} cannot start: {reason}: {}",
-                        w.message.clone().unwrap_or_default()
-                    )));
-                }
+            if let Some((reason, message)) = crate::destination::cannot_start(&state) {
+                return Err(ApiError::bad_gateway(format!(
+                    "the init container {RESTORER} cannot start: {reason}: {message}"
+                )));
             }
             if let Some(t) = &state.terminated {
                 return Err(ApiError::bad_gateway(format!(
@@ -259,7 +255,10 @@ impl Coordinator {
             }
             let ip = status.pod_ip.clone().unwrap_or_default();
             if state.running.is_some() && !ip.is_empty() {
-                match self.restorer_pin(&ip).await {
+                match self
+                    .certificate_pin(&ip, RESTORER_PORT, Duration::from_secs(5))
+                    .await
+                {
                     Ok(pin) => break (ip, pod.metadata.uid.clone(), pin),
                     Err(e) => last = e,
                 }
@@ -323,27 +322,6 @@ impl Coordinator {
             "emptyDir volumes restored into the pod"
         );
         Ok(json!({"bytes": bytes, "entries": answer["entries"], "restoreMs": ms}))
-    }
-
-    /// The restorer's certificate pin (`GET /tls` over the pod network), or why not yet.
-    async fn restorer_pin(&self, ip: &str) -> Result<String, String> {
-        let url = format!("http://{ip}:{RESTORER_PORT}/tls");
-        let answer: Value = self
-            .sidecars
-            .get(&url)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| format!("{url}: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        answer["certificateSha256"]
-            .as_str()
-            .filter(|pin| pin.len() == 64)
-            .map(str::to_owned)
-            .ok_or_else(|| format!("{url}: no certificateSha256"))
     }
 }
 

@@ -193,13 +193,15 @@ impl Coordinator {
             })
     }
 
-    async fn node_part_call(
+    /// A request to the node part with this coordinator's token, answered with success (any
+    /// other status is a 502 with the node part's message).
+    async fn node_part_request(
         &self,
         NodePartPod { ip, uid, .. }: &NodePartPod,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<reqwest::Response, ApiError> {
         let token = self.sidecar_token(
             ip,
             uid.as_deref(),
@@ -223,15 +225,26 @@ impl Coordinator {
             ))
         })?;
         let status = response.status();
-        let answer: Value = response.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            Ok(answer)
-        } else {
-            Err(ApiError::bad_gateway(format!(
-                "the node part: {status}: {}",
-                answer["error"].as_str().unwrap_or("no message")
-            )))
+            return Ok(response);
         }
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        Err(ApiError::bad_gateway(format!(
+            "the node part: {status}: {}",
+            answer["error"].as_str().unwrap_or("no message")
+        )))
+    }
+
+    /// A node part call and its JSON answer.
+    async fn node_part_call(
+        &self,
+        part: &NodePartPod,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ApiError> {
+        let response = self.node_part_request(part, method, path, body).await?;
+        Ok(response.json().await.unwrap_or(Value::Null))
     }
 
     /// Removes the archives (the checkpoints', the emptyDirs') from the node; what was done,
@@ -413,34 +426,14 @@ impl Coordinator {
         archive: &str,
     ) -> Result<u64, ApiError> {
         let name = archive.rsplit('/').next().unwrap_or_default();
-        let token = self.sidecar_token(
-            &part.ip,
-            part.uid.as_deref(),
-            ums_contract::credential::Scope::Coordinator,
-            None,
-            600,
-        );
-        let url = format!("http://{}:{}/archives/{name}", part.ip, self.node_part.port);
         let response = self
-            .sidecars
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| {
-                ApiError::bad_gateway(format!(
-                    "the node part at {url}: {}",
-                    crate::peer::error_chain(&e)
-                ))
-            })?;
-        let status = response.status();
-        if !status.is_success() {
-            let answer: Value = response.json().await.unwrap_or(Value::Null);
-            return Err(ApiError::bad_gateway(format!(
-                "the node part: {status}: {}",
-                answer["error"].as_str().unwrap_or("no message")
-            )));
-        }
+            .node_part_request(
+                part,
+                reqwest::Method::GET,
+                &format!("/archives/{name}"),
+                None,
+            )
+            .await?;
         let stream = futures_util::TryStreamExt::map_err(response.bytes_stream(), |e| {
             std::io::Error::other(e)
         });

@@ -49,6 +49,15 @@ pub struct NodePart {
     pub pods_dir: Option<PathBuf>,
 }
 
+impl NodePart {
+    /// Where the archive `name` (a file name, or the path the kubelet answered) is in this
+    /// container, or 400 when it is not an archive name.
+    fn archive(&self, name: &str) -> Result<PathBuf, Refusal> {
+        archive_path(&self.dir, &self.node_dir, name)
+            .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))
+    }
+}
+
 /// An error answer: status and JSON message.
 #[derive(Debug)]
 pub struct Refusal(StatusCode, String);
@@ -156,8 +165,7 @@ async fn send(
 ) -> Result<Json<serde_json::Value>, Refusal> {
     authorize(&part, &headers)?;
     let request: SendRequest = request_body(&body)?;
-    let path = archive_path(&part.dir, &part.node_dir, &request.archive)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let path = part.archive(&request.archive)?;
     if !request.url.starts_with("https://") {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
@@ -234,8 +242,7 @@ async fn push(
 ) -> Result<Json<serde_json::Value>, Refusal> {
     authorize(&part, &headers)?;
     let request: PushRequest = request_body(&body)?;
-    let path = archive_path(&part.dir, &part.node_dir, &request.archive)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let path = part.archive(&request.archive)?;
     let file = open_archive(&path).await?;
     let registry = request
         .target
@@ -292,8 +299,7 @@ async fn volumes(
         )
     })?;
     let name = volumes_archive_name(&request.pod, &request.namespace, &request.migration_id);
-    let path = archive_path(&part.dir, &part.node_dir, &name)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let path = part.archive(&name)?;
     let mut sources = Vec::new();
     for volume in &request.volumes {
         let dir = empty_dir_path(&pods_dir, &request.pod_uid, volume)
@@ -352,8 +358,7 @@ async fn download(
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     authorize(&part, &headers)?;
-    let path = archive_path(&part.dir, &part.node_dir, &name)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let path = part.archive(&name)?;
     let file = open_archive(&path).await?;
     let bytes = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
@@ -423,8 +428,7 @@ async fn remove(
     headers: HeaderMap,
 ) -> Result<StatusCode, Refusal> {
     authorize(&part, &headers)?;
-    let path = archive_path(&part.dir, &part.node_dir, &name)
-        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let path = part.archive(&name)?;
     match tokio::fs::remove_file(&path).await {
         Ok(()) => {
             tracing::info!(archive = %name, "archive removed");
