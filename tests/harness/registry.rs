@@ -120,11 +120,37 @@ impl Registry {
     }
 }
 
-/// A TCP port nothing listens on right now.
+/// A TCP port nothing listens on right now, for a server a test starts next.
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), never from it:
+/// a port the kernel handed out for a moment (bind to port 0, then closed) is free again for
+/// the source port of any outgoing connection, and with the tests' traffic one took such a
+/// port before the test's server bound it ("bind: address already in use", seen on the test
+/// API server). Ports below that range are only ever given by this function: one counter per
+/// test process, starting at an offset of its PID, each port checked free before it is given.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    assert!(
+        ephemeral_low > 12000,
+        "net.ipv4.ip_local_port_range starts at {ephemeral_low}: no room below it for test servers"
+    );
+    let (low, span) = (ephemeral_low - 12000, 12000);
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = (low + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {low}..{}", low + span)
 }
