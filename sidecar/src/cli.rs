@@ -7,6 +7,22 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::engine::EngineKind;
 
+/// The nested engine, as `--engine` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    Docker,
+    Podman,
+}
+
+impl From<EngineArg> for EngineKind {
+    fn from(engine: EngineArg) -> Self {
+        match engine {
+            EngineArg::Docker => EngineKind::Docker,
+            EngineArg::Podman => EngineKind::Podman,
+        }
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -46,7 +62,7 @@ pub enum Command {
 pub struct ServeArgs {
     /// The nested engine.
     #[arg(long, env = "UMS_ENGINE", value_enum, default_value = "docker")]
-    pub engine: EngineKind,
+    pub engine: EngineArg,
     /// The engine's unix socket, never a TCP port [default: /var/run/docker.sock for docker,
     /// /run/podman/podman.sock for podman].
     #[arg(long, env = "UMS_ENGINE_SOCKET")]

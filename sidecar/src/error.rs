@@ -115,16 +115,18 @@ impl From<ArchiveError> for ApiError {
     }
 }
 
-impl From<crate::volumes::VolumeError> for ApiError {
-    fn from(e: crate::volumes::VolumeError) -> Self {
-        use crate::volumes::VolumeError;
-        let status = match &e {
-            VolumeError::Unknown { .. } | VolumeError::Contradiction { .. } => {
-                StatusCode::BAD_REQUEST
-            }
-            VolumeError::Missing { .. } => StatusCode::CONFLICT,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, chain(&e))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_that_is_not_a_tar_is_the_senders_error() {
+        let dst = tempfile::tempdir().expect("tempdir");
+        let garbage = vec![b'x'; 2048];
+        let err = crate::archive::unpack::unpack(garbage.as_slice(), dst.path(), |_| {
+            Ok(Default::default())
+        })
+        .expect_err("garbage is no archive");
+        assert_eq!(ApiError::from(err).status, StatusCode::BAD_REQUEST);
     }
 }

@@ -4,7 +4,8 @@
 //! Where things are:
 //! - [`spec`] translates the original Kubernetes containers into nested engine specs;
 //! - [`engine`] is the engine trait and its Docker driver;
-//! - [`archive`] packs and unpacks migration archives (format documented there);
+//! - [`archive`] packs and unpacks migration archives (the `ums-archive` crate, shared with
+//!   `ums-ff`; format documented there);
 //! - [`volumes`] decides which pod volumes travel and puts arrived ones in place;
 //! - [`api`] is the HTTP API, [`migrate`] the live migration ([`abort`]: an operator's stop),
 //!   [`postcopy`] its lazy-pages
@@ -14,7 +15,6 @@
 pub mod abort;
 pub mod ambassador;
 pub mod api;
-pub mod archive;
 pub mod checkpoint;
 pub mod cli;
 pub mod engine;
@@ -32,3 +32,6 @@ pub mod serve;
 pub mod spec;
 pub mod tcp;
 pub mod volumes;
+
+/// The archive format, shared with `ums-ff` (its own crate, below both).
+pub use ums_archive as archive;

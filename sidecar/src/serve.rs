@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use ums_contract::StartMode;
 
-use crate::cli::ServeArgs;
+use crate::cli::{EngineArg, ServeArgs};
 use crate::engine::docker::DockerEngine;
 use crate::engine::podman::PodmanEngine;
-use crate::engine::{Engine, EngineKind};
+use crate::engine::Engine;
 use crate::nested::Sidecar;
 use crate::podinfo::PodInfo;
 
@@ -30,14 +30,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let engine_socket = engine_socket.unwrap_or_else(|| {
         PathBuf::from(match engine {
-            EngineKind::Docker => "/var/run/docker.sock",
-            EngineKind::Podman => "/run/podman/podman.sock",
+            EngineArg::Docker => "/var/run/docker.sock",
+            EngineArg::Podman => "/run/podman/podman.sock",
         })
     });
     let engine_root = engine_root.unwrap_or_else(|| {
         PathBuf::from(match engine {
-            EngineKind::Docker => "/var/lib/docker",
-            EngineKind::Podman => "/var/lib/containers",
+            EngineArg::Docker => "/var/lib/docker",
+            EngineArg::Podman => "/var/lib/containers",
         })
     });
     let token = match &token_file {
@@ -52,10 +52,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let engine: Arc<dyn Engine> = match engine {
-        EngineKind::Docker => Arc::new(
+        EngineArg::Docker => Arc::new(
             connect_with_retry(|| DockerEngine::connect(&engine_socket, &engine_root)).await?,
         ),
-        EngineKind::Podman => Arc::new(
+        EngineArg::Podman => Arc::new(
             connect_with_retry(|| PodmanEngine::connect(&engine_socket, &engine_root)).await?,
         ),
     };

@@ -6,12 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-/// One established connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TcpConnection {
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-}
+pub use ums_archive::TcpConnection;
 
 /// What a restore does with the connections of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

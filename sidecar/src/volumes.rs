@@ -229,6 +229,19 @@ impl crate::nested::Sidecar {
     }
 }
 
+impl From<VolumeError> for crate::error::ApiError {
+    fn from(e: crate::volumes::VolumeError) -> Self {
+        let status = match &e {
+            VolumeError::Unknown { .. } | VolumeError::Contradiction { .. } => {
+                axum::http::StatusCode::BAD_REQUEST
+            }
+            VolumeError::Missing { .. } => axum::http::StatusCode::CONFLICT,
+            _ => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        crate::error::ApiError::new(status, crate::error::chain(&e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,34 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::spec::NestedSpec;
 
-/// Which engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    Docker,
-    Podman,
-}
-
-impl std::fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            EngineKind::Docker => "docker",
-            EngineKind::Podman => "podman",
-        })
-    }
-}
-
-/// The engine and host facts a destination must match to restore a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EngineInfo {
-    pub kind: EngineKind,
-    pub version: String,
-    pub api_version: String,
-    pub criu_version: String,
-    pub kernel: String,
-    pub architecture: String,
-}
+pub use ums_archive::{EngineInfo, EngineKind};
 
 /// A nested container as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

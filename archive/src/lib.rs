@@ -1,5 +1,6 @@
 //! The migration archive: one tar stream that carries a pod's nested containers from one
-//! sidecar to another.
+//! sidecar to another (dind, pind), or a service's process tree from one `ums-ff` to another
+//! (ff). Below both binaries: neither knows the other.
 //!
 //! # Format (version 2)
 //!
@@ -53,13 +54,18 @@
 //! | 1 | containers: CRIU images, root-fs changes, engine files; trailer of digests |
 //! | 2 | `volumes` and `images` in the manifest, `volumes/<name>/` and `images/<n>.tar` entries |
 //! | 3 | from Podman: its checkpoint's own files (CRIU images, the writable layer as `rootfs/`, `network.status` and `devshm-checkpoint.tar` as engine files) instead of its export tar; older destinations refuse it by its version |
+//! | 4 | memory that follows the restore (`lazy` parts, post-copy) |
+//! | 5 | from `ums-ff` (source kind `ff`): one container whose `criu/` is its service's process tree, dumped from inside the container, and whose `rootfs/` holds the root-fs files the service keeps (open files, preserved paths) at their paths; an engine's sidecar refuses it |
 
 pub mod manifest;
 pub mod pack;
+pub mod source;
 pub mod unpack;
 
 #[cfg(test)]
 mod tests;
+
+pub use source::{EngineInfo, EngineKind, TcpConnection};
 
 pub use manifest::{
     required_version, version_for, ContainerManifest, EntrySummary, ImageManifest, Manifest,
@@ -118,7 +124,7 @@ pub enum ArchiveError {
     #[error("archive has no valid manifest: {0}")]
     BadManifest(String),
     /// The archive's format version is not one this build reads.
-    #[error("archive format version {found} is not supported (this sidecar reads versions {READABLE_VERSIONS:?})")]
+    #[error("archive format version {found} is not supported (this build reads versions {READABLE_VERSIONS:?})")]
     UnsupportedVersion { found: u32 },
     /// An entry path escapes its directory or is not where entries may be.
     #[error("archive entry {path:?} refused: {reason}")]
@@ -137,18 +143,14 @@ pub enum ArchiveError {
 
 impl ArchiveError {
     /// A read of the incoming tar stream failed.
-    pub(crate) fn malformed(at: impl std::fmt::Display, source: std::io::Error) -> Self {
+    pub fn malformed(at: impl std::fmt::Display, source: std::io::Error) -> Self {
         ArchiveError::Malformed {
             at: at.to_string(),
             message: source.to_string(),
         }
     }
 
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl std::fmt::Display,
-        source: std::io::Error,
-    ) -> Self {
+    pub fn io(action: &'static str, path: impl std::fmt::Display, source: std::io::Error) -> Self {
         ArchiveError::Io {
             action,
             path: path.to_string(),

@@ -3,15 +3,16 @@
 use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{EngineInfo, EngineKind};
+use crate::source::{EngineInfo, EngineKind, TcpConnection};
 
 /// The newest archive format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Every version this build reads: a version-1 archive is a version-2 archive without
 /// volumes and images; version 3 only changes what a Podman source's engine files are; version 4
-/// adds memory that follows the restore (`lazy`, post-copy).
-pub const READABLE_VERSIONS: [u32; 4] = [1, 2, 3, 4];
+/// adds memory that follows the restore (`lazy`, post-copy); version 5 an archive `ums-ff` wrote
+/// (a service's process tree, dumped from inside its container).
+pub const READABLE_VERSIONS: [u32; 5] = [1, 2, 3, 4, 5];
 
 /// The version an archive whose memory follows the restore needs (post-copy).
 pub const LAZY_VERSION: u32 = 4;
@@ -36,11 +37,13 @@ pub fn required_version(manifest: &Manifest) -> u32 {
 }
 
 /// The lowest version that carries an archive from a `kind` engine with or without volumes
-/// and images (what a source decides before it has a manifest, in its preflight): 3 from
-/// Podman (its checkpoint as the container's own files, no export tar), else 2 with volumes
-/// or images, else 1.
+/// and images (what a source decides before it has a manifest, in its preflight): 5 from
+/// `ums-ff` (a service's tree; only an `ums-ff` restores it), 3 from Podman (its checkpoint as
+/// the container's own files, no export tar), else 2 with volumes or images, else 1.
 pub fn version_for(kind: EngineKind, volumes: bool, images: bool) -> u32 {
-    if kind == EngineKind::Podman {
+    if kind == EngineKind::Ff {
+        5
+    } else if kind == EngineKind::Podman {
         3
     } else if volumes || images {
         2
@@ -89,7 +92,7 @@ pub struct ContainerManifest {
     pub was_running: bool,
     /// Established TCP connections dumped with the container (CRIU `--tcp-established`).
     #[serde(default)]
-    pub tcp_connections: Vec<crate::tcp::TcpConnection>,
+    pub tcp_connections: Vec<TcpConnection>,
 }
 
 /// One pod volume of the archive.
