@@ -60,6 +60,7 @@
 pub mod manifest;
 pub mod pack;
 pub mod source;
+pub mod transfer;
 pub mod unpack;
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::Deserialize;
-use tokio_util::io::{StreamReader, SyncIoBridge};
+use tokio_util::io::SyncIoBridge;
 
 use ums_contract::credential::constant_time_eq;
 
@@ -472,36 +472,15 @@ async fn restore(
 /// How long a failed restore keeps reading the source's stream before it answers.
 const DRAIN_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A blocking reader over `body`, and the task that feeds it: once the reader is dropped (the
-/// restore stopped) the task reads and discards the rest of the body, answering how many
-/// bytes it discarded.
+/// A blocking reader over `body` (drained once the restore stops reading: see
+/// [`crate::archive::transfer::drained_reader`]).
 fn drained_reader(
     body: Body,
 ) -> (
     SyncIoBridge<impl tokio::io::AsyncRead + Unpin>,
     tokio::task::JoinHandle<u64>,
 ) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
-    let mut data = body.into_data_stream();
-    let pump = tokio::spawn(async move {
-        let mut discarded = 0u64;
-        let mut forwarding = true;
-        while let Some(chunk) = data.next().await {
-            if forwarding {
-                if tx.send(chunk.map_err(std::io::Error::other)).await.is_err() {
-                    forwarding = false;
-                }
-            } else {
-                match chunk {
-                    Ok(bytes) => discarded += bytes.len() as u64,
-                    Err(_) => break,
-                }
-            }
-        }
-        discarded
-    });
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (SyncIoBridge::new(StreamReader::new(stream)), pump)
+    crate::archive::transfer::drained_reader(body.into_data_stream())
 }
 
 /// Post-copy: the source's CRIU page server, carried both ways (request body: from the source;

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::Serialize;
-use tokio_util::io::{ReaderStream, SyncIoBridge};
 
-use crate::archive::pack::{plan, summaries, write_archive, PackSource, PlannedEntry};
+use crate::archive::pack::{plan, summaries, PackSource, PlannedEntry};
 use crate::archive::{
     criu_prefix, engine_prefix, required_version, rootfs_prefix, volume_prefix, ContainerManifest,
     Manifest, MemoryPart, VolumeManifest, IMAGES_PREFIX,
@@ -588,29 +587,5 @@ pub fn archive_stream(
     impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
     tokio::task::JoinHandle<Result<u64, String>>,
 ) {
-    let (reader, writer) = tokio::io::duplex(1 << 20);
-    let manifest = dump.manifest.clone();
-    let plan = dump.plan.clone();
-    let writer_task = tokio::task::spawn_blocking(move || {
-        let bridge = SyncIoBridge::new(writer);
-        match zstd_level {
-            Some(level) => {
-                let mut encoder =
-                    zstd::stream::write::Encoder::new(bridge, level).map_err(|e| e.to_string())?;
-                let n = write_archive(&mut encoder, &manifest, &plan).map_err(|e| chain(&e))?;
-                let mut bridge = encoder.finish().map_err(|e| e.to_string())?;
-                std::io::Write::flush(&mut bridge).map_err(|e| e.to_string())?;
-                bridge.shutdown().map_err(|e| e.to_string())?;
-                Ok(n)
-            }
-            None => {
-                let mut bridge = bridge;
-                let n = write_archive(&mut bridge, &manifest, &plan).map_err(|e| chain(&e))?;
-                std::io::Write::flush(&mut bridge).map_err(|e| e.to_string())?;
-                bridge.shutdown().map_err(|e| e.to_string())?;
-                Ok(n)
-            }
-        }
-    });
-    (ReaderStream::with_capacity(reader, 1 << 20), writer_task)
+    crate::archive::transfer::stream(dump.manifest.clone(), dump.plan.clone(), zstd_level)
 }
