@@ -8,8 +8,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The supervisor as these tests run it: its API on a free loopback port, no pod around it
+/// (no annotations file: active).
 fn ums_ff() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ums-ff"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ums-ff"));
+    command
+        .env("UMS_FF_LISTEN", "127.0.0.1:0")
+        .env("UMS_PODINFO", "/nonexistent/annotations")
+        .env("UMS_FF_WORK_DIR", std::env::temp_dir().join("ums-ff-tests"));
+    command
 }
 
 #[test]
@@ -79,6 +86,9 @@ fn the_service_starts_above_the_first_pid_in_a_fresh_pid_namespace() {
     let out = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc"])
         .arg(env!("CARGO_BIN_EXE_ums-ff"))
+        .env("UMS_FF_LISTEN", "127.0.0.1:0")
+        .env("UMS_PODINFO", "/nonexistent/annotations")
+        .env("UMS_FF_WORK_DIR", std::env::temp_dir().join("ums-ff-tests"))
         .args(["run", "--first-pid", "300", "--", "sh", "-c", "echo $$"])
         .output()
         .expect("unshare (util-linux) runs the supervisor in a new PID namespace");

@@ -1,0 +1,208 @@
+//! `ums-ff`'s HTTP API, the part of the sidecar's contract the coordinator drives (the same
+//! paths, bodies and answers): `GET /healthz`, `GET /tls`, `GET /probe/{name}` open;
+//! `GET /info`, `POST /migrate` (the pod's coordinator) and `POST /restore` (the source's
+//! `ums-ff`, with the peer token the destination's coordinator signed for this migration, over
+//! TLS) behind credentials.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use ums_contract::credential::{now_unix, verify, Scope};
+
+use crate::error::ApiError;
+use crate::state::{Ff, Phase};
+
+/// The router.
+pub fn router(ff: Arc<Ff>) -> Router {
+    let protected = Router::new()
+        .route("/info", get(info))
+        .route("/migrate", post(migrate))
+        .route("/restore", post(restore))
+        .route_layer(middleware::from_fn_with_state(ff.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/tls", get(tls))
+        .route("/probe/{name}", get(probe))
+        .merge(protected)
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such endpoint: ums-ff serves /healthz, /tls, /probe/{name}, /info, /migrate, /restore",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        })
+        .with_state(ff)
+}
+
+/// Who may call what: with no coordinator key configured (run by hand), everyone; otherwise a
+/// token signed by the pod's coordinator for this pod (its IP and UID): scope `coordinator`
+/// everything, scope `peer` (another pod's `ums-ff` sending the migration this pod is under)
+/// `/info` and `/restore` over TLS only. None: 401; outside its scope: 403.
+async fn require_token(State(ff): State<Arc<Ff>>, request: Request, next: Next) -> Response {
+    if ff.coordinator_keys.is_empty() {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    if presented.is_empty() {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a credential is required (Authorization: Bearer ...): only the pod's coordinator may call this endpoint",
+        )
+        .into_response();
+    }
+    let ips: Vec<String> = local_addresses();
+    let over_tls = request
+        .extensions()
+        .get::<ums_tls::ConnectionInfo>()
+        .is_some_and(|c| c.tls);
+    let claims = match verify(&presented, &ff.coordinator_keys, &ips, now_unix()) {
+        Ok(claims) => claims,
+        Err(e) => {
+            return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
+                .into_response()
+        }
+    };
+    if let Err(e) = claims.check_uid(ff.pod_uid().as_deref()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
+            .into_response();
+    }
+    let path = request.uri().path().to_owned();
+    match claims.scope {
+        Scope::Coordinator => next.run(request).await,
+        Scope::Peer if !over_tls => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a peer's token is taken over TLS only (https:// with the certificate GET /tls names)",
+        )
+        .into_response(),
+        Scope::Peer if path == "/info" || path == "/restore" => {
+            let token_mid = claims.mid.as_deref().unwrap_or("");
+            let pod_mid = ff.annotations().ok().and_then(|a| a.migration_id);
+            if pod_mid.as_deref() != Some(token_mid) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "a peer's token for migration {token_mid:?}, and this pod is under {}",
+                        pod_mid.map_or("no migration".to_owned(), |m| format!("migration {m:?}"))
+                    ),
+                )
+                .into_response();
+            }
+            next.run(request).await
+        }
+        _ => ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this credential does not allow {path}"),
+        )
+        .into_response(),
+    }
+}
+
+/// This network namespace's addresses (a token names the pod IP it is for).
+fn local_addresses() -> Vec<String> {
+    let mut addresses = Vec::new();
+    if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
+        for interface in interfaces {
+            let Some(address) = interface.address else {
+                continue;
+            };
+            if let Some(v4) = address.as_sockaddr_in() {
+                addresses.push(v4.ip().to_string());
+            } else if let Some(v6) = address.as_sockaddr_in6() {
+                addresses.push(v6.ip().to_string());
+            }
+        }
+    }
+    addresses
+}
+
+async fn healthz(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "engine": "ff",
+        "instance": ff.instance,
+        "phase": ff.phase(),
+        "container": ff.config.container,
+    }))
+}
+
+async fn tls(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "certificateSha256": ff.tls_sha256 }))
+}
+
+/// The sidecar's probe contract: 204 while nothing runs and a restore may come, 200 with the
+/// state (`running`, `migrating`, `migrated`), 503 once the service ended.
+async fn probe(State(ff): State<Arc<Ff>>, Path(name): Path<String>) -> Response {
+    if name != ff.config.container {
+        return ApiError::not_found(format!(
+            "no container {name:?} here: this ums-ff supervises {:?}",
+            ff.config.container
+        ))
+        .into_response();
+    }
+    let (status, state) = match ff.phase() {
+        Phase::Waiting => return StatusCode::NO_CONTENT.into_response(),
+        Phase::Running => (StatusCode::OK, "running"),
+        Phase::Migrating => (StatusCode::OK, "migrating"),
+        Phase::Migrated => (StatusCode::OK, "migrated"),
+        Phase::Ended => (StatusCode::SERVICE_UNAVAILABLE, "exited"),
+    };
+    (
+        status,
+        Json(serde_json::json!({ "name": name, "state": state })),
+    )
+        .into_response()
+}
+
+async fn info(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "engine": crate::migrate::engine_info(),
+        "readableVersions": ums_archive::READABLE_VERSIONS,
+        "container": ff.config.container,
+        "phase": ff.phase(),
+    }))
+}
+
+async fn migrate(
+    State(ff): State<Arc<Ff>>,
+    body: Result<Json<crate::migrate::MigrateRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let report = crate::migrate::migrate(&ff, request).await?;
+    Ok(Json(report).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreQuery {
+    migration_id: Option<String>,
+}
+
+async fn restore(
+    State(ff): State<Arc<Ff>>,
+    Query(query): Query<RestoreQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .to_ascii_lowercase();
+    let migration_id = query.migration_id.unwrap_or_else(|| "restore".into());
+    let report = crate::restore::restore(&ff, &migration_id, &encoding, body).await?;
+    Ok(Json(report).into_response())
+}

@@ -1,0 +1,231 @@
+//! CRIU from inside the service's container, with the least privilege it allows
+//! (`--unprivileged`: CHECKPOINT_RESTORE, SETPCAP, SYS_PTRACE where Yama wants it; seccomp
+//! unconfined; measured in shared/ENGINES.md).
+//!
+//! - The dump leaves the tree stopped (`--leave-stopped`): after a migration that failed it is
+//!   resumed where it stopped (SIGCONT), with nothing to restore; after one that succeeded it is
+//!   killed.
+//! - The service's stdin, stdout and stderr are the container's pipes, whose other ends the
+//!   runtime holds: the restore gives the restored process this container's own
+//!   (`--inherit-fd fd[N]:pipe:[inode]`), so the service's log stays the container's log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::supervise::Supervisor;
+
+/// The CRIU binary.
+const CRIU: &str = "criu";
+
+/// A CRIU run that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("cannot run criu: {0}")]
+    Spawn(#[from] std::io::Error),
+    #[error("criu {action} failed (exit {code}); the end of its log {log}: {tail}")]
+    Failed {
+        action: &'static str,
+        code: i32,
+        log: String,
+        tail: String,
+    },
+    #[error("criu restore wrote no PID to {0}")]
+    NoPid(String),
+}
+
+/// What the restore needs to know of the dumped service besides CRIU's images: written as
+/// `ums-ff.json` among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DumpFacts {
+    /// The service's PID (the tree's root).
+    pub pid: i32,
+    /// Its PIDs and TIDs.
+    pub tree: Vec<i32>,
+    /// Its standard descriptors that are pipes: (descriptor, `pipe:[inode]`).
+    pub stdio_pipes: Vec<(i32, String)>,
+}
+
+/// The name of [`DumpFacts`]' file in the dump directory.
+pub const FACTS_FILE: &str = "ums-ff.json";
+
+/// The processes of the tree rooted at `root`, and their threads.
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut pids = vec![root];
+    let mut index = 0;
+    while index < pids.len() {
+        let pid = pids[index];
+        index += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if !pids.contains(&child) {
+                    pids.push(child);
+                }
+            }
+        }
+    }
+    pids
+}
+
+/// The standard descriptors of `pid` that are pipes.
+pub fn stdio_pipes(pid: i32) -> Vec<(i32, String)> {
+    let mut pipes: Vec<(i32, String)> = Vec::new();
+    for fd in 0..3 {
+        let Ok(link) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
+            continue;
+        };
+        let link = link.display().to_string();
+        // One mapping per pipe: stdout and stderr may be the same.
+        if link.starts_with("pipe:[") && !pipes.iter().any(|(_, l)| *l == link) {
+            pipes.push((fd, link));
+        }
+    }
+    pipes
+}
+
+/// CRIU's version line (`Version: 4.2`), or why it cannot be had.
+pub fn version() -> String {
+    match Command::new(CRIU).arg("--version").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned(),
+        Err(e) => format!("criu unavailable: {e}"),
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(8);
+    lines[from..].join(" | ")
+}
+
+async fn run(
+    supervisor: &Supervisor,
+    action: &'static str,
+    args: Vec<String>,
+    log: &Path,
+) -> Result<(), CriuError> {
+    let mut command = Command::new(CRIU);
+    command
+        .args(&args)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    tracing::debug!(?args, "criu");
+    let code = supervisor.run_to_end(command).await?;
+    if code != 0 {
+        return Err(CriuError::Failed {
+            action,
+            code,
+            log: log.display().to_string(),
+            tail: tail(log),
+        });
+    }
+    Ok(())
+}
+
+/// Dumps the tree of `pid` into `dir` (which exists) and leaves it stopped; what the restore
+/// needs besides the images, and the dump's milliseconds.
+pub async fn dump(
+    supervisor: &Supervisor,
+    pid: Pid,
+    dir: &Path,
+) -> Result<(DumpFacts, u64), CriuError> {
+    let facts = DumpFacts {
+        pid: pid.as_raw(),
+        tree: process_tree(pid.as_raw()),
+        stdio_pipes: stdio_pipes(pid.as_raw()),
+    };
+    let log = dir.join("dump.log");
+    let started = Instant::now();
+    let args = vec![
+        "dump".into(),
+        "--unprivileged".into(),
+        "--tree".into(),
+        pid.as_raw().to_string(),
+        "--images-dir".into(),
+        dir.display().to_string(),
+        "--log-file".into(),
+        log.display().to_string(),
+        "--verbosity".into(),
+        "2".into(),
+        "--leave-stopped".into(),
+        "--skip-in-flight".into(),
+    ];
+    run(supervisor, "dump", args, &log).await?;
+    let ms = started.elapsed().as_millis() as u64;
+    Ok((facts, ms))
+}
+
+/// Lets a tree the dump left stopped run on.
+pub fn resume(tree: &[i32]) -> Vec<String> {
+    signal_all(tree, Signal::SIGCONT)
+}
+
+/// Ends a tree that now runs elsewhere.
+pub fn kill_tree(tree: &[i32]) -> Vec<String> {
+    signal_all(tree, Signal::SIGKILL)
+}
+
+fn signal_all(tree: &[i32], sig: Signal) -> Vec<String> {
+    let mut problems = Vec::new();
+    for pid in tree {
+        if let Err(e) = kill(Pid::from_raw(*pid), sig) {
+            // A thread that ended with its process is no problem.
+            if e != nix::errno::Errno::ESRCH {
+                problems.push(format!("{sig} to {pid}: {e}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Restores the tree dumped in `dir`, detached (it becomes this process's child once CRIU
+/// exits); the restored root's PID and the restore's milliseconds.
+pub async fn restore(
+    supervisor: &Supervisor,
+    dir: &Path,
+    facts: &DumpFacts,
+) -> Result<(Pid, u64), CriuError> {
+    let log = dir.join("restore.log");
+    let pidfile: PathBuf = dir.join("restored.pid");
+    let started = Instant::now();
+    let mut args: Vec<String> = vec![
+        "restore".into(),
+        "--unprivileged".into(),
+        "--images-dir".into(),
+        dir.display().to_string(),
+        "--log-file".into(),
+        log.display().to_string(),
+        "--verbosity".into(),
+        "2".into(),
+        "--restore-detached".into(),
+        "--pidfile".into(),
+        pidfile.display().to_string(),
+    ];
+    for (fd, pipe) in &facts.stdio_pipes {
+        args.push("--inherit-fd".into());
+        args.push(format!("fd[{fd}]:{pipe}"));
+    }
+    run(supervisor, "restore", args, &log).await?;
+    let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| CriuError::NoPid(pidfile.display().to_string()))?;
+    Ok((Pid::from_raw(pid), started.elapsed().as_millis() as u64))
+}
