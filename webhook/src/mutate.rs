@@ -17,6 +17,9 @@ pub enum MutateError {
     /// The pod cannot be wrapped into a runtime container.
     #[error(transparent)]
     Wrap(#[from] WrapError),
+    /// The pod cannot be prepared for service-level migration.
+    #[error(transparent)]
+    Ff(#[from] crate::ff::FfError),
 }
 
 /// The pod as it must be created, or `None` when it is to be left as it is (no
@@ -34,7 +37,7 @@ pub fn mutate_pod(pod: &Pod, config: &WrapConfig) -> Result<Option<Pod>, MutateE
     let start_mode = parsed.start_mode_or_default();
     let mutated = match interface {
         Interface::Dind | Interface::Pind => wrap_pod(pod, interface, start_mode, config)?,
-        Interface::Ff => prepare_ff(pod, start_mode),
+        Interface::Ff => prepare_ff(pod, start_mode, config)?,
     };
     Ok(Some(mutated))
 }

@@ -636,57 +636,91 @@ fn pod_without_containers_is_refused() {
 }
 
 #[test]
-fn ff_prepares_every_container_without_wrapping() {
+fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
     let pod = pod_with(
         json!({"migration-interface": "ff"}),
         json!([
-            {"name": "a", "image": "a", "volumeMounts": [{"name": "d", "mountPath": "/data"}]},
-            {"name": "b", "image": "b", "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}}
+            {"name": "app", "image": "shop/app:1", "command": ["/app", "--serve"],
+             "volumeMounts": [{"name": "d", "mountPath": "/data"}, {"name": "conf", "mountPath": "/etc/app"}],
+             "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}}
         ]),
+    );
+    let mut pod = pod;
+    pod.spec.as_mut().unwrap().volumes = Some(
+        serde_json::from_value(json!([
+            {"name": "d", "emptyDir": {}},
+            {"name": "conf", "configMap": {"name": "app"}}
+        ]))
+        .unwrap(),
     );
     let prepared = wrap(&pod);
     let spec = prepared.spec.as_ref().unwrap();
-    assert_eq!(spec.containers.len(), 2);
-    for c in &spec.containers {
-        assert!(c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .any(|m| m.mount_path == "/etc/podinfo" && m.name == "ums-podinfo"));
-        let caps = c
-            .security_context
-            .as_ref()
-            .unwrap()
-            .capabilities
-            .as_ref()
-            .unwrap();
-        assert!(caps.add.as_ref().unwrap().iter().any(|c| c == "SYS_PTRACE"));
-    }
-    let b_caps = spec.containers[1]
-        .security_context
-        .as_ref()
-        .unwrap()
-        .capabilities
-        .as_ref()
-        .unwrap();
-    assert_eq!(b_caps.add.as_deref().unwrap(), ["NET_ADMIN", "SYS_PTRACE"]);
-    assert_eq!(b_caps.drop.as_deref().unwrap(), ["ALL"]);
-    assert_eq!(spec.containers[0].image.as_deref(), Some("a"));
-    assert_eq!(
-        parse_volumes(annotation(&prepared, "migration-volumes")).unwrap(),
-        ["/data"]
-    );
-    assert!(spec
-        .volumes
+    assert_eq!(spec.containers.len(), 1, "nothing is added to the pod's containers");
+    let c = &spec.containers[0];
+    assert_eq!(c.image.as_deref(), Some("shop/app:1"));
+    assert!(c
+        .volume_mounts
         .as_ref()
         .unwrap()
         .iter()
-        .any(|v| v.name == "ums-podinfo" && v.downward_api.is_some()));
+        .any(|m| m.mount_path == "/etc/podinfo" && m.name == "ums-podinfo"));
+    let security = c.security_context.as_ref().unwrap();
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(
+        caps.add.as_deref().unwrap(),
+        ["NET_ADMIN", "CHECKPOINT_RESTORE", "SETPCAP", "SYS_PTRACE"]
+    );
+    assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"], "the user's drops stay");
+    assert_eq!(
+        security.seccomp_profile.as_ref().unwrap().type_,
+        "Unconfined"
+    );
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.privileged, None);
+    // The pod's own command runs under the base image's supervisor.
+    assert_eq!(
+        c.command.as_deref().unwrap(),
+        ["/usr/local/bin/ums-ff", "run", "--", "/app", "--serve"]
+    );
+    let env = |name: &str| {
+        c.env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(env("UMS_FF_CONTAINER").as_deref(), Some("app"));
+    assert_eq!(env("UMS_FF_VOLUMES").as_deref(), Some("d=/data"), "emptyDirs only");
+    assert_eq!(env("UMS_PODINFO").as_deref(), Some("/etc/podinfo/annotations"));
+    assert_eq!(
+        parse_volumes(annotation(&prepared, "migration-volumes")).unwrap(),
+        ["/data", "/etc/app"]
+    );
     let parsed =
         MigrationAnnotations::parse(prepared.metadata.annotations.as_ref().unwrap()).unwrap();
     assert!(parsed.bypass);
     assert_eq!(parsed.start_mode, Some(StartMode::Active));
+    // The user's container as written: what the destination's pod is made from.
+    let originals = parsed.containers.unwrap();
+    assert_eq!(originals[0].command.as_deref().unwrap(), ["/app", "--serve"]);
+    assert!(originals[0].security_context.as_ref().unwrap().seccomp_profile.is_none());
+}
+
+#[test]
+fn ff_refuses_what_it_cannot_migrate_by_name() {
+    let two = pod_with(
+        json!({"migration-interface": "ff"}),
+        json!([{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]),
+    );
+    let message = mutate_pod(&two, &config()).unwrap_err().to_string();
+    assert!(message.contains("one container") && message.contains("has 2"), "{message}");
+    let privileged = pod_with(
+        json!({"migration-interface": "ff"}),
+        json!([{"name": "a", "image": "a", "securityContext": {"privileged": true}}]),
+    );
+    let message = mutate_pod(&privileged, &config()).unwrap_err().to_string();
+    assert!(message.contains("privileged"), "{message}");
 }
 
 #[test]
