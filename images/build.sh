@@ -7,6 +7,8 @@
 #   ums-rs/webhook:latest    the admission webhook
 #   ums-rs/coordinator:latest the migration coordinator of a cluster
 #   ums-rs/node:latest       the node-level part (orchestrator-level migrations' archives)
+#   ums-rs/ff:latest         the service-level base (migration-interface: ff): CRIU + ums-ff as
+#                            the entrypoint; services are built FROM it
 #
 #   images/build.sh                      # debootstrap base (once), release binaries, images
 #   BASE=debian:trixie images/build.sh   # where a registry is reachable: the public base image
@@ -37,18 +39,19 @@ fi
 base_id=$(docker image inspect --format '{{.Id}}' "$base")
 
 log "building the binaries (release)"
-cargo build --release --locked -p ums-sidecar -p ums-webhook -p ums-coordinator -p ums-node
+cargo build --release --locked -p ums-sidecar -p ums-webhook -p ums-coordinator -p ums-node -p ums-ff
 target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
-for image in dind pind ambassador webhook coordinator node; do
+for image in dind pind ambassador webhook coordinator node ff; do
   rm -rf "${context:?}"/*
   cp -r "images/$image/." "$context/"
   case $image in
     webhook) cp "$target/release/ums-webhook" "$context/" ;;
     coordinator) cp "$target/release/ums-coordinator" "$context/" ;;
     node) cp "$target/release/ums-node" "$context/" ;;
+    ff) cp "$target/release/ums-ff" "$context/" ;;
     *) cp "$target/release/ums-sidecar" "$context/" ;;
   esac
   inputs=$( (echo "$base_id"; cd "$context" && find . -type f | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)

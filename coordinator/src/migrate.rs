@@ -34,7 +34,8 @@ pub struct MigrateRequest {
     /// Keep the source pod (emptied, `migration-start-mode: null`) instead of deleting it.
     #[serde(default)]
     pub keep: bool,
-    /// `dind` or `pind`: must be the pod's own.
+    /// `dind`, `pind` or `ff`: must be the pod's own; `ssu` (or `orchestrator`) for a pod
+    /// without `migration-interface`.
     pub interface: Option<String>,
     /// Post-copy: the destination resumes before the memory has arrived (one container).
     #[serde(default)]
@@ -102,9 +103,9 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         _ => i,
     });
     if let Some(i) = &interface {
-        if i != "dind" && i != "pind" && i != crate::orchestrator::INTERFACE {
+        if i != "dind" && i != "pind" && i != "ff" && i != crate::orchestrator::INTERFACE {
             return Err(ApiError::bad_request(format!(
-                "interface {i:?}: the coordinator migrates \"dind\" and \"pind\" pods, and ordinary pods as \"ssu\" (or \"orchestrator\")"
+                "interface {i:?}: the coordinator migrates \"dind\" and \"pind\" pods, \"ff\" pods (built on the ff base image), and ordinary pods as \"ssu\" (or \"orchestrator\")"
             )));
         }
     }
@@ -129,6 +130,8 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
 struct SidecarHealth {
     instance: String,
     resumed_from: Option<String>,
+    /// `docker`, `podman`, or `ff` (the service's own supervisor, `ums-ff`).
+    engine: Option<String>,
 }
 
 /// Where passing an operator's abort to the source's sidecar stands.
@@ -250,6 +253,17 @@ impl Coordinator {
         // The sidecar run the pod is checked with: a restart before the state moves is then
         // refused by the sidecar, and one after it is named in the answer.
         let checked = self.sidecar_health(&migratable.ip).await;
+        // A service-level pod migrates only through the supervisor its image was built on:
+        // without it nothing could take the state, so nothing is locked or frozen.
+        if migratable.interface == ums_contract::Interface::Ff
+            && checked.as_ref().and_then(|h| h.engine.as_deref()) != Some("ff")
+        {
+            return Err(ApiError::conflict(format!(
+                "pod {}/{} has migration-interface ff, but no ums-ff answers on {}:{}/healthz: its image must be built FROM UMS-rs's ff base image (ums-rs/ff, label io.ums-rs.ff-base), whose entrypoint ums-ff supervises and migrates the service",
+                request.namespace, request.name, migratable.ip, self.sidecar_port
+            ))
+            .in_phase("checking"));
+        }
         let cancel = self.cancel_token(id);
         if cancel.is_cancelled() {
             return Err(aborted().in_phase("checking"));
@@ -638,6 +652,7 @@ impl Coordinator {
         Some(SidecarHealth {
             instance: health["instance"].as_str()?.to_owned(),
             resumed_from: health["resumedFrom"].as_str().map(str::to_owned),
+            engine: health["engine"].as_str().map(str::to_owned),
         })
     }
 
@@ -729,7 +744,10 @@ mod tests {
         assert!(e.message.contains("name"), "{e}");
         let e = request(json!({"name": "svc"})).unwrap_err();
         assert!(e.message.contains("destinationUrl"), "{e}");
-        let e = request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"}))
+        let v =
+            request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"})).unwrap();
+        assert_eq!(v.interface.as_deref(), Some("ff"));
+        let e = request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "docker"}))
             .unwrap_err();
         assert!(e.message.contains("ff"), "{e}");
     }

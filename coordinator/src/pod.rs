@@ -83,7 +83,8 @@ fn pod_name(pod: &Pod) -> String {
     )
 }
 
-/// Checks that `pod` can be migrated now: wrapped (dind or pind), active, not locked, running
+/// Checks that `pod` can be migrated now: wrapped (dind or pind) or prepared (ff) by the
+/// webhook, active, not locked, running
 /// with an IP, not owned by a controller; `interface` is what the request asked for, if it did.
 pub fn check(pod: &Pod, interface: Option<&str>) -> Result<Migratable, Refusal> {
     let name = pod_name(pod);
@@ -101,11 +102,6 @@ pub fn check(pod: &Pod, interface: Option<&str>) -> Result<Migratable, Refusal> 
     let actual = parsed
         .interface
         .ok_or_else(|| not_migratable("it has no migration-interface annotation"))?;
-    if !actual.is_nested() {
-        return Err(not_migratable(
-            "migration-interface ff is prepared for service-level migration, which the coordinator does not drive",
-        ));
-    }
     if let Some(requested) = interface {
         if requested != actual.as_str() {
             return Err(Refusal::InterfaceMismatch {

@@ -23,8 +23,8 @@ use ums_contract::annotations::{
     encode_containers, encode_volume_kinds, encode_volumes, volume_kind,
 };
 use ums_contract::{
-    StartMode, ANNOTATION_BYPASS, ANNOTATION_CONTAINERS, ANNOTATION_START_MODE,
-    ANNOTATION_VOLUMES, ANNOTATION_VOLUME_KINDS, PODINFO_DIR,
+    StartMode, ANNOTATION_BYPASS, ANNOTATION_CONTAINERS, ANNOTATION_START_MODE, ANNOTATION_VOLUMES,
+    ANNOTATION_VOLUME_KINDS, PODINFO_DIR,
 };
 
 use crate::config::WrapConfig;

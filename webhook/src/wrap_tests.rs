@@ -655,7 +655,11 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
     );
     let prepared = wrap(&pod);
     let spec = prepared.spec.as_ref().unwrap();
-    assert_eq!(spec.containers.len(), 1, "nothing is added to the pod's containers");
+    assert_eq!(
+        spec.containers.len(),
+        1,
+        "nothing is added to the pod's containers"
+    );
     let c = &spec.containers[0];
     assert_eq!(c.image.as_deref(), Some("shop/app:1"));
     assert!(c
@@ -670,7 +674,11 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
         caps.add.as_deref().unwrap(),
         ["NET_ADMIN", "CHECKPOINT_RESTORE", "SETPCAP", "SYS_PTRACE"]
     );
-    assert_eq!(caps.drop.as_deref().unwrap(), ["ALL"], "the user's drops stay");
+    assert_eq!(
+        caps.drop.as_deref().unwrap(),
+        ["ALL"],
+        "the user's drops stay"
+    );
     assert_eq!(
         security.seccomp_profile.as_ref().unwrap().type_,
         "Unconfined"
@@ -691,8 +699,15 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
             .and_then(|e| e.value.clone())
     };
     assert_eq!(env("UMS_FF_CONTAINER").as_deref(), Some("app"));
-    assert_eq!(env("UMS_FF_VOLUMES").as_deref(), Some("d=/data"), "emptyDirs only");
-    assert_eq!(env("UMS_PODINFO").as_deref(), Some("/etc/podinfo/annotations"));
+    assert_eq!(
+        env("UMS_FF_VOLUMES").as_deref(),
+        Some("d=/data"),
+        "emptyDirs only"
+    );
+    assert_eq!(
+        env("UMS_PODINFO").as_deref(),
+        Some("/etc/podinfo/annotations")
+    );
     assert_eq!(
         parse_volumes(annotation(&prepared, "migration-volumes")).unwrap(),
         ["/data", "/etc/app"]
@@ -703,8 +718,16 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
     assert_eq!(parsed.start_mode, Some(StartMode::Active));
     // The user's container as written: what the destination's pod is made from.
     let originals = parsed.containers.unwrap();
-    assert_eq!(originals[0].command.as_deref().unwrap(), ["/app", "--serve"]);
-    assert!(originals[0].security_context.as_ref().unwrap().seccomp_profile.is_none());
+    assert_eq!(
+        originals[0].command.as_deref().unwrap(),
+        ["/app", "--serve"]
+    );
+    assert!(originals[0]
+        .security_context
+        .as_ref()
+        .unwrap()
+        .seccomp_profile
+        .is_none());
 }
 
 #[test]
@@ -714,7 +737,10 @@ fn ff_refuses_what_it_cannot_migrate_by_name() {
         json!([{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]),
     );
     let message = mutate_pod(&two, &config()).unwrap_err().to_string();
-    assert!(message.contains("one container") && message.contains("has 2"), "{message}");
+    assert!(
+        message.contains("one container") && message.contains("has 2"),
+        "{message}"
+    );
     let privileged = pod_with(
         json!({"migration-interface": "ff"}),
         json!([{"name": "a", "image": "a", "securityContext": {"privileged": true}}]),
