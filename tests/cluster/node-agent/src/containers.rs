@@ -40,6 +40,11 @@ pub struct ContainerPlan {
     pub run_as_user: Option<i64>,
     pub run_as_group: Option<i64>,
     pub readonly_rootfs: bool,
+    /// The seccomp profile type asked for (`Unconfined`, `RuntimeDefault`, `Localhost`), the
+    /// container's or else the pod's; none: the runtime's default for an unset profile.
+    pub seccomp: Option<String>,
+    /// `allowPrivilegeEscalation: false`: the runtime sets no_new_privs.
+    pub no_new_privs: bool,
     pub tty: bool,
     pub stdin: bool,
     /// The pod's uid and this node's name, for the runtime's labels.
@@ -123,6 +128,18 @@ pub async fn plan(
         run_as_user: security.and_then(|s| s.run_as_user),
         run_as_group: security.and_then(|s| s.run_as_group),
         readonly_rootfs: security.and_then(|s| s.read_only_root_filesystem) == Some(true),
+        seccomp: security
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .or_else(|| {
+                context
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.security_context.as_ref())
+                    .and_then(|s| s.seccomp_profile.as_ref())
+            })
+            .map(|p| p.type_.clone()),
+        no_new_privs: security.and_then(|s| s.allow_privilege_escalation) == Some(false),
         tty: container.tty == Some(true),
         stdin: container.stdin == Some(true),
         labels: labels(context.node_name, &uid),

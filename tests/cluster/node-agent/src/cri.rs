@@ -16,8 +16,8 @@ use k8s_cri::v1::{
     KeyValue, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
     LinuxSandboxSecurityContext, ListPodSandboxRequest, Mount, PodSandboxConfig, PodSandboxFilter,
     PodSandboxMetadata, PodSandboxStatusRequest, PullImageRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, SecurityProfile, StartContainerRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -138,6 +138,19 @@ impl CriRuntime {
             run_as_user: plan.run_as_user.map(|value| Int64Value { value }),
             run_as_group: plan.run_as_group.map(|value| Int64Value { value }),
             readonly_rootfs: plan.readonly_rootfs,
+            no_new_privs: plan.no_new_privs,
+            // As the kubelet passes a pod's seccompProfile (Localhost profiles are not served).
+            seccomp: plan.seccomp.as_deref().map(|kind| {
+                use k8s_cri::v1::security_profile::ProfileType;
+                SecurityProfile {
+                    profile_type: match kind {
+                        "Unconfined" => ProfileType::Unconfined,
+                        "Localhost" => ProfileType::Localhost,
+                        _ => ProfileType::RuntimeDefault,
+                    } as i32,
+                    ..Default::default()
+                }
+            }),
             ..Default::default()
         };
         // Kubernetes' container labels, as the kubelet sets them (what `crictl ps` shows).
