@@ -17,7 +17,7 @@ use ums_tests::coordinator::{
 use ums_tests::service_pod::{
     ask_service, plain_counter_pod, run_journaling_counter, run_plain_counter,
 };
-use ums_tests::workload::tls_registry_workload_image;
+use ums_tests::workload::{journal_goes_on, journal_ticks, tls_registry_workload_image};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_uploaded_to_the_destination_coordinator_restores_in_its_cluster() {
@@ -394,43 +394,6 @@ fn assert_no_archives(cluster: &Cluster, why: &str) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{why}: {left:?}");
-}
-
-/// The ticks the workload wrote to its journal (`tick=N` lines).
-fn journal_ticks(path: &std::path::Path) -> Vec<u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick=")?.parse().ok())
-        .collect()
-}
-
-/// Waits until the journal at `path` has lines past `last` (the restored process writes on),
-/// then checks it whole: from tick 0, every 50 ticks, no gap. A line the source wrote between
-/// its dump and its stop is in the emptyDir and is written again by the restored process (the
-/// divergence window the report measures): a tick may repeat, never go missing.
-async fn journal_goes_on(path: &std::path::Path, last: u64) {
-    let ticks = ums_tests::poll(
-        "the journal to go on after the move",
-        Duration::from_secs(30),
-        || async {
-            let ticks = journal_ticks(path);
-            ticks
-                .last()
-                .is_some_and(|t| *t > last + 50)
-                .then_some(ticks)
-        },
-    )
-    .await;
-    assert_eq!(ticks[0], 0, "{ticks:?}");
-    for pair in ticks.windows(2) {
-        assert!(
-            pair[1] == pair[0] + 50 || pair[1] == pair[0],
-            "gap in the journal at {pair:?}: {ticks:?}"
-        );
-    }
-    let repeats = ticks.windows(2).filter(|p| p[0] == p[1]).count();
-    assert!(repeats <= 2, "at most one repeat per move: {ticks:?}");
 }
 
 /// The destination fails after the source was stopped (its node cannot pull the checkpoint

@@ -168,3 +168,61 @@ pub fn ticks(lines: &[String]) -> Vec<Tick> {
         })
         .collect()
 }
+
+/// The ticks the workload wrote to its journal (`tick=N` lines).
+pub fn journal_ticks(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick=")?.parse().ok())
+        .collect()
+}
+
+/// Waits until the journal at `path` has lines past `last` (the restored process writes on),
+/// then checks it whole: from tick 0, every 50 ticks, no gap. A line the source wrote between
+/// its dump and its stop is in the emptyDir and is written again by the restored process (the
+/// divergence window the report measures): a tick may repeat, never go missing.
+pub async fn journal_goes_on(path: &std::path::Path, last: u64) {
+    let ticks = crate::poll(
+        "the journal to go on after the move",
+        Duration::from_secs(30),
+        || async {
+            let ticks = journal_ticks(path);
+            ticks
+                .last()
+                .is_some_and(|t| *t > last + 50)
+                .then_some(ticks)
+        },
+    )
+    .await;
+    assert_eq!(ticks[0], 0, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert!(
+            pair[1] == pair[0] + 50 || pair[1] == pair[0],
+            "gap in the journal at {pair:?}: {ticks:?}"
+        );
+    }
+    let repeats = ticks.windows(2).filter(|p| p[0] == p[1]).count();
+    assert!(repeats <= 2, "at most one repeat per move: {ticks:?}");
+}
+
+/// The ff example service: the workload on UMS-rs's ff base image (`images/ff`), as a user
+/// builds a service FROM it (the README's Dockerfile), tagged `ums-test/ff-workload:1` in the
+/// outer engine (import it into a CRI node with `Cluster::cri_node_import`).
+pub fn ff_workload_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ums-ff-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(workload_binary(), dir.join("workload")).unwrap();
+        std::fs::write(
+            dir.join("Dockerfile"),
+            "FROM ums-rs/ff:latest\nCOPY workload /usr/local/bin/workload\nCMD [\"/usr/local/bin/workload\"]\n",
+        )
+        .unwrap();
+        let reference = "ums-test/ff-workload:1".to_owned();
+        outer::docker(&["build", "--quiet", "--tag", &reference, dir.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&dir);
+        reference
+    })
+}
