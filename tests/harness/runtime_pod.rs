@@ -54,6 +54,7 @@ impl RuntimePod {
         match kind {
             EngineKind::Docker => "ums-rs/dind:latest",
             EngineKind::Podman => "ums-rs/pind:latest",
+            EngineKind::Ff => panic!("a runtime pod runs a nested engine (dind or pind), not ff"),
         }
     }
 
@@ -62,6 +63,7 @@ impl RuntimePod {
         match kind {
             EngineKind::Docker => "/var/lib/docker",
             EngineKind::Podman => "/var/lib/containers",
+            EngineKind::Ff => panic!("a runtime pod runs a nested engine (dind or pind), not ff"),
         }
     }
 
@@ -185,6 +187,7 @@ impl RuntimePod {
         let file = match self.kind {
             EngineKind::Docker => "/var/log/dockerd.log",
             EngineKind::Podman => "/var/log/podman.log",
+            EngineKind::Ff => return String::new(),
         };
         let copy = self.dir.join("engine.log");
         let _ = Command::new("docker")
@@ -201,6 +204,7 @@ impl RuntimePod {
         match self.kind {
             EngineKind::Docker => "docker",
             EngineKind::Podman => "podman",
+            EngineKind::Ff => panic!("a runtime pod runs a nested engine (dind or pind), not ff"),
         }
     }
 
