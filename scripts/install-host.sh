@@ -14,7 +14,8 @@
 #   engines pull workload images, as they pull from a registry in a cluster;
 # - iproute2, zstd, jq, curl, gcc (the static test workload and the test nodes' pause);
 # - protobuf-compiler: the CRI client of the test node agent is generated from the CRI proto.
-# Then it starts the outer dockerd if none answers (there is no systemd on these machines).
+# Then it registers the CRI node containers' runtime wrapper with the outer dockerd and starts
+# dockerd if none answers (there is no systemd on these machines).
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -55,8 +56,27 @@ command -v kubectl >/dev/null || {
   exit 1
 }
 
+# The CRI node containers' OCI runtime: runc with the capabilities Docker 20.10 does not know
+# (CHECKPOINT_RESTORE among them) added to the node's bounding set (tests/cluster/cri-node/node-runc
+# says why). Registered in the outer engine as the runtime `ums-node`.
+here="$(cd "$(dirname "$0")/.." && pwd)"
+install -D -m 0755 "$here/tests/cluster/cri-node/node-runc" /usr/local/libexec/ums-rs/node-runc
+daemon_json=/etc/docker/daemon.json
+mkdir -p /etc/docker
+[ -s "$daemon_json" ] || echo '{}' > "$daemon_json"
+jq '.runtimes["ums-node"] = {"path": "/usr/local/libexec/ums-rs/node-runc"}' "$daemon_json" > "$daemon_json.new"
+mv "$daemon_json.new" "$daemon_json"
+
 # The outer engine. The registry package's own service is not used: tests start their
 # registries on ports of their own.
+if docker version >/dev/null 2>&1 && ! docker info --format '{{json .Runtimes}}' | jq -e 'has("ums-node")' >/dev/null; then
+  log "reloading dockerd's configuration (runtime ums-node)"
+  pkill -HUP -x dockerd
+  for _ in $(seq 50); do
+    docker info --format '{{json .Runtimes}}' | jq -e 'has("ums-node")' >/dev/null && break
+    sleep 0.1
+  done
+fi
 if ! docker version >/dev/null 2>&1; then
   log "starting dockerd (log: /var/log/ums-outer-dockerd.log)"
   setsid dockerd >>/var/log/ums-outer-dockerd.log 2>&1 < /dev/null &
@@ -72,6 +92,10 @@ if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
   sysctl -qw fs.pipe-max-size=4194304
 fi
 
+docker info --format '{{json .Runtimes}}' | jq -e 'has("ums-node")' >/dev/null || {
+  echo "install-host.sh: dockerd does not know the runtime ums-node ($daemon_json)" >&2
+  exit 1
+}
 log "dockerd: $(docker version --format '{{.Server.Version}}')"
 log "registry: $(docker-registry --version 2>/dev/null | head -n1)"
 log "kubectl: $(kubectl version --client 2>/dev/null | head -n1)"

@@ -196,6 +196,98 @@ pub fn verify(
     Ok(claims)
 }
 
+/// A request to a migration agent (a wrapped pod's sidecar, an ff pod's `ums-ff`), as far as
+/// its credential is concerned.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    /// The request's path.
+    pub path: &'a str,
+    /// Whether it came over TLS (a peer's token is taken over TLS only).
+    pub over_tls: bool,
+    /// The agent's pod UID (downward API), where it knows it.
+    pub pod_uid: Option<&'a str>,
+    /// The migration the agent's pod is under now (its `migration-id` annotation).
+    pub pod_migration: Option<&'a str>,
+}
+
+/// Why an agent refuses a request: 401 (no or a bad credential) or 403 (a good credential
+/// that does not open this).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// What an agent answers a request without `Authorization: Bearer ...`.
+pub const CREDENTIAL_REQUIRED: &str = "a credential is required (Authorization: Bearer ...): only the pod's coordinator may call this endpoint";
+
+/// The token an `Authorization` header value carries (`""` where it carries none).
+pub fn bearer(header: Option<&str>) -> &str {
+    header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("")
+}
+
+/// The paths a peer's token opens: what the source's agent calls at the destination's.
+pub fn peer_may_call(path: &str) -> bool {
+    matches!(path, "/info" | "/restore/preflight" | "/restore")
+        || path.starts_with("/restore/pages/")
+}
+
+/// Whether the coordinator-signed token `presented` lets `access` through an agent that
+/// trusts `keys` and has the addresses `pod_ips`: the coordinator's token opens everything;
+/// a peer's token, over TLS only, opens [`peer_may_call`]'s paths of the migration the pod is
+/// under now (of page streams, only that migration's); nothing else opens anything.
+pub fn authorize(
+    presented: &str,
+    keys: &[Vec<u8>],
+    pod_ips: &[String],
+    now: u64,
+    access: &Access<'_>,
+) -> Result<Claims, Refusal> {
+    let refused = |e: CredentialError| Refusal::Unauthorized(format!("credential refused: {e}"));
+    let claims = verify(presented, keys, pod_ips, now).map_err(refused)?;
+    if claims.scope == Scope::Peer && !access.over_tls {
+        return Err(Refusal::Forbidden(
+            "a peer's token is taken over TLS only (https:// with the certificate GET /tls names)"
+                .into(),
+        ));
+    }
+    claims.check_uid(access.pod_uid).map_err(refused)?;
+    let path = access.path;
+    match claims.scope {
+        Scope::Coordinator => Ok(claims),
+        Scope::Peer => {
+            let token_mid = claims.mid.as_deref().unwrap_or("");
+            if access.pod_migration != Some(token_mid) {
+                return Err(Refusal::Forbidden(format!(
+                    "a peer's token for migration {token_mid:?}, and this pod is under {}",
+                    access
+                        .pod_migration
+                        .map_or("no migration".to_owned(), |m| format!("migration {m:?}"))
+                )));
+            }
+            if let Some(stream) = path.strip_prefix("/restore/pages/") {
+                if stream != token_mid {
+                    return Err(Refusal::Forbidden(format!(
+                        "a peer's token for migration {token_mid:?} does not open the page stream of {stream:?}"
+                    )));
+                }
+            }
+            if peer_may_call(path) {
+                Ok(claims)
+            } else {
+                Err(Refusal::Forbidden(format!(
+                    "a peer's token (migration {token_mid}) does not allow {path}"
+                )))
+            }
+        }
+        Scope::Migration => Err(Refusal::Forbidden(format!(
+            "a coordinator's migration token does not allow {path} at a pod"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +360,89 @@ mod tests {
             ..claims
         };
         assert!(without.check_uid(Some("u-1")).is_err());
+    }
+
+    #[test]
+    fn an_agent_lets_the_coordinator_everywhere_and_a_peer_only_into_its_migrations_restore() {
+        let key = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+        let keys = parse_public_keys(&key.public_key()).unwrap();
+        let ips = ["10.1.0.7".to_owned()];
+        let token = |scope, mid: Option<&str>| {
+            key.sign(&Claims {
+                aud: "10.1.0.7".into(),
+                scope,
+                exp: 1000,
+                mid: mid.map(str::to_owned),
+                uid: Some("u-1".into()),
+            })
+        };
+        let access = |path, over_tls, pod_migration| Access {
+            path,
+            over_tls,
+            pod_uid: Some("u-1"),
+            pod_migration,
+        };
+        let coordinator = token(Scope::Coordinator, None);
+        assert!(authorize(
+            &coordinator,
+            &keys,
+            &ips,
+            1,
+            &access("/migrate", false, None)
+        )
+        .is_ok());
+        let peer = token(Scope::Peer, Some("m1"));
+        assert!(authorize(&peer, &keys, &ips, 1, &access("/restore", true, Some("m1"))).is_ok());
+        assert!(authorize(
+            &peer,
+            &keys,
+            &ips,
+            1,
+            &access("/restore/pages/m1", true, Some("m1"))
+        )
+        .is_ok());
+        let forbidden = |a: &Access<'_>| {
+            matches!(
+                authorize(&peer, &keys, &ips, 1, a),
+                Err(Refusal::Forbidden(_))
+            )
+        };
+        assert!(
+            forbidden(&access("/restore", false, Some("m1"))),
+            "plain HTTP"
+        );
+        assert!(
+            forbidden(&access("/restore", true, Some("m2"))),
+            "another migration"
+        );
+        assert!(forbidden(&access("/restore", true, None)), "no migration");
+        assert!(forbidden(&access("/restore/pages/m2", true, Some("m1"))));
+        assert!(forbidden(&access("/migrate", true, Some("m1"))));
+        let migration = token(Scope::Migration, Some("m1"));
+        assert!(matches!(
+            authorize(
+                &migration,
+                &keys,
+                &ips,
+                1,
+                &access("/info", true, Some("m1"))
+            ),
+            Err(Refusal::Forbidden(_))
+        ));
+        let other_pod = Access {
+            pod_uid: Some("u-2"),
+            ..access("/migrate", false, None)
+        };
+        assert!(matches!(
+            authorize(&coordinator, &keys, &ips, 1, &other_pod),
+            Err(Refusal::Unauthorized(_))
+        ));
+        assert!(matches!(
+            authorize("", &keys, &ips, 1, &access("/info", false, None)),
+            Err(Refusal::Unauthorized(_))
+        ));
+        assert_eq!(bearer(Some("Bearer abc")), "abc");
+        assert_eq!(bearer(Some("Basic abc")), "");
+        assert_eq!(bearer(None), "");
     }
 }

@@ -143,9 +143,20 @@ async fn tls(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "certificateSha256": ff.tls_sha256 }))
 }
 
+#[derive(Debug, Deserialize)]
+struct ProbeQuery {
+    kind: Option<crate::probe::Kind>,
+}
+
 /// The sidecar's probe contract: 204 while nothing runs and a restore may come, 200 with the
-/// state (`running`, `migrating`, `migrated`), 503 once the service ended.
-async fn probe(State(ff): State<Arc<Ff>>, Path(name): Path<String>) -> Response {
+/// state (`running`, `migrating`, `migrated`), 503 once the service ended. With `kind`
+/// (the kubelet's probes, as the webhook redirects them), a running service answers its own
+/// probe of that kind: 200, or 503 saying why it failed.
+async fn probe(
+    State(ff): State<Arc<Ff>>,
+    Path(name): Path<String>,
+    Query(query): Query<ProbeQuery>,
+) -> Response {
     if name != ff.config.container {
         return ApiError::not_found(format!(
             "no container {name:?} here: this ums-ff supervises {:?}",
@@ -153,18 +164,38 @@ async fn probe(State(ff): State<Arc<Ff>>, Path(name): Path<String>) -> Response 
         ))
         .into_response();
     }
-    let (status, state) = match ff.phase() {
-        Phase::Waiting => return StatusCode::NO_CONTENT.into_response(),
-        Phase::Running => (StatusCode::OK, "running"),
-        Phase::Migrating => (StatusCode::OK, "migrating"),
-        Phase::Migrated => (StatusCode::OK, "migrated"),
-        Phase::Ended => (StatusCode::SERVICE_UNAVAILABLE, "exited"),
+    let answer = |status: StatusCode, state: &str, failure: Option<String>| {
+        let mut body = serde_json::json!({ "name": name, "state": state });
+        if let Some(failure) = failure {
+            body["probe"] = failure.into();
+        }
+        (status, Json(body)).into_response()
     };
-    (
-        status,
-        Json(serde_json::json!({ "name": name, "state": state })),
-    )
-        .into_response()
+    match ff.phase() {
+        Phase::Waiting => StatusCode::NO_CONTENT.into_response(),
+        // Frozen or gone for a migration: never a reason to restart the container.
+        Phase::Migrating => answer(StatusCode::OK, "migrating", None),
+        Phase::Migrated => answer(StatusCode::OK, "migrated", None),
+        Phase::Ended => answer(StatusCode::SERVICE_UNAVAILABLE, "exited", None),
+        Phase::Running => {
+            let original = query.kind.and_then(|kind| {
+                let annotations = ff.annotations().ok()?;
+                let container = annotations
+                    .containers?
+                    .into_iter()
+                    .find(|c| c.name == ff.config.container)?;
+                let probe = kind.of(&container)?.clone();
+                Some((probe, container))
+            });
+            let Some((original, container)) = original else {
+                return answer(StatusCode::OK, "running", None);
+            };
+            match crate::probe::run(&original, &container, &ff.supervisor).await {
+                Ok(()) => answer(StatusCode::OK, "running", None),
+                Err(failure) => answer(StatusCode::SERVICE_UNAVAILABLE, "running", Some(failure)),
+            }
+        }
+    }
 }
 
 async fn info(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {

@@ -30,6 +30,7 @@ mod criu;
 mod error;
 mod migrate;
 mod pid_counter;
+mod probe;
 mod restore;
 mod state;
 mod supervise;

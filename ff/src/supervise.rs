@@ -186,20 +186,28 @@ impl Supervisor {
     }
 
     /// [`Self::run_to_end`], with the PID the process had.
-    pub async fn run_to_end_with_pid(&self, mut command: Command) -> std::io::Result<(u32, i32)> {
-        let (pid, rx) = {
-            // Registered under the lock the reaper takes before it hands a status out: the
-            // child's end cannot be missed, however fast it comes.
-            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            let child = command.spawn()?;
-            let (tx, rx) = oneshot::channel();
-            waiters.insert(child.id() as i32, tx);
-            (child.id(), rx)
+    pub async fn run_to_end_with_pid(&self, command: Command) -> std::io::Result<(u32, i32)> {
+        let (pid, ended) = self.spawn(command)?;
+        Ok((pid, ended.await?))
+    }
+
+    /// Starts one of the supervisor's helper programs; its PID, and its exit code (or 128 +
+    /// signal) once it ends.
+    pub fn spawn(
+        &self,
+        mut command: Command,
+    ) -> std::io::Result<(u32, impl std::future::Future<Output = std::io::Result<i32>>)> {
+        // Registered under the lock the reaper takes before it hands a status out: the
+        // child's end cannot be missed, however fast it comes.
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let child = command.spawn()?;
+        let (tx, rx) = oneshot::channel();
+        waiters.insert(child.id() as i32, tx);
+        let ended = async move {
+            rx.await
+                .map_err(|_| std::io::Error::other("the reaper stopped before the process ended"))
         };
-        let code = rx
-            .await
-            .map_err(|_| std::io::Error::other("the reaper stopped before the process ended"))?;
-        Ok((pid, code))
+        Ok((child.id(), ended))
     }
 
     fn forward(&self, sig: Signal) {

@@ -100,3 +100,129 @@ fn the_service_starts_above_the_first_pid_in_a_fresh_pid_namespace() {
     let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(pid > 300, "the service's PID {pid}");
 }
+
+/// One HTTP/1.1 GET on plain HTTP: (status, body).
+fn get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The pod's annotations as the downward API writes them, for a container `app` whose
+/// readiness is a command, whose liveness a TCP port nothing listens on.
+fn write_podinfo(file: &std::path::Path, start_mode: &str, ready_file: &std::path::Path) {
+    use k8s_openapi::api::core::v1::{Container, ExecAction, Probe, TCPSocketAction};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = Container {
+        name: "app".into(),
+        readiness_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec![
+                    "test".into(),
+                    "-f".into(),
+                    ready_file.display().to_string(),
+                ]),
+            }),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(closed.into()),
+                host: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let annotations = std::collections::BTreeMap::from([
+        (
+            "migration-containers".to_owned(),
+            ums_contract::annotations::encode_containers(&[app]),
+        ),
+        ("migration-start-mode".to_owned(), start_mode.to_owned()),
+    ]);
+    let text = ums_contract::podinfo::format_podinfo(&annotations);
+    let temporary = file.with_extension("new");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, file).unwrap();
+}
+
+/// The kubelet's probes, redirected to ums-ff by the webhook: ready while a passive pod waits
+/// for its restore (nothing runs), then the service's own probes decide: a command run in the
+/// container, a TCP connect.
+#[test]
+fn the_kubelets_probes_are_the_services_own_once_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let podinfo = dir.path().join("annotations");
+    let ready = dir.path().join("ready");
+    write_podinfo(&podinfo, "passive", &ready);
+    let mut supervisor = ums_ff()
+        .env("UMS_PODINFO", &podinfo)
+        .env("UMS_FF_CONTAINER", "app")
+        .args(["run", "--", "sh", "-c", "while true; do sleep 0.1; done"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(supervisor.stderr.take().unwrap()).lines();
+    let address = loop {
+        let line = log.next().unwrap().unwrap();
+        if let Some(rest) = line.split_once("listen=").map(|(_, r)| r) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || log.for_each(drop));
+
+    assert_eq!(get(&address, "/probe/app?kind=readiness").0, 204, "waiting");
+    assert_eq!(get(&address, "/probe/app?kind=liveness").0, 204, "waiting");
+    assert_eq!(get(&address, "/probe/web?kind=readiness").0, 404);
+
+    write_podinfo(&podinfo, "active", &ready);
+    let until = Instant::now() + Duration::from_secs(20);
+    while get(&address, "/probe/app").0 != 200 {
+        assert!(Instant::now() < until, "the service did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = get(&address, "/probe/app?kind=readiness");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("test exited with 1"), "{body}");
+    std::fs::write(&ready, "").unwrap();
+    let (status, body) = get(&address, "/probe/app?kind=readiness");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&address, "/probe/app?kind=liveness");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connect 127.0.0.1:"), "{body}");
+    // A kind the container has no probe of: the service runs.
+    assert_eq!(get(&address, "/probe/app?kind=startup").0, 200);
+
+    // TERM reaches the service, which ends, and the supervisor with it.
+    let term = Command::new("kill")
+        .args(["-TERM", &supervisor.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    supervisor.wait().unwrap();
+}

@@ -6,7 +6,9 @@
 //! profile lets a tracer suspend the target's filter), `allowPrivilegeEscalation: false`, never
 //! `privileged`; the pod's metadata at `/etc/podinfo`; and `ums-ff`'s settings: the cluster
 //! coordinator's keys, the container's name and its pod-local volumes. A container with its own
-//! `command` replaces the image's entrypoint: `ums-ff run --` is put in front of it.
+//! `command` replaces the image's entrypoint: `ums-ff run --` is put in front of it. Its probes
+//! go to `ums-ff` (`/probe/{name}?kind=...`, periods and thresholds kept), which runs the
+//! original ones while the service runs and keeps a waiting or frozen service ready and alive.
 //!
 //! Like a wrapped pod it records the user's containers (`migration-containers`) and volumes
 //! (`migration-volume-kinds`), from which the coordinator makes the destination's pod, which
@@ -17,8 +19,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, EnvVar, Pod, SeccompProfile, SecurityContext, VolumeMount,
+    Capabilities, EnvVar, HTTPGetAction, Pod, Probe, SeccompProfile, SecurityContext, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use ums_contract::annotations::{
     encode_containers, encode_volume_kinds, encode_volumes, volume_kind,
 };
@@ -121,6 +124,29 @@ pub fn prepare_ff(pod: &Pod, start_mode: StartMode, config: &WrapConfig) -> Resu
         wrapped.extend(command);
         container.command = Some(wrapped);
     }
+    // The kubelet's probes go through ums-ff, which answers for a service that waits for its
+    // restore or is frozen for its dump, and runs the original probe (from the annotation)
+    // while the service runs.
+    let name = container.name.clone();
+    let through_ums_ff = |probe: &mut Option<Probe>, kind: &str| {
+        if let Some(original) = probe.take() {
+            *probe = Some(Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some(format!("/probe/{name}?kind={kind}")),
+                    port: IntOrString::Int(i32::from(config.sidecar_port)),
+                    scheme: Some("HTTP".into()),
+                    ..Default::default()
+                }),
+                exec: None,
+                tcp_socket: None,
+                grpc: None,
+                ..original
+            });
+        }
+    };
+    through_ums_ff(&mut container.startup_probe, "startup");
+    through_ums_ff(&mut container.readiness_probe, "readiness");
+    through_ums_ff(&mut container.liveness_probe, "liveness");
     let env = container.env.get_or_insert_with(Vec::new);
     let mut set = |name: &str, value: String| {
         env.retain(|e| e.name != name);
@@ -133,6 +159,7 @@ pub fn prepare_ff(pod: &Pod, start_mode: StartMode, config: &WrapConfig) -> Resu
     set("UMS_FF_CONTAINER", container_name(&originals));
     set("UMS_FF_VOLUMES", carried.join(","));
     set("UMS_PODINFO", format!("{PODINFO_DIR}/annotations"));
+    set("UMS_FF_LISTEN", format!("0.0.0.0:{}", config.sidecar_port));
     if !config.coordinator_keys.is_empty() {
         set("UMS_COORDINATOR_KEYS", config.coordinator_keys.join(","));
     }

@@ -642,6 +642,8 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
         json!([
             {"name": "app", "image": "shop/app:1", "command": ["/app", "--serve"],
              "volumeMounts": [{"name": "d", "mountPath": "/data"}, {"name": "conf", "mountPath": "/etc/app"}],
+             "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 3},
+             "livenessProbe": {"exec": {"command": ["/app", "--check"]}, "failureThreshold": 5},
              "securityContext": {"capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]}}}
         ]),
     );
@@ -708,6 +710,25 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
         env("UMS_PODINFO").as_deref(),
         Some("/etc/podinfo/annotations")
     );
+    assert_eq!(env("UMS_FF_LISTEN").as_deref(), Some("0.0.0.0:8888"));
+    // The kubelet asks ums-ff, with the probe's timing kept; the originals are in the annotation.
+    let readiness = c.readiness_probe.as_ref().unwrap();
+    let get = readiness.http_get.as_ref().unwrap();
+    assert_eq!(get.path.as_deref(), Some("/probe/app?kind=readiness"));
+    assert_eq!(
+        get.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8888)
+    );
+    assert!(readiness.tcp_socket.is_none());
+    assert_eq!(readiness.period_seconds, Some(3));
+    let liveness = c.liveness_probe.as_ref().unwrap();
+    assert_eq!(
+        liveness.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/probe/app?kind=liveness")
+    );
+    assert!(liveness.exec.is_none());
+    assert_eq!(liveness.failure_threshold, Some(5));
+    assert!(c.startup_probe.is_none(), "none asked for, none added");
     assert_eq!(
         parse_volumes(annotation(&prepared, "migration-volumes")).unwrap(),
         ["/data", "/etc/app"]
@@ -722,6 +743,12 @@ fn ff_prepares_its_one_container_without_wrapping_or_privilege() {
         originals[0].command.as_deref().unwrap(),
         ["/app", "--serve"]
     );
+    assert!(originals[0]
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .tcp_socket
+        .is_some());
     assert!(originals[0]
         .security_context
         .as_ref()

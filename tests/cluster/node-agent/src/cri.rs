@@ -292,13 +292,19 @@ impl Runtime for CriRuntime {
             .map_err(|e| ("CreateContainerError".to_owned(), status_message(&e)))?
             .into_inner()
             .container_id;
-        self.runtime
+        let started = self
+            .runtime
             .clone()
             .start_container(StartContainerRequest {
                 container_id: id.clone(),
             })
-            .await
-            .map_err(|e| ("RunContainerError".to_owned(), status_message(&e)))?;
+            .await;
+        if let Err(e) = started {
+            // The created container keeps its name reserved: remove it, so the next attempt
+            // can create the container again (the kubelet does the same).
+            self.remove_container(&id).await;
+            return Err(("RunContainerError".to_owned(), status_message(&e)));
+        }
         Ok(id)
     }
 

@@ -21,6 +21,9 @@ pub const KUBELET_CHECKPOINTS: &str = "/var/lib/kubelet/checkpoints";
 /// The kubelet's pod directories on a node.
 pub const KUBELET_PODS: &str = "/var/lib/kubelet/pods";
 
+/// The outer engine's runtime for node containers (tests/cluster/cri-node/node-runc).
+const NODE_RUNTIME: &str = "ums-node";
+
 /// A running node container.
 #[derive(Debug, Clone)]
 pub struct CriNode {
@@ -100,6 +103,9 @@ pub async fn start(
                     // through /proc/sys (systempaths=unconfined).
                     cap_add: Some(vec!["ALL".into()]),
                     cap_drop: Some(vec!["SYS_RESOURCE".into()]),
+                    // runc plus the capabilities Docker 20.10 does not know (CHECKPOINT_RESTORE,
+                    // which ff pods add), as a node has them (scripts/install-host.sh installs it).
+                    runtime: Some(NODE_RUNTIME.to_owned()),
                     security_opt: Some(vec![
                         "seccomp=unconfined".into(),
                         "apparmor=unconfined".into(),
@@ -113,7 +119,12 @@ pub async fn start(
             },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("cannot create the node container {container}: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the node container {container}: {e} (the outer engine's runtime \
+                 {NODE_RUNTIME} comes from scripts/install-host.sh)"
+            )
+        })?;
     docker.start_container(&container, None).await?;
     let until = Instant::now() + Duration::from_secs(60);
     let containerd_version;

@@ -348,7 +348,11 @@ impl<R: Runtime> Node<R> {
         let id = self
             .runtime
             .start_container(&state.pod, &state.sandbox, &plan, 0)
-            .await?;
+            .await
+            .inspect_err(|(reason, message)| {
+                tracing::warn!(pod = %state.pod.name, container = %spec.name, %reason, %message,
+                    "container not started");
+            })?;
         tracing::info!(pod = %state.pod.name, container = %spec.name, "container started");
         Ok(id)
     }
