@@ -5,6 +5,7 @@
 //! answer instead of a broken pipe.
 
 use std::io::Write as _;
+use ums_contract::agent::error_chain;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
@@ -30,7 +31,8 @@ pub fn stream(
             Some(level) => {
                 let mut encoder =
                     zstd::stream::write::Encoder::new(bridge, level).map_err(|e| e.to_string())?;
-                let n = write_archive(&mut encoder, &manifest, &plan).map_err(|e| chain(&e))?;
+                let n =
+                    write_archive(&mut encoder, &manifest, &plan).map_err(|e| error_chain(&e))?;
                 let mut bridge = encoder.finish().map_err(|e| e.to_string())?;
                 bridge.flush().map_err(|e| e.to_string())?;
                 bridge.shutdown().map_err(|e| e.to_string())?;
@@ -38,7 +40,7 @@ pub fn stream(
             }
             None => bridge,
         };
-        let n = write_archive(&mut bridge, &manifest, &plan).map_err(|e| chain(&e))?;
+        let n = write_archive(&mut bridge, &manifest, &plan).map_err(|e| error_chain(&e))?;
         bridge.flush().map_err(|e| e.to_string())?;
         bridge.shutdown().map_err(|e| e.to_string())?;
         Ok(n)
@@ -79,16 +81,4 @@ where
     });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     (SyncIoBridge::new(StreamReader::new(stream)), pump)
-}
-
-/// An error and its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

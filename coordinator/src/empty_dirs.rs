@@ -267,13 +267,12 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        let tls = ums_tls::pinned_client_config(&pin)
-            .map_err(|e| ApiError::bad_gateway(format!("{RESTORER}'s certificate: {e}")))?;
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))?;
+        let client = ums_tls::pinned_http_client(Some(&pin)).map_err(|e| match e {
+            ums_tls::ClientError::Pin(e) => {
+                ApiError::bad_gateway(format!("{RESTORER}'s certificate: {e}"))
+            }
+            e => ApiError::internal(e.to_string()),
+        })?;
         let file = tokio::fs::File::open(&path).await.map_err(|e| {
             ApiError::conflict(format!(
                 "the emptyDir archive of migration {migration_id} is not here ({}: {e})",

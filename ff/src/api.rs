@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use ums_contract::credential::{now_unix, verify, Scope};
+use ums_contract::credential;
 
 use crate::error::ApiError;
 use crate::state::{Ff, Phase};
@@ -50,83 +50,48 @@ async fn require_token(State(ff): State<Arc<Ff>>, request: Request, next: Next) 
     if ff.coordinator_keys.is_empty() {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_owned();
+    let presented = credential::bearer(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .to_owned();
     if presented.is_empty() {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "a credential is required (Authorization: Bearer ...): only the pod's coordinator may call this endpoint",
-        )
-        .into_response();
-    }
-    let ips: Vec<String> = local_addresses();
-    let over_tls = request
-        .extensions()
-        .get::<ums_tls::ConnectionInfo>()
-        .is_some_and(|c| c.tls);
-    let claims = match verify(&presented, &ff.coordinator_keys, &ips, now_unix()) {
-        Ok(claims) => claims,
-        Err(e) => {
-            return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
-                .into_response()
-        }
-    };
-    if let Err(e) = claims.check_uid(ff.pod_uid().as_deref()) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
+        return ApiError::new(StatusCode::UNAUTHORIZED, credential::CREDENTIAL_REQUIRED)
             .into_response();
     }
+    let ips: Vec<String> = ums_proc::local_addresses()
+        .iter()
+        .map(|ip| ip.to_string())
+        .collect();
     let path = request.uri().path().to_owned();
-    match claims.scope {
-        Scope::Coordinator => next.run(request).await,
-        Scope::Peer if !over_tls => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "a peer's token is taken over TLS only (https:// with the certificate GET /tls names)",
-        )
-        .into_response(),
-        Scope::Peer if path == "/info" || path == "/restore" => {
-            let token_mid = claims.mid.as_deref().unwrap_or("");
-            let pod_mid = ff.annotations().ok().and_then(|a| a.migration_id);
-            if pod_mid.as_deref() != Some(token_mid) {
-                return ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "a peer's token for migration {token_mid:?}, and this pod is under {}",
-                        pod_mid.map_or("no migration".to_owned(), |m| format!("migration {m:?}"))
-                    ),
-                )
-                .into_response();
-            }
-            next.run(request).await
+    let uid = ff.pod_uid();
+    let migration = ff.annotations().ok().and_then(|a| a.migration_id);
+    let access = credential::Access {
+        path: &path,
+        over_tls: request
+            .extensions()
+            .get::<ums_tls::ConnectionInfo>()
+            .is_some_and(|c| c.tls),
+        pod_uid: uid.as_deref(),
+        pod_migration: migration.as_deref(),
+    };
+    match credential::authorize(
+        &presented,
+        &ff.coordinator_keys,
+        &ips,
+        credential::now_unix(),
+        &access,
+    ) {
+        Ok(_) => next.run(request).await,
+        Err(credential::Refusal::Unauthorized(m)) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, m).into_response()
         }
-        _ => ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("this credential does not allow {path}"),
-        )
-        .into_response(),
-    }
-}
-
-/// This network namespace's addresses (a token names the pod IP it is for).
-fn local_addresses() -> Vec<String> {
-    let mut addresses = Vec::new();
-    if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
-        for interface in interfaces {
-            let Some(address) = interface.address else {
-                continue;
-            };
-            if let Some(v4) = address.as_sockaddr_in() {
-                addresses.push(v4.ip().to_string());
-            } else if let Some(v6) = address.as_sockaddr_in6() {
-                addresses.push(v6.ip().to_string());
-            }
+        Err(credential::Refusal::Forbidden(m)) => {
+            ApiError::new(StatusCode::FORBIDDEN, m).into_response()
         }
     }
-    addresses
 }
 
 async fn healthz(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {

@@ -54,29 +54,6 @@ pub struct DumpFacts {
 /// The name of [`DumpFacts`]' file in the dump directory.
 pub const FACTS_FILE: &str = "ums-ff.json";
 
-/// The processes of the tree rooted at `root`, and their threads.
-pub fn process_tree(root: i32) -> Vec<i32> {
-    let mut pids = vec![root];
-    let mut index = 0;
-    while index < pids.len() {
-        let pid = pids[index];
-        index += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                if !pids.contains(&child) {
-                    pids.push(child);
-                }
-            }
-        }
-    }
-    pids
-}
-
 /// The standard descriptors of `pid` that are pipes.
 pub fn stdio_pipes(pid: i32) -> Vec<(i32, String)> {
     let mut pipes: Vec<(i32, String)> = Vec::new();
@@ -147,7 +124,10 @@ pub async fn dump(
 ) -> Result<(DumpFacts, u64), CriuError> {
     let facts = DumpFacts {
         pid: pid.as_raw(),
-        tree: process_tree(pid.as_raw()),
+        tree: ums_proc::process_tree(pid.as_raw() as u32)
+            .into_iter()
+            .map(|p| p as i32)
+            .collect(),
         stdio_pipes: stdio_pipes(pid.as_raw()),
     };
     let log = dir.join("dump.log");

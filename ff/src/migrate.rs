@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+use ums_contract::agent;
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -99,28 +100,17 @@ fn failed(
     rollback: Vec<String>,
 ) -> ApiError {
     let error = error.into();
-    let state = if rollback.is_empty() {
-        "untouched"
-    } else if rollback.iter().any(|l| l.contains("FAILED")) {
-        "rollback failed: see rollback"
-    } else {
-        "restored to running"
-    };
-    ApiError::new(status, format!("migration failed during {phase}: {error}")).with_detail(
-        serde_json::json!({"phase": phase, "error": error, "rollback": rollback, "sourceState": state}),
-    )
+    ApiError::new(status, agent::failure_message(phase, &error))
+        .with_detail(agent::failure_detail(phase, &error, &rollback))
 }
 
 fn client(pin: Option<&str>) -> Result<reqwest::Client, ApiError> {
-    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
-    if let Some(pin) = pin {
-        let tls = ums_tls::pinned_client_config(pin)
-            .map_err(|e| ApiError::bad_request(format!("destinationCertificateSha256: {e}")))?;
-        builder = builder.tls_backend_preconfigured(tls);
-    }
-    builder
-        .build()
-        .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))
+    ums_tls::pinned_http_client(pin).map_err(|e| match e {
+        ums_tls::ClientError::Pin(e) => {
+            ApiError::bad_request(format!("destinationCertificateSha256: {e}"))
+        }
+        e => ApiError::internal(e.to_string()),
+    })
 }
 
 /// Runs one migration of the service to `request.destination`.
@@ -147,8 +137,7 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
         .migration_id
         .clone()
         .unwrap_or_else(|| crate::state::random_hex(4));
-    if !(1..=63).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
+    if !agent::is_migration_id(&id) {
         return Err(ApiError::bad_request(format!(
             "migrationId {id:?}: letters, digits and '-', 1 to 63"
         )));
@@ -268,7 +257,12 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
         Ok(done) => done,
         Err(e) => {
             // A failed dump lets the tree go itself; a stop signal it left is undone here.
-            let rollback = resume_lines(&criu::process_tree(service.as_raw()));
+            let rollback = resume_lines(
+                &ums_proc::process_tree(service.as_raw() as u32)
+                    .into_iter()
+                    .map(|p| p as i32)
+                    .collect::<Vec<_>>(),
+            );
             ff.set_phase(Phase::Running);
             let _ = std::fs::remove_dir_all(&work);
             return Err(failed(

@@ -13,7 +13,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde::Deserialize;
 use tokio_util::io::SyncIoBridge;
 
-use ums_contract::credential::constant_time_eq;
+use ums_contract::credential;
 
 use crate::checkpoint::{archive_stream, new_id};
 use crate::engine::{LogChunk, LogResume, LogStreamKind};
@@ -79,25 +79,22 @@ async fn require_token(
     if !sidecar.requires_credentials() {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_owned();
+    let presented = credential::bearer(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+    .to_owned();
     if presented.is_empty() {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "a credential is required (Authorization: Bearer ...): only the pod's coordinator may call this endpoint",
-        )
-        .into_response();
+        return ApiError::new(StatusCode::UNAUTHORIZED, credential::CREDENTIAL_REQUIRED)
+            .into_response();
     }
     let path = request.uri().path().to_owned();
     let matches = |expected: &Option<String>| {
         expected
             .as_ref()
-            .is_some_and(|e| constant_time_eq(presented.as_bytes(), e.as_bytes()))
+            .is_some_and(|e| credential::constant_time_eq(presented.as_bytes(), e.as_bytes()))
     };
     if matches(&sidecar.token) {
         return next.run(request).await;
@@ -115,90 +112,42 @@ async fn require_token(
     if sidecar.coordinator_keys.is_empty() {
         return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized").into_response();
     }
-    let ips: Vec<String> = crate::tcp::local_addresses()
+    let ips: Vec<String> = ums_proc::local_addresses()
         .iter()
         .map(|ip| ip.to_string())
         .collect();
-    use ums_contract::credential::{now_unix, verify, Scope};
-    let over_tls = request
-        .extensions()
-        .get::<ums_tls::ConnectionInfo>()
-        .is_some_and(|c| c.tls);
-    match verify(&presented, &sidecar.coordinator_keys, &ips, now_unix()) {
-        Ok(claims) if claims.scope == Scope::Peer && !over_tls => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "a peer's token is taken over TLS only (https:// with the certificate GET /tls names)",
-        )
-        .into_response(),
-        Ok(claims) => {
-            if let Err(e) = claims.check_uid(sidecar.podinfo.uid().await.as_deref()) {
-                return ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
-                    .into_response();
-            }
-            if claims.scope == Scope::Peer {
-                if let Err(refusal) = peer_migration_matches(&sidecar, &claims, &path).await {
-                    return refusal.into_response();
-                }
-            }
-            let allowed = match claims.scope {
-                Scope::Coordinator => true,
-                Scope::Peer => {
-                    matches!(path.as_str(), "/info" | "/restore/preflight" | "/restore")
-                        || path.starts_with("/restore/pages/")
-                }
-                Scope::Migration => false,
-            };
-            if allowed {
-                next.run(request).await
-            } else {
-                ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    format!(
-                        "a peer's token (migration {}) does not allow {path}",
-                        claims.mid.as_deref().unwrap_or("?")
-                    ),
-                )
-                .into_response()
-            }
-        }
-        Err(e) => ApiError::new(StatusCode::UNAUTHORIZED, format!("credential refused: {e}"))
-            .into_response(),
-    }
-}
-
-/// A peer's token opens only the migration this pod is under now (its `migration-id`), and of
-/// page streams only that migration's: a token of an earlier migration, or one that reached
-/// another pod, opens nothing.
-async fn peer_migration_matches(
-    sidecar: &Sidecar,
-    claims: &ums_contract::credential::Claims,
-    path: &str,
-) -> Result<(), ApiError> {
-    let token_mid = claims.mid.as_deref().unwrap_or("");
-    let pod_mid = sidecar
+    let uid = sidecar.podinfo.uid().await;
+    let migration = sidecar
         .podinfo
         .read()
         .await
         .ok()
         .and_then(|pod| pod.annotations.migration_id);
-    if pod_mid.as_deref() != Some(token_mid) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!(
-                "a peer's token for migration {token_mid:?}, and this pod is under {}",
-                pod_mid.map_or("no migration".to_owned(), |m| format!("migration {m:?}"))
-            ),
-        ));
-    }
-    if let Some(stream) = path.strip_prefix("/restore/pages/") {
-        if stream != token_mid {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                format!("a peer's token for migration {token_mid:?} does not open the page stream of {stream:?}"),
-            ));
+    let access = credential::Access {
+        path: &path,
+        over_tls: request
+            .extensions()
+            .get::<ums_tls::ConnectionInfo>()
+            .is_some_and(|c| c.tls),
+        pod_uid: uid.as_deref(),
+        pod_migration: migration.as_deref(),
+    };
+    let decision = credential::authorize(
+        &presented,
+        &sidecar.coordinator_keys,
+        &ips,
+        credential::now_unix(),
+        &access,
+    );
+    match decision {
+        Ok(_) => next.run(request).await,
+        Err(credential::Refusal::Unauthorized(m)) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, m).into_response()
+        }
+        Err(credential::Refusal::Forbidden(m)) => {
+            ApiError::new(StatusCode::FORBIDDEN, m).into_response()
         }
     }
-    Ok(())
 }
 
 async fn healthz(State(sidecar): State<Arc<Sidecar>>) -> Json<serde_json::Value> {

@@ -60,20 +60,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error and its sources, joined by ": ".
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
-}
+pub use ums_contract::agent::error_chain as chain;
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {

@@ -3,6 +3,7 @@
 //! If anything fails after the freeze, the containers here are brought back to running.
 
 use std::time::Instant;
+use ums_contract::agent;
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -126,17 +127,12 @@ pub struct MigrationReport {
 /// A client for the destination sidecar: over TLS, it accepts only the certificate `pin`
 /// names.
 fn client(pin: Option<&str>) -> Result<reqwest::Client, ApiError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder =
-        reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
-    if let Some(pin) = pin {
-        let tls = ums_tls::pinned_client_config(pin)
-            .map_err(|e| ApiError::bad_request(format!("destinationCertificateSha256: {e}")))?;
-        builder = builder.tls_backend_preconfigured(tls);
-    }
-    builder
-        .build()
-        .map_err(|e| ApiError::internal(format!("failed to build HTTP client: {e}")))
+    ums_tls::pinned_http_client(pin).map_err(|e| match e {
+        ums_tls::ClientError::Pin(e) => {
+            ApiError::bad_request(format!("destinationCertificateSha256: {e}"))
+        }
+        e => ApiError::internal(e.to_string()),
+    })
 }
 
 /// What post-copy needs of a migration before anything is frozen.
@@ -167,11 +163,6 @@ fn check_post_copy(
     crate::postcopy::lazy_pages_possible().map_err(ApiError::conflict)
 }
 
-/// A migration id given by the caller: what ids are made of (letters, digits, `-`), 1-63.
-fn valid_migration_id(id: &str) -> bool {
-    (1..=63).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
 /// The error of a migration an operator stopped.
 pub const ABORTED: &str = "aborted by an operator";
 
@@ -182,20 +173,8 @@ fn failed(
     rollback: Vec<String>,
 ) -> ApiError {
     let error = error.into();
-    ApiError::new(status, format!("migration failed during {phase}: {error}")).with_detail(
-        serde_json::json!({
-            "phase": phase,
-            "error": error,
-            "rollback": rollback,
-            "sourceState": if rollback.is_empty() {
-            "untouched"
-        } else if rollback.iter().any(|line| line.contains("FAILED")) {
-            "rollback failed for some containers: see rollback"
-        } else {
-            "restored to running"
-        },
-        }),
-    )
+    ApiError::new(status, agent::failure_message(phase, &error))
+        .with_detail(agent::failure_detail(phase, &error, &rollback))
 }
 
 async fn destination_error(response: reqwest::Response) -> String {
@@ -227,7 +206,7 @@ impl Sidecar {
             ));
         }
         if let Some(id) = &request.migration_id {
-            if !valid_migration_id(id) {
+            if !agent::is_migration_id(id) {
                 return Err(ApiError::bad_request(format!(
                     "migrationId {id:?}: letters, digits and '-', at most 63"
                 )));

@@ -20,29 +20,6 @@ pub enum TcpRestore {
     Closed,
 }
 
-/// The processes of a container: `init_pid` and its descendants.
-fn process_tree(init_pid: u32) -> Vec<u32> {
-    let mut pids = vec![init_pid];
-    let mut index = 0;
-    while index < pids.len() {
-        let pid = pids[index];
-        index += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                pids.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
-    }
-    pids
-}
-
 /// Socket inodes open in the given processes.
 fn socket_inodes(pids: &[u32]) -> BTreeSet<u64> {
     let mut inodes = BTreeSet::new();
@@ -115,7 +92,7 @@ pub fn parse_table(table: &str, inodes: &BTreeSet<u64>) -> Vec<TcpConnection> {
 
 /// The established TCP connections held by the container whose init process is `init_pid`.
 pub fn established_connections(init_pid: u32) -> Vec<TcpConnection> {
-    let inodes = socket_inodes(&process_tree(init_pid));
+    let inodes = socket_inodes(&ums_proc::process_tree(init_pid));
     if inodes.is_empty() {
         return Vec::new();
     }
@@ -128,23 +105,7 @@ pub fn established_connections(init_pid: u32) -> Vec<TcpConnection> {
     connections
 }
 
-/// The IP addresses of this network namespace's interfaces.
-pub fn local_addresses() -> BTreeSet<IpAddr> {
-    let mut addresses = BTreeSet::new();
-    if let Ok(interfaces) = nix::ifaddrs::getifaddrs() {
-        for interface in interfaces {
-            let Some(address) = interface.address else {
-                continue;
-            };
-            if let Some(v4) = address.as_sockaddr_in() {
-                addresses.insert(IpAddr::V4(v4.ip()));
-            } else if let Some(v6) = address.as_sockaddr_in6() {
-                addresses.insert(IpAddr::V6(v6.ip()));
-            }
-        }
-    }
-    addresses
-}
+pub use ums_proc::local_addresses;
 
 /// The local addresses of `connections` that this network namespace lacks.
 pub fn missing_local_addresses(

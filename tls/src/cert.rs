@@ -222,14 +222,5 @@ fn certified_key(
     Ok(CertifiedKey::from_der(chain, key, provider)?)
 }
 
-/// An error and its sources, joined by ": ".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+/// An error and its sources on one line (one implementation for every UMS-rs crate).
+pub use ums_contract::agent::error_chain;

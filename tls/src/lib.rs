@@ -9,5 +9,7 @@ pub mod pinned;
 pub mod serve;
 
 pub use cert::{crypto_provider, error_chain, ReloadingCert, TlsError};
-pub use pinned::{certificate_sha256, pinned_client_config, EphemeralCert};
+pub use pinned::{
+    certificate_sha256, pinned_client_config, pinned_http_client, ClientError, EphemeralCert,
+};
 pub use serve::{bind, serve, serve_tls, shutdown_signal, ConnectionInfo, Transport};

@@ -143,6 +143,31 @@ impl ServerCertVerifier for PinnedServerCert {
     }
 }
 
+/// Why an HTTP client for a peer could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("the peer's certificate pin: {0}")]
+    Pin(#[source] TlsError),
+    #[error("failed to build HTTP client: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// The HTTP client one migration agent sends to another with: over TLS, it accepts only the
+/// certificate pinned by `pin` (what the peer's `GET /tls` said, passed on by the coordinator);
+/// connecting gives up after 10 s.
+pub fn pinned_http_client(pin: Option<&str>) -> Result<reqwest::Client, ClientError> {
+    // A client without a pin (plain HTTP) takes the process's default provider.
+    let _ = (*crypto_provider()).clone().install_default();
+    let mut builder =
+        reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(pin) = pin {
+        builder =
+            builder.tls_backend_preconfigured(pinned_client_config(pin).map_err(ClientError::Pin)?);
+    }
+    builder.build().map_err(ClientError::Build)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
