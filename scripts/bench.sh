@@ -3,8 +3,9 @@
 # two runtime pods (the real ums-rs/dind and ums-rs/pind images, nested engines with CRIU) by the
 # engines' own staged commands, by the sidecar, and CRIU's own dump and restore, and (method
 # ssu) as an ordinary pod between two test clusters on CRI nodes by the orchestrator-level
-# interface, at several sizes; prints the table (downtime, total, ratios, the sidecars' peak
-# RSS) and writes docs/bench.json and docs/bench.svg.
+# interface and (method ff) as an ff pod by the service-level interface, at several sizes;
+# prints the table (downtime, total, ratios, the agents' peak RSS) and writes docs/bench.json
+# and docs/bench.svg.
 #
 #   scripts/bench.sh [--sizes 256,1024] [--engines podman,docker] [--out docs/bench]
 set -euo pipefail

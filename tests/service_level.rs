@@ -16,16 +16,20 @@ use ums_tests::workload::{
     ff_workload_image, journal_goes_on, journal_ticks, tls_registry_workload_image,
 };
 
-/// An ff pod running the workload; `mark` is an environment variable that finds its process
-/// on this machine.
+/// An ff pod running the workload with `mib` MiB of checked memory; `mark` is an environment
+/// variable that finds its process on this machine.
 fn ff_pod(name: &str, image: &str, mark: &str) -> Value {
+    ff_pod_of(name, image, mark, 32)
+}
+
+fn ff_pod_of(name: &str, image: &str, mark: &str, mib: u32) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": name},
                      "annotations": {"migration-interface": "ff"}},
         "spec": {"containers": [
             {"name": "app", "image": image, "imagePullPolicy": "IfNotPresent",
-             "env": [{"name": "WORKLOAD_MIB", "value": "32"},
+             "env": [{"name": "WORKLOAD_MIB", "value": mib.to_string()},
                      {"name": "WORKLOAD_LISTEN", "value": "8080"},
                      {"name": "WORKLOAD_JOURNAL", "value": "/data/journal"},
                      {"name": "UMS_FF_PRESERVE", "value": "/workload-state.txt"},
@@ -236,7 +240,12 @@ async fn what_cannot_migrate_as_ff_is_refused_before_anything_is_frozen() {
     // An image not built on the ff base: nothing answers for the service; refused while
     // checking, the pod not locked and still serving.
     let plain = tls_registry_workload_image();
-    let pod = ff_pod("plain", plain, "plain");
+    let mut pod = ff_pod("plain", plain, "plain");
+    // Its probes would go to the ums-ff it does not have (connection refused): it has none.
+    pod["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("readinessProbe");
     edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
     let ip = edge
         .wait_running_and_ready("plain", Duration::from_secs(180))
@@ -318,4 +327,111 @@ async fn what_cannot_migrate_as_ff_is_refused_before_anything_is_frozen() {
         .unwrap();
     assert_eq!(health["phase"], "running", "{health}");
     assert!(ask_service(&ip, 8080).await.unwrap().memory_ok);
+}
+
+/// The destination's container dies while the archive arrives: the source's ums-ff resumes
+/// the service where it froze it (same process, memory and counter going on), the coordinator
+/// answers 502 saying the service runs at the source, and the copy is deleted. The link from
+/// edge's node is slowed so that the archive of 256 MiB takes long enough to be cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destination_dying_mid_transfer_leaves_the_service_running_at_the_source() {
+    let two = TwoClusters::start_with_cri_nodes();
+    let TwoClusters {
+        edge,
+        cloud,
+        edge_coordinator,
+        ..
+    } = &two;
+    import_ff_images(&[edge, cloud]);
+    let mark = format!("cut-{}", std::process::id());
+    let pod = ff_pod_of("service", ff_workload_image(), &mark, 256);
+    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let source_ip = edge
+        .wait_running_and_ready("service", Duration::from_secs(180))
+        .await;
+    let (pid_before, _) = workload_process(&mark).expect("the workload runs");
+    let before = ums_tests::poll(
+        "the service to fill its memory",
+        Duration::from_secs(60),
+        || async { ask_service(&source_ip, 8080).await.filter(|a| a.memory_ok) },
+    )
+    .await;
+    // 40 Mbit/s out of edge's node: the archive takes most of a minute.
+    edge.cri_node_exec(&[
+        "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit", "burst", "256kb",
+        "latency", "200ms",
+    ]);
+
+    let call = two.migrate_to_cloud_in_background("service");
+    // The copy's ums-ff is receiving (its phase turns migrating when the archive comes in).
+    let copy_ip = ums_tests::poll(
+        "the archive to arrive at the copy",
+        Duration::from_secs(180),
+        || async {
+            let pod: Value = serde_json::from_str(
+                &cloud
+                    .kubectl_result(User::Admin, &["get", "pod", "service", "-o", "json"])
+                    .ok()?,
+            )
+            .ok()?;
+            let ip = pod["status"]["podIP"].as_str()?.to_owned();
+            let health: Value = reqwest::get(format!("http://{ip}:8888/healthz"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (health["phase"] == "migrating").then_some(ip)
+        },
+    )
+    .await;
+    let id = cloud.get_json(&["pod", "service"])["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_owned();
+    cloud.cri_node_exec(&["ctr", "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &id]);
+
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(
+        status,
+        502,
+        "{answer}\n--- edge coordinator:\n{}",
+        edge_coordinator.log()
+    );
+    assert_eq!(answer["phase"], "migrating", "{answer}");
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    eprintln!("the copy at {copy_ip} was killed; edge answered: {answer}");
+
+    // One copy, at the source: unlocked, the same process going on with its memory.
+    let annotations = edge.get_json(&["pod", "service"])["metadata"]["annotations"].clone();
+    assert!(
+        annotations["migration-id"].is_null(),
+        "unlocked: {annotations}"
+    );
+    edge.cri_node_exec(&["tc", "qdisc", "del", "dev", "eth0", "root"]);
+    let after = ums_tests::poll(
+        "the service to answer at the source",
+        Duration::from_secs(60),
+        || async {
+            ask_service(&source_ip, 8080)
+                .await
+                .filter(|a| a.tick > before.tick)
+        },
+    )
+    .await;
+    assert!(after.memory_ok, "{after:?}");
+    let (pid_after, _) = workload_process(&mark).expect("the workload runs at the source");
+    assert_eq!(pid_after, pid_before, "resumed, not restarted");
+    ums_tests::poll(
+        "the copy to be deleted",
+        Duration::from_secs(120),
+        || async {
+            cloud
+                .kubectl_result(User::Admin, &["get", "pod", "service"])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
 }

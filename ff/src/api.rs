@@ -169,6 +169,7 @@ async fn info(State(ff): State<Arc<Ff>>) -> Json<serde_json::Value> {
         "readableVersions": ums_archive::READABLE_VERSIONS,
         "container": ff.config.container,
         "phase": ff.phase(),
+        "instance": ff.instance,
     }))
 }
 

@@ -57,6 +57,8 @@ pub struct Totals {
     pub restore_ms: u64,
     pub downtime_ms: u64,
     pub total_ms: u64,
+    /// ums-ff's own peak resident memory once the service had left, KiB.
+    pub supervisor_peak_rss_kib: u64,
 }
 
 /// The answer of a migration that succeeded.
@@ -286,6 +288,17 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
     )
     .await;
     let _ = std::fs::remove_dir_all(&work);
+    // The answer can be lost after the destination restored the service (the connection cut
+    // on its way back): resuming here would make two copies. The destination's ums-ff that
+    // waited at the preflight says where the service runs now; only where it cannot say (gone,
+    // unreachable) does the service resume here.
+    let outcome = match outcome {
+        Err((_, "transfer", error)) if runs_at(&http, &destination, &info).await => {
+            tracing::warn!(migration = %id, %error, "the destination's answer was lost; it runs the service");
+            Ok(Sent::unanswered(error))
+        }
+        other => other,
+    };
     match outcome {
         Ok(sent) => {
             // The service runs at the destination: its tree here goes, and so does its end.
@@ -323,6 +336,7 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
                     restore_ms,
                     downtime_ms,
                     total_ms: started.elapsed().as_millis() as u64,
+                    supervisor_peak_rss_kib: ums_proc::peak_rss_kib().unwrap_or(0),
                 },
                 restored: sent.restored,
                 cleanup_warnings: warnings,
@@ -361,6 +375,42 @@ struct Sent {
     volumes: Vec<VolumeManifest>,
     rootfs_files: Vec<String>,
     restored: serde_json::Value,
+}
+
+impl Sent {
+    /// What is known of a send whose answer was lost: nothing measured, the loss named.
+    fn unanswered(error: String) -> Self {
+        Sent {
+            bytes_sent: 0,
+            content_bytes: 0,
+            criu_bytes: 0,
+            rootfs_bytes: 0,
+            transfer_ms: 0,
+            volumes: Vec::new(),
+            rootfs_files: Vec::new(),
+            restored: serde_json::json!({ "answerLost": error }),
+        }
+    }
+}
+
+/// Whether the ums-ff that answered the preflight (`preflight`, its `/info`) now runs the
+/// service: the same instance (not restarted), phase running.
+async fn runs_at(http: &reqwest::Client, destination: &str, preflight: &serde_json::Value) -> bool {
+    let Some(instance) = preflight["instance"].as_str() else {
+        return false;
+    };
+    let health: Option<serde_json::Value> = async {
+        http.get(format!("{destination}/healthz"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+    .await;
+    health.is_some_and(|h| h["instance"] == instance && h["phase"] == "running")
 }
 
 fn bytes_under(plan: &[PlannedEntry], prefix: &str) -> u64 {

@@ -32,6 +32,8 @@ pub struct RestoreReport {
     pub restore_ms: u64,
     pub rootfs_files: u64,
     pub volumes: Vec<String>,
+    /// ums-ff's own peak resident memory once the service was restored, KiB.
+    pub supervisor_peak_rss_kib: u64,
 }
 
 /// Receives and restores one migration's archive.
@@ -169,5 +171,6 @@ async fn receive<R: std::io::Read + Send + 'static>(
             .iter()
             .map(|v| v.name.clone())
             .collect(),
+        supervisor_peak_rss_kib: ums_proc::peak_rss_kib().unwrap_or(0),
     })
 }

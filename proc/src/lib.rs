@@ -1,7 +1,7 @@
 //! What a migration agent (the sidecar, `ums-ff`) reads of the processes and the network
 //! namespace it runs in: the process tree under a PID, from `/proc`, and the addresses of the
 //! namespace's interfaces (a credential names the pod IP it is for; a TCP connection can only be
-//! restored where its local address exists).
+//! restored where its local address exists), and its own peak memory (what a report quotes).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -48,6 +48,18 @@ pub fn local_addresses() -> BTreeSet<IpAddr> {
     addresses
 }
 
+/// This process's peak resident memory (`VmHWM`), KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,6 +76,11 @@ mod tests {
         assert!(tree.contains(&child.id()), "{tree:?}");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_process_has_a_peak_resident_size() {
+        assert!(peak_rss_kib().is_some_and(|kib| kib > 0));
     }
 
     #[test]

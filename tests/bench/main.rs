@@ -15,6 +15,10 @@
 //!   on its coordinator (kubelet checkpoint -> node part -> destination registry -> restore);
 //!   downtime is from the checkpoint request to the restored pod ready, and the divergence
 //!   window (the source running on after its dump) is among the parts. Engine `containerd`.
+//! - `ff`: the service-level interface: the workload built FROM the ff base image, an ff pod
+//!   on a CRI node (no privilege), moved to another CRI cluster by one `POST /migrate`; its
+//!   ums-ff dumps it from inside the container and streams it to the copy's ums-ff. Downtime is
+//!   ums-ff's (freeze to restored); the RSS column is the two ums-ff supervisors' peak.
 //!
 //! Prints one table (downtime and total per method, the ratios to staged and to CRIU) and
 //! writes it as JSON and as an SVG bar chart (`--out`, default `docs/bench`).
@@ -50,11 +54,11 @@ struct Args {
     /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`), criu, shaped and
     /// shaped-postcopy (the sidecar over a link shaped to 1 Gbit/s with tc between the two
     /// pods' network namespaces), ssu (the orchestrator-level interface, on CRI nodes: once per
-    /// size, whatever the engines).
+    /// size, whatever the engines), ff (the service-level interface, on CRI nodes, likewise).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "staged,sidecar,postcopy,criu,shaped,shaped-postcopy,ssu"
+        default_value = "staged,sidecar,postcopy,criu,shaped,shaped-postcopy,ssu,ff"
     )]
     methods: Vec<String>,
     /// Set up a source (workload running) and a passive destination for the first engine and
@@ -478,6 +482,72 @@ async fn ssu(mib: u32) -> Row {
     }
 }
 
+/// The service-level interface: the workload built FROM the ff base image as an ff pod on one
+/// CRI cluster's node (no privilege), moved to another CRI cluster by one `POST /migrate`; its
+/// ums-ff dumps it from inside the container and streams it to the copy's ums-ff.
+async fn ff(mib: u32) -> Row {
+    use ums_tests::cluster::User;
+    let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
+    let image = ums_tests::workload::ff_workload_image();
+    for cluster in [&two.edge, &two.cloud] {
+        cluster.cri_node_import(image);
+    }
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": NAME, "annotations": {"migration-interface": "ff"}},
+        "spec": {"containers": [{"name": NAME, "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "env": [{"name": "WORKLOAD_MIB", "value": mib.to_string()},
+                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
+            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
+    });
+    two.edge
+        .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    two.edge
+        .wait_running_and_ready(NAME, Duration::from_secs(600))
+        .await;
+    settle().await;
+    let (status, report) = two
+        .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
+        .await;
+    assert_eq!(
+        status,
+        200,
+        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+        two.edge_coordinator.log(),
+        two.cloud_coordinator.log()
+    );
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
+    assert!(
+        answer.memory_ok,
+        "the restored workload's memory: {answer:?}"
+    );
+    let details = &report["sidecar"];
+    let totals = &details["totals"];
+    let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
+    let parts: BTreeMap<String, u64> = ["preflightMs", "freezeDumpMs", "transferMs", "restoreMs"]
+        .iter()
+        .map(|k| (k.trim_end_matches("Ms").to_owned(), ms(k)))
+        .collect();
+    let rss = (
+        ms("supervisorPeakRssKib"),
+        details["restored"]["supervisorPeakRssKib"]
+            .as_u64()
+            .unwrap_or(0),
+    );
+    Row {
+        engine: "containerd".into(),
+        mib,
+        method: "ff",
+        downtime_ms: ms("downtimeMs"),
+        total_ms: report["totalMs"].as_u64().unwrap_or(0),
+        parts,
+        sidecar_peak_rss_kib: Some(rss),
+        bytes_sent: Some(ms("bytesSent")),
+    }
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | sidecar peak RSS MiB (src/dst) |"
@@ -565,8 +635,10 @@ fn svg(rows: &[Row]) -> String {
             groups.push((r.engine.clone(), r.mib));
         }
     }
-    let methods = ["staged", "sidecar", "postcopy", "criu", "ssu"];
-    let colors = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+    let methods = ["staged", "sidecar", "postcopy", "criu", "ssu", "ff"];
+    let colors = [
+        "#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b",
+    ];
     let max = rows
         .iter()
         .filter(|r| methods.contains(&r.method))
@@ -673,11 +745,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    if args.methods.iter().any(|m| m == "ssu") && !args.hold {
+    for method in ["ssu", "ff"] {
+        if !args.methods.iter().any(|m| m == method) || args.hold {
+            continue;
+        }
         for &mib in &args.sizes {
-            eprint!("[bench] containerd {mib} MiB ssu ... ");
+            eprint!("[bench] containerd {mib} MiB {method} ... ");
             std::io::stderr().flush().ok();
-            let row = ssu(mib).await;
+            let row = match method {
+                "ssu" => ssu(mib).await,
+                _ => ff(mib).await,
+            };
             eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
             rows.push(row);
         }
