@@ -2,7 +2,7 @@
 # The main job on this machine: a live migration of a stateful service in a wrapped pod between
 # two clusters, the way it runs on Kubernetes.
 #
-#   scripts/run-migration.sh [MIB] [--interface dind|pind|ssu] [--keep]     (default 256 MiB, dind)
+#   scripts/run-migration.sh [MIB] [--interface dind|pind|ssu|ff] [--keep]  (default 256 MiB, dind)
 #
 # Two clusters, "edge" and "cloud", each: etcd and an API server built from Kubernetes' own
 # library (tests/cluster/apiserver), the real ums-rs/webhook image configured by deploy/base's
@@ -21,6 +21,11 @@
 # (tests/cluster/cri-node: containerd 2.x + CRIU, driven through the CRI), the service is an
 # ordinary pod without annotations, and the call moves it through the kubelet's checkpoint API,
 # the node part (deploy/node) and checkpoint images in cloud's registry.
+#
+# --interface ff: the service-level interface on the same CRI nodes: the service's image is built
+# FROM ums-rs/ff (its entrypoint ums-ff), the pod runs without privilege, and the same call has
+# the pod's own ums-ff dump the service with CRIU from inside its container and stream it to the
+# copy's ums-ff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (it runs privileged pod containers)" >&2; exit 1; }

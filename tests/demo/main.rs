@@ -8,6 +8,11 @@
 //! (containerd 2.x + CRIU, driven through the CRI as a kubelet drives it), the service is an
 //! ordinary pod without any annotation, the node part (deploy/node) runs in edge, and the same
 //! call moves the pod through the kubelet's checkpoint API and checkpoint images.
+//!
+//! `--interface ff`: the service-level interface on the same CRI nodes. The service's image is
+//! built FROM the ff base image (ums-ff as its entrypoint); the webhook gives its one container
+//! CHECKPOINT_RESTORE and an unconfined seccomp profile, no privilege; the same call has the
+//! pod's ums-ff dump the service from inside the container and stream it to the copy's ums-ff.
 
 #![allow(clippy::unwrap_used)] // a demo on the test harness: a panic is the failure report
 
@@ -32,7 +37,8 @@ struct Args {
     /// Memory of the stateful service, MiB.
     #[arg(default_value_t = 256)]
     mib: u32,
-    /// dind, pind (container-level: a wrapped pod) or ssu (orchestrator-level: an ordinary pod).
+    /// dind, pind (container-level: a wrapped pod), ssu (orchestrator-level: an ordinary pod)
+    /// or ff (service-level: a pod whose image is built FROM the ff base).
     #[arg(long, env = "UMS_DEMO_INTERFACE", default_value = "dind")]
     interface: String,
     /// Leave both clusters up after the migration until Ctrl-C.
@@ -48,12 +54,12 @@ fn step(n: u32, text: &str) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        matches!(args.interface.as_str(), "dind" | "pind" | "ssu"),
-        "--interface must be dind, pind or ssu"
+        matches!(args.interface.as_str(), "dind" | "pind" | "ssu" | "ff"),
+        "--interface must be dind, pind, ssu or ff"
     );
     let demo = async {
-        if args.interface == "ssu" {
-            run_ssu(&args).await
+        if matches!(args.interface.as_str(), "ssu" | "ff") {
+            run_on_cri_nodes(&args).await
         } else {
             run(&args).await
         }
@@ -229,9 +235,11 @@ async fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The orchestrator-level interface: an ordinary pod on a CRI node moved by the same call.
-async fn run_ssu(args: &Args) -> anyhow::Result<()> {
+/// The orchestrator-level interface (an ordinary pod) or the service-level one (a pod built
+/// FROM the ff base image, no privilege) on a CRI node, moved by the same call.
+async fn run_on_cri_nodes(args: &Args) -> anyhow::Result<()> {
     use ums_tests::service_pod::ask_service;
+    let ff = args.interface == "ff";
     let started = Instant::now();
     step(
         1,
@@ -243,20 +251,40 @@ async fn run_ssu(args: &Args) -> anyhow::Result<()> {
     let name = "stateful-service";
     step(
         3,
-        &format!(
-            "a user creates the {} MiB service as an ordinary pod in edge (no annotation: UMS's ssu)",
-            args.mib
-        ),
+        &if ff {
+            format!(
+                "a user creates the {} MiB service in edge, its image built FROM ums-rs/ff (migration-interface: ff)",
+                args.mib
+            )
+        } else {
+            format!(
+                "a user creates the {} MiB service as an ordinary pod in edge (no annotation: UMS's ssu)",
+                args.mib
+            )
+        },
     );
-    let pod = json!({
+    let image = if ff {
+        // No registry for it: the image goes into both nodes as a pre-pulled image would.
+        let image = ums_tests::workload::ff_workload_image();
+        edge.cri_node_import(image);
+        cloud.cri_node_import(image);
+        image
+    } else {
+        ums_tests::workload::tls_registry_workload_image()
+    };
+    let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {"containers": [{"name": "app",
-            "image": ums_tests::workload::tls_registry_workload_image(),
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
             "env": [{"name": "WORKLOAD_MIB", "value": args.mib.to_string()},
                     {"name": "WORKLOAD_LISTEN", "value": "8080"}],
             "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
     });
+    if ff {
+        pod["metadata"]["annotations"] = json!({"migration-interface": "ff"});
+    }
     edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
     let source_ip = edge
         .wait_running_and_ready(name, Duration::from_secs(600))
@@ -264,16 +292,23 @@ async fn run_ssu(args: &Args) -> anyhow::Result<()> {
     let before = ask_service(&source_ip, 8080)
         .await
         .ok_or_else(|| anyhow::anyhow!("the service does not answer on {source_ip}:8080"))?;
+    let admitted = edge.get_json(&["pod", name])["spec"]["containers"].clone();
     eprintln!(
         "      running on pod IP {source_ip}, unwrapped ({} containers); it answers: tick={} memory {}",
-        edge.get_json(&["pod", name])["spec"]["containers"]
-            .as_array()
-            .map_or(0, Vec::len),
+        admitted.as_array().map_or(0, Vec::len),
         before.tick,
         if before.memory_ok { "ok" } else { "BAD" }
     );
-    let (node_part, _) = edge.deploy_node_part().await;
-    eprintln!("      the node part (deploy/node) runs on edge's node: ums-system/{node_part}");
+    if ff {
+        let security = &admitted[0]["securityContext"];
+        eprintln!(
+            "      admitted without privilege: capabilities added {}, seccomp {}, allowPrivilegeEscalation {}",
+            security["capabilities"]["add"], security["seccompProfile"]["type"], security["allowPrivilegeEscalation"]
+        );
+    } else {
+        let (node_part, _) = edge.deploy_node_part().await;
+        eprintln!("      the node part (deploy/node) runs on edge's node: ums-system/{node_part}");
+    }
 
     let edge_certs = CoordinatorCerts::generate(&edge);
     let cloud_certs = CoordinatorCerts::generate(&cloud);
@@ -340,9 +375,14 @@ async fn run_ssu(args: &Args) -> anyhow::Result<()> {
         .kubectl_result(User::Admin, &["get", "pod", name])
         .is_err();
     println!(
-        "done in {:.0} s (the edge pod {}; the service runs in cloud from its checkpoint images)",
+        "done in {:.0} s (the edge pod {}; the service runs in cloud {})",
         started.elapsed().as_secs_f64(),
         if gone { "is deleted" } else { "is still there" },
+        if ff {
+            "restored by its pod's own ums-ff, with the PIDs it had"
+        } else {
+            "from its checkpoint images"
+        },
     );
     if args.keep {
         print_keep(
@@ -353,7 +393,9 @@ async fn run_ssu(args: &Args) -> anyhow::Result<()> {
             ],
             &edge_coordinator.pod_network_address,
         );
-        println!("  (cloud has no node part yet: deploy it to move the pod back)");
+        if !ff {
+            println!("  (cloud has no node part yet: deploy it to move the pod back)");
+        }
         tokio::signal::ctrl_c().await?;
     }
     Ok(())
@@ -474,6 +516,24 @@ fn print_report(coordinator_report: &Value) {
         {
             println!("  cloud's preflight: {}", check.as_str().unwrap_or("?"));
         }
+    } else if coordinator_report["migrationInterface"] == "ff" {
+        println!("  the source pod's ums-ff, from inside the service's container:");
+        for c in report["containers"].as_array().into_iter().flatten() {
+            println!(
+                "    {}: {} processes and threads dumped, PID {} in its container, {} bytes of CRIU images",
+                c["name"].as_str().unwrap_or("?"),
+                c["processes"],
+                c["pid"],
+                c["criuBytes"]
+            );
+        }
+        for file in report["rootfsFiles"].as_array().into_iter().flatten() {
+            println!("    root-fs file carried: {}", file.as_str().unwrap_or("?"));
+        }
+        println!(
+            "    supervisor peak RSS: {} KiB here, {} KiB at the destination",
+            report["totals"]["supervisorPeakRssKib"], report["restored"]["supervisorPeakRssKib"]
+        );
     } else {
         println!("  the source sidecar's migration:");
     }
