@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::{CoordinatorCerts, Credential, RunningCoordinator};
+use ums_tests::coordinator::{live_migration, CoordinatorCerts, Credential, RunningCoordinator};
 use ums_tests::poll;
 use ums_tests::service_pod::{ask_service, container_output, service_pod};
 use ums_tests::workload::{registry_workload_image, ticks};
@@ -511,20 +511,11 @@ async fn a_live_migration_object_moves_a_pind_pod_and_keeps_the_source() {
     let (source_ip, _) = start_service(&edge, name, "pind").await;
     let last_at_source = ask_service(&source_ip, 8080).await.unwrap().tick;
 
-    let migration = json!({
-        "apiVersion": "migration.ums-rs.io/v1alpha1",
-        "kind": "LiveMigration",
-        "metadata": {"name": "to-cloud"},
-        "spec": {"pod": name, "destination": cloud_coordinator.address, "keep": true, "postCopy": true}
-    });
-    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
-    let status = poll(
-        "the LiveMigration to finish",
+    let status = live_migration(
+        &edge,
+        "to-cloud",
+        json!({"pod": name, "destination": cloud_coordinator.address, "keep": true, "postCopy": true}),
         Duration::from_secs(300),
-        || async {
-            let status = edge.get_json(&["livemigration", "to-cloud"])["status"].clone();
-            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
-        },
     )
     .await;
     assert_eq!(

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde_json::json;
 use ums_tests::cluster::{Cluster, User};
 use ums_tests::coordinator::{
-    call_result, client_with, CoordinatorCerts, Credential, RunningCoordinator, TwoClusters,
+    call_result, client_with, live_migration, CoordinatorCerts, Credential, RunningCoordinator,
+    TwoClusters,
 };
 use ums_tests::service_pod::{
     ask_service, plain_counter_pod, run_journaling_counter, run_plain_counter,
@@ -349,20 +350,11 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
 
     // And back, by a LiveMigration object in cloud: a second hop, through cloud's node part.
     cloud.deploy_node_part().await;
-    let migration = json!({
-        "apiVersion": "migration.ums-rs.io/v1alpha1",
-        "kind": "LiveMigration",
-        "metadata": {"name": "back-to-edge"},
-        "spec": {"pod": "service", "destination": edge_coordinator.pod_network_address}
-    });
-    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
-    let status = ums_tests::poll(
-        "the LiveMigration back to edge to finish",
+    let status = live_migration(
+        cloud,
+        "back-to-edge",
+        json!({"pod": "service", "destination": edge_coordinator.pod_network_address}),
         Duration::from_secs(240),
-        || async {
-            let status = cloud.get_json(&["livemigration", "back-to-edge"])["status"].clone();
-            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
-        },
     )
     .await;
     assert_eq!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use ums_tests::cluster::{Cluster, User};
-use ums_tests::coordinator::TwoClusters;
+use ums_tests::coordinator::{live_migration, TwoClusters};
 use ums_tests::service_pod::ask_service;
 use ums_tests::workload::{
     ff_workload_image, journal_goes_on, journal_ticks, tls_registry_workload_image,
@@ -198,20 +198,11 @@ async fn an_ff_service_moves_between_clusters_and_back_with_its_state_and_pids()
     let journaled_in_cloud = journal_ticks(&cloud_journal);
 
     // And back, by a LiveMigration object in cloud: a second hop.
-    let migration = json!({
-        "apiVersion": "migration.ums-rs.io/v1alpha1",
-        "kind": "LiveMigration",
-        "metadata": {"name": "back-to-edge"},
-        "spec": {"pod": "service", "destination": edge_coordinator.pod_network_address}
-    });
-    cloud.kubectl_with_input(User::Jane, &["create", "-f", "-"], &migration.to_string());
-    let status = ums_tests::poll(
-        "the LiveMigration back to edge to finish",
+    let status = live_migration(
+        cloud,
+        "back-to-edge",
+        json!({"pod": "service", "destination": edge_coordinator.pod_network_address}),
         Duration::from_secs(240),
-        || async {
-            let status = cloud.get_json(&["livemigration", "back-to-edge"])["status"].clone();
-            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
-        },
     )
     .await;
     assert_eq!(

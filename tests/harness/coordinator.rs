@@ -317,6 +317,32 @@ pub struct TwoClusters {
     pub destination: String,
 }
 
+/// Creates the LiveMigration `name` in `cluster` (as the user Jane) with `spec`, and waits up
+/// to `within` for it to end; its status once `Succeeded` or `Failed`.
+pub async fn live_migration(
+    cluster: &Cluster,
+    name: &str,
+    spec: serde_json::Value,
+    within: Duration,
+) -> serde_json::Value {
+    let object = serde_json::json!({
+        "apiVersion": "migration.ums-rs.io/v1alpha1",
+        "kind": "LiveMigration",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &object.to_string());
+    crate::poll(
+        &format!("the LiveMigration {name} to end"),
+        within,
+        || async {
+            let status = cluster.get_json(&["livemigration", name])["status"].clone();
+            matches!(status["phase"].as_str(), Some("Succeeded") | Some("Failed")).then_some(status)
+        },
+    )
+    .await
+}
+
 impl TwoClusters {
     /// Each cluster with a Docker-backed node (the container-level tests).
     pub fn start() -> Self {
