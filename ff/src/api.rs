@@ -114,7 +114,8 @@ struct ProbeQuery {
 }
 
 /// The sidecar's probe contract: 204 while nothing runs and a restore may come, 200 with the
-/// state (`running`, `migrating`, `migrated`), 503 once the service ended. With `kind`
+/// state (`running`, `migrating`, `migrated`), 503 while it starts (alive, not ready) and once
+/// the service ended. With `kind`
 /// (the kubelet's probes, as the webhook redirects them), a running service answers its own
 /// probe of that kind: 200, or 503 saying why it failed.
 async fn probe(
@@ -138,6 +139,11 @@ async fn probe(
     };
     match ff.phase() {
         Phase::Waiting => StatusCode::NO_CONTENT.into_response(),
+        // Alive, not ready: the service starts once the PID counter is past its bound.
+        Phase::Starting if query.kind == Some(crate::probe::Kind::Liveness) => {
+            answer(StatusCode::OK, "starting", None)
+        }
+        Phase::Starting => answer(StatusCode::SERVICE_UNAVAILABLE, "starting", None),
         // Frozen or gone for a migration: never a reason to restart the container.
         Phase::Migrating => answer(StatusCode::OK, "migrating", None),
         Phase::Migrated => answer(StatusCode::OK, "migrated", None),

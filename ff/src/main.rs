@@ -177,6 +177,7 @@ async fn follow_start_mode(ff: Arc<Ff>) {
                 }
                 if mode == StartMode::Active && ff.phase() == Phase::Waiting {
                     if let Ok(_busy) = ff.busy.try_lock() {
+                        ff.set_phase(Phase::Starting);
                         if let Err(e) = start(&ff).await {
                             tracing::error!(error = %e, "cannot start the service");
                             ff.set_phase(Phase::Ended);

@@ -16,6 +16,8 @@ use crate::supervise::Supervisor;
 pub enum Phase {
     /// Passive (a restore target) or `null`: nothing runs; a restore may come.
     Waiting,
+    /// Active: the service is about to start (the PID counter advancing first).
+    Starting,
     /// The service runs here.
     Running,
     /// Being dumped, sent, or restored.
