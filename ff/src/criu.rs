@@ -70,9 +70,12 @@ pub fn stdio_pipes(pid: i32) -> Vec<(i32, String)> {
     pipes
 }
 
-/// CRIU's version line (`Version: 4.2`), or why it cannot be had.
-pub fn version() -> String {
-    match Command::new(CRIU).arg("--version").output() {
+/// CRIU's version line (`Version: 4.2`), or why it cannot be had. Asked once, before the
+/// supervisor's reaper owns `waitpid(-1)` (serve calls it first): a later `output()` would find
+/// its child already reaped ("No child processes").
+pub fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| match Command::new(CRIU).arg("--version").output() {
         Ok(out) => String::from_utf8_lossy(&out.stdout)
             .lines()
             .next()
@@ -80,7 +83,7 @@ pub fn version() -> String {
             .trim()
             .to_owned(),
         Err(e) => format!("criu unavailable: {e}"),
-    }
+    })
 }
 
 fn tail(path: &Path) -> String {

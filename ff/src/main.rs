@@ -126,6 +126,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     };
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("cannot create {}", args.work_dir.display()))?;
+    // Before the reaper takes every child's end.
+    tracing::info!(criu = criu::version(), "CRIU");
     let supervisor = Supervisor::start()?;
     let tls =
         ums_tls::EphemeralCert::generate("ums-ff").context("failed to make the TLS certificate")?;

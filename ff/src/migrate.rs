@@ -86,7 +86,7 @@ pub fn engine_info() -> EngineInfo {
         kind: EngineKind::Ff,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         api_version: String::new(),
-        criu_version: criu::version(),
+        criu_version: criu::version().to_owned(),
         kernel: uname
             .as_ref()
             .map(|u| u.release().to_string_lossy().into_owned())
