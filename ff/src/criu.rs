@@ -93,26 +93,51 @@ fn tail(path: &Path) -> String {
     lines[from..].join(" | ")
 }
 
+/// What every CRIU call of ums-ff says: the action, unprivileged, the images' directory, the
+/// log. (`-v` takes its level attached: `--verbosity 2` would be a stray argument.)
+fn common_args(action: &str, dir: &Path, log: &Path) -> Vec<String> {
+    vec![
+        action.into(),
+        "--unprivileged".into(),
+        "--images-dir".into(),
+        dir.display().to_string(),
+        "--log-file".into(),
+        log.display().to_string(),
+        "--verbosity=2".into(),
+    ]
+}
+
 async fn run(
     supervisor: &Supervisor,
     action: &'static str,
     args: Vec<String>,
     log: &Path,
 ) -> Result<(), CriuError> {
+    let stderr = log.with_extension("stderr");
     let mut command = Command::new(CRIU);
-    command
-        .args(&args)
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+    command.args(&args).stdin(Stdio::inherit());
+    if action == "restore" {
+        // `--inherit-fd fd[1]:pipe:[..]`: CRIU's own stdout and stderr are the container's
+        // pipes the restored service writes to.
+        command.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    } else {
+        // What CRIU says before its log is open (a bad argument) goes beside the log.
+        command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr)?);
+    }
     tracing::debug!(?args, "criu");
     let code = supervisor.run_to_end(command).await?;
     if code != 0 {
+        let mut said = tail(log);
+        if said.is_empty() {
+            said = tail(&stderr);
+        }
         return Err(CriuError::Failed {
             action,
             code,
             log: log.display().to_string(),
-            tail: tail(log),
+            tail: said,
         });
     }
     Ok(())
@@ -135,20 +160,13 @@ pub async fn dump(
     };
     let log = dir.join("dump.log");
     let started = Instant::now();
-    let args = vec![
-        "dump".into(),
-        "--unprivileged".into(),
+    let mut args = common_args("dump", dir, &log);
+    args.extend([
         "--tree".into(),
         pid.as_raw().to_string(),
-        "--images-dir".into(),
-        dir.display().to_string(),
-        "--log-file".into(),
-        log.display().to_string(),
-        "--verbosity".into(),
-        "2".into(),
         "--leave-stopped".into(),
         "--skip-in-flight".into(),
-    ];
+    ]);
     run(supervisor, "dump", args, &log).await?;
     let ms = started.elapsed().as_millis() as u64;
     Ok((facts, ms))
@@ -187,19 +205,12 @@ pub async fn restore(
     let log = dir.join("restore.log");
     let pidfile: PathBuf = dir.join("restored.pid");
     let started = Instant::now();
-    let mut args: Vec<String> = vec![
-        "restore".into(),
-        "--unprivileged".into(),
-        "--images-dir".into(),
-        dir.display().to_string(),
-        "--log-file".into(),
-        log.display().to_string(),
-        "--verbosity".into(),
-        "2".into(),
+    let mut args = common_args("restore", dir, &log);
+    args.extend([
         "--restore-detached".into(),
         "--pidfile".into(),
         pidfile.display().to_string(),
-    ];
+    ]);
     for (fd, pipe) in &facts.stdio_pipes {
         args.push("--inherit-fd".into());
         args.push(format!("fd[{fd}]:{pipe}"));
