@@ -401,6 +401,12 @@ impl Coordinator {
                 }
             }
         };
+        // What the answers name the pod's migration agent.
+        let agent = if migratable.interface == ums_contract::Interface::Ff {
+            "source ums-ff"
+        } else {
+            "source sidecar"
+        };
         let sidecar_report = match moved {
             Ok(response) if response.status().is_success() => {
                 response.json::<Value>().await.unwrap_or(Value::Null)
@@ -411,22 +417,20 @@ impl Coordinator {
                         let status = response.status();
                         let body: Value = response.json().await.unwrap_or(Value::Null);
                         let message = body["error"].as_str().unwrap_or("no message").to_owned();
-                        let mut e = ApiError::from_peer(
-                            status,
-                            format!("source sidecar: {status}: {message}"),
-                        );
+                        let mut e =
+                            ApiError::from_peer(status, format!("{agent}: {status}: {message}"));
                         if let Some(rollback) = body["rollback"].as_array() {
                             e.rollback.extend(
                                 rollback
                                     .iter()
                                     .filter_map(|r| r.as_str())
-                                    .map(|r| format!("source sidecar: {r}")),
+                                    .map(|r| format!("{agent}: {r}")),
                             );
                         }
                         e
                     }
                     Err(e) => ApiError::bad_gateway(format!(
-                        "source sidecar at {url} unreachable: {}",
+                        "{agent} at {url} unreachable: {}",
                         crate::peer::error_chain(&e)
                     )),
                 };
