@@ -320,17 +320,82 @@ async fn what_cannot_migrate_as_ff_is_refused_before_anything_is_frozen() {
     assert!(ask_service(&ip, 8080).await.unwrap().memory_ok);
 }
 
-/// The destination's container dies while the archive arrives: the source's ums-ff resumes
-/// the service where it froze it (same process, memory and counter going on), the coordinator
-/// answers 502 saying the service runs at the source, and the copy is deleted. The link from
-/// edge's node is slowed so that the archive of 256 MiB takes long enough to be cut.
+/// Starts edge's `POST /migrate` of `service` and waits until the copy's ums-ff receives the
+/// archive (its phase turns migrating); the call's handle and the copy's pod.
+async fn migrate_until_the_archive_arrives(
+    two: &TwoClusters,
+) -> (
+    tokio::task::JoinHandle<Result<(u16, Value), reqwest::Error>>,
+    Value,
+) {
+    let call = two.migrate_to_cloud_in_background("service");
+    let copy = ums_tests::poll(
+        "the archive to arrive at the copy",
+        Duration::from_secs(180),
+        || async {
+            let pod: Value = serde_json::from_str(
+                &two.cloud
+                    .kubectl_result(User::Admin, &["get", "pod", "service", "-o", "json"])
+                    .ok()?,
+            )
+            .ok()?;
+            let ip = pod["status"]["podIP"].as_str()?;
+            let health: Value = reqwest::get(format!("http://{ip}:8888/healthz"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (health["phase"] == "migrating").then_some(pod)
+        },
+    )
+    .await;
+    (call, copy)
+}
+
+/// One copy, at the source: unlocked, the same process (`pid`) going on past `tick` with its
+/// memory, the copy deleted.
+async fn still_at_the_source(two: &TwoClusters, source_ip: &str, mark: &str, pid: u32, tick: u64) {
+    let annotations = two.edge.get_json(&["pod", "service"])["metadata"]["annotations"].clone();
+    assert!(
+        annotations["migration-id"].is_null(),
+        "unlocked: {annotations}"
+    );
+    let after = ums_tests::poll(
+        "the service to answer at the source",
+        Duration::from_secs(60),
+        || async { ask_service(source_ip, 8080).await.filter(|a| a.tick > tick) },
+    )
+    .await;
+    assert!(after.memory_ok, "{after:?}");
+    let (pid_after, _) = workload_process(mark).expect("the workload runs at the source");
+    assert_eq!(pid_after, pid, "resumed, not restarted");
+    ums_tests::poll(
+        "the copy to be deleted",
+        Duration::from_secs(120),
+        || async {
+            two.cloud
+                .kubectl_result(User::Admin, &["get", "pod", "service"])
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// A migration stopped while the archive arrives, twice: by an operator's abort, then by the
+/// destination's container dying. Each time the source's ums-ff resumes the service where it
+/// froze it (same process, memory and counter going on), the coordinator's answer says the
+/// service runs at the source, and the copy is deleted. The link out of edge's node is slowed
+/// so that the archive of 256 MiB takes long enough to be cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_destination_dying_mid_transfer_leaves_the_service_running_at_the_source() {
+async fn a_migration_stopped_mid_transfer_leaves_the_service_running_at_the_source() {
     let two = TwoClusters::start_with_cri_nodes();
     let TwoClusters {
         edge,
         cloud,
         edge_coordinator,
+        edge_certs,
         ..
     } = &two;
     import_ff_images(&[edge, cloud]);
@@ -340,7 +405,7 @@ async fn the_destination_dying_mid_transfer_leaves_the_service_running_at_the_so
     let source_ip = edge
         .wait_running_and_ready("service", Duration::from_secs(180))
         .await;
-    let (pid_before, _) = workload_process(&mark).expect("the workload runs");
+    let (pid, _) = workload_process(&mark).expect("the workload runs");
     let before = ums_tests::poll(
         "the service to fill its memory",
         Duration::from_secs(60),
@@ -353,36 +418,47 @@ async fn the_destination_dying_mid_transfer_leaves_the_service_running_at_the_so
         "latency", "200ms",
     ]);
 
-    let call = two.migrate_to_cloud_in_background("service");
-    // The copy's ums-ff is receiving (its phase turns migrating when the archive comes in).
-    let copy_ip = ums_tests::poll(
-        "the archive to arrive at the copy",
-        Duration::from_secs(180),
-        || async {
-            let pod: Value = serde_json::from_str(
-                &cloud
-                    .kubectl_result(User::Admin, &["get", "pod", "service", "-o", "json"])
-                    .ok()?,
-            )
-            .ok()?;
-            let ip = pod["status"]["podIP"].as_str()?.to_owned();
-            let health: Value = reqwest::get(format!("http://{ip}:8888/healthz"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (health["phase"] == "migrating").then_some(ip)
-        },
-    )
-    .await;
-    let id = cloud.get_json(&["pod", "service"])["status"]["containerStatuses"][0]["containerID"]
+    // An operator's abort while the archive arrives.
+    let (call, _) = migrate_until_the_archive_arrives(&two).await;
+    let (_, records) = edge_coordinator
+        .call(&edge_certs.ca, "GET", "/migrations", None)
+        .await;
+    let id = records[0]["migrationId"].as_str().unwrap().to_owned();
+    let (status, answer) = edge_coordinator
+        .call(
+            &edge_certs.ca,
+            "POST",
+            &format!("/migrations/{id}/abort"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
+    assert_eq!(
+        status,
+        409,
+        "{answer}\n--- edge coordinator:\n{}",
+        edge_coordinator.log()
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by an operator"),
+        "{answer}"
+    );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    still_at_the_source(&two, &source_ip, &mark, pid, before.tick).await;
+    let between = ask_service(&source_ip, 8080).await.unwrap();
+
+    // The destination's container killed while the archive arrives.
+    let (call, copy) = migrate_until_the_archive_arrives(&two).await;
+    let id = copy["status"]["containerStatuses"][0]["containerID"]
         .as_str()
         .unwrap()
         .trim_start_matches("containerd://")
         .to_owned();
     cloud.cri_node_exec(&["ctr", "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &id]);
-
     let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
     assert_eq!(
         status,
@@ -392,37 +468,6 @@ async fn the_destination_dying_mid_transfer_leaves_the_service_running_at_the_so
     );
     assert_eq!(answer["phase"], "migrating", "{answer}");
     assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
-    eprintln!("the copy at {copy_ip} was killed; edge answered: {answer}");
-
-    // One copy, at the source: unlocked, the same process going on with its memory.
-    let annotations = edge.get_json(&["pod", "service"])["metadata"]["annotations"].clone();
-    assert!(
-        annotations["migration-id"].is_null(),
-        "unlocked: {annotations}"
-    );
+    still_at_the_source(&two, &source_ip, &mark, pid, between.tick).await;
     edge.cri_node_exec(&["tc", "qdisc", "del", "dev", "eth0", "root"]);
-    let after = ums_tests::poll(
-        "the service to answer at the source",
-        Duration::from_secs(60),
-        || async {
-            ask_service(&source_ip, 8080)
-                .await
-                .filter(|a| a.tick > before.tick)
-        },
-    )
-    .await;
-    assert!(after.memory_ok, "{after:?}");
-    let (pid_after, _) = workload_process(&mark).expect("the workload runs at the source");
-    assert_eq!(pid_after, pid_before, "resumed, not restarted");
-    ums_tests::poll(
-        "the copy to be deleted",
-        Duration::from_secs(120),
-        || async {
-            cloud
-                .kubectl_result(User::Admin, &["get", "pod", "service"])
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
 }

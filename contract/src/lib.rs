@@ -4,6 +4,7 @@
 //! the same types, so the two can never disagree about what a pod asks for (the validating
 //! webhook also parses with them, so a pod the sidecar could not read is refused at creation).
 
+pub mod abort;
 pub mod agent;
 pub mod annotations;
 pub mod credential;

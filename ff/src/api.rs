@@ -1,6 +1,7 @@
 //! `ums-ff`'s HTTP API, the part of the sidecar's contract the coordinator drives (the same
 //! paths, bodies and answers): `GET /healthz`, `GET /tls`, `GET /probe/{name}` open;
-//! `GET /info`, `POST /migrate` (the pod's coordinator) and `POST /restore` (the source's
+//! `GET /info`, `POST /migrate` and `POST /migrate/{id}/abort` (the pod's coordinator) and
+//! `POST /restore` (the source's
 //! `ums-ff`, with the peer token the destination's coordinator signed for this migration, over
 //! TLS) behind credentials.
 
@@ -24,6 +25,7 @@ pub fn router(ff: Arc<Ff>) -> Router {
     let protected = Router::new()
         .route("/info", get(info))
         .route("/migrate", post(migrate))
+        .route("/migrate/{migration_id}/abort", post(abort_migration))
         .route("/restore", post(restore))
         .route_layer(middleware::from_fn_with_state(ff.clone(), require_token));
     Router::new()
@@ -33,7 +35,7 @@ pub fn router(ff: Arc<Ff>) -> Router {
         .merge(protected)
         .fallback(|| async {
             ApiError::not_found(
-                "no such endpoint: ums-ff serves /healthz, /tls, /probe/{name}, /info, /migrate, /restore",
+                "no such endpoint: ums-ff serves /healthz, /tls, /probe/{name}, /info, /migrate, /migrate/{id}/abort, /restore",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -186,6 +188,28 @@ async fn migrate(
     let Json(request) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let report = crate::migrate::migrate(&ff, request).await?;
     Ok(Json(report).into_response())
+}
+
+/// `POST /migrate/{id}/abort`: 202 while the migration can be stopped (its own answer then says
+/// it was aborted and the service resumed here), 404 for a migration not under way, 409 once the
+/// destination runs the service.
+async fn abort_migration(
+    State(ff): State<Arc<Ff>>,
+    Path(migration_id): Path<String>,
+) -> Result<Response, ApiError> {
+    use ums_contract::abort::AbortRefused;
+    match ff.aborts.abort(&migration_id) {
+        Ok(()) => {
+            tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and resuming the service");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(serde_json::json!({"migrationId": migration_id, "aborting": true})),
+            )
+                .into_response())
+        }
+        Err(e @ AbortRefused::Unknown(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ AbortRefused::TooLate(_)) => Err(ApiError::conflict(e.to_string())),
+    }
 }
 
 #[derive(Debug, Deserialize)]

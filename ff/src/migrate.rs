@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+use ums_contract::abort::ABORTED;
 use ums_contract::agent;
 
 use axum::http::StatusCode;
@@ -144,6 +145,7 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
             "migrationId {id:?}: letters, digits and '-', 1 to 63"
         )));
     }
+    let registration = ff.aborts.begin(&id);
     let zstd_level = match request.compression.as_deref().unwrap_or("none") {
         "none" => None,
         "zstd" => Some(3),
@@ -243,6 +245,9 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
         ));
     }
     let preflight_ms = preflight.elapsed().as_millis() as u64;
+    if registration.cancel.is_cancelled() {
+        return Err(failed(StatusCode::CONFLICT, "preflight", ABORTED, vec![]));
+    }
 
     let work = ff.config.work_dir.join(format!("out-{id}"));
     let _ = std::fs::remove_dir_all(&work);
@@ -275,7 +280,9 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
             ));
         }
     };
-    let outcome = send(
+    // An operator's abort stops the transfer (the destination sees its stream end and removes
+    // what it had) and the service resumes below, unless the destination already runs it.
+    let sending = send(
         ff,
         &id,
         &destination,
@@ -285,8 +292,13 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
         &facts,
         &dump_dir,
         &rootfs_dir,
-    )
-    .await;
+    );
+    let outcome = tokio::select! {
+        outcome = sending => outcome,
+        () = registration.cancel.cancelled() => {
+            Err((StatusCode::CONFLICT, "transfer", ABORTED.to_owned()))
+        }
+    };
     let _ = std::fs::remove_dir_all(&work);
     // The answer can be lost after the destination restored the service (the connection cut
     // on its way back): resuming here would make two copies. The destination's ums-ff that
@@ -301,6 +313,7 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
     };
     match outcome {
         Ok(sent) => {
+            registration.commit();
             // The service runs at the destination: its tree here goes, and so does its end.
             ff.supervisor.release();
             let warnings = criu::kill_tree(&facts.tree);

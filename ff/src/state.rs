@@ -52,6 +52,8 @@ pub struct Ff {
     pub instance: String,
     /// One dump, send or restore at a time.
     pub busy: tokio::sync::Mutex<()>,
+    /// The migration under way, which an operator may still stop.
+    pub aborts: ums_contract::abort::Aborts,
     phase: Mutex<Phase>,
 }
 
@@ -69,6 +71,7 @@ impl Ff {
             tls_sha256,
             instance: random_hex(8),
             busy: tokio::sync::Mutex::new(()),
+            aborts: ums_contract::abort::Aborts::default(),
             phase: Mutex::new(Phase::Waiting),
         }
     }

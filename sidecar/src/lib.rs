@@ -12,7 +12,7 @@
 //!   mode, [`pending`] the dump kept as the source's journal until the migration ends,
 //!   [`ambassador`] the stand-in.
 
-pub mod abort;
+pub use ums_contract::abort;
 pub mod ambassador;
 pub mod api;
 pub mod checkpoint;

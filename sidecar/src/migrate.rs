@@ -163,8 +163,7 @@ fn check_post_copy(
     crate::postcopy::lazy_pages_possible().map_err(ApiError::conflict)
 }
 
-/// The error of a migration an operator stopped.
-pub const ABORTED: &str = "aborted by an operator";
+pub use ums_contract::abort::ABORTED;
 
 fn failed(
     status: StatusCode,

@@ -1,13 +1,14 @@
-//! An operator's abort of the migration under way (`POST /migrate/{id}/abort`, from the pod's
-//! coordinator): it stops the migration before the destination has confirmed that the
-//! containers run there, and the migration's own rollback brings them back to running here.
-//! Once the destination has confirmed, the service is there and an abort is refused.
+//! An operator's abort of the migration under way at an agent (`POST /migrate/{id}/abort` on a
+//! sidecar or `ums-ff`, from the pod's coordinator): it stops the migration before the
+//! destination has confirmed that the service runs there, and the migration's own rollback
+//! brings it back to running here. Once the destination has confirmed, the service is there and
+//! an abort is refused.
 
 use std::sync::Mutex;
 
 use tokio_util::sync::CancellationToken;
 
-/// The migration this sidecar runs, if any, and whether it can still be stopped.
+/// The migration this agent runs, if any, and whether it can still be stopped.
 #[derive(Debug, Default)]
 pub struct Aborts {
     current: Mutex<Option<Current>>,
@@ -20,12 +21,15 @@ struct Current {
     committed: bool,
 }
 
+/// The error of a migration an operator stopped.
+pub const ABORTED: &str = "aborted by an operator";
+
 /// Why an abort was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AbortRefused {
     #[error("no migration {0} is under way here")]
     Unknown(String),
-    #[error("migration {0} is past its point of no return: the destination runs the containers")]
+    #[error("migration {0} is past its point of no return: the destination runs the service")]
     TooLate(String),
 }
 
