@@ -550,7 +550,7 @@ async fn ff(mib: u32) -> Row {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | sidecar peak RSS MiB (src/dst) |"
+        "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | agent peak RSS MiB (src/dst: sidecars, or the ums-ff supervisors) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
