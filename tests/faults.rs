@@ -1012,8 +1012,6 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
     let (two, source_ip, before) = with_a_service(name, 256).await;
     let TwoClusters {
         edge,
-
-        edge_certs,
         edge_coordinator,
         ..
     } = &two;
@@ -1036,18 +1034,7 @@ async fn an_operator_aborts_a_migration_while_its_state_moves_and_the_service_ru
         },
     )
     .await;
-    let (_, records) = edge_coordinator
-        .call(&edge_certs.ca, "GET", "/migrations", None)
-        .await;
-    let id = records[0]["migrationId"].as_str().unwrap().to_owned();
-    let (status, answer) = edge_coordinator
-        .call(
-            &edge_certs.ca,
-            "POST",
-            &format!("/migrations/{id}/abort"),
-            None,
-        )
-        .await;
+    let (_, status, answer) = two.abort_edge_migration().await;
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["abortingIn"], "migrating", "{answer}");
 

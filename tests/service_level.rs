@@ -395,7 +395,6 @@ async fn a_migration_stopped_mid_transfer_leaves_the_service_running_at_the_sour
         edge,
         cloud,
         edge_coordinator,
-        edge_certs,
         ..
     } = &two;
     import_ff_images(&[edge, cloud]);
@@ -420,18 +419,7 @@ async fn a_migration_stopped_mid_transfer_leaves_the_service_running_at_the_sour
 
     // An operator's abort while the archive arrives.
     let (call, _) = migrate_until_the_archive_arrives(&two).await;
-    let (_, records) = edge_coordinator
-        .call(&edge_certs.ca, "GET", "/migrations", None)
-        .await;
-    let id = records[0]["migrationId"].as_str().unwrap().to_owned();
-    let (status, answer) = edge_coordinator
-        .call(
-            &edge_certs.ca,
-            "POST",
-            &format!("/migrations/{id}/abort"),
-            None,
-        )
-        .await;
+    let (_, status, answer) = two.abort_edge_migration().await;
     assert_eq!(status, 202, "{answer}");
     let (status, answer) = call.await.unwrap().expect("edge's coordinator answers");
     assert_eq!(

@@ -80,6 +80,25 @@ impl Aborts {
         }
     }
 
+    /// An agent's answer to `POST /migrate/{id}/abort`: 202 while the migration can be stopped
+    /// (its own answer then says it was aborted), 404 for a migration not under way, 409 once
+    /// the destination runs the service; the status and the JSON body.
+    pub fn answer(&self, id: &str) -> (u16, serde_json::Value) {
+        match self.abort(id) {
+            Ok(()) => (
+                202,
+                serde_json::json!({"migrationId": id, "aborting": true}),
+            ),
+            Err(e) => {
+                let status = match e {
+                    AbortRefused::Unknown(_) => 404,
+                    AbortRefused::TooLate(_) => 409,
+                };
+                (status, serde_json::json!({"error": e.to_string()}))
+            }
+        }
+    }
+
     /// Asks migration `id` to stop.
     pub fn abort(&self, id: &str) -> Result<(), AbortRefused> {
         let current = self
@@ -112,7 +131,13 @@ mod tests {
         assert!(running.cancel.is_cancelled());
         running.commit();
         assert_eq!(aborts.abort("m1"), Err(AbortRefused::TooLate("m1".into())));
+        assert_eq!(aborts.answer("m1").0, 409);
         drop(running);
         assert_eq!(aborts.abort("m1"), Err(AbortRefused::Unknown("m1".into())));
+        let (status, body) = aborts.answer("m1");
+        assert_eq!(status, 404);
+        assert!(body["error"].as_str().unwrap().contains("m1"), "{body}");
+        let _again = aborts.begin("m2");
+        assert_eq!(aborts.answer("m2").0, 202);
     }
 }

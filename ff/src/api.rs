@@ -193,23 +193,16 @@ async fn migrate(
 /// `POST /migrate/{id}/abort`: 202 while the migration can be stopped (its own answer then says
 /// it was aborted and the service resumed here), 404 for a migration not under way, 409 once the
 /// destination runs the service.
-async fn abort_migration(
-    State(ff): State<Arc<Ff>>,
-    Path(migration_id): Path<String>,
-) -> Result<Response, ApiError> {
-    use ums_contract::abort::AbortRefused;
-    match ff.aborts.abort(&migration_id) {
-        Ok(()) => {
-            tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and resuming the service");
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(serde_json::json!({"migrationId": migration_id, "aborting": true})),
-            )
-                .into_response())
-        }
-        Err(e @ AbortRefused::Unknown(_)) => Err(ApiError::not_found(e.to_string())),
-        Err(e @ AbortRefused::TooLate(_)) => Err(ApiError::conflict(e.to_string())),
+async fn abort_migration(State(ff): State<Arc<Ff>>, Path(migration_id): Path<String>) -> Response {
+    let (status, body) = ff.aborts.answer(&migration_id);
+    if status == 202 {
+        tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and rolling back");
     }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -456,20 +456,16 @@ async fn restore_pages(
 async fn abort_migration(
     State(sidecar): State<Arc<Sidecar>>,
     Path(migration_id): Path<String>,
-) -> Result<Response, ApiError> {
-    use crate::abort::AbortRefused;
-    match sidecar.aborts.abort(&migration_id) {
-        Ok(()) => {
-            tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and rolling back");
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(serde_json::json!({"migrationId": migration_id, "aborting": true})),
-            )
-                .into_response())
-        }
-        Err(e @ AbortRefused::Unknown(_)) => Err(ApiError::not_found(e.to_string())),
-        Err(e @ AbortRefused::TooLate(_)) => Err(ApiError::conflict(e.to_string())),
+) -> Response {
+    let (status, body) = sidecar.aborts.answer(&migration_id);
+    if status == 202 {
+        tracing::warn!(migration = %migration_id, "migration abort asked: stopping it and rolling back");
     }
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response()
 }
 
 async fn migrate(

@@ -428,6 +428,26 @@ impl TwoClusters {
 
     /// Waits until edge's migration has passed `creating`; panics unless it is then in
     /// `migrating` (the state on its way sidecar to sidecar).
+    /// Edge's newest migration's ID and the answer to an operator's abort of it
+    /// (`POST /migrations/{id}/abort` on edge's coordinator).
+    pub async fn abort_edge_migration(&self) -> (String, u16, Value) {
+        let (_, records) = self
+            .edge_coordinator
+            .call(&self.edge_certs.ca, "GET", "/migrations", None)
+            .await;
+        let id = records[0]["migrationId"].as_str().unwrap_or("").to_owned();
+        let (status, answer) = self
+            .edge_coordinator
+            .call(
+                &self.edge_certs.ca,
+                "POST",
+                &format!("/migrations/{id}/abort"),
+                None,
+            )
+            .await;
+        (id, status, answer)
+    }
+
     pub async fn wait_edge_migrating(&self) {
         let seen = crate::poll(
             "edge's migration to reach migrating",
