@@ -418,25 +418,40 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
     }
 }
 
-/// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
-/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
-async fn ssu(mib: u32) -> Row {
+/// The workload as a pod on one CRI cluster's node (`ff`: built FROM the ff base image and
+/// annotated for the service-level interface; otherwise an ordinary pod, with the node part
+/// deployed), moved to another CRI cluster by one `POST /migrate` on its coordinator; the
+/// coordinator's report, the restored workload's memory checked.
+async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
     use ums_tests::cluster::User;
     let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
-    let edge = &two.edge;
-    edge.deploy_node_part().await;
-    let pod = json!({
+    let image = if ff {
+        let image = ums_tests::workload::ff_workload_image();
+        for cluster in [&two.edge, &two.cloud] {
+            cluster.cri_node_import(image);
+        }
+        image
+    } else {
+        two.edge.deploy_node_part().await;
+        ums_tests::workload::tls_registry_workload_image()
+    };
+    let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": NAME},
-        "spec": {"containers": [{"name": NAME,
-            "image": ums_tests::workload::tls_registry_workload_image(),
+        "spec": {"containers": [{"name": NAME, "image": image,
+            "imagePullPolicy": "IfNotPresent",
             "env": [{"name": "WORKLOAD_MIB", "value": mib.to_string()},
                     {"name": "WORKLOAD_LISTEN", "value": "8080"}],
             "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
     });
-    edge.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    if ff {
+        pod["metadata"]["annotations"] = json!({"migration-interface": "ff"});
+    }
+    two.edge
+        .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
     // The workload listens once its memory is filled.
-    edge.wait_running_and_ready(NAME, Duration::from_secs(600))
+    two.edge
+        .wait_running_and_ready(NAME, Duration::from_secs(600))
         .await;
     settle().await;
     let (status, report) = two
@@ -455,6 +470,13 @@ async fn ssu(mib: u32) -> Row {
         answer.memory_ok,
         "the restored workload's memory: {answer:?}"
     );
+    report
+}
+
+/// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
+/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
+async fn ssu(mib: u32) -> Row {
+    let report = moved_between_cri_clusters(mib, false).await;
     let mut parts: BTreeMap<String, u64> = report["phases"]
         .as_array()
         .unwrap()
@@ -486,43 +508,7 @@ async fn ssu(mib: u32) -> Row {
 /// CRI cluster's node (no privilege), moved to another CRI cluster by one `POST /migrate`; its
 /// ums-ff dumps it from inside the container and streams it to the copy's ums-ff.
 async fn ff(mib: u32) -> Row {
-    use ums_tests::cluster::User;
-    let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
-    let image = ums_tests::workload::ff_workload_image();
-    for cluster in [&two.edge, &two.cloud] {
-        cluster.cri_node_import(image);
-    }
-    let pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": NAME, "annotations": {"migration-interface": "ff"}},
-        "spec": {"containers": [{"name": NAME, "image": image,
-            "imagePullPolicy": "IfNotPresent",
-            "env": [{"name": "WORKLOAD_MIB", "value": mib.to_string()},
-                    {"name": "WORKLOAD_LISTEN", "value": "8080"}],
-            "readinessProbe": {"tcpSocket": {"port": 8080}}}]}
-    });
-    two.edge
-        .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
-    two.edge
-        .wait_running_and_ready(NAME, Duration::from_secs(600))
-        .await;
-    settle().await;
-    let (status, report) = two
-        .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
-        .await;
-    assert_eq!(
-        status,
-        200,
-        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
-        two.edge_coordinator.log(),
-        two.cloud_coordinator.log()
-    );
-    let ip = report["destination"]["podIp"].as_str().unwrap();
-    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
-    assert!(
-        answer.memory_ok,
-        "the restored workload's memory: {answer:?}"
-    );
+    let report = moved_between_cri_clusters(mib, true).await;
     let details = &report["sidecar"];
     let totals = &details["totals"];
     let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
