@@ -146,6 +146,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
         coordinator_keys,
         tls.sha256().to_owned(),
     ));
+    // An active pod is starting from the first probe on (never "waiting": a passive copy's
+    // 204 would make it ready before its service runs).
+    if ff
+        .annotations()
+        .is_ok_and(|a| state::start_mode(&a) == StartMode::Active)
+    {
+        ff.set_phase(Phase::Starting);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("failed to bind {}", args.listen))?;
@@ -177,7 +185,9 @@ async fn follow_start_mode(ff: Arc<Ff>) {
                     tracing::info!(start_mode = %mode, "start mode");
                     last = Some(mode);
                 }
-                if mode == StartMode::Active && ff.phase() == Phase::Waiting {
+                if mode == StartMode::Active
+                    && matches!(ff.phase(), Phase::Waiting | Phase::Starting)
+                {
                     if let Ok(_busy) = ff.busy.try_lock() {
                         ff.set_phase(Phase::Starting);
                         if let Err(e) = start(&ff).await {

@@ -214,7 +214,13 @@ impl Supervisor {
         match self.service() {
             // The whole group: the service and what it started, as a shell's job would.
             Some(pid) => {
-                if let Err(e) = kill(Pid::from_raw(-pid.as_raw()), sig) {
+                // Just started, the service may not lead its group yet (`setsid` has not run):
+                // then the signal goes to the process itself.
+                let sent = match kill(Pid::from_raw(-pid.as_raw()), sig) {
+                    Err(Errno::ESRCH) => kill(pid, sig),
+                    other => other,
+                };
+                if let Err(e) = sent {
                     tracing::warn!(signal = %sig, error = %e, "cannot forward the signal");
                 }
             }

@@ -219,10 +219,61 @@ fn the_kubelets_probes_are_the_services_own_once_it_runs() {
     assert_eq!(get(&address, "/probe/app?kind=startup").0, 200);
 
     // TERM reaches the service, which ends, and the supervisor with it.
+    terminate(&mut supervisor);
+}
+
+/// Sends TERM to the supervisor and waits (20 s at most) for it to end with its service.
+fn terminate(supervisor: &mut std::process::Child) {
     let term = Command::new("kill")
         .args(["-TERM", &supervisor.id().to_string()])
         .status()
         .unwrap();
     assert!(term.success());
-    supervisor.wait().unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while supervisor.try_wait().unwrap().is_none() {
+        if Instant::now() > until {
+            let _ = supervisor.kill();
+            panic!("the supervisor did not end on TERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An active pod is never ready before its service runs: from its first answer on, ums-ff is
+/// starting (or running), not waiting, so the kubelet cannot see the passive copy's 204.
+#[test]
+fn an_active_pod_is_not_ready_before_its_service_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let podinfo = dir.path().join("annotations");
+    // Its readiness: a file that never exists.
+    write_podinfo(&podinfo, "active", &dir.path().join("never"));
+    let mut supervisor = ums_ff()
+        .env("UMS_PODINFO", &podinfo)
+        .env("UMS_FF_CONTAINER", "app")
+        .args([
+            "run",
+            "--first-pid",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "while true; do sleep 0.1; done",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(supervisor.stderr.take().unwrap()).lines();
+    let address = loop {
+        let line = log.next().unwrap().unwrap();
+        if let Some(rest) = line.split_once("listen=").map(|(_, r)| r) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || log.for_each(drop));
+    let (status, body) = get(&address, "/probe/app?kind=readiness");
+    assert_eq!(status, 503, "{body}");
+    let (_, health) = get(&address, "/healthz");
+    assert!(!health.contains("\"waiting\""), "{health}");
+    // A TERM right at the service's start (before it leads its own group) still ends it.
+    terminate(&mut supervisor);
 }
