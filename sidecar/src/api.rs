@@ -176,13 +176,41 @@ async fn containers(State(sidecar): State<Arc<Sidecar>>) -> Result<Response, Api
     Ok(Json(sidecar.engine.list().await?).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct ProbeQuery {
+    kind: Option<ums_probe::Kind>,
+}
+
+/// The nested container's state for the kubelet (`/probe/{name}`; see `Sidecar::probe`). With
+/// `kind` (an ambassador's probes, as the webhook redirects them), a running container answers
+/// its own network probe of that kind too (through the pod's shared network namespace): 200, or
+/// 503 saying why it failed. Exec probes are answered by the state, as before.
 async fn probe(
     State(sidecar): State<Arc<Sidecar>>,
     Path(name): Path<String>,
+    Query(query): Query<ProbeQuery>,
 ) -> Result<Response, ApiError> {
     let outcome = sidecar.probe(&name).await?;
     if outcome.status == StatusCode::NO_CONTENT {
         return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let original = match query.kind {
+        Some(kind) if outcome.status == StatusCode::OK && outcome.state == "running" => sidecar
+            .podinfo
+            .read()
+            .await
+            .ok()
+            .and_then(|pod| pod.container(&name).cloned())
+            .and_then(|c| kind.of(&c).cloned().map(|p| (p, c))),
+        _ => None,
+    };
+    if let Some((probe, container)) = original {
+        let checked = ums_probe::run(&probe, &container, |_, _| async { Ok(()) }).await;
+        if let Err(failure) = checked {
+            let mut body = serde_json::to_value(&outcome).unwrap_or_default();
+            body["probe"] = failure.into();
+            return Ok((StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response());
+        }
     }
     Ok((outcome.status, Json(outcome)).into_response())
 }

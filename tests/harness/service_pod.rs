@@ -34,6 +34,9 @@ pub fn service_pod(
                     {"name": "WORKLOAD_JOURNAL", "value": format!("/state/journal-{container}")}
                 ],
                 "ports": [{"containerPort": 8080 + i}],
+                // Ready once it listens (its memory filled); a passive copy is ready before:
+                // its sidecar answers for it until the restore.
+                "readinessProbe": {"tcpSocket": {"port": 8080 + i}, "periodSeconds": 2},
                 "volumeMounts": [{"name": "state", "mountPath": "/state"}]
             })
         })

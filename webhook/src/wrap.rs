@@ -457,41 +457,39 @@ fn ambassador_container(
     config: &WrapConfig,
 ) -> Container {
     let name = &original.name;
-    let via_runtime = |base: Option<&Probe>| Probe {
-        http_get: Some(
-            probe_path(name, config.sidecar_port)
-                .http_get
-                .unwrap_or_default(),
-        ),
-        exec: None,
-        tcp_socket: None,
-        grpc: None,
-        ..base.cloned().unwrap_or_default()
+    // Every probe goes to the runtime's sidecar (`/probe/<name>?kind=...`, timings kept): it
+    // answers for a nested container that waits for its restore (a passive copy must be ready
+    // though nothing listens yet) or is frozen for its dump (never a liveness restart), and runs
+    // the original network probe through the pod's shared network namespace while the container
+    // runs. Exec probes name commands that only exist in the original image: the container's
+    // state answers them.
+    let via_runtime = |base: Option<&Probe>, kind: Option<&str>| {
+        let path = match kind {
+            Some(kind) => format!("/probe/{name}?kind={kind}"),
+            None => format!("/probe/{name}"),
+        };
+        Probe {
+            http_get: http_probe(&path, config.sidecar_port).http_get,
+            exec: None,
+            tcp_socket: None,
+            grpc: None,
+            ..base.cloned().unwrap_or_default()
+        }
     };
-    // Network probes reach the nested container directly (it shares the pod's network
-    // namespace); exec probes name commands that only exist in the original image, so they are
-    // answered by the runtime instead.
-    let keep_or_redirect = |probe: Option<&Probe>| -> Option<Probe> {
-        probe.map(|p| {
-            if p.exec.is_some() {
-                via_runtime(Some(p))
-            } else {
-                p.clone()
-            }
-        })
-    };
+    let redirect =
+        |probe: Option<&Probe>, kind: &str| probe.map(|p| via_runtime(Some(p), Some(kind)));
     let startup = match original.startup_probe.as_ref() {
-        Some(p) => keep_or_redirect(Some(p)),
+        Some(p) => redirect(Some(p), "startup"),
         None => Some(Probe {
             period_seconds: Some(2),
             // Nested image pulls and restores can take minutes.
             failure_threshold: Some(300),
-            ..via_runtime(None)
+            ..via_runtime(None, None)
         }),
     };
     let readiness = match original.readiness_probe.as_ref() {
-        Some(p) => keep_or_redirect(Some(p)),
-        None => Some(via_runtime(None)),
+        Some(p) => redirect(Some(p), "readiness"),
+        None => Some(via_runtime(None, None)),
     };
     Container {
         name: name.clone(),
@@ -517,7 +515,7 @@ fn ambassador_container(
         }]),
         startup_probe: startup,
         readiness_probe: readiness,
-        liveness_probe: keep_or_redirect(original.liveness_probe.as_ref()),
+        liveness_probe: redirect(original.liveness_probe.as_ref(), "liveness"),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -543,10 +541,6 @@ fn ambassador_container(
         }),
         ..Default::default()
     }
-}
-
-fn probe_path(container: &str, port: u16) -> Probe {
-    http_probe(&format!("/probe/{container}"), port)
 }
 
 fn http_probe(path: &str, port: u16) -> Probe {

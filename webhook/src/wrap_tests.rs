@@ -375,14 +375,29 @@ fn probes_follow_the_nested_container() {
     let wrapped = wrap(&original);
     let web_original = &original.spec.as_ref().unwrap().containers[0];
     let web = container(&wrapped, "web");
-    // HTTP and TCP probes reach the nested container through the shared network namespace.
-    assert_eq!(web.readiness_probe, web_original.readiness_probe);
-    assert_eq!(web.startup_probe, web_original.startup_probe);
-    // The exec liveness probe becomes a runtime probe with the same timings.
+    // Every probe goes to the runtime's sidecar, which runs the original network probe while
+    // the nested container runs, with the same timings.
+    for (probe, original, kind) in [
+        (
+            &web.readiness_probe,
+            &web_original.readiness_probe,
+            "readiness",
+        ),
+        (&web.startup_probe, &web_original.startup_probe, "startup"),
+    ] {
+        let (probe, original) = (probe.as_ref().unwrap(), original.as_ref().unwrap());
+        assert!(probe.tcp_socket.is_none() && probe.exec.is_none());
+        assert_eq!(
+            probe.http_get.as_ref().unwrap().path.as_deref(),
+            Some(format!("/probe/web?kind={kind}").as_str())
+        );
+        assert_eq!(probe.period_seconds, original.period_seconds);
+    }
+    // The exec liveness probe too, with the same timings.
     let liveness = web.liveness_probe.as_ref().unwrap();
     assert!(liveness.exec.is_none());
     let http = liveness.http_get.as_ref().unwrap();
-    assert_eq!(http.path.as_deref(), Some("/probe/web"));
+    assert_eq!(http.path.as_deref(), Some("/probe/web?kind=liveness"));
     assert_eq!(
         http.port,
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8888)
@@ -401,11 +416,16 @@ fn probes_follow_the_nested_container() {
     assert!(readiness.exec.is_none());
     assert_eq!(
         readiness.http_get.as_ref().unwrap().path.as_deref(),
-        Some("/probe/worker")
+        Some("/probe/worker?kind=readiness")
     );
     assert_eq!(readiness.period_seconds, Some(7));
-    // gRPC liveness is kept as it is.
-    assert!(worker.liveness_probe.as_ref().unwrap().grpc.is_some());
+    // gRPC liveness too (the sidecar checks its port).
+    let liveness = worker.liveness_probe.as_ref().unwrap();
+    assert!(liveness.grpc.is_none());
+    assert_eq!(
+        liveness.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/probe/worker?kind=liveness")
+    );
     // No startup probe in the original: the ambassador waits for the nested container.
     let startup = worker.startup_probe.as_ref().unwrap();
     assert_eq!(
