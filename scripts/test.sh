@@ -10,6 +10,20 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 ./scripts/install-host.sh
 
+# The run needs room: the build cache grows by a few GB, each test cluster's node keeps its
+# containerd state under /tmp, the images and workload archives under /var/lib/docker. A full
+# disk fails somewhere in the middle ("No space left on device" from cargo or containerd); the
+# free space is said here first so such a failure's cause is in the log.
+target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null | jq -r .target_directory)
+for dir in "$target_dir" /tmp /var/lib/docker; do
+  mkdir -p "$dir"
+  free_gib=$(( $(df --output=avail -k "$dir" | tail -1) / 1048576 ))
+  echo "[test] disk: ${free_gib} GiB free for $dir"
+  if [ "$free_gib" -lt 10 ]; then
+    echo "[test] WARNING: less than 10 GiB free for $dir; the run may fail on a full disk (a cargo target dir's debug/incremental and old /tmp/ums-cluster-* directories can go)" >&2
+  fi
+done
+
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy"
