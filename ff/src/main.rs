@@ -150,7 +150,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<i32> {
     // 204 would make it ready before its service runs).
     if ff
         .annotations()
-        .is_ok_and(|a| state::start_mode(&a) == StartMode::Active)
+        .is_ok_and(|a| a.start_mode_or_default() == StartMode::Active)
     {
         ff.set_phase(Phase::Starting);
     }
@@ -180,7 +180,7 @@ async fn follow_start_mode(ff: Arc<Ff>) {
     loop {
         match ff.annotations() {
             Ok(annotations) => {
-                let mode = state::start_mode(&annotations);
+                let mode = annotations.start_mode_or_default();
                 if last != Some(mode) {
                     tracing::info!(start_mode = %mode, "start mode");
                     last = Some(mode);

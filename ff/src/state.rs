@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use ums_contract::{parse_podinfo, MigrationAnnotations, StartMode};
+use ums_contract::{parse_podinfo, MigrationAnnotations};
 
 use crate::carry::Volume;
 use crate::supervise::Supervisor;
@@ -108,11 +108,6 @@ pub fn read_annotations(path: &Path) -> Result<MigrationAnnotations, String> {
     };
     let raw = parse_podinfo(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     MigrationAnnotations::parse(&raw).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// The start mode the annotations ask for.
-pub fn start_mode(annotations: &MigrationAnnotations) -> StartMode {
-    annotations.start_mode_or_default()
 }
 
 /// `bytes` random bytes, hex.

@@ -171,19 +171,15 @@ fn write_podinfo(file: &std::path::Path, start_mode: &str, ready_file: &std::pat
     std::fs::rename(&temporary, file).unwrap();
 }
 
-/// The kubelet's probes, redirected to ums-ff by the webhook: ready while a passive pod waits
-/// for its restore (nothing runs), then the service's own probes decide: a command run in the
-/// container, a TCP connect.
-#[test]
-fn the_kubelets_probes_are_the_services_own_once_it_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let podinfo = dir.path().join("annotations");
-    let ready = dir.path().join("ready");
-    write_podinfo(&podinfo, "passive", &ready);
+/// `ums-ff run [options] -- <a service that runs until stopped>` as container `app` of the pod
+/// whose annotations are `podinfo`; the supervisor and the address its API listens on.
+fn supervise_app(podinfo: &std::path::Path, options: &[&str]) -> (std::process::Child, String) {
     let mut supervisor = ums_ff()
-        .env("UMS_PODINFO", &podinfo)
+        .env("UMS_PODINFO", podinfo)
         .env("UMS_FF_CONTAINER", "app")
-        .args(["run", "--", "sh", "-c", "while true; do sleep 0.1; done"])
+        .arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", "while true; do sleep 0.1; done"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -195,6 +191,19 @@ fn the_kubelets_probes_are_the_services_own_once_it_runs() {
         }
     };
     std::thread::spawn(move || log.for_each(drop));
+    (supervisor, address)
+}
+
+/// The kubelet's probes, redirected to ums-ff by the webhook: ready while a passive pod waits
+/// for its restore (nothing runs), then the service's own probes decide: a command run in the
+/// container, a TCP connect.
+#[test]
+fn the_kubelets_probes_are_the_services_own_once_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let podinfo = dir.path().join("annotations");
+    let ready = dir.path().join("ready");
+    write_podinfo(&podinfo, "passive", &ready);
+    let (mut supervisor, address) = supervise_app(&podinfo, &[]);
 
     assert_eq!(get(&address, "/probe/app?kind=readiness").0, 204, "waiting");
     assert_eq!(get(&address, "/probe/app?kind=liveness").0, 204, "waiting");
@@ -247,29 +256,7 @@ fn an_active_pod_is_not_ready_before_its_service_runs() {
     let podinfo = dir.path().join("annotations");
     // Its readiness: a file that never exists.
     write_podinfo(&podinfo, "active", &dir.path().join("never"));
-    let mut supervisor = ums_ff()
-        .env("UMS_PODINFO", &podinfo)
-        .env("UMS_FF_CONTAINER", "app")
-        .args([
-            "run",
-            "--first-pid",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "while true; do sleep 0.1; done",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(supervisor.stderr.take().unwrap()).lines();
-    let address = loop {
-        let line = log.next().unwrap().unwrap();
-        if let Some(rest) = line.split_once("listen=").map(|(_, r)| r) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || log.for_each(drop));
+    let (mut supervisor, address) = supervise_app(&podinfo, &["--first-pid", "1"]);
     let (status, body) = get(&address, "/probe/app?kind=readiness");
     assert_eq!(status, 503, "{body}");
     let (_, health) = get(&address, "/healthz");
