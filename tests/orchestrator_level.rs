@@ -360,9 +360,8 @@ async fn one_ums_call_moves_an_unannotated_two_container_pod() {
     assert_eq!(
         status["phase"],
         "Succeeded",
-        "{status}\n--- cloud coordinator:\n{}\n--- edge coordinator:\n{}",
-        cloud_coordinator.log(),
-        edge_coordinator.log()
+        "{status}\n{}",
+        two.coordinator_logs()
     );
     assert_eq!(status["destinationCluster"], edge.name.as_str());
     let back_ip = edge

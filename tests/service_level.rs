@@ -111,7 +111,6 @@ async fn an_ff_service_moves_between_clusters_and_back_with_its_state_and_pids()
         edge,
         cloud,
         edge_coordinator,
-        cloud_coordinator,
         ..
     } = &two;
     import_ff_images(&[edge, cloud]);
@@ -158,13 +157,7 @@ async fn an_ff_service_moves_between_clusters_and_back_with_its_state_and_pids()
     let (status, report) = two
         .migrate(json!({"name": "service", "destinationUrl": two.destination}))
         .await;
-    assert_eq!(
-        status,
-        200,
-        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
-        edge_coordinator.log(),
-        cloud_coordinator.log()
-    );
+    assert_eq!(status, 200, "{report}\n{}", two.coordinator_logs());
     // The figures the README quotes (run with --nocapture).
     eprintln!("ff report: {report}");
     assert_eq!(report["migrationInterface"], "ff", "{report}");
@@ -208,9 +201,8 @@ async fn an_ff_service_moves_between_clusters_and_back_with_its_state_and_pids()
     assert_eq!(
         status["phase"],
         "Succeeded",
-        "{status}\n--- cloud coordinator:\n{}\n--- edge coordinator:\n{}",
-        cloud_coordinator.log(),
-        edge_coordinator.log()
+        "{status}\n{}",
+        two.coordinator_logs()
     );
     let back_ip = edge
         .wait_running_and_ready("service", Duration::from_secs(60))

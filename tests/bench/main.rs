@@ -457,13 +457,7 @@ async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
     let (status, report) = two
         .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
         .await;
-    assert_eq!(
-        status,
-        200,
-        "{report}\n--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
-        two.edge_coordinator.log(),
-        two.cloud_coordinator.log()
-    );
+    assert_eq!(status, 200, "{report}\n{}", two.coordinator_logs());
     let ip = report["destination"]["podIp"].as_str().unwrap();
     let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
     assert!(

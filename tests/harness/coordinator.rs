@@ -428,6 +428,15 @@ impl TwoClusters {
 
     /// Waits until edge's migration has passed `creating`; panics unless it is then in
     /// `migrating` (the state on its way sidecar to sidecar).
+    /// Both coordinators' logs, for a failed assertion's message.
+    pub fn coordinator_logs(&self) -> String {
+        format!(
+            "--- edge coordinator:\n{}\n--- cloud coordinator:\n{}",
+            self.edge_coordinator.log(),
+            self.cloud_coordinator.log()
+        )
+    }
+
     /// Edge's newest migration's ID and the answer to an operator's abort of it
     /// (`POST /migrations/{id}/abort` on edge's coordinator).
     pub async fn abort_edge_migration(&self) -> (String, u16, Value) {
