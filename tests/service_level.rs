@@ -233,7 +233,14 @@ async fn what_cannot_migrate_as_ff_is_refused_before_anything_is_frozen() {
     let ip = edge
         .wait_running_and_ready("plain", Duration::from_secs(180))
         .await;
-    let before = ask_service(&ip, 8080).await.unwrap();
+    // Without a readiness probe the pod is ready before the workload listens (it fills its
+    // memory first): wait for its answer.
+    let before = ums_tests::poll(
+        "the plain service to answer",
+        Duration::from_secs(60),
+        || async { ask_service(&ip, 8080).await },
+    )
+    .await;
     let (status, answer) = two
         .migrate(json!({"name": "plain", "destinationUrl": two.destination}))
         .await;
