@@ -163,6 +163,16 @@ impl Coordinator {
         }
         self.check_prerequisites(&request.namespace, &request.pod)
             .await?;
+        // A copy bound to a node: that node must exist and take pods (a cordoned or absent
+        // node would leave it Pending until the timeout).
+        if let Some(node) = request
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+        {
+            self.place_copy(None, Some(node)).await?;
+        }
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), &request.namespace);
         let mut pod = request.pod.clone();
         pod.metadata.namespace = Some(request.namespace.clone());

@@ -20,6 +20,9 @@
 //! - [`checkpoint_upload`]: the orchestrator-level interface's destination half: checkpoint
 //!   archives stream in and become checkpoint OCI images in this cluster's registry, once
 //!   [`restore_preflight`] found nothing here that would make the restore fail;
+//! - [`target`]: where a migration goes, another cluster's coordinator or another node of
+//!   this cluster (the copy made here by the same destination code), with [`placement`]:
+//!   which node takes a copy and what it is called;
 //! - [`peer`]: mutual TLS to the other coordinator; [`api`]: the routes; [`auth`]: who may call
 //!   which route; [`state`]: what they share;
 //!   [`metrics`]: Prometheus.
@@ -40,10 +43,12 @@ pub mod migrate;
 pub mod orchestrator;
 pub mod outcome;
 pub mod peer;
+pub mod placement;
 pub mod pod;
 pub mod prerequisites;
 pub mod recovery;
 pub mod restore_preflight;
 pub mod state;
+pub mod target;
 
 pub use args::Args;

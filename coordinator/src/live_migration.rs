@@ -31,7 +31,12 @@ pub fn resource() -> ApiResource {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Spec {
     pub pod: String,
-    pub destination: String,
+    /// The destination cluster's coordinator; absent: another node of this cluster.
+    #[serde(default)]
+    pub destination: Option<String>,
+    /// The node the copy runs on (of this cluster without `destination`).
+    #[serde(default, rename = "destinationNode")]
+    pub destination_node: Option<String>,
     #[serde(default)]
     pub keep: bool,
     #[serde(default, rename = "postCopy")]
@@ -112,7 +117,8 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                 validate(MigrateRequest {
                     name: Some(spec.pod),
                     namespace: Some(namespace.clone()),
-                    destination_url: Some(spec.destination),
+                    destination_url: spec.destination.filter(|d| !d.is_empty()),
+                    destination_node: spec.destination_node,
                     keep: spec.keep,
                     interface: None,
                     post_copy: spec.post_copy,
@@ -134,7 +140,7 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
             coordinator.begin(
                 &id,
                 &format!("{namespace}/{}", request.name),
-                &request.destination,
+                &request.destination_text(),
             );
             set_status(&api, &name, json!({"phase": "Pending", "migrationId": id})).await;
             tracing::info!(livemigration = %name, migration = %id, "LiveMigration started");
@@ -178,6 +184,7 @@ async fn drive(
             "phases": phases_json(&report.phases),
             "destinationPod": report.destination.pod,
             "destinationCluster": report.destination.cluster,
+            "destinationNode": report.destination.node,
             // The state carried: the archive's content, and with post-copy the page stream.
             "bytes": report.sidecar["totals"]["contentBytes"].as_u64().unwrap_or(0)
                 + report.sidecar["totals"]["pageBytes"].as_u64().unwrap_or(0),
@@ -225,5 +232,11 @@ mod tests {
         assert!(spec.post_copy);
         let spec: Spec = serde_json::from_value(json!({"pod": "p", "destination": "c:1"})).unwrap();
         assert!(!spec.post_copy && !spec.keep);
+        let spec: Spec =
+            serde_json::from_value(json!({"pod": "p", "destinationNode": "n2"})).unwrap();
+        assert_eq!(
+            (spec.destination, spec.destination_node.as_deref()),
+            (None, Some("n2"))
+        );
     }
 }

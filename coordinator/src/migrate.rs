@@ -19,9 +19,11 @@ use crate::error::ApiError;
 use crate::journal::{keep_patch, unlock_patch, SourceJournal, ANNOTATION_LOCKED_BY};
 use crate::metrics::Outcome;
 use crate::outcome::SourceRef;
-use crate::peer::{peer_base_url, Peer};
+use crate::peer::peer_base_url;
+use crate::placement::{copy_name, ANNOTATION_ORIGINAL_NAME};
 use crate::pod::{check, destination_pod};
 use crate::state::Coordinator;
+use crate::target::{Target, THIS_CLUSTER};
 
 /// UMS's request body (its names, so UMS users' calls work).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -30,7 +32,11 @@ pub struct MigrateRequest {
     pub name: Option<String>,
     pub namespace: Option<String>,
     /// The destination cluster's coordinator: `host:port` (UMS) or `https://host:port`.
+    /// Absent with `destinationNode`: another node of this cluster.
     pub destination_url: Option<String>,
+    /// The node the copy runs on: of this cluster without `destinationUrl`, of the
+    /// destination cluster with it.
+    pub destination_node: Option<String>,
     /// Keep the source pod (emptied, `migration-start-mode: null`) instead of deleting it.
     #[serde(default)]
     pub keep: bool,
@@ -69,6 +75,10 @@ pub struct DestinationPod {
     pub cluster: String,
     pub pod: String,
     pub pod_ip: String,
+    /// The node the copy was placed on, when the migration named one or stayed in this
+    /// cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A request validated: the fields UMS requires, defaults applied.
@@ -76,27 +86,55 @@ pub struct DestinationPod {
 pub struct Validated {
     pub name: String,
     pub namespace: String,
+    /// The destination coordinator's URL, or [`THIS_CLUSTER`] (another node of this one).
     pub destination: String,
+    /// The node the copy must run on.
+    pub node: Option<String>,
     pub keep: bool,
     pub interface: Option<String>,
     pub post_copy: bool,
 }
 
-/// UMS's checks on the body: `name` and `destinationUrl` are required; namespace defaults to
-/// `default`.
+impl Validated {
+    /// Whether the copy is made in this cluster (a node-to-node move).
+    pub fn in_this_cluster(&self) -> bool {
+        self.destination == THIS_CLUSTER
+    }
+
+    /// The destination as records and logs name it.
+    pub fn destination_text(&self) -> String {
+        match (&self.node, self.in_this_cluster()) {
+            (Some(node), true) => format!("node {node} of this cluster"),
+            (None, true) => "another node of this cluster".to_owned(),
+            (Some(node), false) => format!("{} (node {node})", self.destination),
+            (None, false) => self.destination.clone(),
+        }
+    }
+}
+
+/// UMS's checks on the body: `name` and `destinationUrl` (or, for a move to another node of
+/// this cluster, `destinationNode`) are required; namespace defaults to `default`.
 pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
     let name = request
         .name
         .filter(|n| !n.trim().is_empty())
         .ok_or_else(|| ApiError::bad_request("name is required (the pod to migrate)"))?;
-    let destination = request
-        .destination_url
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "destinationUrl is required (the destination cluster's coordinator, host:port)",
-            )
-        })
-        .and_then(|d| peer_base_url(&d))?;
+    let node = request
+        .destination_node
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    if let Some(node) = &node {
+        check_subdomain("destinationNode", node)?;
+    }
+    let destination = match (request.destination_url, &node) {
+        (Some(url), _) => peer_base_url(&url)?,
+        (None, Some(_)) => THIS_CLUSTER.to_owned(),
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "destinationUrl (the destination cluster's coordinator, host:port) or destinationNode (another node of this cluster) is required",
+            ))
+        }
+    };
     // The orchestrator-level interface under UMS's name, or the name users read.
     let interface = request.interface.map(|i| match i.as_str() {
         "orchestrator" => crate::orchestrator::INTERFACE.to_owned(),
@@ -119,6 +157,7 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         name,
         namespace,
         destination,
+        node,
         keep: request.keep,
         interface,
         post_copy: request.post_copy,
@@ -178,7 +217,7 @@ impl Coordinator {
         let started = Instant::now();
         let pod_name = format!("{}/{}", request.namespace, request.name);
         if self.record(id).is_none() {
-            self.begin(id, &pod_name, &request.destination);
+            self.begin(id, &pod_name, &request.destination_text());
         }
         let result = self.migrate_inner(&request, id, started).await;
         match &result {
@@ -224,6 +263,12 @@ impl Coordinator {
                 .in_phase("checking")
             })?;
         if crate::orchestrator::is_orchestrator_level(&pod, request.interface.as_deref()) {
+            if request.node.is_some() {
+                return Err(ApiError::bad_request(
+                    "destinationNode: an orchestrator-level (ssu) pod moves between clusters only, and its copy is placed by the destination cluster (node-to-node moves are for dind, pind and ff pods)",
+                )
+                .in_phase("checking"));
+            }
             if request.keep || request.post_copy {
                 return Err(ApiError::bad_request(
                     "keep and postCopy apply to wrapped pods (dind, pind): an orchestrator-level migration stops the source and copies its state once",
@@ -248,8 +293,24 @@ impl Coordinator {
             ))
             .in_phase("checking"));
         }
-        let peer = Peer::new(self.peers.clone(), request.destination.clone());
-        let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
+        let target = Target::of(self.peers.clone(), &request.destination);
+        let identity = self
+            .target_identity(&target)
+            .await
+            .map_err(|e| e.in_phase("checking"))?;
+        // In this cluster the copy needs a node other than the source's, and a name of its
+        // own (pods' names are unique in a namespace).
+        let source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let (copy, node) = if request.in_this_cluster() {
+            let node = self
+                .place_copy(source_node.as_deref(), request.node.as_deref())
+                .await
+                .map_err(|e| e.in_phase("checking"))?;
+            let annotations = pod.metadata.annotations.as_ref();
+            (copy_name(&request.name, annotations, id), Some(node))
+        } else {
+            (request.name.clone(), request.node.clone())
+        };
         // The sidecar run the pod is checked with: a restart before the state moves is then
         // refused by the sidecar, and one after it is named in the answer.
         let checked = self.sidecar_health(&migratable.ip).await;
@@ -283,19 +344,45 @@ impl Coordinator {
 
         // The passive copy at the destination.
         self.enter(id, "creating");
+        let mut copy_pod = destination_pod(&pod, &migratable.containers, id);
+        if request.in_this_cluster() {
+            let original = pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_ORIGINAL_NAME))
+                .cloned()
+                .unwrap_or_else(|| request.name.clone());
+            copy_pod.metadata.name = Some(copy.clone());
+            copy_pod
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(ANNOTATION_ORIGINAL_NAME.to_owned(), original);
+        }
+        if let Some(spec) = copy_pod.spec.as_mut() {
+            spec.node_name = node.clone();
+        }
+        // The copy asks its source what became of the migration; in this cluster it is
+        // this coordinator, asked without a network hop.
+        let source_url = if request.in_this_cluster() {
+            Some(THIS_CLUSTER.to_owned())
+        } else {
+            self.advertise_url.clone()
+        };
         let create = CreateRequest {
             migration_id: id.to_owned(),
             namespace: request.namespace.clone(),
-            pod: destination_pod(&pod, &migratable.containers, id),
-            source: self.advertise_url.clone().map(|url| SourceRef {
+            pod: copy_pod,
+            source: source_url.map(|url| SourceRef {
                 url,
                 namespace: request.namespace.clone(),
                 name: request.name.clone(),
             }),
             interface: None,
         };
-        let creating = peer.post::<_, CreateAnswer>(
-            "/create",
+        let creating = self.target_create(
+            &target,
             &create,
             self.pod_ready_timeout + Duration::from_secs(30),
         );
@@ -322,7 +409,8 @@ impl Coordinator {
                     e.rollback
                         .push("the destination refused: it created no pod".to_owned());
                 } else {
-                    e.rollback.push(self.delete_copy(&peer, id, request).await);
+                    e.rollback
+                        .push(self.delete_copy(&target, id, request, &copy).await);
                 }
                 e.rollback.push(unlock().await);
                 return Err(e.in_phase("creating"));
@@ -351,7 +439,8 @@ impl Coordinator {
                 "could not write the migration's journal on the source pod: {}",
                 e.message
             );
-            e.rollback.push(self.delete_copy(&peer, id, request).await);
+            e.rollback
+                .push(self.delete_copy(&target, id, request, &copy).await);
             e.rollback.push(unlock().await);
             return Err(e.in_phase("creating"));
         }
@@ -434,7 +523,8 @@ impl Coordinator {
                         crate::peer::error_chain(&e)
                     )),
                 };
-                e.rollback.push(self.delete_copy(&peer, id, request).await);
+                e.rollback
+                    .push(self.delete_copy(&target, id, request, &copy).await);
                 e.rollback.push(unlock().await);
                 // The answer says where the service runs now, as the source's sidecar sees
                 // it after its own rollback (a clean-looking rollback may hide a source whose
@@ -475,7 +565,7 @@ impl Coordinator {
             namespace: request.namespace.clone(),
             name: created.name.clone(),
         };
-        self.activate_copy(&peer, &pod_request, &created.migration_credential)
+        self.activate_copy(&target, &pod_request, &created.migration_credential)
             .await
             .map_err(|e| {
                 let mut e = ApiError::bad_gateway(format!(
@@ -493,7 +583,7 @@ impl Coordinator {
             .map_err(|e| e.in_phase("finishing"))?;
         self.enter(id, "done");
         let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
-        tracing::info!(migration = id, pod = %request.name, destination = %request.destination, "migration done");
+        tracing::info!(migration = id, pod = %request.name, destination = %request.destination_text(), copy = %created.name, "migration done");
         Ok(MigrateReport {
             message: "migration complete!",
             migration_id_ums: id.to_owned(),
@@ -505,6 +595,7 @@ impl Coordinator {
                 cluster: identity.cluster,
                 pod: format!("{}/{}", created.namespace, created.name),
                 pod_ip: created.pod_ip,
+                node,
             },
             source_kept: request.keep,
             phases,
@@ -583,21 +674,13 @@ impl Coordinator {
     /// service for it); a refusal is not asked again.
     pub(crate) async fn activate_copy(
         &self,
-        peer: &Peer,
+        target: &Target,
         request: &PodRequest,
         credential: &str,
     ) -> Result<Value, ApiError> {
         let until = Instant::now() + Duration::from_secs(120);
         loop {
-            match peer
-                .post_with::<_, Value>(
-                    "/restore",
-                    request,
-                    Some(credential),
-                    Duration::from_secs(60),
-                )
-                .await
-            {
+            match self.target_restore(target, request, credential).await {
                 Err(e) if e.is_transient() && Instant::now() < until => {
                     tracing::warn!(migration = %request.migration_id, error = %e.message, "making the copy active failed; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -700,16 +783,19 @@ impl Coordinator {
         }
     }
 
-    async fn delete_copy(&self, peer: &Peer, id: &str, request: &Validated) -> String {
+    async fn delete_copy(
+        &self,
+        target: &Target,
+        id: &str,
+        request: &Validated,
+        copy: &str,
+    ) -> String {
         let pod_request = PodRequest {
             migration_id: id.to_owned(),
             namespace: request.namespace.clone(),
-            name: request.name.clone(),
+            name: copy.to_owned(),
         };
-        match peer
-            .post::<_, Value>("/delete", &pod_request, Duration::from_secs(60))
-            .await
-        {
+        match self.target_delete(target, &pod_request).await {
             Ok(answer) if answer["deleted"] == true => "destination pod deleted".to_owned(),
             Ok(_) => "no destination pod to delete".to_owned(),
             Err(e) => format!(
@@ -748,6 +834,18 @@ mod tests {
         assert!(e.message.contains("name"), "{e}");
         let e = request(json!({"name": "svc"})).unwrap_err();
         assert!(e.message.contains("destinationUrl"), "{e}");
+        assert!(e.message.contains("destinationNode"), "{e}");
+        // Another node of this cluster; or a node of the destination cluster.
+        let v = request(json!({"name": "svc", "destinationNode": "node-2"})).unwrap();
+        assert!(v.in_this_cluster());
+        assert_eq!(v.node.as_deref(), Some("node-2"));
+        assert_eq!(v.destination_text(), "node node-2 of this cluster");
+        let v = request(json!({"name": "svc", "destinationUrl": "c:1", "destinationNode": "n"}))
+            .unwrap();
+        assert!(!v.in_this_cluster());
+        assert_eq!(v.destination_text(), "https://c:1 (node n)");
+        let e = request(json!({"name": "svc", "destinationNode": "Node_2"})).unwrap_err();
+        assert!(e.message.contains("destinationNode"), "{e}");
         let v =
             request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"})).unwrap();
         assert_eq!(v.interface.as_deref(), Some("ff"));

@@ -962,6 +962,7 @@ impl Coordinator {
                 cluster: identity.cluster,
                 pod: format!("{}/{}", created.namespace, created.name),
                 pod_ip: created.pod_ip,
+                node: None,
             },
             source_kept: false,
             phases,

@@ -30,6 +30,7 @@ use crate::outcome::{
 };
 use crate::peer::Peer;
 use crate::state::Coordinator;
+use crate::target::{Target, THIS_CLUSTER};
 
 pub use crate::journal::{ANNOTATION_COPY_OF, ANNOTATION_LOCKED_BY};
 
@@ -254,13 +255,13 @@ impl Coordinator {
         name: &str,
         journal: &SourceJournal,
     ) -> Result<(), ApiError> {
-        let peer = Peer::new(self.peers.clone(), journal.destination.clone());
+        let target = Target::of(self.peers.clone(), &journal.destination);
         let request = PodRequest {
             migration_id: journal.migration_id.clone(),
             namespace: journal.copy_namespace.clone(),
             name: journal.copy_name.clone(),
         };
-        self.activate_copy(&peer, &request, &journal.credential)
+        self.activate_copy(&target, &request, &journal.credential)
             .await?;
         let pods: Api<Pod> = Api::namespaced(self.kube.clone(), namespace);
         self.release_source(&pods, name, journal.keep).await
@@ -373,11 +374,17 @@ impl Coordinator {
                 namespace: source.namespace.clone(),
                 name: source.name.clone(),
             };
-            let peer = Peer::source(self.peers.clone(), source.url.clone());
-            let answer: serde_json::Value = match peer
-                .post("/outcome", &request, Duration::from_secs(30))
-                .await
-            {
+            // A copy in the source's own cluster (a node-to-node move) asks this coordinator.
+            let asked = if source.url == THIS_CLUSTER {
+                self.outcome_of(&request).await.map(
+                    |(outcome, detail)| serde_json::json!({"outcome": outcome, "detail": detail}),
+                )
+            } else {
+                Peer::source(self.peers.clone(), source.url.clone())
+                    .post("/outcome", &request, Duration::from_secs(30))
+                    .await
+            };
+            let answer: serde_json::Value = match asked {
                 Ok(answer) => answer,
                 Err(e) => {
                     tracing::warn!(pod = %name, namespace = %namespace, migration = %id, error = %e.message, "a passive copy runs restored containers and its source did not say what became of the migration; asking again");
