@@ -66,6 +66,8 @@ pub struct Cluster {
     apiserver: Child,
     webhook_container: String,
     node: Option<NodeAgent>,
+    /// Nodes added with [`Cluster::add_node`] (their names and agents).
+    extra_nodes: Vec<(String, NodeAgent)>,
 }
 
 /// The node agent of a cluster and its pod network.
@@ -227,6 +229,7 @@ impl Cluster {
             apiserver,
             webhook_container,
             node: None,
+            extra_nodes: Vec::new(),
         };
         cluster.write_kubeconfigs();
         cluster.wait_ready(Duration::from_secs(60));
@@ -317,6 +320,79 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Adds a node to a cluster started with [`Cluster::start_with_node`]: another
+    /// `ums-node-agent` on the outer engine, on the same pod network, which runs only the pods
+    /// bound to it (the first node runs the unbound ones: the rig has no scheduler). Returns
+    /// its name (`<cluster>-n2`, `-n3`, ...) once its Node object is Ready.
+    pub fn add_node(&mut self) -> String {
+        let first = self.node.as_ref().expect("a cluster with a node");
+        assert!(
+            first.kubelet_port.is_none(),
+            "add_node adds Docker-runtime nodes"
+        );
+        let (network, subnet) = (first.network.clone(), first.subnet.clone());
+        let name = format!("{}-n{}", self.name, self.extra_nodes.len() + 2);
+        let log = std::fs::File::create(self.dir.join(format!("node-agent-{name}.log"))).unwrap();
+        let child = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"))
+            .env("KUBECONFIG", self.kubeconfig(User::Admin))
+            .env("UMS_NODE_NAME", &name)
+            .env("UMS_RUN_UNBOUND", "false")
+            .env("UMS_POD_NETWORK", &network)
+            .env("UMS_POD_SUBNET", &subnet)
+            .env("UMS_NODE_STATE_DIR", self.dir.join(format!("node-{name}")))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ums-node-agent");
+        self.extra_nodes.push((
+            name.clone(),
+            NodeAgent {
+                child,
+                network,
+                subnet,
+                kubelet_port: None,
+            },
+        ));
+        let until = Instant::now() + Duration::from_secs(90);
+        loop {
+            let nodes = self.get_json(&["nodes"]);
+            let ready = nodes["items"].as_array().into_iter().flatten().any(|n| {
+                n["metadata"]["name"] == name.as_str()
+                    && n["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
+            if ready {
+                return name;
+            }
+            assert!(
+                Instant::now() < until,
+                "node {name} of {} did not become Ready:\n{}",
+                self.name,
+                self.node_log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The name of the cluster's first node (its Node object; it also runs unbound pods).
+    pub fn first_node(&self) -> &str {
+        &self.name
+    }
+
+    /// The node a pod is bound to (`spec.nodeName`; the first node for an unbound pod).
+    pub fn node_of(&self, namespace: &str, pod: &str) -> String {
+        let pod = self.get_json(&["pod", "-n", namespace, pod]);
+        pod["spec"]["nodeName"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.name)
+            .to_owned()
     }
 
     /// Waits until the pod is Running with every container ready; returns its IP.
@@ -538,8 +614,8 @@ impl Cluster {
             .as_str()
             .expect("the pod has a uid")
             .to_owned();
-        self.dir
-            .join("node/pods")
+        self.pod_state_dir(&uid)
+            .join("pods")
             .join(uid)
             .join("volumes/kubernetes.io~empty-dir")
             .join(volume)
@@ -563,8 +639,8 @@ impl Cluster {
             .unwrap()
             .to_owned();
         let dir = self
-            .dir
-            .join("node/pods")
+            .pod_state_dir(&uid)
+            .join("pods")
             .join(uid)
             .join("logs")
             .join(container);
@@ -584,9 +660,23 @@ impl Cluster {
             .collect()
     }
 
-    /// The node agent's log.
+    /// The node agents' logs (the first node's, then each added node's).
     pub fn node_log(&self) -> String {
-        tail(&self.dir.join("node-agent.log"), 60)
+        let mut text = tail(&self.dir.join("node-agent.log"), 60);
+        for (name, _) in &self.extra_nodes {
+            text.push_str(&format!("\n--- node agent of {name}:\n"));
+            text.push_str(&tail(&self.dir.join(format!("node-agent-{name}.log")), 60));
+        }
+        text
+    }
+
+    /// The state directory of the node that runs `uid`'s pod (`node/` for the first node).
+    fn pod_state_dir(&self, uid: &str) -> PathBuf {
+        self.extra_nodes
+            .iter()
+            .map(|(name, _)| self.dir.join(format!("node-{name}")))
+            .find(|dir| dir.join("pods").join(uid).exists())
+            .unwrap_or_else(|| self.dir.join("node"))
     }
 
     /// The object as JSON (`kubectl get -o json`, as admin).
@@ -889,6 +979,26 @@ fn tail(path: &Path, lines: usize) -> String {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for (name, mut node) in self.extra_nodes.drain(..) {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+            let label = format!("label=io.ums-rs.node-agent.node={name}");
+            if let Ok(out) = Command::new("docker")
+                .args(["ps", "-aq", "--filter", &label])
+                .output()
+            {
+                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                if !ids.is_empty() {
+                    let _ = Command::new("docker")
+                        .args(["rm", "--force", "--volumes"])
+                        .args(&ids)
+                        .output();
+                }
+            }
+        }
         if let Some(mut node) = self.node.take() {
             let _ = node.child.kill();
             let _ = node.child.wait();

@@ -45,7 +45,7 @@ if [ ! -f "$root/.complete" ]; then
 fi
 
 goroot="$root/usr/lib/go-1.27"
-source_key=$( (echo "$root_key"; cd "$here" && sha256sum ./*.go) | sha256sum | cut -c1-16)
+source_key=$( (echo "$root_key"; cd "$here" && sha256sum ./*.go build.sh) | sha256sum | cut -c1-16)
 out="$cache/bin-$source_key"
 if [ ! -x "$out/ums-test-apiserver" ]; then
   gopath="$cache/gopath"
@@ -55,12 +55,13 @@ if [ ! -x "$out/ums-test-apiserver" ]; then
     GOFLAGS= GOCACHE="$cache/go-build" GOTOOLCHAIN=local CGO_ENABLED=0 PATH="$goroot/bin:$PATH"
   # The OpenAPI definitions of the served types, as kube-apiserver generates its own
   # (k8s.io/kubernetes' generated file is not packaged).
-  log "openapi-gen (kube-openapi) for core/v1, admissionregistration/v1 and apimachinery"
+  log "openapi-gen (kube-openapi) for core/v1, admissionregistration/v1, policy/v1 and apimachinery"
   go build -o "$cache/openapi-gen" k8s.io/kube-openapi/cmd/openapi-gen
   "$cache/openapi-gen" --output-dir "$gopath/src/ums-rs/apiserver/openapi" \
     --output-pkg ums-rs/apiserver/openapi --output-file zz_generated.openapi.go \
     --go-header-file /dev/null --report-filename "$cache/openapi-api-rule-violations.txt" \
-    k8s.io/api/core/v1 k8s.io/api/admissionregistration/v1 k8s.io/apimachinery/pkg/apis/meta/v1 \
+    k8s.io/api/core/v1 k8s.io/api/admissionregistration/v1 k8s.io/api/policy/v1 \
+    k8s.io/apimachinery/pkg/apis/meta/v1 \
     k8s.io/apimachinery/pkg/runtime k8s.io/apimachinery/pkg/version \
     k8s.io/apimachinery/pkg/api/resource k8s.io/apimachinery/pkg/util/intstr
   log "go build (GOPATH mode; about 4-7 min cold on 2 cores, seconds with the cache)"

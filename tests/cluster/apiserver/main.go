@@ -18,6 +18,7 @@ import (
 	noopoteltrace "go.opentelemetry.io/otel/trace/noop"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -31,6 +32,7 @@ import (
 	discoveryendpoint "k8s.io/apiserver/pkg/endpoints/discovery/aggregated"
 	openapinamer "k8s.io/apiserver/pkg/endpoints/openapi"
 	"k8s.io/apiserver/pkg/registry/generic"
+	genericregistry "k8s.io/apiserver/pkg/registry/generic/registry"
 	"k8s.io/apiserver/pkg/registry/rest"
 	genericapiserver "k8s.io/apiserver/pkg/server"
 	genericoptions "k8s.io/apiserver/pkg/server/options"
@@ -56,6 +58,7 @@ var (
 func init() {
 	must(corev1.AddToScheme(Scheme))
 	must(admissionregistrationv1.AddToScheme(Scheme))
+	must(policyv1.AddToScheme(Scheme))
 	internal := func(gv schema.GroupVersion, types ...runtime.Object) {
 		Scheme.AddKnownTypes(schema.GroupVersion{Group: gv.Group, Version: runtime.APIVersionInternal}, types...)
 	}
@@ -69,6 +72,11 @@ func init() {
 		admission = append(admission, r.newFunc(), r.newListFunc())
 	}
 	internal(admissionregistrationv1.SchemeGroupVersion, admission...)
+	policy := []runtime.Object{&policyv1.Eviction{}}
+	for _, r := range policyResources {
+		policy = append(policy, r.newFunc(), r.newListFunc())
+	}
+	internal(policyv1.SchemeGroupVersion, policy...)
 	// The list/get/delete options of every group, and the unversioned meta types.
 	metav1.AddToGroupVersion(Scheme, schema.GroupVersion{Version: "v1"})
 	Scheme.AddUnversionedTypes(schema.GroupVersion{Group: "", Version: "v1"},
@@ -99,6 +107,30 @@ func must(err error) {
 // serviceMap resolves webhook services to addresses on this machine: `ns/name:port=host:port`.
 type serviceMap map[string]string
 
+// serviceResolver: the static map, then the lines of a file read at each call (a service
+// that starts after this server, such as a coordinator serving the eviction webhook).
+type serviceResolver struct {
+	static serviceMap
+	file   string
+}
+
+func (r serviceResolver) ResolveEndpoint(namespace, name string, port int32) (*url.URL, error) {
+	if u, err := r.static.ResolveEndpoint(namespace, name, port); err == nil || r.file == "" {
+		return u, err
+	}
+	content, err := os.ReadFile(r.file)
+	if err != nil && !os.IsNotExist(err) {
+		return nil, fmt.Errorf("--service-endpoint-file: %w", err)
+	}
+	key := fmt.Sprintf("%s/%s:%d", namespace, name, port)
+	for _, line := range strings.Split(string(content), "\n") {
+		if service, address, ok := strings.Cut(strings.TrimSpace(line), "="); ok && service == key {
+			return &url.URL{Scheme: "https", Host: address}, nil
+		}
+	}
+	return nil, fmt.Errorf("service %s is not mapped to an address (--service-endpoint, --service-endpoint-file)", key)
+}
+
 func (m serviceMap) String() string { return fmt.Sprint(map[string]string(m)) }
 func (m serviceMap) Set(value string) error {
 	service, address, ok := strings.Cut(value, "=")
@@ -126,19 +158,20 @@ func main() {
 	tokens := flag.String("token-file", "", "static tokens: CSV token,user,uid,\"group1,group2\" (kube-apiserver's --token-auth-file format)")
 	certDir := flag.String("cert-dir", "", "where the self-signed serving certificate is written (apiserver.crt is the CA for clients)")
 	flag.Var(services, "service-endpoint", "namespace/name:port=host:port for webhook services (repeatable)")
+	servicesFile := flag.String("service-endpoint-file", "", "a file of namespace/name:port=host:port lines, read at each webhook call")
 	klog.InitFlags(nil)
 	flag.Parse()
 	if *tokens == "" || *certDir == "" {
 		fmt.Fprintln(os.Stderr, "--token-file and --cert-dir are required")
 		os.Exit(2)
 	}
-	if err := run(*listen, *etcd, *etcdPrefix, *tokens, *certDir, services); err != nil {
+	if err := run(*listen, *etcd, *etcdPrefix, *tokens, *certDir, serviceResolver{static: services, file: *servicesFile}); err != nil {
 		fmt.Fprintln(os.Stderr, "ums-test-apiserver:", err)
 		os.Exit(1)
 	}
 }
 
-func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services serviceMap) error {
+func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services serviceResolver) error {
 	host, portText, err := net.SplitHostPort(listen)
 	if err != nil {
 		return fmt.Errorf("--listen: %w", err)
@@ -159,6 +192,7 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 	external := runtime.NewScheme()
 	must(corev1.AddToScheme(external))
 	must(admissionregistrationv1.AddToScheme(external))
+	must(policyv1.AddToScheme(external))
 	namer := openapinamer.NewDefinitionNamer(external)
 	config.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(openapi.GetOpenAPIDefinitions, namer)
 	config.OpenAPIConfig.Info.Title = "ums-test-apiserver"
@@ -185,7 +219,7 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 	config.Authorization.Authorizer = authorizerfactory.NewAlwaysAllowAuthorizer()
 	genericapiserver.AuthorizeClientBearerToken(config.LoopbackClientConfig, &config.Authentication, &config.Authorization)
 
-	storage := storagebackend.NewDefaultConfig(etcdPrefix, Codecs.LegacyCodec(corev1.SchemeGroupVersion, admissionregistrationv1.SchemeGroupVersion))
+	storage := storagebackend.NewDefaultConfig(etcdPrefix, Codecs.LegacyCodec(corev1.SchemeGroupVersion, admissionregistrationv1.SchemeGroupVersion, policyv1.SchemeGroupVersion))
 	storage.Transport.ServerList = []string{etcdURL}
 	etcdOptions := genericoptions.NewEtcdOptions(storage)
 	if err := etcdOptions.ApplyTo(&config.Config); err != nil {
@@ -234,6 +268,7 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 
 // install serves the core group at /api and admissionregistration.k8s.io at /apis.
 func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTOptionsGetter) error {
+	stores := map[string]*genericregistry.Store{}
 	storageFor := func(resources []resource) (map[string]rest.Storage, error) {
 		storage := map[string]rest.Storage{}
 		for _, r := range resources {
@@ -241,6 +276,7 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 			if err != nil {
 				return nil, err
 			}
+			stores[r.plural] = store
 			storage[r.plural] = store
 			if r.hasStatus {
 				storage[r.plural+"/status"] = newStatusREST(store)
@@ -253,6 +289,12 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 	if err != nil {
 		return err
 	}
+	policy := genericapiserver.NewDefaultAPIGroupInfo(policyv1.GroupName, Scheme, metav1.ParameterCodec, Codecs)
+	policyStorage, err := storageFor(policyResources)
+	if err != nil {
+		return err
+	}
+	coreStorage["pods/eviction"] = &evictionREST{pods: stores["pods"], pdbs: stores["poddisruptionbudgets"]}
 	core.VersionedResourcesStorageMap["v1"] = coreStorage
 	if err := server.InstallLegacyAPIGroup(genericapiserver.DefaultLegacyAPIPrefix, &core); err != nil {
 		return fmt.Errorf("core/v1: %w", err)
@@ -265,6 +307,10 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 	admission.VersionedResourcesStorageMap["v1"] = admissionStorage
 	if err := server.InstallAPIGroup(&admission); err != nil {
 		return fmt.Errorf("admissionregistration.k8s.io/v1: %w", err)
+	}
+	policy.VersionedResourcesStorageMap["v1"] = policyStorage
+	if err := server.InstallAPIGroup(&policy); err != nil {
+		return fmt.Errorf("policy/v1: %w", err)
 	}
 	return nil
 }

@@ -37,9 +37,14 @@ struct Args {
     /// The cluster's kubeconfig (the agent's own identity).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: PathBuf,
-    /// This node's name: the agent runs pods bound to it and pods bound to no node.
+    /// This node's name: the agent runs pods bound to it (and, with `--run-unbound`, pods
+    /// bound to no node).
     #[arg(long, env = "UMS_NODE_NAME", default_value = "node-1")]
     node_name: String,
+    /// Also run the pods bound to no node (the rig has no scheduler: one node of a cluster,
+    /// its first, takes them; the others run only the pods bound to them).
+    #[arg(long, env = "UMS_RUN_UNBOUND", default_value_t = true, action = clap::ArgAction::Set)]
+    run_unbound: bool,
     /// The container runtime.
     #[arg(long, env = "UMS_NODE_RUNTIME", value_enum, default_value = "docker")]
     runtime: RuntimeKind,
@@ -152,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 host_ip: None,
                 index,
+                run_unbound: args.run_unbound,
             }
             .run()
             .await
@@ -216,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 host_ip: Some(args.node_address),
                 index,
+                run_unbound: args.run_unbound,
             }
             .run()
             .await

@@ -33,6 +33,8 @@ pub struct Node<R> {
     /// The pods' `status.hostIP` (the node's address); `None`: the pod's own IP.
     pub host_ip: Option<String>,
     pub index: ContainerIndex,
+    /// Whether this node also runs the pods bound to no node.
+    pub run_unbound: bool,
 }
 
 /// One pod this node runs.
@@ -99,7 +101,10 @@ impl<R: Runtime> Node<R> {
                 .into_iter()
                 .filter(|p| {
                     let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                    node.is_none_or(|n| n.is_empty() || n == self.name)
+                    match node.filter(|n| !n.is_empty()) {
+                        Some(n) => n == self.name,
+                        None => self.run_unbound,
+                    }
                 })
                 .collect();
             let live: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
