@@ -534,6 +534,8 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
         ("secrets", "get"),
         ("serviceaccounts", "get"),
         ("namespaces", "get"),
+        ("nodes", "list"),
+        ("events", "create"),
     ] {
         assert!(
             role.rules.iter().flatten().any(|rule| rule
@@ -549,6 +551,23 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
     let [service] = r.services.as_slice() else {
         panic!("one Service")
     };
+    // The eviction webhook (kubectl drain) goes to that Service, on pods/eviction only.
+    let [eviction] = r.validating.as_slice() else {
+        panic!("one ValidatingWebhookConfiguration (evictions)")
+    };
+    let hook = &eviction.webhooks.as_ref().unwrap()[0];
+    let target = hook.client_config.service.as_ref().unwrap();
+    assert_eq!(
+        (target.name.as_str(), target.namespace.as_str()),
+        (
+            service.metadata.name.as_deref().unwrap(),
+            service.metadata.namespace.as_deref().unwrap()
+        )
+    );
+    assert_eq!(target.path.as_deref(), Some("/admission/eviction"));
+    let rules = hook.rules.as_ref().unwrap();
+    assert_eq!(rules[0].resources.as_deref(), Some(&["pods/eviction".to_owned()][..]));
+    assert_eq!(hook.side_effects, "NoneOnDryRun");
     let service_spec = service.spec.as_ref().unwrap();
     assert!(selects(
         &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {

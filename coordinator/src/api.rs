@@ -35,6 +35,7 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/restore", post(restore))
         .route("/delete", post(delete))
         .route("/outcome", post(outcome))
+        .route("/admission/eviction", post(eviction_review))
         .route("/checkpoint-uploads", post(checkpoint_uploads))
         .route(
             "/checkpoints/{id}/{container}",
@@ -266,6 +267,15 @@ async fn outcome(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
         Ok(request) => answer(c.outcome_of(&request).await.map(|(outcome, detail)| {
             json!({"migrationId": request.migration_id, "outcome": outcome, "detail": detail})
         })),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /admission/eviction`: the validating webhook for `pods/eviction` (see
+/// [`crate::evacuation`]).
+async fn eviction_review(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {
+    match body::<kube_core::admission::AdmissionReview<kube_core::DynamicObject>>(&bytes) {
+        Ok(review) => Json(c.review_eviction(review).await).into_response(),
         Err(e) => e.into_response(),
     }
 }

@@ -136,6 +136,14 @@ pub struct Args {
     pub data_dir: PathBuf,
     #[arg(long, env = "UMS_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,
+    /// At most this many migrations from this cluster at once; the others wait, in order, in
+    /// phase `queued` (KubeVirt's parallelMigrationsPerCluster).
+    #[arg(long, env = "UMS_MAX_PARALLEL_MIGRATIONS", default_value_t = 5)]
+    pub max_parallel_migrations: usize,
+    /// At most this many migrations leaving one node at once (KubeVirt's
+    /// parallelOutboundMigrationsPerNode).
+    #[arg(long, env = "UMS_MAX_OUTBOUND_PER_NODE", default_value_t = 2)]
+    pub max_outbound_per_node: usize,
 }
 
 impl Args {
@@ -252,6 +260,11 @@ impl Args {
                 peer_ca_pem,
             },
             data_dir: self.data_dir,
+            slots: crate::queue::Slots::new(crate::queue::Limits {
+                per_cluster: self.max_parallel_migrations,
+                per_node: self.max_outbound_per_node,
+            }),
+            evacuations: crate::evacuation::Evacuations::default(),
         });
         // Clients may connect without a certificate (operators); peers present theirs.
         let acceptor = TlsAcceptor::from(Arc::new(

@@ -134,6 +134,9 @@ pub fn audience(method: &axum::http::Method, path: &str) -> Audience {
         (&Method::POST, "/outcome") => Audience::Peer {
             with_credential: false,
         },
+        // The API server's call of the eviction webhook: it only answers, and what it starts
+        // (an opted-in pod's move off its node) is what the eviction asked for.
+        (&Method::POST, "/admission/eviction") => Audience::Anyone,
         _ => Audience::Anyone,
     }
 }

@@ -117,7 +117,13 @@ mod tests {
     #[test]
     fn an_event_names_its_object_reason_and_reporter() {
         let pod = Subject::pod("shop/svc").unwrap();
-        let e = event(&pod, Kind::Warning, "MigrationFailed", &"x".repeat(2000), "edge");
+        let e = event(
+            &pod,
+            Kind::Warning,
+            "MigrationFailed",
+            &"x".repeat(2000),
+            "edge",
+        );
         assert_eq!(e.involved_object.kind.as_deref(), Some("Pod"));
         assert_eq!(e.involved_object.namespace.as_deref(), Some("shop"));
         assert_eq!(e.type_.as_deref(), Some("Warning"));

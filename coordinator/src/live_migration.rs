@@ -141,6 +141,7 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                 &id,
                 &format!("{namespace}/{}", request.name),
                 &request.destination_text(),
+                Some(&name),
             );
             set_status(&api, &name, json!({"phase": "Pending", "migrationId": id})).await;
             tracing::info!(livemigration = %name, migration = %id, "LiveMigration started");

@@ -217,7 +217,7 @@ impl Coordinator {
         let started = Instant::now();
         let pod_name = format!("{}/{}", request.namespace, request.name);
         if self.record(id).is_none() {
-            self.begin(id, &pod_name, &request.destination_text());
+            self.begin(id, &pod_name, &request.destination_text(), None);
         }
         let result = self.migrate_inner(&request, id, started).await;
         match &result {
@@ -232,11 +232,12 @@ impl Coordinator {
                 self.fail(id, &e.message);
                 let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
                 // Refused: nothing was locked (the checks, or the lock itself refused).
-                let outcome = if matches!(e.phase, Some("checking") | Some("locking")) {
-                    Outcome::refused
-                } else {
-                    Outcome::failed
-                };
+                let outcome =
+                    if matches!(e.phase, Some("queued") | Some("checking") | Some("locking")) {
+                        Outcome::refused
+                    } else {
+                        Outcome::failed
+                    };
                 self.metrics.finished(outcome, &phases, 0);
                 tracing::warn!(migration = id, pod = %pod_name, phase = e.phase.unwrap_or(""), error = %e.message, "migration failed");
             }
@@ -262,6 +263,32 @@ impl Coordinator {
                 )
                 .in_phase("checking")
             })?;
+        // The migration policies: it waits its turn (queued) while the cluster, or the node it
+        // leaves, runs as many migrations as they allow.
+        let source_node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty());
+        let waiting = self.cancel_token(id);
+        let mut queued = false;
+        let _slot = self
+            .slots
+            .acquire(id, source_node.clone(), &waiting, |ahead| {
+                queued = true;
+                self.enter(id, "queued");
+                tracing::info!(migration = id, ahead, "migration queued by the migration policies");
+            })
+            .await
+            .ok_or_else(|| {
+                ApiError::conflict(
+                    "aborted by an operator (POST /migrations/{id}/abort) while it was queued: nothing was done, the service runs at the source",
+                )
+                .in_phase("queued")
+            })?;
+        if queued {
+            self.enter(id, "checking");
+        }
         if crate::orchestrator::is_orchestrator_level(&pod, request.interface.as_deref()) {
             if request.node.is_some() {
                 return Err(ApiError::bad_request(
@@ -300,7 +327,6 @@ impl Coordinator {
             .map_err(|e| e.in_phase("checking"))?;
         // In this cluster the copy needs a node other than the source's, and a name of its
         // own (pods' names are unique in a namespace).
-        let source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         let (copy, node) = if request.in_this_cluster() {
             let node = self
                 .place_copy(source_node.as_deref(), request.node.as_deref())
@@ -584,6 +610,24 @@ impl Coordinator {
         self.enter(id, "done");
         let phases = self.record(id).map(|r| r.phases).unwrap_or_default();
         tracing::info!(migration = id, pod = %request.name, destination = %request.destination_text(), copy = %created.name, "migration done");
+        self.announce(
+            id,
+            crate::events::Kind::Normal,
+            "Migrated",
+            &format!(
+                "migration {id}: the service runs in pod {}/{} ({}{}), downtime {} ms, {} bytes moved",
+                created.namespace,
+                created.name,
+                if request.in_this_cluster() {
+                    "this cluster".to_owned()
+                } else {
+                    format!("cluster {}", identity.cluster)
+                },
+                node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
+                sidecar_report["totals"]["downtimeMs"].as_u64().unwrap_or(0),
+                sidecar_report["totals"]["contentBytes"].as_u64().unwrap_or(0),
+            ),
+        );
         Ok(MigrateReport {
             message: "migration complete!",
             migration_id_ums: id.to_owned(),

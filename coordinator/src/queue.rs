@@ -169,7 +169,12 @@ mod tests {
             per_cluster: 3,
             per_node: 2,
         };
-        let waiting = [entry("a", "n1"), entry("b", "n1"), entry("c", "n1"), entry("d", "n2")];
+        let waiting = [
+            entry("a", "n1"),
+            entry("b", "n1"),
+            entry("c", "n1"),
+            entry("d", "n2"),
+        ];
         assert_eq!(admissible(&[], &waiting, limits), ["a", "b", "d"]);
         let running = [entry("x", "n2"), entry("y", "n2")];
         assert_eq!(admissible(&running, &waiting, limits), ["a"]);
@@ -196,7 +201,8 @@ mod tests {
         cancel.cancel();
         let mut waited = None;
         assert!(slots
-            .acquire("b", Some("n1".into()), &cancel, |ahead| waited = Some(ahead))
+            .acquire("b", Some("n1".into()), &cancel, |ahead| waited =
+                Some(ahead))
             .await
             .is_none());
         assert_eq!(waited, Some(0));

@@ -42,6 +42,10 @@ pub struct Coordinator {
     pub node_part: NodePart,
     /// Where emptyDir archives wait for the pod they go into (`--data-dir`).
     pub data_dir: std::path::PathBuf,
+    /// How many migrations may run at once, in the cluster and from one node.
+    pub slots: crate::queue::Slots,
+    /// The pods whose eviction started a migration (`kubectl drain`).
+    pub evacuations: crate::evacuation::Evacuations,
 }
 
 /// Where the node part runs and what it is given.
@@ -72,8 +76,12 @@ pub struct MigrationRecord {
     pub migration_id: String,
     pub pod: String,
     pub destination: String,
-    /// `checking`, `locking`, `creating`, `migrating`, `activating`, `finishing`, then `done`
-    /// or `failed`.
+    /// The LiveMigration (in the pod's namespace) that asked for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_migration: Option<String>,
+    /// `checking` (or `queued` first, while the migration policies make it wait),
+    /// `locking`, `creating`, `migrating`, `activating`, `finishing`, then `done` or
+    /// `failed`.
     pub phase: &'static str,
     pub started_unix_ms: u64,
     /// Milliseconds spent in each finished phase, in order.
@@ -91,13 +99,23 @@ pub struct MigrationRecord {
 
 /// The phases an abort can still stop: nothing is frozen yet, or the state is on its way (the
 /// source's sidecar stops and rolls back unless the destination has confirmed).
-pub const ABORTABLE_PHASES: [&str; 4] = ["checking", "locking", "creating", "migrating"];
+pub const ABORTABLE_PHASES: [&str; 5] = ["queued", "checking", "locking", "creating", "migrating"];
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The Event reason of a phase: `Migration` and the phase, capitalized (`MigrationQueued`).
+fn phase_reason(phase: &str) -> String {
+    let mut chars = phase.chars();
+    let first: String = chars
+        .next()
+        .map(|c| c.to_uppercase().collect())
+        .unwrap_or_default();
+    format!("Migration{first}{}", chars.as_str())
 }
 
 /// A new migration id: `m` and the time in hex (unique per coordinator, sortable).
@@ -165,12 +183,14 @@ impl Coordinator {
         })
     }
 
-    /// Records a new migration in its first phase.
-    pub fn begin(&self, id: &str, pod: &str, destination: &str) {
+    /// Records a new migration in its first phase (asked for by the LiveMigration
+    /// `live_migration`, if any).
+    pub fn begin(&self, id: &str, pod: &str, destination: &str, live_migration: Option<&str>) {
         let record = MigrationRecord {
             migration_id: id.to_owned(),
             pod: pod.to_owned(),
             destination: destination.to_owned(),
+            live_migration: live_migration.map(str::to_owned),
             phase: "checking",
             started_unix_ms: unix_ms(),
             phases: Vec::new(),
@@ -196,17 +216,52 @@ impl Coordinator {
                 }
             }
         }
+        self.announce(
+            id,
+            crate::events::Kind::Normal,
+            "MigrationStarted",
+            &format!("migration {id} of {pod} to {destination}"),
+        );
+    }
+
+    /// An Event about migration `id` on its pod and its LiveMigration.
+    pub fn announce(&self, id: &str, kind: crate::events::Kind, reason: &str, message: &str) {
+        let Some(record) = self.record(id) else {
+            return;
+        };
+        let mut subjects: Vec<_> = crate::events::Subject::pod(&record.pod)
+            .into_iter()
+            .collect();
+        if let (Some(pod), Some(name)) = (subjects.first(), &record.live_migration) {
+            let namespace = pod.namespace.clone();
+            subjects.push(crate::events::Subject::live_migration(&namespace, name));
+        }
+        crate::events::publish(&self.kube, &subjects, kind, reason, message, &self.cluster);
     }
 
     /// Closes the current phase and opens `phase`.
     pub fn enter(&self, id: &str, phase: &'static str) {
         self.close_phase(id, phase, None);
         tracing::info!(migration = id, phase, "migration phase");
+        if phase != "done" {
+            self.announce(
+                id,
+                crate::events::Kind::Normal,
+                &phase_reason(phase),
+                &format!("migration {id}: {phase}"),
+            );
+        }
     }
 
     /// Closes the current phase; the migration has failed with `error`.
     pub fn fail(&self, id: &str, error: &str) {
         self.close_phase(id, "failed", Some(error));
+        self.announce(
+            id,
+            crate::events::Kind::Warning,
+            "MigrationFailed",
+            &format!("migration {id}: {error}"),
+        );
     }
 
     /// Records how long the current phase took and moves to `next`.
