@@ -566,7 +566,10 @@ fn coordinator_manifests_run_it_as_the_account_the_webhook_lets_through() {
     );
     assert_eq!(target.path.as_deref(), Some("/admission/eviction"));
     let rules = hook.rules.as_ref().unwrap();
-    assert_eq!(rules[0].resources.as_deref(), Some(&["pods/eviction".to_owned()][..]));
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["pods/eviction".to_owned()][..])
+    );
     assert_eq!(hook.side_effects, "NoneOnDryRun");
     let service_spec = service.spec.as_ref().unwrap();
     assert!(selects(

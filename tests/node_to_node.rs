@@ -15,13 +15,26 @@ use ums_tests::poll;
 use ums_tests::service_pod::{ask_service, container_output, service_pod};
 use ums_tests::workload::ticks;
 
-/// A user's 64 MiB service pod, wrapped for `interface`, labelled `app: <name>` and bound to
-/// `node`; running and relaying its ticks. Its pod IP.
-async fn start_on(cluster: &Cluster, name: &str, interface: &str, node: &str) -> String {
+/// Creates a user's 64 MiB service pod, wrapped for `interface`, labelled `app: <name>` and
+/// bound to `node`, opted in to live migration on eviction if `on_eviction`.
+fn create_on(cluster: &Cluster, name: &str, interface: &str, node: &str, on_eviction: bool) {
     let mut pod = service_pod(name, interface, None, &[("app", 64)]);
     pod["metadata"]["labels"] = json!({"app": name});
+    if on_eviction {
+        pod["metadata"]["annotations"]["migration-eviction-strategy"] = json!("live-migrate");
+    }
     pod["spec"]["nodeName"] = json!(node);
     cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+}
+
+/// [`create_on`], then running and relaying its ticks. Its pod IP.
+async fn start_on(cluster: &Cluster, name: &str, interface: &str, node: &str) -> String {
+    create_on(cluster, name, interface, node, false);
+    ticking(cluster, name).await
+}
+
+/// Waits until pod `name` runs, is ready and its ambassador relays the workload's ticks; its IP.
+async fn ticking(cluster: &Cluster, name: &str) -> String {
     let ip = cluster
         .wait_running_and_ready(name, Duration::from_secs(240))
         .await;
@@ -195,4 +208,254 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         "second hop named {back} (first copy {copy})"
     );
     moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
+
+    // kubectl describe tells the story: the refused attempt and each move, on the pods and
+    // the LiveMigrations.
+    wait_events(
+        &cluster,
+        &["svc-dind"],
+        &[
+            "MigrationStarted",
+            "MigrationFailed",
+            "MigrationCreating",
+            "MigrationMigrating",
+            "Migrated",
+        ],
+    )
+    .await;
+    wait_events(
+        &cluster,
+        &["dind-back", "pind-to-second"],
+        &["MigrationStarted", "Migrated"],
+    )
+    .await;
+}
+
+/// Waits (Events are written in the background) until the Events about the objects `names`
+/// include each of `reasons`.
+async fn wait_events(cluster: &Cluster, names: &[&str], reasons: &[&str]) {
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: Vec<String> = names
+            .iter()
+            .flat_map(|n| event_reasons(cluster, n))
+            .collect();
+        let missing: Vec<&&str> = reasons
+            .iter()
+            .filter(|r| !seen.iter().any(|s| s == **r))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no {missing:?} Event about {names:?}; there are {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The reasons of the Events about object `name`, oldest first.
+fn event_reasons(cluster: &Cluster, name: &str) -> Vec<String> {
+    let events = cluster.get_json(&["events"]);
+    events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["involvedObject"]["name"] == name)
+        .map(|e| e["reason"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// A pod of the plain test image bound to `node` (not wrapped), labelled `app: <name>`.
+fn plain_pod(name: &str, node: &str, on_eviction: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "ums-rs/debian:trixie",
+            "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}]}
+    });
+    if on_eviction {
+        pod["metadata"]["annotations"] = json!({"migration-eviction-strategy": "live-migrate"});
+    }
+    pod
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
+    let mut cluster = Cluster::start_with_node();
+    let first = cluster.first_node().to_owned();
+    let second = cluster.add_node();
+    let certs = CoordinatorCerts::generate(&cluster);
+    // The migration policy: one migration at a time in the cluster.
+    let coordinator = RunningCoordinator::start_with_env(
+        &cluster,
+        &certs,
+        &[&certs.ca],
+        &[("UMS_MAX_PARALLEL_MIGRATIONS", "1")],
+    );
+    coordinator.serve_evictions(&cluster, &certs);
+    let logs = || {
+        format!(
+            "--- coordinator:\n{}\n--- nodes:\n{}",
+            coordinator.log(),
+            cluster.node_log()
+        )
+    };
+
+    // Two wrapped pods that opted in, a plain pod that did not, and a plain one that opted in
+    // but cannot move node to node (an orchestrator-level pod moves between clusters only).
+    create_on(&cluster, "opt-a", "dind", &first, true);
+    create_on(&cluster, "opt-b", "dind", &first, true);
+    for pod in [
+        plain_pod("plain", &first, false),
+        plain_pod("plain-opted", &first, true),
+    ] {
+        cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    }
+    let mut before = Vec::new();
+    for name in ["opt-a", "opt-b"] {
+        let ip = ticking(&cluster, name).await;
+        before.push(ask_service(&ip, 8080).await.unwrap().tick);
+    }
+    for name in ["plain", "plain-opted"] {
+        cluster
+            .wait_running_and_ready(name, Duration::from_secs(60))
+            .await;
+    }
+
+    // A PodDisruptionBudget still protects what it protects: the eviction API answers 429.
+    let budget = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "plain"},
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "plain"}}}});
+    cluster.kubectl_with_input(User::Admin, &["create", "-f", "-"], &budget.to_string());
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction",
+        "metadata": {"name": "plain", "namespace": "default"}});
+    let refused = cluster
+        .kubectl_with_input_result(
+            User::Admin,
+            &[
+                "create",
+                "--raw",
+                "/api/v1/namespaces/default/pods/plain/eviction",
+                "-f",
+                "-",
+            ],
+            &eviction.to_string(),
+        )
+        .unwrap_err();
+    assert!(refused.contains("disruption budget"), "{refused}");
+    assert!(cluster
+        .kubectl_result(User::Admin, &["get", "pod", "plain"])
+        .is_ok());
+    cluster.kubectl(User::Admin, &["delete", "pdb", "plain"]);
+
+    // kubectl drain, unchanged, as an operator runs it.
+    let kubeconfig = cluster.kubeconfig(User::Admin);
+    let node = first.clone();
+    let drain = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "drain",
+                &node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--force",
+            ])
+            .args(["--timeout=600s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&drain.stdout).into_owned(),
+        String::from_utf8_lossy(&drain.stderr).into_owned(),
+    );
+    assert!(
+        drain.status.success(),
+        "kubectl drain failed\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}\n{}",
+        logs()
+    );
+    assert!(
+        stderr.contains("being live-migrated"),
+        "drain never heard why it waits: {stderr}"
+    );
+    assert!(stdout.contains("drained"), "{stdout}");
+    let node_object = cluster.get_json(&["node", &first]);
+    assert_eq!(node_object["spec"]["unschedulable"], true, "cordoned");
+    let left = cluster.get_json(&[
+        "pods",
+        "--field-selector",
+        &format!("spec.nodeName={first}"),
+    ]);
+    assert_eq!(
+        left["items"].as_array().unwrap().len(),
+        0,
+        "pods left on {first}: {left}"
+    );
+
+    // The opted-in pods moved with their state; the others were evicted.
+    for (name, tick) in ["opt-a", "opt-b"].into_iter().zip(before) {
+        let [(copy, node)] = selected(&cluster, name)
+            .try_into()
+            .unwrap_or_else(|s: Vec<_>| {
+                panic!("{name}: the Service's selector reaches {s:?}\n{}", logs())
+            });
+        assert_eq!(node, second, "{name} moved to {node}");
+        assert_ne!(copy, name);
+        moved(&cluster, name, &copy, &second, tick, &logs()).await;
+    }
+    for name in ["plain", "plain-opted"] {
+        assert!(selected(&cluster, name).is_empty(), "{name} was evicted");
+    }
+
+    // One migration at a time: the evictions came together, so one of the moves waited its
+    // turn (queued); the opted-in plain pod's move was refused and it was evicted.
+    let (status, records) = coordinator
+        .call(&certs.ca, "GET", "/migrations", None)
+        .await;
+    assert_eq!(status, 200, "{records}");
+    let records = records.as_array().unwrap();
+    let of = |pod: &str| {
+        records
+            .iter()
+            .find(|r| r["pod"] == format!("default/{pod}"))
+            .unwrap_or_else(|| panic!("no migration of {pod}: {records:?}"))
+            .clone()
+    };
+    let queued = |r: &Value| {
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p[0] == "queued")
+    };
+    let (a, b) = (of("opt-a"), of("opt-b"));
+    assert_eq!(
+        (a["phase"].as_str(), b["phase"].as_str()),
+        (Some("done"), Some("done"))
+    );
+    assert!(queued(&a) || queued(&b), "neither move waited: {a} {b}");
+    let refused = of("plain-opted");
+    assert_eq!(refused["phase"], "failed", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("between clusters only"),
+        "{refused}"
+    );
+
+    // The Events say it: deferred evictions, the wait, the moves, the refusal.
+    wait_events(&cluster, &["opt-a"], &["EvictionDeferred", "Migrated"]).await;
+    wait_events(&cluster, &["opt-a", "opt-b"], &["MigrationQueued"]).await;
+    wait_events(
+        &cluster,
+        &["plain-opted"],
+        &["MigrationFailed", "EvictedWithoutMigration"],
+    )
+    .await;
 }

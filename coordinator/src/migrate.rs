@@ -290,9 +290,9 @@ impl Coordinator {
             self.enter(id, "checking");
         }
         if crate::orchestrator::is_orchestrator_level(&pod, request.interface.as_deref()) {
-            if request.node.is_some() {
+            if request.node.is_some() || request.in_this_cluster() {
                 return Err(ApiError::bad_request(
-                    "destinationNode: an orchestrator-level (ssu) pod moves between clusters only, and its copy is placed by the destination cluster (node-to-node moves are for dind, pind and ff pods)",
+                    "an orchestrator-level (ssu) pod moves between clusters only, and its copy is placed by the destination cluster: node-to-node moves are for dind, pind and ff pods",
                 )
                 .in_phase("checking"));
             }

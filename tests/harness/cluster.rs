@@ -217,6 +217,9 @@ impl Cluster {
                 "--service-endpoint",
                 &format!("ums-system/ums-webhook:443={webhook_address}"),
             ])
+            // Services that start later (the coordinator's eviction webhook) add a line.
+            .arg("--service-endpoint-file")
+            .arg(dir.join("service-endpoints"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("apiserver.log")).unwrap())
             .spawn()
@@ -378,6 +381,16 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Lets the API server reach webhook service `namespace/name:port` at `address`.
+    pub fn map_service(&self, service: &str, address: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("service-endpoints"))
+            .unwrap();
+        writeln!(file, "{service}={address}").unwrap();
     }
 
     /// The name of the cluster's first node (its Node object; it also runs unbound pods).

@@ -30,6 +30,8 @@ impl CoordinatorCerts {
             extra_names: vec![
                 "127.0.0.1".into(),
                 crate::outer::bridge_gateway().to_owned(),
+                // deploy/coordinator's Service, which its eviction webhook names.
+                "ums-coordinator.default.svc".into(),
             ],
             valid_for: time::Duration::days(1),
             client_auth: true,
@@ -215,6 +217,52 @@ impl RunningCoordinator {
         };
         running.wait_listening(1);
         running
+    }
+
+    /// Makes this coordinator the cluster's eviction webhook, as deploying it does
+    /// (deploy/coordinator/eviction-webhook.yaml, its CA as the caBundle): `kubectl drain`
+    /// then moves the pods that opted in.
+    pub fn serve_evictions(&self, cluster: &Cluster, certs: &CoordinatorCerts) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator");
+        let rendered = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&root)
+            .output()
+            .expect("kubectl kustomize deploy/coordinator");
+        assert!(
+            rendered.status.success(),
+            "kubectl kustomize deploy/coordinator failed"
+        );
+        let ca_bundle = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(std::fs::read(&certs.ca).unwrap())
+        };
+        let mut applied = 0;
+        for document in serde_yaml::Deserializer::from_slice(&rendered.stdout) {
+            let mut value = serde_json::to_value(
+                <serde_yaml::Value as serde::Deserialize>::deserialize(document).unwrap(),
+            )
+            .unwrap();
+            if value["kind"] != "ValidatingWebhookConfiguration" {
+                continue;
+            }
+            for webhook in value["webhooks"].as_array_mut().unwrap() {
+                let service = &webhook["clientConfig"]["service"];
+                cluster.map_service(
+                    &format!(
+                        "{}/{}:{}",
+                        service["namespace"].as_str().unwrap(),
+                        service["name"].as_str().unwrap(),
+                        service["port"].as_u64().unwrap_or(443)
+                    ),
+                    &self.address,
+                );
+                webhook["clientConfig"]["caBundle"] = ca_bundle.clone().into();
+            }
+            cluster.kubectl_with_input(User::Admin, &["apply", "-f", "-"], &value.to_string());
+            applied += 1;
+        }
+        assert_eq!(applied, 1, "deploy/coordinator: one eviction webhook");
     }
 
     /// Waits until the log says "listening" `times` times (once per start).
