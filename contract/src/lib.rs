@@ -8,6 +8,7 @@ pub mod abort;
 pub mod agent;
 pub mod annotations;
 pub mod credential;
+pub mod live_migration;
 pub mod names;
 pub mod podinfo;
 pub mod quantity;

@@ -21,10 +21,8 @@ use crate::state::Coordinator;
 
 /// The resource's group, version and kind.
 pub fn resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("migration.ums-rs.io", "v1alpha1", "LiveMigration"),
-        "livemigrations",
-    )
+    use ums_contract::live_migration::{GROUP, KIND, PLURAL, VERSION};
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, KIND), PLURAL)
 }
 
 /// What a user writes.
@@ -44,7 +42,7 @@ pub struct Spec {
 }
 
 /// The phases after which nothing changes any more.
-const FINAL: [&str; 2] = ["Succeeded", "Failed"];
+const FINAL: [&str; 2] = ums_contract::live_migration::FINAL_PHASES;
 
 /// Now, as Kubernetes writes times in conditions (k8s-openapi's `Time`: RFC 3339, seconds,
 /// UTC).
@@ -77,6 +75,22 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
         while let Some(event) = events.next().await {
             let object = match event {
                 Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => o,
+                // Deleting a LiveMigration cancels its migration: rolled back while it can be
+                // (an operator's abort), the service left at the source.
+                Ok(watcher::Event::Delete(o)) => {
+                    let id = o.data["status"]["migrationId"].as_str().unwrap_or("");
+                    if coordinator.is_driving(Some(id)) {
+                        match coordinator.abort(id) {
+                            Ok(phase) => {
+                                tracing::warn!(livemigration = ?o.metadata.name, migration = id, phase, "LiveMigration deleted: the migration is aborted")
+                            }
+                            Err(e) => {
+                                tracing::warn!(livemigration = ?o.metadata.name, migration = id, error = %e.message, "LiveMigration deleted: the migration cannot be aborted any more")
+                            }
+                        }
+                    }
+                    continue;
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "LiveMigration watch failed (is the CRD installed?); retrying");
