@@ -209,6 +209,91 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
     );
     moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
 
+    // The kubectl plugin, as Jane: the pind copy back to the first node, with its progress.
+    let ip = cluster
+        .wait_running_and_ready(&pind_copy, Duration::from_secs(30))
+        .await;
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (ok, stdout, stderr) = kubectl_migrate(&cluster, &[&pind_copy, "--to-node", &first]).await;
+    assert!(
+        ok,
+        "kubectl migrate failed:\n{stdout}\n{stderr}\n{}",
+        logs()
+    );
+    assert!(
+        stdout.contains("] migrating"),
+        "no progress shown: {stdout}"
+    );
+    assert!(stdout.contains(&format!("on node {first}")), "{stdout}");
+    let pind_back = stdout
+        .split("runs in pod default/")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no destination pod in {stdout}"))
+        .to_owned();
+    moved(
+        &cluster,
+        "svc-pind",
+        &pind_back,
+        &first,
+        before.tick,
+        &logs(),
+    )
+    .await;
+    let (ok, listed, _) = kubectl_migrate(&cluster, &["list"]).await;
+    assert!(ok && listed.lines().count() >= 4, "{listed}");
+    assert!(
+        listed.lines().skip(1).all(|l| l.contains("Succeeded")),
+        "{listed}"
+    );
+
+    // Cancelled while its copy is being made: rolled back, the service where it was.
+    let ip = cluster
+        .wait_running_and_ready(&back, Duration::from_secs(30))
+        .await;
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (ok, stdout, stderr) =
+        kubectl_migrate(&cluster, &[&back, "--to-node", &second, "--no-wait"]).await;
+    assert!(ok, "{stdout}\n{stderr}");
+    let name = stdout
+        .strip_prefix("livemigration/")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .to_owned();
+    let id = poll(
+        "the cancelled migration to create its copy",
+        Duration::from_secs(120),
+        || async {
+            let status = cluster.get_json(&["livemigration", &name])["status"].clone();
+            (status["phase"] == "creating")
+                .then(|| status["migrationId"].as_str().unwrap().to_owned())
+        },
+    )
+    .await;
+    let (ok, stdout, stderr) = kubectl_migrate(&cluster, &["cancel", &id]).await;
+    assert!(ok && stdout.contains("is aborted"), "{stdout}\n{stderr}");
+    let record = poll(
+        "the cancelled migration to end",
+        Duration::from_secs(120),
+        || async {
+            let (_, record) = coordinator
+                .call(&certs.ca, "GET", &format!("/migrations/{id}"), None)
+                .await;
+            (record["phase"] == "failed").then_some(record)
+        },
+    )
+    .await;
+    assert!(
+        record["error"].as_str().unwrap().contains("aborted"),
+        "{record}\n{}",
+        logs()
+    );
+    poll("the copy to be gone", Duration::from_secs(60), || async {
+        (selected(&cluster, "svc-dind") == vec![(back.clone(), first.clone())]).then_some(())
+    })
+    .await;
+    moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
+
     // kubectl describe tells the story: the refused attempt and each move, on the pods and
     // the LiveMigrations.
     wait_events(
@@ -229,6 +314,35 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         &["MigrationStarted", "Migrated"],
     )
     .await;
+}
+
+/// `kubectl migrate ARGS` as Jane, the plugin on the PATH as kubectl finds plugins: whether it
+/// succeeded, its stdout and stderr.
+async fn kubectl_migrate(cluster: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let plugin = ums_tests::cluster::workspace_binary("kubectl-migrate", "kubectl-migrate");
+    let path = format!(
+        "{}:{}",
+        plugin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let kubeconfig = cluster.kubeconfig(User::Jane);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("kubectl")
+            .env("PATH", path)
+            .env("KUBECONFIG", kubeconfig)
+            .arg("migrate")
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Waits (Events are written in the background) until the Events about the objects `names`
