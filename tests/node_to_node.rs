@@ -132,10 +132,25 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
     );
     assert_eq!(cluster.node_of("default", "svc-dind"), first);
 
-    // dind by UMS's call: the copy on the second node, a name of its own.
+    // dind by UMS's call: the copy on the second node, a name of its own; its state held to a
+    // bandwidth cap of 16 MiB/s (bytes over time, as its sidecar measured them).
     let before = ask_service(&dind_ip, 8080).await.unwrap();
-    let (status, report) = migrate(json!({"name": "svc-dind", "destinationNode": second})).await;
+    let cap = 16u64 << 20;
+    let (status, report) = migrate(
+        json!({"name": "svc-dind", "destinationNode": second, "bandwidthPerMigration": "16Mi"}),
+    )
+    .await;
     assert_eq!(status, 200, "{report}\n{}", logs());
+    let totals = &report["sidecar"]["totals"];
+    let (sent, transfer_ms) = (
+        totals["bytesSent"].as_u64().unwrap(),
+        totals["transferMs"].as_u64().unwrap(),
+    );
+    assert!(sent > 60 << 20, "the 64 MiB state moved: {totals}");
+    assert!(
+        sent * 1000 / transfer_ms.max(1) <= cap + cap / 20,
+        "{sent} bytes in {transfer_ms} ms: faster than the cap of {cap} bytes/s"
+    );
     assert_eq!(report["destination"]["node"], second.as_str(), "{report}");
     assert_eq!(
         report["destination"]["cluster"],
@@ -291,6 +306,34 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
     poll("the copy to be gone", Duration::from_secs(60), || async {
         (selected(&cluster, "svc-dind") == vec![(back.clone(), first.clone())]).then_some(())
     })
+    .await;
+    moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
+
+    // A completion timeout (3 s per GiB, the pod's one GiB) with a cap that needs a minute:
+    // aborted, the service where it was.
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (status, answer) = migrate(json!({
+        "name": back, "destinationNode": second,
+        "bandwidthPerMigration": "1Mi", "completionTimeoutPerGiB": 3,
+    }))
+    .await;
+    assert_ne!(status, 200, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not complete within its completion timeout (3 s"),
+        "{answer}\n{}",
+        logs()
+    );
+    assert_eq!(answer["serviceRunsAt"], "source", "{answer}");
+    poll(
+        "the timed-out copy to be gone",
+        Duration::from_secs(60),
+        || async {
+            (selected(&cluster, "svc-dind") == vec![(back.clone(), first.clone())]).then_some(())
+        },
+    )
     .await;
     moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
 

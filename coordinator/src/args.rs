@@ -144,6 +144,17 @@ pub struct Args {
     /// parallelOutboundMigrationsPerNode).
     #[arg(long, env = "UMS_MAX_OUTBOUND_PER_NODE", default_value_t = 2)]
     pub max_outbound_per_node: usize,
+    /// The state of one migration goes at most this fast (bytes per second, or a quantity
+    /// such as 64Mi; KubeVirt's bandwidthPerMigration); a request's bandwidthPerMigration
+    /// wins. Default: no cap.
+    #[arg(long, env = "UMS_BANDWIDTH_PER_MIGRATION")]
+    pub bandwidth_per_migration: Option<String>,
+    /// A move may take at most this many seconds per GiB of the pod's memory (its limits,
+    /// else requests; one GiB at least), after which it is aborted and the service stays at
+    /// the source (KubeVirt's completionTimeoutPerGiB); a request's completionTimeoutPerGiB
+    /// wins. 0: no timeout (the default).
+    #[arg(long, env = "UMS_COMPLETION_TIMEOUT_PER_GIB", default_value_t = 0)]
+    pub completion_timeout_per_gib: u64,
 }
 
 impl Args {
@@ -260,6 +271,14 @@ impl Args {
                 peer_ca_pem,
             },
             data_dir: self.data_dir,
+            bandwidth_per_migration: self
+                .bandwidth_per_migration
+                .as_deref()
+                .map(|b| crate::migrate::parse_bandwidth(&serde_json::Value::from(b)))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--bandwidth-per-migration: {}", e.message))?,
+            completion_timeout_per_gib: (self.completion_timeout_per_gib > 0)
+                .then_some(self.completion_timeout_per_gib),
             slots: crate::queue::Slots::new(crate::queue::Limits {
                 per_cluster: self.max_parallel_migrations,
                 per_node: self.max_outbound_per_node,

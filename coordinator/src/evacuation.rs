@@ -241,6 +241,8 @@ impl Coordinator {
                     keep: false,
                     interface: None,
                     post_copy: false,
+                    bandwidth: None,
+                    completion_timeout_per_gib: None,
                 };
                 self.begin(&id, &pod_name, &request_validated.destination_text(), None);
                 self.announce(

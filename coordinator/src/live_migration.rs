@@ -39,6 +39,10 @@ pub struct Spec {
     pub keep: bool,
     #[serde(default, rename = "postCopy")]
     pub post_copy: bool,
+    #[serde(default, rename = "bandwidthPerMigration")]
+    pub bandwidth_per_migration: Option<Value>,
+    #[serde(default, rename = "completionTimeoutPerGiB")]
+    pub completion_timeout_per_gib: Option<u64>,
 }
 
 /// The phases after which nothing changes any more.
@@ -136,6 +140,8 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                     keep: spec.keep,
                     interface: None,
                     post_copy: spec.post_copy,
+                    bandwidth_per_migration: spec.bandwidth_per_migration,
+                    completion_timeout_per_gib: spec.completion_timeout_per_gib,
                 })
                 .map_err(|e| e.message)
             });

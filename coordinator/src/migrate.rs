@@ -46,6 +46,15 @@ pub struct MigrateRequest {
     /// Post-copy: the destination resumes before the memory has arrived (one container).
     #[serde(default)]
     pub post_copy: bool,
+    /// The migration's bandwidth cap, bytes per second: a number or a Kubernetes quantity
+    /// (`64Mi`); default: the coordinator's `--bandwidth-per-migration`.
+    #[serde(default)]
+    pub bandwidth_per_migration: Option<Value>,
+    /// Seconds per GiB of the pod's memory (its containers' limits, else requests; one GiB at
+    /// least) the state may take to move; past it the migration is aborted and the service
+    /// stays at the source. Default: the coordinator's `--completion-timeout-per-gib`.
+    #[serde(default, rename = "completionTimeoutPerGiB")]
+    pub completion_timeout_per_gib: Option<u64>,
 }
 
 /// The answer of a successful migration.
@@ -93,6 +102,49 @@ pub struct Validated {
     pub keep: bool,
     pub interface: Option<String>,
     pub post_copy: bool,
+    /// Bytes per second the state may take (`None`: the coordinator's default).
+    pub bandwidth: Option<u64>,
+    /// Seconds per GiB the move may take (`None`: the coordinator's default).
+    pub completion_timeout_per_gib: Option<u64>,
+}
+
+/// The GiB a pod's containers may hold: their memory limits (else requests) summed, rounded
+/// up, one at least.
+pub fn memory_gib(containers: &[k8s_openapi::api::core::v1::Container]) -> u64 {
+    let bytes: i128 = containers
+        .iter()
+        .filter_map(|c| {
+            let resources = c.resources.as_ref()?;
+            let memory = resources
+                .limits
+                .as_ref()
+                .and_then(|l| l.get("memory"))
+                .or_else(|| resources.requests.as_ref().and_then(|r| r.get("memory")))?;
+            ums_contract::quantity::parse_nanos(&memory.0).ok()
+        })
+        .map(|nanos| nanos / 1_000_000_000)
+        .sum();
+    let gib = (bytes + (1 << 30) - 1) >> 30;
+    u64::try_from(gib).unwrap_or(u64::MAX).max(1)
+}
+
+/// A bandwidth cap as a request writes it: bytes per second, a number or a quantity.
+pub fn parse_bandwidth(value: &Value) -> Result<u64, ApiError> {
+    let bytes = match value {
+        Value::Number(n) => n.as_u64().map(i128::from),
+        Value::String(s) => ums_contract::quantity::parse_nanos(s)
+            .ok()
+            .map(|nanos| nanos / 1_000_000_000),
+        _ => None,
+    };
+    bytes
+        .filter(|b| *b > 0)
+        .and_then(|b| u64::try_from(b).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "bandwidthPerMigration {value}: write bytes per second, a positive number or a quantity such as \"64Mi\""
+            ))
+        })
 }
 
 impl Validated {
@@ -153,7 +205,19 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         .filter(|n| !n.trim().is_empty())
         .unwrap_or_else(|| "default".into());
     check_label("namespace", &namespace)?;
+    let bandwidth = request
+        .bandwidth_per_migration
+        .as_ref()
+        .map(parse_bandwidth)
+        .transpose()?;
+    if request.completion_timeout_per_gib == Some(0) {
+        return Err(ApiError::bad_request(
+            "completionTimeoutPerGiB must be at least 1 (seconds per GiB of the pod's memory)",
+        ));
+    }
     Ok(Validated {
+        completion_timeout_per_gib: request.completion_timeout_per_gib,
+        bandwidth,
         name,
         namespace,
         destination,
@@ -488,6 +552,9 @@ impl Coordinator {
             "destinationCertificateSha256": created.sidecar_certificate_sha256,
             "postCopy": request.post_copy,
         });
+        if let Some(cap) = request.bandwidth.or(self.bandwidth_per_migration) {
+            body["bandwidthBytesPerSecond"] = json!(cap);
+        }
         // Only to a sidecar that says its run (an older one knows no such field).
         if let Some(checked) = &checked {
             body["expectInstance"] = json!(checked.instance);
@@ -505,9 +572,29 @@ impl Coordinator {
         // A sidecar that has not registered the migration yet answers 404: asked again.
         let mut abort = AbortPass::NotAsked;
         let mut again = tokio::time::interval(Duration::from_millis(500));
+        // The completion timeout: past it the move is aborted as an operator would.
+        let completion = request
+            .completion_timeout_per_gib
+            .or(self.completion_timeout_per_gib)
+            .map(|per_gib| {
+                Duration::from_secs(per_gib.saturating_mul(memory_gib(&migratable.containers)))
+            });
+        let expiry = async {
+            match completion {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
+        let mut timed_out = false;
         let moved = loop {
             tokio::select! {
                 outcome = &mut moving => break outcome,
+                () = &mut expiry, if !timed_out && abort == AbortPass::NotAsked => {
+                    timed_out = true;
+                    tracing::warn!(migration = id, limit_s = completion.map(|l| l.as_secs()), "the move did not complete in time: aborting it");
+                    abort = self.pass_abort(&migratable.ip, migratable.uid.as_deref(), id).await;
+                }
                 () = cancel.cancelled(), if abort == AbortPass::NotAsked => {
                     abort = self.pass_abort(&migratable.ip, migratable.uid.as_deref(), id).await;
                 }
@@ -549,6 +636,15 @@ impl Coordinator {
                         crate::peer::error_chain(&e)
                     )),
                 };
+                if timed_out {
+                    e.message = format!(
+                        "the migration did not complete within its completion timeout ({} s: completionTimeoutPerGiB {} s for {} GiB) and was aborted; {}",
+                        completion.map(|l| l.as_secs()).unwrap_or(0),
+                        request.completion_timeout_per_gib.or(self.completion_timeout_per_gib).unwrap_or(0),
+                        memory_gib(&migratable.containers),
+                        e.message
+                    );
+                }
                 e.rollback
                     .push(self.delete_copy(&target, id, request, &copy).await);
                 e.rollback.push(unlock().await);
@@ -890,12 +986,43 @@ mod tests {
         assert_eq!(v.destination_text(), "https://c:1 (node n)");
         let e = request(json!({"name": "svc", "destinationNode": "Node_2"})).unwrap_err();
         assert!(e.message.contains("destinationNode"), "{e}");
+        let v = request(
+            json!({"name": "svc", "destinationNode": "n", "bandwidthPerMigration": "16Mi"}),
+        )
+        .unwrap();
+        assert_eq!(v.bandwidth, Some(16 << 20));
+        let v =
+            request(json!({"name": "svc", "destinationNode": "n", "bandwidthPerMigration": 1000}))
+                .unwrap();
+        assert_eq!(v.bandwidth, Some(1000));
+        for bad in [json!("fast"), json!(0), json!(-5), json!(true)] {
+            let e = request(
+                json!({"name": "svc", "destinationNode": "n", "bandwidthPerMigration": bad}),
+            )
+            .unwrap_err();
+            assert!(e.message.contains("bandwidthPerMigration"), "{e}");
+        }
         let v =
             request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "ff"})).unwrap();
         assert_eq!(v.interface.as_deref(), Some("ff"));
         let e = request(json!({"name": "svc", "destinationUrl": "c:1", "interface": "docker"}))
             .unwrap_err();
         assert!(e.message.contains("ff"), "{e}");
+    }
+
+    #[test]
+    fn the_completion_timeout_scales_with_the_pods_memory() {
+        let containers: Vec<k8s_openapi::api::core::v1::Container> = serde_json::from_value(json!([
+            {"name": "a", "resources": {"limits": {"memory": "1536Mi"}, "requests": {"memory": "1Gi"}}},
+            {"name": "b", "resources": {"requests": {"memory": "600M"}}},
+        ]))
+        .unwrap();
+        assert_eq!(memory_gib(&containers), 3);
+        assert_eq!(memory_gib(&containers[..0]), 1);
+        let e =
+            request(json!({"name": "svc", "destinationNode": "n", "completionTimeoutPerGiB": 0}))
+                .unwrap_err();
+        assert!(e.message.contains("completionTimeoutPerGiB"), "{e}");
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct Coordinator {
     pub node_part: NodePart,
     /// Where emptyDir archives wait for the pod they go into (`--data-dir`).
     pub data_dir: std::path::PathBuf,
+    /// The default bandwidth cap of a migration (bytes per second; `--bandwidth-per-migration`).
+    pub bandwidth_per_migration: Option<u64>,
+    /// The default completion timeout, seconds per GiB (`--completion-timeout-per-gib`).
+    pub completion_timeout_per_gib: Option<u64>,
     /// How many migrations may run at once, in the cluster and from one node.
     pub slots: crate::queue::Slots,
     /// The pods whose eviction started a migration (`kubectl drain`).

@@ -44,6 +44,9 @@ pub struct MigrateRequest {
     /// The supervisor run the caller checked the pod with.
     #[serde(default)]
     pub expect_instance: Option<String>,
+    /// The migration's bandwidth cap (bytes per second), as the sidecar takes it.
+    #[serde(default)]
+    pub bandwidth_bytes_per_second: Option<u64>,
 }
 
 /// Totals, named as the sidecar names them.
@@ -289,6 +292,7 @@ pub async fn migrate(ff: &Ff, request: MigrateRequest) -> Result<MigrationReport
         &token,
         &http,
         zstd_level,
+        request.bandwidth_bytes_per_second,
         &facts,
         &dump_dir,
         &rootfs_dir,
@@ -441,6 +445,7 @@ async fn send(
     token: &str,
     http: &reqwest::Client,
     zstd_level: Option<i32>,
+    bandwidth: Option<u64>,
     facts: &DumpFacts,
     dump_dir: &Path,
     rootfs_dir: &Path,
@@ -524,6 +529,7 @@ async fn send(
     };
     manifest.entries = summaries(&planned);
     let (stream, writer) = ums_archive::transfer::stream(manifest, planned, zstd_level);
+    let stream = ums_archive::transfer::paced(stream, bandwidth);
     let transfer = Instant::now();
     let mut post = http
         .post(format!("{destination}/restore?migrationId={id}"))

@@ -60,6 +60,11 @@ pub struct MigrateRequest {
     /// one means the runtime container restarted since, and the migration is refused.
     #[serde(default)]
     pub expect_instance: Option<String>,
+    /// The migration's bandwidth cap: the archive goes out at most this fast (bytes per
+    /// second; the coordinator's `bandwidthPerMigration`). Post-copy's page stream is not
+    /// paced.
+    #[serde(default)]
+    pub bandwidth_bytes_per_second: Option<u64>,
 }
 
 /// Totals of a migration.
@@ -446,6 +451,7 @@ impl Sidecar {
             ))
         });
         let (stream, writer) = archive_stream(&dump, zstd_level);
+        let stream = ums_archive::transfer::paced(stream, request.bandwidth_bytes_per_second);
         let mut post =
             authorized(http.post(format!("{destination}/restore?migrationId={migration_id}")))
                 .header("content-type", "application/x-tar")

@@ -54,7 +54,9 @@ struct Args {
     /// Methods: staged, sidecar, postcopy (the sidecar with `postCopy`), criu, shaped and
     /// shaped-postcopy (the sidecar over a link shaped to 1 Gbit/s with tc between the two
     /// pods' network namespaces), ssu (the orchestrator-level interface, on CRI nodes: once per
-    /// size, whatever the engines), ff (the service-level interface, on CRI nodes, likewise).
+    /// size, whatever the engines), ff (the service-level interface, on CRI nodes, likewise),
+    /// cluster and node (a dind pod moved by one POST /migrate on its coordinator, to another
+    /// cluster or to another node of its own; once per size; not in the default list).
     #[arg(
         long,
         value_delimiter = ',',
@@ -65,6 +67,14 @@ struct Args {
     /// size, print their names and URLs, and wait (Ctrl-C removes them): for experiments.
     #[arg(long)]
     hold: bool,
+    /// `kubectl drain` of a node holding this many opted-in dind pods (of the first size),
+    /// once per limit of --drain-limits: the time drain takes (method `drain`).
+    #[arg(long, value_delimiter = ',')]
+    drain_pods: Vec<usize>,
+    /// The migration policy's limits (migrations at once, in the cluster and from the node)
+    /// the drains run with.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    drain_limits: Vec<usize>,
     /// Where the JSON and the SVG go (`<out>.json`, `<out>.svg`).
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
@@ -528,6 +538,152 @@ async fn ff(mib: u32) -> Row {
     }
 }
 
+/// A user's dind service pod of `mib` MiB named NAME, bound to `node` (if any), opted in to
+/// live migration on eviction if `on_eviction`.
+fn dind_service(name: &str, mib: u32, node: Option<&str>, on_eviction: bool) -> String {
+    let mut pod = ums_tests::service_pod::service_pod(name, "dind", None, &[(NAME, mib)]);
+    if on_eviction {
+        pod["metadata"]["annotations"]["migration-eviction-strategy"] = json!("live-migrate");
+    }
+    if let Some(node) = node {
+        pod["spec"]["nodeName"] = json!(node);
+    }
+    pod.to_string()
+}
+
+/// Methods `cluster` and `node`: a dind pod moved by one `POST /migrate` on its coordinator,
+/// to another cluster (Docker nodes) or to another node of its cluster.
+async fn through_coordinator(mib: u32, node_to_node: bool) -> Row {
+    use ums_tests::cluster::{Cluster, User};
+    use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator, TwoClusters};
+    let report = if node_to_node {
+        let mut cluster = Cluster::start_with_node();
+        let first = cluster.first_node().to_owned();
+        let second = cluster.add_node();
+        let certs = CoordinatorCerts::generate(&cluster);
+        let coordinator = RunningCoordinator::start(&cluster, &certs, &[&certs.ca]);
+        let pod = dind_service(NAME, mib, Some(&first), false);
+        cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod);
+        cluster
+            .wait_running_and_ready(NAME, Duration::from_secs(600))
+            .await;
+        settle().await;
+        let (status, report) = coordinator
+            .call(
+                &certs.ca,
+                "POST",
+                "/migrate",
+                Some(json!({"name": NAME, "destinationNode": second})),
+            )
+            .await;
+        assert_eq!(status, 200, "{report}\n{}", coordinator.log());
+        report
+    } else {
+        let two = TwoClusters::start();
+        let pod = dind_service(NAME, mib, None, false);
+        two.edge
+            .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod);
+        two.edge
+            .wait_running_and_ready(NAME, Duration::from_secs(600))
+            .await;
+        settle().await;
+        let (status, report) = two
+            .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
+            .await;
+        assert_eq!(status, 200, "{report}\n{}", two.coordinator_logs());
+        report
+    };
+    let totals = &report["sidecar"]["totals"];
+    let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
+    let mut parts: BTreeMap<String, u64> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
+        .collect();
+    for k in ["freezeDumpMs", "transferMs", "restoreMs"] {
+        parts.insert(k.trim_end_matches("Ms").to_owned(), ms(k));
+    }
+    Row {
+        engine: "docker".into(),
+        mib,
+        method: if node_to_node { "node" } else { "cluster" },
+        downtime_ms: ms("downtimeMs"),
+        total_ms: report["totalMs"].as_u64().unwrap_or(0),
+        parts,
+        sidecar_peak_rss_kib: None,
+        bytes_sent: Some(ms("bytesSent")),
+    }
+}
+
+/// Method `drain`: `kubectl drain` of a node holding `pods` opted-in dind pods of `mib` MiB,
+/// with at most `limit` migrations at once (in the cluster and from the node); the time drain
+/// takes, from its start to its exit.
+async fn drain(pods: usize, limit: usize, mib: u32) -> Row {
+    use ums_tests::cluster::{Cluster, User};
+    use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+    let mut cluster = Cluster::start_with_node();
+    let first = cluster.first_node().to_owned();
+    cluster.add_node();
+    let certs = CoordinatorCerts::generate(&cluster);
+    let limit_text = limit.to_string();
+    let coordinator = RunningCoordinator::start_with_env(
+        &cluster,
+        &certs,
+        &[&certs.ca],
+        &[
+            ("UMS_MAX_PARALLEL_MIGRATIONS", &limit_text),
+            ("UMS_MAX_OUTBOUND_PER_NODE", &limit_text),
+        ],
+    );
+    coordinator.serve_evictions(&cluster, &certs);
+    let names: Vec<String> = (0..pods).map(|i| format!("svc-{i}")).collect();
+    for name in &names {
+        let pod = dind_service(name, mib, Some(&first), true);
+        cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod);
+    }
+    for name in &names {
+        cluster
+            .wait_running_and_ready(name, Duration::from_secs(900))
+            .await;
+    }
+    settle().await;
+    let started = Instant::now();
+    let output = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig(User::Admin))
+        .args([
+            "drain",
+            &first,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--force",
+        ])
+        .args(["--timeout=1800s"])
+        .output()
+        .unwrap();
+    let took = started.elapsed().as_millis() as u64;
+    assert!(
+        output.status.success(),
+        "kubectl drain failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        coordinator.log()
+    );
+    Row {
+        engine: "docker".into(),
+        mib,
+        method: "drain",
+        downtime_ms: 0,
+        total_ms: took,
+        parts: BTreeMap::from([
+            ("pods".to_owned(), pods as u64),
+            ("limit".to_owned(), limit as u64),
+        ]),
+        sidecar_peak_rss_kib: None,
+        bytes_sent: None,
+    }
+}
+
 fn print_table(rows: &[Row]) {
     println!(
         "\n| engine | MiB | method | downtime s | total s | / staged | / CRIU | parts (ms) | agent peak RSS MiB (src/dst: sidecars, or the ums-ff supervisors) |"
@@ -723,6 +879,29 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
                 rows.push(row);
             }
+        }
+    }
+    // Through the coordinator, a dind pod: to another cluster, and to another node of its own.
+    for method in ["cluster", "node"] {
+        if !args.methods.iter().any(|m| m == method) || args.hold {
+            continue;
+        }
+        for &mib in &args.sizes {
+            eprint!("[bench] docker {mib} MiB {method} ... ");
+            std::io::stderr().flush().ok();
+            let row = through_coordinator(mib, method == "node").await;
+            eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
+            rows.push(row);
+        }
+    }
+    for &pods in &args.drain_pods {
+        for &limit in &args.drain_limits {
+            let mib = args.sizes.first().copied().unwrap_or(256);
+            eprint!("[bench] kubectl drain, {pods} x {mib} MiB dind pods, limit {limit} ... ");
+            std::io::stderr().flush().ok();
+            let row = drain(pods, limit, mib).await;
+            eprintln!("{} ms", row.total_ms);
+            rows.push(row);
         }
     }
     for method in ["ssu", "ff"] {

@@ -28,6 +28,7 @@ import (
 
 var policyResources = []resource{
 	{group: policyv1.GroupName, plural: "poddisruptionbudgets", singular: "poddisruptionbudget", namespaced: true, hasStatus: true,
+		shortNames: []string{"pdb"},
 		newFunc:     func() runtime.Object { return &policyv1.PodDisruptionBudget{} },
 		newListFunc: func() runtime.Object { return &policyv1.PodDisruptionBudgetList{} }},
 }

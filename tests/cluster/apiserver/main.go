@@ -278,6 +278,9 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 			}
 			stores[r.plural] = store
 			storage[r.plural] = store
+			if len(r.shortNames) > 0 {
+				storage[r.plural] = shortNamed{Store: store, names: r.shortNames}
+			}
 			if r.hasStatus {
 				storage[r.plural+"/status"] = newStatusREST(store)
 			}

@@ -140,6 +140,8 @@ type resource struct {
 	namespaced              bool
 	hasStatus               bool
 	fields                  func(runtime.Object) fields.Set
+	// shortNames: what discovery lists for kubectl (`kubectl get pdb`).
+	shortNames []string
 	// defaulter is registered with the scheme (see init in main.go).
 	defaulter func(runtime.Object)
 }
@@ -172,6 +174,14 @@ func newStore(optsGetter generic.RESTOptionsGetter, r resource) (*genericregistr
 	}
 	return store, nil
 }
+
+// shortNamed is a store that says its short names in discovery.
+type shortNamed struct {
+	*genericregistry.Store
+	names []string
+}
+
+func (s shortNamed) ShortNames() []string { return s.names }
 
 // statusREST serves pods/status: the same storage, an update that only changes status.
 type statusREST struct {
