@@ -433,7 +433,6 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
 /// deployed), moved to another CRI cluster by one `POST /migrate` on its coordinator; the
 /// coordinator's report, the restored workload's memory checked.
 async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
-    use ums_tests::cluster::User;
     let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
     let image = if ff {
         let image = ums_tests::workload::ff_workload_image();
@@ -457,9 +456,25 @@ async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
     if ff {
         pod["metadata"]["annotations"] = json!({"migration-interface": "ff"});
     }
+    let report = created_and_moved(&two, &pod.to_string()).await;
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
+    assert!(
+        answer.memory_ok,
+        "the restored workload's memory: {answer:?}"
+    );
+    report
+}
+
+/// Creates `pod` (named NAME) in edge as Jane, waits until its workload listens (its memory
+/// filled), and moves it to cloud with one `POST /migrate`; the report.
+async fn created_and_moved(
+    two: &ums_tests::coordinator::TwoClusters,
+    pod: &str,
+) -> serde_json::Value {
+    use ums_tests::cluster::User;
     two.edge
-        .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
-    // The workload listens once its memory is filled.
+        .kubectl_with_input(User::Jane, &["create", "-f", "-"], pod);
     two.edge
         .wait_running_and_ready(NAME, Duration::from_secs(600))
         .await;
@@ -468,12 +483,6 @@ async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
         .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
         .await;
     assert_eq!(status, 200, "{report}\n{}", two.coordinator_logs());
-    let ip = report["destination"]["podIp"].as_str().unwrap();
-    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
-    assert!(
-        answer.memory_ok,
-        "the restored workload's memory: {answer:?}"
-    );
     report
 }
 
@@ -580,18 +589,7 @@ async fn through_coordinator(mib: u32, node_to_node: bool) -> Row {
         report
     } else {
         let two = TwoClusters::start();
-        let pod = dind_service(NAME, mib, None, false);
-        two.edge
-            .kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod);
-        two.edge
-            .wait_running_and_ready(NAME, Duration::from_secs(600))
-            .await;
-        settle().await;
-        let (status, report) = two
-            .migrate(json!({"name": NAME, "destinationUrl": two.destination}))
-            .await;
-        assert_eq!(status, 200, "{report}\n{}", two.coordinator_logs());
-        report
+        created_and_moved(&two, &dind_service(NAME, mib, None, false)).await
     };
     let totals = &report["sidecar"]["totals"];
     let ms = |k: &str| totals[k].as_u64().unwrap_or(0);

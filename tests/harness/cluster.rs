@@ -990,47 +990,38 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Removes the outer containers the node agent of node `name` ran (its pods' sandboxes and
+/// containers).
+fn remove_node_containers(name: &str) {
+    let label = format!("label=io.ums-rs.node-agent.node={name}");
+    if let Ok(out) = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &label])
+        .output()
+    {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "--force", "--volumes"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for (name, mut node) in self.extra_nodes.drain(..) {
             let _ = node.child.kill();
             let _ = node.child.wait();
-            let label = format!("label=io.ums-rs.node-agent.node={name}");
-            if let Ok(out) = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &label])
-                .output()
-            {
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker")
-                        .args(["rm", "--force", "--volumes"])
-                        .args(&ids)
-                        .output();
-                }
-            }
+            remove_node_containers(&name);
         }
         if let Some(mut node) = self.node.take() {
             let _ = node.child.kill();
             let _ = node.child.wait();
-            let label = format!("label=io.ums-rs.node-agent.node={}", self.name);
-            if let Ok(out) = Command::new("docker")
-                .args(["ps", "-aq", "--filter", &label])
-                .output()
-            {
-                let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect();
-                if !ids.is_empty() {
-                    let _ = Command::new("docker")
-                        .args(["rm", "--force", "--volumes"])
-                        .args(&ids)
-                        .output();
-                }
-            }
+            remove_node_containers(&self.name);
             let _ = Command::new("docker")
                 .args(["network", "rm", &node.network])
                 .output();
