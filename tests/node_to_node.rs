@@ -94,9 +94,8 @@ async fn moved(cluster: &Cluster, app: &str, copy: &str, node: &str, counter: u6
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrapped_pods_move_to_another_node_of_their_cluster() {
-    let mut cluster = Cluster::start_with_node();
-    let first = cluster.first_node().to_owned();
-    let second = cluster.add_node();
+    let (cluster, nodes) = Cluster::start_with_nodes(2);
+    let (first, second) = (nodes[0].clone(), nodes[1].clone());
     let certs = CoordinatorCerts::generate(&cluster);
     let coordinator = RunningCoordinator::start(&cluster, &certs, &[&certs.ca]);
     let logs = || {
@@ -107,8 +106,18 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         )
     };
 
+    // Created without a node, the pind pod is placed (bound) by the rig's scheduler on the
+    // least loaded node, the first by name when both are empty.
+    let mut pind = service_pod("svc-pind", "pind", None, &[("app", 64)]);
+    pind["metadata"]["labels"] = json!({"app": "svc-pind"});
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pind.to_string());
+    let pind_ip = ticking(&cluster, "svc-pind").await;
+    assert_eq!(
+        cluster.get_json(&["pod", "svc-pind"])["spec"]["nodeName"],
+        first.as_str(),
+        "placement bound the pod"
+    );
     let dind_ip = start_on(&cluster, "svc-dind", "dind", &first).await;
-    let pind_ip = start_on(&cluster, "svc-pind", "pind", &first).await;
 
     // What cannot be: the node it runs on, a node the cluster lacks.
     let migrate = |body: Value| coordinator.call(&certs.ca, "POST", "/migrate", Some(body));
@@ -440,9 +449,8 @@ fn plain_pod(name: &str, node: &str, on_eviction: bool) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
-    let mut cluster = Cluster::start_with_node();
-    let first = cluster.first_node().to_owned();
-    let second = cluster.add_node();
+    let (cluster, nodes) = Cluster::start_with_nodes(2);
+    let (first, second) = (nodes[0].clone(), nodes[1].clone());
     let certs = CoordinatorCerts::generate(&cluster);
     // The migration policy: one migration at a time in the cluster.
     let coordinator = RunningCoordinator::start_with_env(

@@ -68,6 +68,8 @@ pub struct Cluster {
     node: Option<NodeAgent>,
     /// Nodes added with [`Cluster::add_node`] (their names and agents).
     extra_nodes: Vec<(String, NodeAgent)>,
+    /// Whether the first node's agent places unbound pods ([`Cluster::start_with_nodes`]).
+    placing: bool,
 }
 
 /// The node agent of a cluster and its pod network.
@@ -148,6 +150,21 @@ impl Cluster {
     /// its own IP on this cluster's pod network (routable from other clusters' pods).
     pub fn start_with_node() -> Self {
         Self::start_inner(Some(NodeRuntime::Docker), true)
+    }
+
+    /// A cluster with `count` nodes on the outer engine, sharing its pod network; the first
+    /// node's agent places the pods created without a node (binds them, `pods/binding`, to
+    /// the least loaded Ready node that is not cordoned), and every node runs the pods bound
+    /// to it. The nodes' names, the first one's being the cluster's.
+    pub fn start_with_nodes(count: usize) -> (Self, Vec<String>) {
+        let mut cluster = Self::start_inner(None, true);
+        cluster.placing = true;
+        cluster.start_node(NodeRuntime::Docker);
+        let mut names = vec![cluster.name.clone()];
+        for _ in 1..count {
+            names.push(cluster.add_node());
+        }
+        (cluster, names)
     }
 
     /// A cluster with one node whose wrapped pods cannot pull from the test registry (an edge
@@ -233,6 +250,7 @@ impl Cluster {
             webhook_container,
             node: None,
             extra_nodes: Vec::new(),
+            placing: false,
         };
         cluster.write_kubeconfigs();
         cluster.wait_ready(Duration::from_secs(60));
@@ -299,6 +317,10 @@ impl Cluster {
         let child = command
             .env("KUBECONFIG", self.kubeconfig(User::Admin))
             .env("UMS_NODE_NAME", &self.name)
+            .env(
+                "UMS_PLACE_UNBOUND",
+                if self.placing { "true" } else { "false" },
+            )
             .env("UMS_POD_NETWORK", &network)
             .env("UMS_POD_SUBNET", &subnet)
             .env("UMS_NODE_STATE_DIR", self.dir.join("node"))

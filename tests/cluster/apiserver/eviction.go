@@ -178,3 +178,53 @@ func (r *evictionREST) checkBudget(ctx context.Context, pod *corev1.Pod) error {
 		}}},
 	}}
 }
+
+// bindingREST serves pods/binding, as the scheduler binds a pod to a node (the rig's
+// placement step, in the node agent, posts it): the pod's spec.nodeName is set once; a pod
+// bound already is a 409.
+type bindingREST struct {
+	pods *genericregistry.Store
+}
+
+var _ rest.NamedCreater = &bindingREST{}
+
+func (r *bindingREST) New() runtime.Object { return &corev1.Binding{} }
+func (r *bindingREST) Destroy()            {}
+
+func (r *bindingREST) Create(ctx context.Context, name string, obj runtime.Object, createValidation rest.ValidateObjectFunc, options *metav1.CreateOptions) (runtime.Object, error) {
+	binding, ok := obj.(*corev1.Binding)
+	if !ok {
+		return nil, apierrors.NewBadRequest(fmt.Sprintf("not a Binding: %T", obj))
+	}
+	if binding.Name != "" && binding.Name != name {
+		return nil, apierrors.NewBadRequest("name in URL does not match name in Binding object")
+	}
+	if binding.Target.Kind != "" && binding.Target.Kind != "Node" {
+		return nil, apierrors.NewBadRequest("a pod is bound to a Node")
+	}
+	if binding.Target.Name == "" {
+		return nil, apierrors.NewBadRequest("the Binding names no node (target.name)")
+	}
+	if createValidation != nil {
+		if err := createValidation(ctx, binding.DeepCopyObject()); err != nil {
+			return nil, err
+		}
+	}
+	node := binding.Target.Name
+	_, _, err := r.pods.Update(ctx, name, rest.DefaultUpdatedObjectInfo(nil, func(_ context.Context, newObj, _ runtime.Object) (runtime.Object, error) {
+		pod := newObj.(*corev1.Pod).DeepCopy()
+		if pod.DeletionTimestamp != nil {
+			return nil, apierrors.NewConflict(corev1.Resource("pods/binding"), name, fmt.Errorf("pod %s is being deleted, cannot be assigned to a host", name))
+		}
+		if pod.Spec.NodeName != "" {
+			return nil, apierrors.NewConflict(corev1.Resource("pods/binding"), name, fmt.Errorf("pod %v is already assigned to node %q", name, pod.Spec.NodeName))
+		}
+		// The node agent writes the status (PodScheduled with the rest).
+		pod.Spec.NodeName = node
+		return pod, nil
+	}), rest.ValidateAllObjectFunc, rest.ValidateAllObjectUpdateFunc, false, &metav1.UpdateOptions{DryRun: options.DryRun})
+	if err != nil {
+		return nil, err
+	}
+	return &metav1.Status{Status: metav1.StatusSuccess, Code: http.StatusCreated}, nil
+}

@@ -66,6 +66,7 @@ func init() {
 	for _, r := range coreResources {
 		core = append(core, r.newFunc(), r.newListFunc())
 	}
+	core = append(core, &corev1.Binding{})
 	internal(corev1.SchemeGroupVersion, core...)
 	var admission []runtime.Object
 	for _, r := range admissionResources {
@@ -298,6 +299,7 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 		return err
 	}
 	coreStorage["pods/eviction"] = &evictionREST{pods: stores["pods"], pdbs: stores["poddisruptionbudgets"]}
+	coreStorage["pods/binding"] = &bindingREST{pods: stores["pods"]}
 	core.VersionedResourcesStorageMap["v1"] = coreStorage
 	if err := server.InstallLegacyAPIGroup(genericapiserver.DefaultLegacyAPIPrefix, &core); err != nil {
 		return fmt.Errorf("core/v1: %w", err)

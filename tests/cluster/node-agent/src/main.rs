@@ -16,6 +16,7 @@ mod kubelet_api;
 mod network;
 mod node;
 mod node_object;
+mod placement;
 mod probes;
 mod runtime;
 mod status;
@@ -45,6 +46,10 @@ struct Args {
     /// its first, takes them; the others run only the pods bound to them).
     #[arg(long, env = "UMS_RUN_UNBOUND", default_value_t = true, action = clap::ArgAction::Set)]
     run_unbound: bool,
+    /// Bind the pods bound to no node to a node (pods/binding), as a scheduler would: one
+    /// agent of a cluster of several nodes does (placement.rs); then none runs unbound pods.
+    #[arg(long, env = "UMS_PLACE_UNBOUND", default_value_t = false, action = clap::ArgAction::Set)]
+    place_unbound: bool,
     /// The container runtime.
     #[arg(long, env = "UMS_NODE_RUNTIME", value_enum, default_value = "docker")]
     runtime: RuntimeKind,
@@ -157,7 +162,8 @@ async fn main() -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 host_ip: None,
                 index,
-                run_unbound: args.run_unbound,
+                run_unbound: args.run_unbound && !args.place_unbound,
+                place_unbound: args.place_unbound,
             }
             .run()
             .await
@@ -222,7 +228,8 @@ async fn main() -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 host_ip: Some(args.node_address),
                 index,
-                run_unbound: args.run_unbound,
+                run_unbound: args.run_unbound && !args.place_unbound,
+                place_unbound: args.place_unbound,
             }
             .run()
             .await

@@ -35,6 +35,8 @@ pub struct Node<R> {
     pub index: ContainerIndex,
     /// Whether this node also runs the pods bound to no node.
     pub run_unbound: bool,
+    /// Whether this agent binds the pods bound to no node (the rig's scheduler).
+    pub place_unbound: bool,
 }
 
 /// One pod this node runs.
@@ -96,6 +98,10 @@ impl<R: Runtime> Node<R> {
         self.runtime.remove_leftovers(&live).await;
         let mut running: HashMap<String, RunningPod> = HashMap::new();
         loop {
+            if self.place_unbound {
+                let all: Vec<Pod> = reader.state().iter().map(|p| (**p).clone()).collect();
+                crate::placement::bind_unbound(&self.client, &all).await;
+            }
             let pods: Vec<_> = reader
                 .state()
                 .into_iter()
