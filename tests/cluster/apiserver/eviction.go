@@ -211,8 +211,13 @@ func (r *bindingREST) Create(ctx context.Context, name string, obj runtime.Objec
 		}
 	}
 	node := binding.Target.Name
-	_, _, err := r.pods.Update(ctx, name, rest.DefaultUpdatedObjectInfo(nil, func(_ context.Context, newObj, _ runtime.Object) (runtime.Object, error) {
-		pod := newObj.(*corev1.Pod).DeepCopy()
+	_, _, err := r.pods.Update(ctx, name, rest.DefaultUpdatedObjectInfo(nil, func(_ context.Context, _, stored runtime.Object) (runtime.Object, error) {
+		// The first transformer of an update without an object builds it from the stored one.
+		pod, ok := stored.(*corev1.Pod)
+		if !ok {
+			return nil, apierrors.NewInternalError(fmt.Errorf("pods/binding: stored object is %T", stored))
+		}
+		pod = pod.DeepCopy()
 		if pod.DeletionTimestamp != nil {
 			return nil, apierrors.NewConflict(corev1.Resource("pods/binding"), name, fmt.Errorf("pod %s is being deleted, cannot be assigned to a host", name))
 		}
