@@ -271,13 +271,24 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         "{listed}"
     );
 
-    // Cancelled while its copy is being made: rolled back, the service where it was.
+    // Cancelled while its state moves (held to 1 MiB/s, it would take a minute): rolled back,
+    // the service where it was.
     let ip = cluster
         .wait_running_and_ready(&back, Duration::from_secs(30))
         .await;
     let before = ask_service(&ip, 8080).await.unwrap();
-    let (ok, stdout, stderr) =
-        kubectl_migrate(&cluster, &[&back, "--to-node", &second, "--no-wait"]).await;
+    let (ok, stdout, stderr) = kubectl_migrate(
+        &cluster,
+        &[
+            &back,
+            "--to-node",
+            &second,
+            "--bandwidth",
+            "1Mi",
+            "--no-wait",
+        ],
+    )
+    .await;
     assert!(ok, "{stdout}\n{stderr}");
     let name = stdout
         .strip_prefix("livemigration/")
@@ -285,11 +296,11 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         .unwrap_or_else(|| panic!("{stdout}"))
         .to_owned();
     let id = poll(
-        "the cancelled migration to create its copy",
+        "the cancelled migration to move its state",
         Duration::from_secs(120),
         || async {
             let status = cluster.get_json(&["livemigration", &name])["status"].clone();
-            (status["phase"] == "creating")
+            (status["phase"] == "migrating")
                 .then(|| status["migrationId"].as_str().unwrap().to_owned())
         },
     )

@@ -4,7 +4,8 @@
 //! migration back while the state has not arrived).
 //!
 //! ```text
-//! kubectl migrate POD --to-node NODE | --to-cluster HOST:PORT [-n NS] [--keep] [--post-copy] [--no-wait]
+//! kubectl migrate POD --to-node NODE | --to-cluster HOST:PORT [-n NS] [--keep] [--post-copy]
+//!                 [--bandwidth 64Mi] [--completion-timeout-per-gib S] [--no-wait]
 //! kubectl migrate list [-n NS | -A]
 //! kubectl migrate cancel NAME|MIGRATION-ID [-n NS]
 //! ```
@@ -49,6 +50,12 @@ struct Cli {
     /// container).
     #[arg(long)]
     post_copy: bool,
+    /// The most bytes per second the state may take (a number or a quantity such as 64Mi).
+    #[arg(long)]
+    bandwidth: Option<String>,
+    /// Seconds per GiB of the pod's memory the move may take before it is aborted.
+    #[arg(long)]
+    completion_timeout_per_gib: Option<u64>,
     /// Create the LiveMigration and return.
     #[arg(long)]
     no_wait: bool,
@@ -139,8 +146,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 node: cli.to_node,
                 cluster: cli.to_cluster,
             };
-            let object: DynamicObject =
-                serde_json::from_value(live_migration::object(&pod, &to, cli.keep, cli.post_copy))?;
+            let mut object = live_migration::object(&pod, &to, cli.keep, cli.post_copy);
+            if let Some(bandwidth) = &cli.bandwidth {
+                object["spec"]["bandwidthPerMigration"] = serde_json::json!(bandwidth);
+            }
+            if let Some(timeout) = cli.completion_timeout_per_gib {
+                object["spec"]["completionTimeoutPerGiB"] = serde_json::json!(timeout);
+            }
+            let object: DynamicObject = serde_json::from_value(object)?;
             let created = api
                 .create(&PostParams::default(), &object)
                 .await

@@ -879,15 +879,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    // Through the coordinator, a dind pod: to another cluster, and to another node of its own.
-    for method in ["cluster", "node"] {
+    // Through the coordinator: a dind pod to another cluster and to another node of its own
+    // (Docker nodes); an ordinary pod (ssu) and an ff pod between CRI clusters.
+    for method in ["cluster", "node", "ssu", "ff"] {
         if !args.methods.iter().any(|m| m == method) || args.hold {
             continue;
         }
         for &mib in &args.sizes {
-            eprint!("[bench] docker {mib} MiB {method} ... ");
+            let engine = if matches!(method, "cluster" | "node") {
+                "docker"
+            } else {
+                "containerd"
+            };
+            eprint!("[bench] {engine} {mib} MiB {method} ... ");
             std::io::stderr().flush().ok();
-            let row = through_coordinator(mib, method == "node").await;
+            let row = match method {
+                "cluster" => through_coordinator(mib, false).await,
+                "node" => through_coordinator(mib, true).await,
+                "ssu" => ssu(mib).await,
+                _ => ff(mib).await,
+            };
             eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
             rows.push(row);
         }
@@ -899,21 +910,6 @@ async fn main() -> anyhow::Result<()> {
             std::io::stderr().flush().ok();
             let row = drain(pods, limit, mib).await;
             eprintln!("{} ms", row.total_ms);
-            rows.push(row);
-        }
-    }
-    for method in ["ssu", "ff"] {
-        if !args.methods.iter().any(|m| m == method) || args.hold {
-            continue;
-        }
-        for &mib in &args.sizes {
-            eprint!("[bench] containerd {mib} MiB {method} ... ");
-            std::io::stderr().flush().ok();
-            let row = match method {
-                "ssu" => ssu(mib).await,
-                _ => ff(mib).await,
-            };
-            eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
             rows.push(row);
         }
     }
