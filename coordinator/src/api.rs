@@ -66,17 +66,7 @@ fn answer<T: serde::Serialize>(result: Result<T, ApiError>) -> Response {
 }
 
 async fn identity(State(c): State<Arc<Coordinator>>) -> Json<Identity> {
-    Json(Identity {
-        service: "ums-coordinator".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        cluster: c.cluster.clone(),
-        interfaces: vec![
-            "dind".into(),
-            "pind".into(),
-            crate::orchestrator::INTERFACE.into(),
-        ],
-        public_key: c.signing_key.public_key(),
-    })
+    Json(c.identity())
 }
 
 async fn migrate(State(c): State<Arc<Coordinator>>, bytes: Bytes) -> Response {

@@ -20,7 +20,7 @@ use crate::journal::{keep_patch, unlock_patch, SourceJournal, ANNOTATION_LOCKED_
 use crate::metrics::Outcome;
 use crate::outcome::SourceRef;
 use crate::peer::peer_base_url;
-use crate::placement::{copy_name, ANNOTATION_ORIGINAL_NAME};
+use crate::placement::{copy_name, original_name, ANNOTATION_ORIGINAL_NAME};
 use crate::pod::{check, destination_pod};
 use crate::state::Coordinator;
 use crate::target::{Target, THIS_CLUSTER};
@@ -436,13 +436,8 @@ impl Coordinator {
         self.enter(id, "creating");
         let mut copy_pod = destination_pod(&pod, &migratable.containers, id);
         if request.in_this_cluster() {
-            let original = pod
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_ORIGINAL_NAME))
-                .cloned()
-                .unwrap_or_else(|| request.name.clone());
+            let original =
+                original_name(&request.name, pod.metadata.annotations.as_ref()).to_owned();
             copy_pod.metadata.name = Some(copy.clone());
             copy_pod
                 .metadata

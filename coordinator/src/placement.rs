@@ -141,15 +141,24 @@ pub fn choose_node(
     })
 }
 
-/// The name of a copy in the same cluster (pods' names are unique in a namespace): the
-/// service's first pod's name (`original-name`, else the source's) and the migration's id,
-/// cut so that it stays a DNS label (63 characters, as a pod's hostname must be).
-pub fn copy_name(source: &str, annotations: Option<&BTreeMap<String, String>>, id: &str) -> String {
-    let base = annotations
+/// The name of the pod the service first ran in: the source's `original-name`, else the
+/// source's own name.
+pub fn original_name<'a>(
+    source: &'a str,
+    annotations: Option<&'a BTreeMap<String, String>>,
+) -> &'a str {
+    annotations
         .and_then(|a| a.get(ANNOTATION_ORIGINAL_NAME))
         .filter(|n| !n.is_empty())
         .map(String::as_str)
-        .unwrap_or(source);
+        .unwrap_or(source)
+}
+
+/// The name of a copy in the same cluster (pods' names are unique in a namespace): the
+/// service's first pod's name ([`original_name`]) and the migration's id, cut so that it
+/// stays a DNS label (63 characters, as a pod's hostname must be).
+pub fn copy_name(source: &str, annotations: Option<&BTreeMap<String, String>>, id: &str) -> String {
+    let base = original_name(source, annotations);
     // The id's last characters differ between migrations (it is a clock in hex).
     let suffix: String = id
         .chars()

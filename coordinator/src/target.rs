@@ -15,6 +15,14 @@ use crate::peer::{Identity, Peer};
 use crate::placement::{choose_node, NodeFacts};
 use crate::state::Coordinator;
 
+/// A placement refusal as the API answers it.
+fn refusal(e: crate::placement::PlacementError) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::from_u16(e.status()).unwrap_or(axum::http::StatusCode::CONFLICT),
+        e.to_string(),
+    )
+}
+
 /// The destination a migration into this same cluster (another node) records, in its
 /// journal, its record and its copy's source annotation.
 pub const THIS_CLUSTER: &str = "this-cluster";
@@ -44,13 +52,22 @@ impl Coordinator {
     pub(crate) async fn target_identity(&self, target: &Target) -> Result<Identity, ApiError> {
         match target {
             Target::Peer(peer) => peer.identity().await,
-            Target::ThisCluster => Ok(Identity {
-                service: "ums-coordinator".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                cluster: self.cluster.clone(),
-                interfaces: Vec::new(),
-                public_key: self.signing_key.public_key(),
-            }),
+            Target::ThisCluster => Ok(self.identity()),
+        }
+    }
+
+    /// What this coordinator says of itself (`GET /`).
+    pub fn identity(&self) -> Identity {
+        Identity {
+            service: "ums-coordinator".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            cluster: self.cluster.clone(),
+            interfaces: vec![
+                "dind".into(),
+                "pind".into(),
+                crate::orchestrator::INTERFACE.into(),
+            ],
+            public_key: self.signing_key.public_key(),
         }
     }
 
@@ -121,6 +138,13 @@ impl Coordinator {
         let nodes: Api<Node> = Api::all(self.kube.clone());
         let pods: Api<Pod> = Api::all(self.kube.clone());
         let mut facts = Vec::new();
+        // A named node is judged alone, and its load does not matter.
+        if let Some(name) = wanted {
+            if let Some(node) = nodes.get_opt(name).await? {
+                facts.push(NodeFacts::of(&node, 0));
+            }
+            return choose_node(&self.cluster, &facts, source, wanted).map_err(refusal);
+        }
         for node in nodes.list(&ListParams::default()).await? {
             let name = node.metadata.name.clone().unwrap_or_default();
             let bound = pods
@@ -130,12 +154,6 @@ impl Coordinator {
                 .len();
             facts.push(NodeFacts::of(&node, bound));
         }
-        choose_node(&self.cluster, &facts, source, wanted).map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::from_u16(e.status())
-                    .unwrap_or(axum::http::StatusCode::CONFLICT),
-                e.to_string(),
-            )
-        })
+        choose_node(&self.cluster, &facts, source, wanted).map_err(refusal)
     }
 }
