@@ -527,25 +527,10 @@ async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
     cluster.kubectl(User::Admin, &["delete", "pdb", "plain"]);
 
     // kubectl drain, unchanged, as an operator runs it.
-    let kubeconfig = cluster.kubeconfig(User::Admin);
-    let node = first.clone();
-    let drain = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args([
-                "drain",
-                &node,
-                "--ignore-daemonsets",
-                "--delete-emptydir-data",
-                "--force",
-            ])
-            .args(["--timeout=600s"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let mut command = cluster.drain_command(&first, 600);
+    let drain = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&drain.stdout).into_owned(),
         String::from_utf8_lossy(&drain.stderr).into_owned(),

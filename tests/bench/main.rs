@@ -486,16 +486,21 @@ async fn created_and_moved(
     report
 }
 
-/// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
-/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
-async fn ssu(mib: u32) -> Row {
-    let report = moved_between_cri_clusters(mib, false).await;
-    let mut parts: BTreeMap<String, u64> = report["phases"]
+/// The coordinator's phases of a migration's report, milliseconds by phase.
+fn phase_parts(report: &serde_json::Value) -> BTreeMap<String, u64> {
+    report["phases"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
-        .collect();
+        .collect()
+}
+
+/// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
+/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
+async fn ssu(mib: u32) -> Row {
+    let report = moved_between_cri_clusters(mib, false).await;
+    let mut parts = phase_parts(&report);
     let details = &report["sidecar"];
     parts.insert(
         "divergence".into(),
@@ -593,12 +598,7 @@ async fn through_coordinator(mib: u32, node_to_node: bool) -> Row {
     };
     let totals = &report["sidecar"]["totals"];
     let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
-    let mut parts: BTreeMap<String, u64> = report["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
-        .collect();
+    let mut parts = phase_parts(&report);
     for k in ["freezeDumpMs", "transferMs", "restoreMs"] {
         parts.insert(k.trim_end_matches("Ms").to_owned(), ms(k));
     }
@@ -647,19 +647,7 @@ async fn drain(pods: usize, limit: usize, mib: u32) -> Row {
     }
     settle().await;
     let started = Instant::now();
-    let output = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig(User::Admin))
-        .args([
-            "drain",
-            &first,
-            "--ignore-daemonsets",
-            "--delete-emptydir-data",
-            "--force",
-        ])
-        .args(["--timeout=1800s"])
-        .output()
-        .unwrap();
+    let output = cluster.drain_command(&first, 1800).output().unwrap();
     let took = started.elapsed().as_millis() as u64;
     assert!(
         output.status.success(),

@@ -415,6 +415,25 @@ impl Cluster {
         writeln!(file, "{service}={address}").unwrap();
     }
 
+    /// `kubectl drain NODE`, unchanged, as an operator runs it on a node with wrapped pods
+    /// (no DaemonSets, emptyDirs, pods without a controller), as admin, waiting up to
+    /// `timeout_seconds`: the command, to run where the caller may block.
+    pub fn drain_command(&self, node: &str, timeout_seconds: u64) -> Command {
+        let mut command = Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig(User::Admin))
+            .args([
+                "drain",
+                node,
+                "--ignore-daemonsets",
+                "--delete-emptydir-data",
+                "--force",
+            ])
+            .arg(format!("--timeout={timeout_seconds}s"));
+        command
+    }
+
     /// The name of the cluster's first node (its Node object; it also runs unbound pods).
     pub fn first_node(&self) -> &str {
         &self.name
