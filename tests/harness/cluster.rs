@@ -464,8 +464,9 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < until,
-                "pod {pod} not Running and Ready within {deadline:?}; status: {status}\n--- node agent:\n{}",
-                self.node_log()
+                "pod {pod} not Running and Ready within {deadline:?}; status: {status}\n--- node agent:\n{}{}",
+                self.node_log(),
+                containers_log(&status)
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -1023,6 +1024,54 @@ fn start_webhook(
         std::thread::sleep(Duration::from_millis(100));
     }
     address
+}
+
+/// What a pod's outer containers printed (the last lines of each, run by the Docker runtime),
+/// and for a runtime container the nested engine's log and the tests' registry's: what a pod
+/// that never got ready says about why (an ambassador's refused create, an engine that did
+/// not start, a pull that failed).
+pub fn containers_log(status: &serde_json::Value) -> String {
+    let mut text = String::new();
+    for container in status["containerStatuses"].as_array().into_iter().flatten() {
+        let name = container["name"].as_str().unwrap_or("?");
+        let Some(id) = container["containerID"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("docker://"))
+        else {
+            continue;
+        };
+        let logs = Command::new("docker")
+            .args(["logs", "--tail", "40", id])
+            .output()
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_else(|e| format!("(docker logs failed: {e})"));
+        text.push_str(&format!("\n--- container {name} ({id:.12}):\n{logs}"));
+        if name == "runtime" {
+            let engine = Command::new("docker")
+                .args([
+                    "exec",
+                    id,
+                    "sh",
+                    "-c",
+                    "tail -n 30 /var/log/dockerd.log /var/log/podman.log 2>/dev/null",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            text.push_str(&format!("\n--- nested engine of {name}:\n{engine}"));
+        }
+    }
+    text.push_str(&format!(
+        "\n--- tests' registry:\n{}",
+        crate::registry::Registry::logs()
+    ));
+    text
 }
 
 fn tail(path: &Path, lines: usize) -> String {

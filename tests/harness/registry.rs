@@ -108,6 +108,26 @@ impl Registry {
         }
     }
 
+    /// The last lines of the logs of this process's registries that have started.
+    pub fn logs() -> String {
+        let mut text = String::new();
+        for kind in ["", "tls-"] {
+            let log = PathBuf::from(format!(
+                "/tmp/ums-registry-{kind}{}/registry.log",
+                std::process::id()
+            ));
+            if let Ok(all) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = all.lines().collect();
+                text.push_str(&format!(
+                    "{}:\n{}\n",
+                    log.display(),
+                    lines[lines.len().saturating_sub(20)..].join("\n")
+                ));
+            }
+        }
+        text
+    }
+
     /// Pushes the outer engine's `local` image as `repository:tag`; returns the reference a
     /// pod uses to pull it.
     pub fn push(&self, local: &str, repository: &str) -> String {
