@@ -9,11 +9,13 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use ums_tests::cluster::{Cluster, User};
+use ums_tests::cluster::{Cluster, NodeRuntime, User};
 use ums_tests::coordinator::{live_migration, CoordinatorCerts, RunningCoordinator};
 use ums_tests::poll;
 use ums_tests::service_pod::{ask_service, container_output, service_pod};
-use ums_tests::workload::ticks;
+use ums_tests::workload::{
+    ff_workload_image, journal_goes_on, journal_ticks, ticks, tls_registry_workload_image,
+};
 
 /// Creates a user's 64 MiB service pod, wrapped for `interface`, labelled `app: <name>` and
 /// bound to `node`, opted in to live migration on eviction if `on_eviction`.
@@ -480,7 +482,8 @@ async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
     };
 
     // Two wrapped pods that opted in, a plain pod that did not, and a plain one that opted in
-    // but cannot move node to node (an orchestrator-level pod moves between clusters only).
+    // but cannot move here (an orchestrator-level pod moves through the kubelet's checkpoint
+    // API, which these Docker-runtime nodes lack: this coordinator has no kubelet credentials).
     create_on(&cluster, "opt-a", "dind", &first, true);
     create_on(&cluster, "opt-b", "dind", &first, true);
     for pod in [
@@ -606,7 +609,7 @@ async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
         refused["error"]
             .as_str()
             .unwrap()
-            .contains("between clusters only"),
+            .contains("no kubelet credentials"),
         "{refused}"
     );
 
@@ -619,4 +622,168 @@ async fn kubectl_drain_moves_the_pods_that_opted_in_one_at_a_time() {
         &["MigrationFailed", "EvictedWithoutMigration"],
     )
     .await;
+}
+
+/// A pod running the workload (`mib` MiB checked, a counter on 8080, a journal in an emptyDir),
+/// labelled `app: <name>`, bound to `node`; an ff pod (the workload built FROM the ff base
+/// image) when `ff`, else an ordinary pod (the orchestrator-level interface).
+fn unwrapped_pod(name: &str, image: &str, node: &str, ff: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"nodeName": node, "containers": [
+            {"name": "main", "image": image, "imagePullPolicy": "IfNotPresent",
+             "env": [{"name": "WORKLOAD_MIB", "value": "32"},
+                     {"name": "WORKLOAD_LISTEN", "value": "8080"},
+                     {"name": "WORKLOAD_JOURNAL", "value": "/data/journal"}],
+             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+             "readinessProbe": {"tcpSocket": {"port": 8080}}}
+        ],
+        "volumes": [{"name": "data", "emptyDir": {}}]}
+    });
+    if ff {
+        pod["metadata"]["annotations"] = json!({"migration-interface": "ff"});
+    }
+    pod
+}
+
+/// On a cluster of two CRI nodes (containerd 2.x driven through the CRI, a kubelet endpoint
+/// each): an ordinary pod (orchestrator-level, `ssu`) moves to the other node through the
+/// kubelet's checkpoint API, its checkpoints pushed by the node part into the cluster's own
+/// checkpoint registry, and back by a LiveMigration; a service-level (`ff`) pod moves by a
+/// LiveMigration. Each time the copy has a name of its own, the labels, the named node, the
+/// memory, the counter and the emptyDir journal.
+#[tokio::test(flavor = "multi_thread")]
+async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
+    let (cluster, nodes) = Cluster::start_with_nodes_of(NodeRuntime::Cri, 2);
+    let (first, second) = (nodes[0].clone(), nodes[1].clone());
+    let certs = CoordinatorCerts::generate(&cluster);
+    let coordinator = RunningCoordinator::start(&cluster, &certs, &[&certs.ca]);
+    let logs = || {
+        format!(
+            "--- coordinator:\n{}\n--- nodes:\n{}",
+            coordinator.log(),
+            cluster.node_log()
+        )
+    };
+    cluster.deploy_node_part_on(&first).await;
+    cluster.deploy_node_part_on(&second).await;
+    cluster.cri_node_import(ff_workload_image());
+
+    // The orchestrator-level pod, by POST /migrate to the second node.
+    let pod = unwrapped_pod("svc-ssu", tls_registry_workload_image(), &first, false);
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let ip = cluster
+        .wait_running_and_ready("svc-ssu", Duration::from_secs(180))
+        .await;
+    let before = poll("svc-ssu to answer", Duration::from_secs(30), || async {
+        ask_service(&ip, 8080).await
+    })
+    .await;
+    let journal = journal_ticks(&cluster.empty_dir("svc-ssu", "data").join("journal"));
+    assert!(!journal.is_empty(), "the journal has lines before the move");
+    let (status, report) = coordinator
+        .call(
+            &certs.ca,
+            "POST",
+            "/migrate",
+            Some(json!({"name": "svc-ssu", "destinationNode": second})),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}\n{}", logs());
+    assert_eq!(report["migrationInterface"], "ssu", "{report}");
+    assert_eq!(report["destination"]["node"], second.as_str(), "{report}");
+    let copy = report["destination"]["pod"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned();
+    assert!(
+        copy.starts_with("svc-ssu-") && copy != "svc-ssu",
+        "the copy has a name of its own: {copy}"
+    );
+    let transfers = report["sidecar"]["transfers"].as_array().unwrap();
+    assert_eq!(transfers.len(), 1, "{report}");
+    assert!(
+        transfers[0]["bytes"].as_u64().unwrap() > 32 << 20,
+        "the checkpoint holds the memory: {report}"
+    );
+    assert!(
+        report["sidecar"]["emptyDirs"]["archiveBytes"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{report}"
+    );
+    assert!(
+        cluster
+            .kubectl_result(User::Admin, &["get", "pod", "svc-ssu"])
+            .is_err(),
+        "the source pod is gone"
+    );
+    moved(&cluster, "svc-ssu", &copy, &second, before.tick, &logs()).await;
+    let copy_journal = cluster.empty_dir(&copy, "data").join("journal");
+    journal_goes_on(&copy_journal, *journal.last().unwrap()).await;
+    let archives: Vec<_> = std::fs::read_dir(cluster.node_checkpoint_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        archives.is_empty(),
+        "the checkpoints are removed from the first node: {archives:?}"
+    );
+
+    // And back to the first node by a LiveMigration (the copy's node part sends it): the
+    // second copy is named after the first pod, not after the copy.
+    let status = live_migration(
+        &cluster,
+        "ssu-back",
+        json!({"pod": copy, "destinationNode": first}),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
+    let back = status["destinationPod"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned();
+    assert!(
+        back.starts_with("svc-ssu-") && !back.starts_with(&copy),
+        "second hop named {back} (first copy {copy})"
+    );
+    moved(&cluster, "svc-ssu", &back, &first, before.tick, &logs()).await;
+
+    // The service-level pod, by a LiveMigration to the second node.
+    let pod = unwrapped_pod("svc-ff", ff_workload_image(), &first, true);
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let ip = cluster
+        .wait_running_and_ready("svc-ff", Duration::from_secs(180))
+        .await;
+    let before = poll("svc-ff to answer", Duration::from_secs(30), || async {
+        ask_service(&ip, 8080).await
+    })
+    .await;
+    let journal = journal_ticks(&cluster.empty_dir("svc-ff", "data").join("journal"));
+    assert!(!journal.is_empty(), "the journal has lines before the move");
+    let status = live_migration(
+        &cluster,
+        "ff-to-second",
+        json!({"pod": "svc-ff", "destinationNode": second}),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
+    let copy = status["destinationPod"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned();
+    moved(&cluster, "svc-ff", &copy, &second, before.tick, &logs()).await;
+    let copy_journal = cluster.empty_dir(&copy, "data").join("journal");
+    journal_goes_on(&copy_journal, *journal.last().unwrap()).await;
+    for pod in ["svc-ssu", "svc-ff"] {
+        wait_events(&cluster, &[pod], &["MigrationStarted", "Migrated"]).await;
+    }
 }

@@ -354,12 +354,6 @@ impl Coordinator {
             self.enter(id, "checking");
         }
         if crate::orchestrator::is_orchestrator_level(&pod, request.interface.as_deref()) {
-            if request.node.is_some() || request.in_this_cluster() {
-                return Err(ApiError::bad_request(
-                    "an orchestrator-level (ssu) pod moves between clusters only, and its copy is placed by the destination cluster: node-to-node moves are for dind, pind and ff pods",
-                )
-                .in_phase("checking"));
-            }
             if request.keep || request.post_copy {
                 return Err(ApiError::bad_request(
                     "keep and postCopy apply to wrapped pods (dind, pind): an orchestrator-level migration stops the source and copies its state once",

@@ -36,8 +36,9 @@ use crate::error::ApiError;
 use crate::journal::ANNOTATION_LOCKED_BY;
 use crate::kubelet::{checkpoint_node, kernel_of, node_of, skew_ms, Checkpoint, CheckpointNode};
 use crate::migrate::{DestinationPod, MigrateReport, Validated};
-use crate::peer::Peer;
+use crate::placement::{copy_name, original_name, ANNOTATION_ORIGINAL_NAME};
 use crate::state::{unix_ms, Coordinator};
+use crate::target::Target;
 
 /// The interface's name in reports (UMS's).
 pub const INTERFACE: &str = "ssu";
@@ -110,6 +111,31 @@ pub fn pod_to_restore(source: &Pod, restorer_image: &str) -> Pod {
     };
     with_restorer(&mut pod, restorer_image);
     pod
+}
+
+/// The restored pod as a copy in the source's own cluster (a node-to-node move): named `copy`
+/// (pods' names are unique in a namespace), bound to `node`, remembering the name of the pod
+/// the service first ran in (pure).
+pub fn placed_in_this_cluster(mut pod: Pod, copy: &str, node: &str, original: &str) -> Pod {
+    pod.metadata.name = Some(copy.to_owned());
+    pod.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION_ORIGINAL_NAME.to_owned(), original.to_owned());
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_name = Some(node.to_owned());
+    }
+    pod
+}
+
+/// The name the copy of `source` has at `target` in migration `id`: the source's own in
+/// another cluster, a name of its own in this one.
+fn copy_at(target: &Target, source: &Pod, id: &str) -> String {
+    let name = source.metadata.name.as_deref().unwrap_or_default();
+    match target {
+        Target::Peer(_) => name.to_owned(),
+        Target::ThisCluster => copy_name(name, source.metadata.annotations.as_ref(), id),
+    }
 }
 
 /// Why a pod cannot move this way now (pure): not running, or a container not running.
@@ -297,7 +323,7 @@ impl Coordinator {
     /// and where the service runs.
     async fn restore_at_source(
         &self,
-        peer: &Peer,
+        target: &Target,
         id: &str,
         source: &Pod,
         part: &NodePartPod,
@@ -305,7 +331,6 @@ impl Coordinator {
         volumes: Option<&str>,
     ) -> (Vec<String>, &'static str) {
         let namespace = source.metadata.namespace.clone().unwrap_or_default();
-        let name = source.metadata.name.clone().unwrap_or_default();
         let archives = checkpoints
             .iter()
             .map(|c| c.archive.as_str())
@@ -324,17 +349,14 @@ impl Coordinator {
         let delete = crate::destination::PodRequest {
             migration_id: id.to_owned(),
             namespace: namespace.clone(),
-            name: name.clone(),
+            name: copy_at(target, source, id),
         };
         let mut done = Vec::new();
         // A destination coordinator that does not answer may be restarting (its Deployment
         // brings it back): asked again for two minutes; a refusal is its answer.
         let until = Instant::now() + Duration::from_secs(120);
         let deleted = loop {
-            match peer
-                .post::<_, Value>("/delete", &delete, Duration::from_secs(90))
-                .await
-            {
+            match self.target_delete(target, &delete).await {
                 Err(e) if e.is_transient() && Instant::now() < until => {
                     tracing::warn!(migration = id, error = %e.message, "the destination does not say it holds no copy; asking again");
                     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -354,30 +376,26 @@ impl Coordinator {
                 ))
             }
         }
-        let Some(registry) = &self.checkpoint_registry else {
+        if self.checkpoint_registry.is_none() {
             return kept("this cluster has no checkpoint registry to restore from".into());
-        };
+        }
         let mut images = BTreeMap::new();
         for c in checkpoints {
-            let body = json!({
-                "archive": c.archive,
-                "target": format!("{}:{}-source", registry.pull_repository,
-                    crate::checkpoint_upload::image_tag(id, &c.container)),
-                "container": c.container,
-                "caPem": registry.ca_pem,
-                "insecure": registry.insecure,
-            });
+            let Some(body) = self.push_body(id, c, "-source") else {
+                return kept("this cluster has no checkpoint registry to restore from".into());
+            };
             match self
                 .node_part_call(part, reqwest::Method::POST, "/push", Some(body))
                 .await
             {
-                Ok(answer) => {
-                    let digest = answer["digest"].as_str().unwrap_or_default();
-                    images.insert(
-                        c.container.clone(),
-                        crate::checkpoint_upload::pull_reference(registry, digest),
-                    );
-                }
+                Ok(answer) => match self.pushed_image(&answer) {
+                    Some(image) => {
+                        images.insert(c.container.clone(), image);
+                    }
+                    None => {
+                        return kept(format!("pushing {} named no digest: {answer}", c.container))
+                    }
+                },
                 Err(e) => return kept(format!("pushing {} failed: {}", c.container, e.message)),
             }
         }
@@ -415,6 +433,27 @@ impl Coordinator {
                 (done, at)
             }
         }
+    }
+
+    /// The node part's `POST /push` of checkpoint `c` into this cluster's checkpoint registry
+    /// (tag: the migration's and container's, then `suffix`); `None` without a registry.
+    fn push_body(&self, id: &str, c: &Checkpoint, suffix: &str) -> Option<Value> {
+        let registry = self.checkpoint_registry.as_ref()?;
+        Some(json!({
+            "archive": c.archive,
+            "target": format!("{}:{}{suffix}", registry.pull_repository,
+                crate::checkpoint_upload::image_tag(id, &c.container)),
+            "container": c.container,
+            "caPem": registry.ca_pem,
+            "insecure": registry.insecure,
+        }))
+    }
+
+    /// The image this cluster's nodes pull, from the node part's answer to `POST /push`.
+    fn pushed_image(&self, answer: &Value) -> Option<String> {
+        let registry = self.checkpoint_registry.as_ref()?;
+        let digest = answer["digest"].as_str().filter(|d| !d.is_empty())?;
+        Some(crate::checkpoint_upload::pull_reference(registry, digest))
     }
 
     /// Stages a migration's emptyDir archive from the node part (`GET /archives/{name}`), for
@@ -594,10 +633,10 @@ impl Coordinator {
             }
             return Ok(done);
         }
-        let peer = Peer::new(self.peers.clone(), journal.destination.clone());
+        let target = Target::of(self.peers.clone(), &journal.destination);
         let (done, at) = self
             .restore_at_source(
-                &peer,
+                &target,
                 &journal.migration_id,
                 &journal.pod,
                 &part,
@@ -677,26 +716,60 @@ impl Coordinator {
                 .in_phase("checking"));
             }
         }
-        let peer = Peer::new(self.peers.clone(), request.destination.clone());
-        let identity = peer.identity().await.map_err(|e| e.in_phase("checking"))?;
-        // The destination's preflight (restore_preflight), before anything is checkpointed:
-        // what would make the restore fail there (the namespace and name, a node that restores
-        // onto this kernel, the base images, its checkpoint registry) is refused now.
-        let source_kernel = Some(kernel_of(source_node)).filter(|k| !k.is_empty());
-        let mut to_restore = pod_to_restore(&pod, &part.image);
-        to_restore.metadata.namespace = Some(request.namespace.clone());
-        let upload: UploadAnswer = peer
-            .post(
-                "/checkpoint-uploads",
-                &UploadRequest {
-                    migration_id: id.to_owned(),
-                    pod: Some(to_restore),
-                    source_kernel,
-                },
-                Duration::from_secs(60),
-            )
+        let target = Target::of(self.peers.clone(), &request.destination);
+        let identity = self
+            .target_identity(&target)
             .await
             .map_err(|e| e.in_phase("checking"))?;
+        // In this cluster: the copy's node (never the source's) and its own name.
+        let copy = copy_at(&target, &pod, id);
+        let copy_node = match &target {
+            Target::ThisCluster => Some(
+                self.place_copy(Some(&node.name), request.node.as_deref())
+                    .await
+                    .map_err(|e| e.in_phase("checking"))?,
+            ),
+            Target::Peer(_) => request.node.clone(),
+        };
+        let original = original_name(&request.name, pod.metadata.annotations.as_ref()).to_owned();
+        // The pod to restore, where it goes: in this cluster under its own name on the node
+        // chosen; in another, on the node asked for if any (the destination places it else).
+        let place = |mut restored: Pod| match (&target, &copy_node) {
+            (Target::ThisCluster, Some(on)) => {
+                placed_in_this_cluster(restored, &copy, on, &original)
+            }
+            (_, on) => {
+                if let Some(spec) = restored.spec.as_mut() {
+                    spec.node_name = on.clone();
+                }
+                restored
+            }
+        };
+        // The destination's preflight (restore_preflight), before anything is checkpointed:
+        // what would make the restore fail there (the namespace and name, a node that restores
+        // onto this kernel, the base images, its checkpoint registry) is refused now. In this
+        // cluster it runs here; its upload credential goes unused (the node part pushes the
+        // checkpoints into this cluster's registry itself).
+        let source_kernel = Some(kernel_of(source_node)).filter(|k| !k.is_empty());
+        let mut to_restore = place(pod_to_restore(&pod, &part.image));
+        to_restore.metadata.namespace = Some(request.namespace.clone());
+        let upload_request = UploadRequest {
+            migration_id: id.to_owned(),
+            pod: Some(to_restore),
+            source_kernel,
+        };
+        let upload: UploadAnswer = match &target {
+            Target::Peer(peer) => {
+                peer.post(
+                    "/checkpoint-uploads",
+                    &upload_request,
+                    Duration::from_secs(60),
+                )
+                .await
+            }
+            Target::ThisCluster => self.upload_credential(&upload_request).await,
+        }
+        .map_err(|e| e.in_phase("checking"))?;
         let containers: Vec<String> = pod
             .spec
             .iter()
@@ -835,13 +908,13 @@ impl Coordinator {
             return Err(e);
         }
         let restore = |mut e: ApiError| {
-            let peer = &peer;
+            let target = &target;
             let pod = &pod;
             let part = &part;
             let checkpoints = &checkpoints;
             async move {
                 let (done, at) = self
-                    .restore_at_source(peer, id, pod, part, checkpoints, volumes_archive)
+                    .restore_at_source(target, id, pod, part, checkpoints, volumes_archive)
                     .await;
                 e.rollback.extend(done);
                 if at == "source" {
@@ -858,20 +931,35 @@ impl Coordinator {
             }
         };
 
-        // Each archive goes from the node straight to the destination.
+        // Each archive goes from the node straight to the destination (another cluster's
+        // coordinator, which stores it as an image), or, in this cluster, straight into this
+        // cluster's checkpoint registry.
         self.enter(id, "transferring");
         let ca_pem = self.node_part.peer_ca_pem.clone();
         let sends = futures_util::future::join_all(checkpoints.iter().map(|c| {
-            let body = json!({
-                "archive": c.archive,
-                "url": format!("{}/checkpoints/{id}/{}", request.destination, c.container),
-                "token": upload.upload_token,
-                "caPem": ca_pem,
-            });
-            self.node_part_call(&part, reqwest::Method::POST, "/send", Some(body))
+            let (path, body) = match &target {
+                Target::Peer(_) => (
+                    "/send",
+                    json!({
+                        "archive": c.archive,
+                        "url": format!("{}/checkpoints/{id}/{}", request.destination, c.container),
+                        "token": upload.upload_token,
+                        "caPem": ca_pem,
+                    }),
+                ),
+                Target::ThisCluster => ("/push", self.push_body(id, c, "").unwrap_or(Value::Null)),
+            };
+            self.node_part_call(&part, reqwest::Method::POST, path, Some(body))
         }));
         let send_volumes = async {
             let archive = volumes_archive?;
+            if matches!(target, Target::ThisCluster) {
+                // The copy's init container unpacks them from this coordinator's stage.
+                let started = Instant::now();
+                return Some(self.stage_from_node_part(&part, id, archive).await.map(
+                    |bytes| json!({"bytes": bytes, "sendMs": started.elapsed().as_millis() as u64}),
+                ));
+            }
             let body = json!({
                 "archive": archive,
                 "url": format!("{}/checkpoint-volumes/{id}", request.destination),
@@ -892,6 +980,18 @@ impl Coordinator {
         let mut transfers = Vec::new();
         for (c, sent) in checkpoints.iter().zip(sends) {
             match sent {
+                Ok(answer) if matches!(target, Target::ThisCluster) => {
+                    let Some(image) = self.pushed_image(&answer) else {
+                        let e = ApiError::bad_gateway(format!(
+                            "the node part's answer for {} names no digest: {answer}",
+                            c.container
+                        ))
+                        .in_phase("transferring");
+                        return Err(restore(e).await);
+                    };
+                    images.insert(c.container.clone(), image.clone());
+                    transfers.push(json!({"container": c.container, "bytes": answer["archiveBytes"], "sendMs": answer["pushMs"], "image": image}));
+                }
                 Ok(answer) => {
                     let uploaded: Option<UploadedImage> =
                         serde_json::from_value(answer["destination"].clone()).ok();
@@ -912,7 +1012,7 @@ impl Coordinator {
 
         self.enter(id, "creating");
         let restored = match restored_pod(&pod, &images, &part.image) {
-            Ok(restored) => restored,
+            Ok(restored) => place(restored),
             Err(m) => return Err(restore(ApiError::internal(m).in_phase("creating")).await),
         };
         let create = CreateRequest {
@@ -922,9 +1022,9 @@ impl Coordinator {
             source: None,
             interface: Some(INTERFACE.to_owned()),
         };
-        let created: CreateAnswer = match peer
-            .post(
-                "/create",
+        let created: CreateAnswer = match self
+            .target_create(
+                &target,
                 &create,
                 self.pod_ready_timeout + Duration::from_secs(30),
             )
@@ -950,7 +1050,23 @@ impl Coordinator {
             .filter_map(|t| t["bytes"].as_u64())
             .sum::<u64>()
             + volume_bytes;
-        tracing::info!(migration = id, pod = %name, destination = %request.destination, "orchestrator-level migration done");
+        tracing::info!(migration = id, pod = %name, destination = %request.destination_text(), copy = %created.name, "orchestrator-level migration done");
+        self.announce(
+            id,
+            crate::events::Kind::Normal,
+            "Migrated",
+            &format!(
+                "migration {id}: the service runs in pod {}/{} ({}{}), restored from checkpoints, {} bytes moved",
+                created.namespace,
+                created.name,
+                match &target {
+                    Target::ThisCluster => "this cluster".to_owned(),
+                    Target::Peer(_) => format!("cluster {}", identity.cluster),
+                },
+                copy_node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
+                bytes,
+            ),
+        );
         Ok(MigrateReport {
             message: "migration complete!",
             migration_id_ums: id.to_owned(),
@@ -962,7 +1078,7 @@ impl Coordinator {
                 cluster: identity.cluster,
                 pod: format!("{}/{}", created.namespace, created.name),
                 pod_ip: created.pod_ip,
-                node: None,
+                node: copy_node.clone(),
             },
             source_kept: false,
             phases,
@@ -1039,6 +1155,54 @@ mod tests {
         assert!(!annotations.contains_key("migration-id"));
         assert!(!annotations.contains_key("migration.ums-rs.io/locked-by-coordinator"));
         assert!(restored_pod(&source, &BTreeMap::new(), "ums-rs/node:1").is_err());
+    }
+
+    #[test]
+    fn a_copy_in_this_cluster_has_its_own_name_its_node_and_the_first_name() {
+        let source = pod(json!({
+            "metadata": {"name": "svc-1a2b3c4d", "labels": {"app": "svc"},
+                "annotations": {"migration.ums-rs.io/original-name": "svc"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "a", "image": "img:1"}]},
+        }));
+        let id = "18a0000000000000fedcba98";
+        let this = Target::ThisCluster;
+        let copy = copy_at(&this, &source, id);
+        assert_eq!(copy, "svc-fedcba98", "named after the first pod");
+        let restored = restored_pod(
+            &source,
+            &BTreeMap::from([("a".to_owned(), "r@sha256:1".to_owned())]),
+            "ums-rs/node:1",
+        )
+        .unwrap_or_default();
+        let placed = placed_in_this_cluster(restored, &copy, "n2", "svc");
+        assert_eq!(placed.metadata.name.as_deref(), Some("svc-fedcba98"));
+        assert_eq!(
+            placed.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some("n2")
+        );
+        assert_eq!(
+            placed
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app"))
+                .map(String::as_str),
+            Some("svc"),
+            "what a Service selects"
+        );
+        assert_eq!(
+            original_name("svc-fedcba98", placed.metadata.annotations.as_ref()),
+            "svc"
+        );
+        let peer = Target::Peer(crate::peer::Peer::new(
+            reqwest::Client::new(),
+            "https://cloud".into(),
+        ));
+        assert_eq!(
+            copy_at(&peer, &source, id),
+            "svc-1a2b3c4d",
+            "another cluster keeps the name"
+        );
     }
 
     #[test]

@@ -34,6 +34,13 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// Whether `node` is among the nodes [`restore_nodes`] found (pure).
+pub fn restores_on(capable: &[String], node: &str) -> bool {
+    capable
+        .iter()
+        .any(|c| c.split_whitespace().next() == Some(node))
+}
+
 /// The nodes (by name, with runtime and kernel) that can restore a checkpoint taken on a node
 /// running `source_kernel`; the reason if none can (pure).
 pub fn restore_nodes(
@@ -125,6 +132,22 @@ impl Coordinator {
             .items;
         let capable = restore_nodes(&self.cluster, &nodes, request.source_kernel.as_deref())
             .map_err(ApiError::conflict)?;
+        // A pod bound to a node (a node-to-node move, or a destination node asked for) is
+        // restored there or nowhere.
+        let bound = request
+            .pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.node_name.as_deref());
+        if let Some(node) = bound {
+            if !restores_on(&capable, node) {
+                return Err(ApiError::conflict(format!(
+                    "node {node} of cluster {} cannot restore this checkpoint (it restores on: {}): its runtime must restore checkpoint images (containerd >= 2.0 or CRI-O with CRIU) on a kernel no older than the source node's",
+                    self.cluster,
+                    capable.join(", ")
+                )));
+            }
+        }
         checks.push(format!("restores on: {}", capable.join(", ")));
 
         let images: BTreeSet<(String, String)> = request
@@ -207,6 +230,10 @@ mod tests {
             node("new", "containerd://2.1.9", "6.1.0-28-amd64"),
         ];
         let ok = restore_nodes("cloud", &nodes, Some("6.1.0-28-amd64")).unwrap_or_default();
+        assert!(restores_on(&ok, "new"));
+        assert!(!restores_on(&ok, "old"), "{ok:?}");
+        assert!(!restores_on(&ok, "docker"), "{ok:?}");
+        assert!(!restores_on(&ok, "ne"), "a name's prefix is another node");
         assert_eq!(ok.len(), 1);
         assert!(ok[0].starts_with("new (containerd://2.1.9"), "{ok:?}");
         // Without the source's kernel, any checkpoint runtime does.

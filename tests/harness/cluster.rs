@@ -157,9 +157,15 @@ impl Cluster {
     /// the least loaded Ready node that is not cordoned), and every node runs the pods bound
     /// to it. The nodes' names, the first one's being the cluster's.
     pub fn start_with_nodes(count: usize) -> (Self, Vec<String>) {
+        Self::start_with_nodes_of(NodeRuntime::Docker, count)
+    }
+
+    /// [`Cluster::start_with_nodes`] with nodes of `runtime` (CRI nodes: a node container
+    /// each, with a pod subnet of its own).
+    pub fn start_with_nodes_of(runtime: NodeRuntime, count: usize) -> (Self, Vec<String>) {
         let mut cluster = Self::start_inner(None, true);
         cluster.placing = true;
-        cluster.start_node(NodeRuntime::Docker);
+        cluster.start_node(runtime);
         let mut names = vec![cluster.name.clone()];
         for _ in 1..count {
             names.push(cluster.add_node());
@@ -262,60 +268,16 @@ impl Cluster {
     }
 
     fn start_node(&mut self, runtime: NodeRuntime) {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static SUBNETS: AtomicU32 = AtomicU32::new(0);
-        let subnet = format!(
-            "10.{}.{}.0/24",
-            100 + std::process::id() % 100,
-            SUBNETS.fetch_add(1, Ordering::Relaxed) % 250
-        );
+        let subnet = next_subnet();
         let network = format!("{}-pods", self.name);
+        // A network of this name is a killed process's (the name holds this live process's
+        // PID): the node agent would take it as it is, with its old subnet.
+        let _ = Command::new("docker")
+            .args(["network", "rm", &network])
+            .output();
         let log = std::fs::File::create(self.dir.join("node-agent.log")).unwrap();
-        let mut command = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"));
-        let mut kubelet_port = None;
-        if runtime == NodeRuntime::Cri {
-            let port = free_port();
-            kubelet_port = Some(port);
-            // The kubelet's serving certificate, signed by the cluster's kubelet CA (what
-            // kube-apiserver's --kubelet-certificate-authority names); clients trust the CA.
-            let bundle = ums_certs::generate(&ums_certs::CertRequest {
-                service: "kubelet".into(),
-                namespace: "kube-system".into(),
-                extra_names: vec![
-                    "127.0.0.1".into(),
-                    crate::outer::bridge_gateway().to_owned(),
-                ],
-                valid_for: time::Duration::days(1),
-                client_auth: false,
-            })
-            .unwrap();
-            let pki = self.dir.join("kubelet-pki");
-            std::fs::create_dir_all(&pki).unwrap();
-            std::fs::write(pki.join("ca.crt"), &bundle.ca_cert_pem).unwrap();
-            std::fs::write(pki.join("kubelet.crt"), &bundle.server_cert_pem).unwrap();
-            std::fs::write(pki.join("kubelet.key"), &bundle.server_key_pem).unwrap();
-            command
-                .env("UMS_KUBELET_TLS_CERT", pki.join("kubelet.crt"))
-                .env("UMS_KUBELET_TLS_KEY", pki.join("kubelet.key"))
-                .env("UMS_NODE_RUNTIME", "cri")
-                .env("UMS_NODE_IMAGE", cri_node_image())
-                .env(
-                    "UMS_INSECURE_REGISTRIES",
-                    &crate::registry::Registry::shared().pod_address,
-                )
-                .env(
-                    "UMS_REGISTRY_CAS",
-                    crate::registry::Registry::shared_tls().ca.as_ref().unwrap(),
-                )
-                .env("UMS_KUBELET_ADDRESS", format!("0.0.0.0:{port}"))
-                // The kubelet endpoint listens on this machine: pods and host-network
-                // coordinators reach it on the outer bridge's gateway.
-                .env("UMS_NODE_ADDRESS", crate::outer::bridge_gateway())
-                .env("UMS_KUBELET_TOKEN_FILE", self.dir.join("tokens.csv"))
-                .env("UMS_CHECKPOINT_USERS", COORDINATOR);
-        }
+        let (mut command, kubelet_port) = self.node_agent_command(runtime);
         let child = command
-            .env("KUBECONFIG", self.kubeconfig(User::Admin))
             .env("UMS_NODE_NAME", &self.name)
             .env(
                 "UMS_PLACE_UNBOUND",
@@ -324,8 +286,6 @@ impl Cluster {
             .env("UMS_POD_NETWORK", &network)
             .env("UMS_POD_SUBNET", &subnet)
             .env("UMS_NODE_STATE_DIR", self.dir.join("node"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start ums-node-agent");
@@ -347,28 +307,87 @@ impl Cluster {
         }
     }
 
-    /// Adds a node to a cluster started with [`Cluster::start_with_node`]: another
-    /// `ums-node-agent` on the outer engine, on the same pod network, which runs only the pods
-    /// bound to it (the first node runs the unbound ones: the rig has no scheduler). Returns
-    /// its name (`<cluster>-n2`, `-n3`, ...) once its Node object is Ready.
+    /// A node agent of this cluster for `runtime`, before its node's name, network and state:
+    /// the command and, for a CRI node, its kubelet endpoint's port.
+    fn node_agent_command(&self, runtime: NodeRuntime) -> (Command, Option<u16>) {
+        let mut command = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"));
+        command
+            .env("KUBECONFIG", self.kubeconfig(User::Admin))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null());
+        if runtime != NodeRuntime::Cri {
+            return (command, None);
+        }
+        let port = free_port();
+        // The kubelet's serving certificate, signed by the cluster's kubelet CA (what
+        // kube-apiserver's --kubelet-certificate-authority names); clients trust the CA. One
+        // for the cluster's nodes: they all listen on this machine.
+        let pki = self.dir.join("kubelet-pki");
+        if !pki.join("kubelet.crt").exists() {
+            let bundle = ums_certs::generate(&ums_certs::CertRequest {
+                service: "kubelet".into(),
+                namespace: "kube-system".into(),
+                extra_names: vec![
+                    "127.0.0.1".into(),
+                    crate::outer::bridge_gateway().to_owned(),
+                ],
+                valid_for: time::Duration::days(1),
+                client_auth: false,
+            })
+            .unwrap();
+            std::fs::create_dir_all(&pki).unwrap();
+            std::fs::write(pki.join("ca.crt"), &bundle.ca_cert_pem).unwrap();
+            std::fs::write(pki.join("kubelet.crt"), &bundle.server_cert_pem).unwrap();
+            std::fs::write(pki.join("kubelet.key"), &bundle.server_key_pem).unwrap();
+        }
+        command
+            .env("UMS_KUBELET_TLS_CERT", pki.join("kubelet.crt"))
+            .env("UMS_KUBELET_TLS_KEY", pki.join("kubelet.key"))
+            .env("UMS_NODE_RUNTIME", "cri")
+            .env("UMS_NODE_IMAGE", cri_node_image())
+            .env(
+                "UMS_INSECURE_REGISTRIES",
+                &crate::registry::Registry::shared().pod_address,
+            )
+            .env(
+                "UMS_REGISTRY_CAS",
+                crate::registry::Registry::shared_tls().ca.as_ref().unwrap(),
+            )
+            .env("UMS_KUBELET_ADDRESS", format!("0.0.0.0:{port}"))
+            // The kubelet endpoint listens on this machine: pods and host-network
+            // coordinators reach it on the outer bridge's gateway.
+            .env("UMS_NODE_ADDRESS", crate::outer::bridge_gateway())
+            .env("UMS_KUBELET_TOKEN_FILE", self.dir.join("tokens.csv"))
+            .env("UMS_CHECKPOINT_USERS", COORDINATOR);
+        (command, Some(port))
+    }
+
+    /// Adds a node to a cluster started with a node: another `ums-node-agent`, which runs
+    /// only the pods bound to it (the first node runs the unbound ones: the rig has no
+    /// scheduler). A Docker-runtime node shares the first node's pod network; a CRI node is a
+    /// node container of its own with a pod subnet of its own, which this machine routes to
+    /// it (as it routes every CRI node's: pods of all nodes reach each other). Returns its name
+    /// (`<cluster>-n2`, `-n3`, ...) once its Node object is Ready.
     pub fn add_node(&mut self) -> String {
         let first = self.node.as_ref().expect("a cluster with a node");
-        assert!(
-            first.kubelet_port.is_none(),
-            "add_node adds Docker-runtime nodes"
-        );
-        let (network, subnet) = (first.network.clone(), first.subnet.clone());
+        let runtime = if first.kubelet_port.is_some() {
+            NodeRuntime::Cri
+        } else {
+            NodeRuntime::Docker
+        };
+        let (network, subnet) = match runtime {
+            NodeRuntime::Docker => (first.network.clone(), first.subnet.clone()),
+            NodeRuntime::Cri => (first.network.clone(), next_subnet()),
+        };
         let name = format!("{}-n{}", self.name, self.extra_nodes.len() + 2);
         let log = std::fs::File::create(self.dir.join(format!("node-agent-{name}.log"))).unwrap();
-        let child = Command::new(workspace_binary("ums-node-agent", "ums-node-agent"))
-            .env("KUBECONFIG", self.kubeconfig(User::Admin))
+        let (mut command, kubelet_port) = self.node_agent_command(runtime);
+        let child = command
             .env("UMS_NODE_NAME", &name)
             .env("UMS_RUN_UNBOUND", "false")
             .env("UMS_POD_NETWORK", &network)
             .env("UMS_POD_SUBNET", &subnet)
             .env("UMS_NODE_STATE_DIR", self.dir.join(format!("node-{name}")))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start ums-node-agent");
@@ -378,10 +397,10 @@ impl Cluster {
                 child,
                 network,
                 subnet,
-                kubelet_port: None,
+                kubelet_port,
             },
         ));
-        let until = Instant::now() + Duration::from_secs(90);
+        let until = Instant::now() + Duration::from_secs(120);
         loop {
             let nodes = self.get_json(&["nodes"]);
             let ready = nodes["items"].as_array().into_iter().flatten().any(|n| {
@@ -524,6 +543,20 @@ impl Cluster {
     /// `pods` volume: without it the node part cannot read emptyDirs). An earlier one is
     /// replaced.
     pub async fn deploy_node_part_with(&self, pod_directories: bool) -> (String, String) {
+        self.deploy_node_part_inner(pod_directories, None).await
+    }
+
+    /// [`Self::deploy_node_part`] on node `node` of a cluster with several (the DaemonSet
+    /// controller's pod for that node, bound to it).
+    pub async fn deploy_node_part_on(&self, node: &str) -> (String, String) {
+        self.deploy_node_part_inner(true, Some(node)).await
+    }
+
+    async fn deploy_node_part_inner(
+        &self,
+        pod_directories: bool,
+        node: Option<&str>,
+    ) -> (String, String) {
         static IMAGE: OnceLock<String> = OnceLock::new();
         let image = IMAGE.get_or_init(|| {
             crate::outer::require_image("ums-rs/node:latest");
@@ -562,7 +595,11 @@ impl Cluster {
                 env["value"] = key.clone().into();
             }
         }
-        let name = "ums-node-1";
+        if let Some(node) = node {
+            template["spec"]["nodeName"] = node.into();
+        }
+        let name = &node.map_or_else(|| "ums-node-1".to_owned(), |n| format!("ums-node-{n}"));
+        let name = name.as_str();
         if self
             .kubectl_result(User::Admin, &["get", "pod", "-n", "ums-system", name])
             .is_ok()
@@ -633,28 +670,34 @@ impl Cluster {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    /// Loads an image of this machine's Docker engine into the CRI node's containerd (the
-    /// project's images, which no registry here serves), as `docker.io/<name>`.
+    /// Loads an image of this machine's Docker engine into the containerd of each of the
+    /// cluster's CRI nodes (the project's images, which no registry here serves), as
+    /// `docker.io/<name>`.
     pub fn cri_node_import(&self, image: &str) {
-        let mut save = Command::new("docker")
-            .args(["save", image])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let import = Command::new("docker")
-            .arg("exec")
-            .arg("-i")
-            .arg(format!("ums-node-{}", self.name))
-            .args(["ctr", "-n", "k8s.io", "images", "import", "-"])
-            .stdin(save.stdout.take().unwrap())
-            .output()
-            .unwrap();
-        assert!(
-            save.wait().unwrap().success() && import.status.success(),
-            "importing {image} into the CRI node of {}: {}",
-            self.name,
-            String::from_utf8_lossy(&import.stderr)
-        );
+        let nodes = std::iter::once((self.name.as_str(), self.node.as_ref()))
+            .chain(self.extra_nodes.iter().map(|(n, a)| (n.as_str(), Some(a))))
+            .filter(|(_, agent)| agent.is_some_and(|a| a.kubelet_port.is_some()))
+            .map(|(name, _)| name.to_owned());
+        for node in nodes {
+            let mut save = Command::new("docker")
+                .args(["save", image])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let import = Command::new("docker")
+                .arg("exec")
+                .arg("-i")
+                .arg(format!("ums-node-{node}"))
+                .args(["ctr", "-n", "k8s.io", "images", "import", "-"])
+                .stdin(save.stdout.take().unwrap())
+                .output()
+                .unwrap();
+            assert!(
+                save.wait().unwrap().success() && import.status.success(),
+                "importing {image} into the CRI node {node}: {}",
+                String::from_utf8_lossy(&import.stderr)
+            );
+        }
     }
 
     /// Where the CRI node's /var/lib/kubelet/checkpoints is on this machine.
@@ -1074,6 +1117,71 @@ pub fn containers_log(status: &serde_json::Value) -> String {
     text
 }
 
+/// Stops node `name`'s agent and removes what it made: its containers, the route and the
+/// forwarding rules of a CRI node's pod subnet, and (`network_owner`: the first node) the pod
+/// network the cluster's Docker-runtime nodes share.
+fn stop_node(name: &str, mut node: NodeAgent, network_owner: bool) {
+    let _ = node.child.kill();
+    let _ = node.child.wait();
+    remove_node_containers(name);
+    if network_owner {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &node.network])
+            .output();
+    }
+    if node.kubelet_port.is_some() {
+        // The CRI node's pod subnet was routed to its container.
+        let _ = Command::new("ip")
+            .args(["route", "del", &node.subnet])
+            .output();
+    }
+    if network_owner || node.kubelet_port.is_some() {
+        for direction in ["-s", "-d"] {
+            let _ = Command::new("iptables")
+                .args(["-D", "DOCKER-USER", direction, &node.subnet, "-j", "ACCEPT"])
+                .output();
+        }
+    }
+}
+
+/// A pod subnet (`10.<pid>.<n>.0/24`) no other node of this test process has and this
+/// machine routes nowhere yet. A test process that was killed leaves its CRI nodes' routes
+/// behind (`10.x.y.0/24 via <node container>`); a later process whose PID gives the same
+/// prefix would see its pods' traffic go there (stop 29's CI: two Docker-runtime pods on
+/// 10.160.0.0/24 and 10.160.1.0/24 were never ready, their probes and pulls routed to
+/// containers long gone), so such a subnet is skipped, and said so.
+fn next_subnet() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SUBNETS: AtomicU32 = AtomicU32::new(0);
+    let routes = Command::new("ip")
+        .args(["-4", "-o", "route", "show"])
+        .output()
+        .expect("run ip (iproute2)");
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    let routed: Vec<&str> = routes
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    loop {
+        let n = SUBNETS.fetch_add(1, Ordering::Relaxed);
+        let subnet = format!("10.{}.{n}.0/24", 100 + std::process::id() % 100);
+        assert!(
+            n < 250,
+            "no free pod subnet left for this test process; this machine routes:\n{routes}"
+        );
+        if !routed.contains(&subnet.as_str()) {
+            return subnet;
+        }
+        eprintln!(
+            "[harness] pod subnet {subnet} is routed already (left by a test process that was killed?): skipped; its route: {}",
+            routes
+                .lines()
+                .find(|l| l.starts_with(&format!("{subnet} ")))
+                .unwrap_or_default()
+        );
+    }
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -1103,29 +1211,11 @@ fn remove_node_containers(name: &str) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for (name, mut node) in self.extra_nodes.drain(..) {
-            let _ = node.child.kill();
-            let _ = node.child.wait();
-            remove_node_containers(&name);
+        for (name, node) in std::mem::take(&mut self.extra_nodes) {
+            stop_node(&name, node, false);
         }
-        if let Some(mut node) = self.node.take() {
-            let _ = node.child.kill();
-            let _ = node.child.wait();
-            remove_node_containers(&self.name);
-            let _ = Command::new("docker")
-                .args(["network", "rm", &node.network])
-                .output();
-            if node.kubelet_port.is_some() {
-                // The CRI node's pod subnet was routed to its container.
-                let _ = Command::new("ip")
-                    .args(["route", "del", &node.subnet])
-                    .output();
-            }
-            for direction in ["-s", "-d"] {
-                let _ = Command::new("iptables")
-                    .args(["-D", "DOCKER-USER", direction, &node.subnet, "-j", "ACCEPT"])
-                    .output();
-            }
+        if let Some(node) = self.node.take() {
+            stop_node(&self.name, node, true);
         }
         for child in [&mut self.apiserver, &mut self.etcd] {
             let _ = child.kill();
