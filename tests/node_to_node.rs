@@ -691,6 +691,8 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
         )
         .await;
     assert_eq!(status, 200, "{report}\n{}", logs());
+    // The figures the README quotes (run with --nocapture).
+    eprintln!("ssu node-to-node report: {report}");
     assert_eq!(report["migrationInterface"], "ssu", "{report}");
     assert_eq!(report["destination"]["node"], second.as_str(), "{report}");
     let copy = report["destination"]["pod"]

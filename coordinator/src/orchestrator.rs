@@ -131,10 +131,16 @@ pub fn placed_in_this_cluster(mut pod: Pod, copy: &str, node: &str, original: &s
 /// The name the copy of `source` has at `target` in migration `id`: the source's own in
 /// another cluster, a name of its own in this one.
 fn copy_at(target: &Target, source: &Pod, id: &str) -> String {
+    copy_pod_name(matches!(target, Target::ThisCluster), source, id)
+}
+
+/// [`copy_at`], pure: `this_cluster` for a node-to-node move.
+fn copy_pod_name(this_cluster: bool, source: &Pod, id: &str) -> String {
     let name = source.metadata.name.as_deref().unwrap_or_default();
-    match target {
-        Target::Peer(_) => name.to_owned(),
-        Target::ThisCluster => copy_name(name, source.metadata.annotations.as_ref(), id),
+    if this_cluster {
+        copy_name(name, source.metadata.annotations.as_ref(), id)
+    } else {
+        name.to_owned()
     }
 }
 
@@ -1165,8 +1171,7 @@ mod tests {
             "spec": {"nodeName": "n1", "containers": [{"name": "a", "image": "img:1"}]},
         }));
         let id = "18a0000000000000fedcba98";
-        let this = Target::ThisCluster;
-        let copy = copy_at(&this, &source, id);
+        let copy = copy_at(&Target::ThisCluster, &source, id);
         assert_eq!(copy, "svc-fedcba98", "named after the first pod");
         let restored = restored_pod(
             &source,
@@ -1194,12 +1199,8 @@ mod tests {
             original_name("svc-fedcba98", placed.metadata.annotations.as_ref()),
             "svc"
         );
-        let peer = Target::Peer(crate::peer::Peer::new(
-            reqwest::Client::new(),
-            "https://cloud".into(),
-        ));
         assert_eq!(
-            copy_at(&peer, &source, id),
+            copy_pod_name(false, &source, id),
             "svc-1a2b3c4d",
             "another cluster keeps the name"
         );
