@@ -359,6 +359,48 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
     .await;
     moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
 
+    // The same with allowPostCopy: past the timeout the pre-copy attempt is rolled back and
+    // the move made again with post-copy (the copy runs before its memory has arrived).
+    let before = ask_service(&ip, 8080).await.unwrap();
+    let (status, report) = migrate(json!({
+        "name": back, "destinationNode": second,
+        "bandwidthPerMigration": "1Mi", "completionTimeoutPerGiB": 3, "allowPostCopy": true,
+    }))
+    .await;
+    assert_eq!(status, 200, "{report}\n{}", logs());
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p[0].as_str())
+        .collect();
+    let switched = phases.iter().position(|p| *p == "switching");
+    assert!(
+        switched.is_some_and(
+            |at| phases[..at].contains(&"migrating") && phases[at..].contains(&"migrating")
+        ),
+        "a pre-copy attempt, the switch, a post-copy attempt: {phases:?}"
+    );
+    assert!(
+        report["sidecar"]["totals"]["postCopyMs"].is_u64(),
+        "the move that completed was a post-copy: {report}"
+    );
+    let switched_copy = report["destination"]["pod"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned();
+    moved(
+        &cluster,
+        "svc-dind",
+        &switched_copy,
+        &second,
+        before.tick,
+        &logs(),
+    )
+    .await;
+    wait_events(&cluster, &["svc-dind"], &["MigrationSwitchedToPostCopy"]).await;
+
     // kubectl describe tells the story: the refused attempt and each move, on the pods and
     // the LiveMigrations.
     wait_events(

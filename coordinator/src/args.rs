@@ -155,6 +155,11 @@ pub struct Args {
     /// wins. 0: no timeout (the default).
     #[arg(long, env = "UMS_COMPLETION_TIMEOUT_PER_GIB", default_value_t = 0)]
     pub completion_timeout_per_gib: u64,
+    /// At the completion timeout, a wrapped pod with one container (what post-copy moves) is
+    /// moved again with post-copy instead of staying at the source (KubeVirt's
+    /// allowPostCopy); a request's allowPostCopy wins.
+    #[arg(long, env = "UMS_ALLOW_POST_COPY", default_value_t = false)]
+    pub allow_post_copy: bool,
 }
 
 impl Args {
@@ -279,6 +284,7 @@ impl Args {
                 .map_err(|e| anyhow::anyhow!("--bandwidth-per-migration: {}", e.message))?,
             completion_timeout_per_gib: (self.completion_timeout_per_gib > 0)
                 .then_some(self.completion_timeout_per_gib),
+            allow_post_copy: self.allow_post_copy,
             slots: crate::queue::Slots::new(crate::queue::Limits {
                 per_cluster: self.max_parallel_migrations,
                 per_node: self.max_outbound_per_node,

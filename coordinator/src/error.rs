@@ -23,6 +23,10 @@ pub struct ApiError {
     /// After a failure past the freeze: where the service runs now, as its pods' sidecars
     /// said (`source`, `destination`, `nowhere`, `unknown`).
     pub service_runs_at: Option<&'static str>,
+    /// The move ran past its completion timeout, was rolled back with the service at the
+    /// source, and may be made again with post-copy: the name of the copy it had made (the
+    /// next attempt's copy takes that name once it is gone).
+    pub switch_to_post_copy: Option<String>,
 }
 
 impl ApiError {
@@ -35,6 +39,7 @@ impl ApiError {
             peer_status: None,
             unanswered: false,
             service_runs_at: None,
+            switch_to_post_copy: None,
         }
     }
 

@@ -243,6 +243,7 @@ impl Coordinator {
                     post_copy: false,
                     bandwidth: None,
                     completion_timeout_per_gib: None,
+                    allow_post_copy: None,
                 };
                 self.begin(&id, &pod_name, &request_validated.destination_text(), None);
                 self.announce(

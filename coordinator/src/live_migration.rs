@@ -43,6 +43,8 @@ pub struct Spec {
     pub bandwidth_per_migration: Option<Value>,
     #[serde(default, rename = "completionTimeoutPerGiB")]
     pub completion_timeout_per_gib: Option<u64>,
+    #[serde(default, rename = "allowPostCopy")]
+    pub allow_post_copy: Option<bool>,
 }
 
 /// The phases after which nothing changes any more.
@@ -142,6 +144,7 @@ pub async fn reconcile(coordinator: Arc<Coordinator>) {
                     post_copy: spec.post_copy,
                     bandwidth_per_migration: spec.bandwidth_per_migration,
                     completion_timeout_per_gib: spec.completion_timeout_per_gib,
+                    allow_post_copy: spec.allow_post_copy,
                 })
                 .map_err(|e| e.message)
             });

@@ -55,6 +55,11 @@ pub struct MigrateRequest {
     /// stays at the source. Default: the coordinator's `--completion-timeout-per-gib`.
     #[serde(default, rename = "completionTimeoutPerGiB")]
     pub completion_timeout_per_gib: Option<u64>,
+    /// At the completion timeout, move a wrapped pod with one container again with
+    /// post-copy instead of leaving it at the source. Default: the coordinator's
+    /// `--allow-post-copy`.
+    #[serde(default, rename = "allowPostCopy")]
+    pub allow_post_copy: Option<bool>,
 }
 
 /// The answer of a successful migration.
@@ -106,6 +111,9 @@ pub struct Validated {
     pub bandwidth: Option<u64>,
     /// Seconds per GiB the move may take (`None`: the coordinator's default).
     pub completion_timeout_per_gib: Option<u64>,
+    /// Whether the completion timeout switches to post-copy (`None`: the coordinator's
+    /// default).
+    pub allow_post_copy: Option<bool>,
 }
 
 /// The GiB a pod's containers may hold: their memory limits (else requests) summed, rounded
@@ -225,6 +233,7 @@ pub fn validate(request: MigrateRequest) -> Result<Validated, ApiError> {
         keep: request.keep,
         interface,
         post_copy: request.post_copy,
+        allow_post_copy: request.allow_post_copy,
     })
 }
 
@@ -283,7 +292,51 @@ impl Coordinator {
         if self.record(id).is_none() {
             self.begin(id, &pod_name, &request.destination_text(), None);
         }
-        let result = self.migrate_inner(&request, id, started).await;
+        let mut result = self.migrate_inner(&request, id, started).await;
+        // Past its completion timeout, rolled back with the service at the source: where
+        // allowed, the move is made again with post-copy (its downtime does not grow with the
+        // memory, which follows once the copy runs).
+        if let Err(e) = &mut result {
+            if let Some(copy) = e.switch_to_post_copy.take() {
+                self.enter_saying(
+                    id,
+                    "switching",
+                    "MigrationSwitchedToPostCopy",
+                    &format!(
+                        "migration {id}: {}; allowPostCopy: moving it again with post-copy",
+                        e.message
+                    ),
+                );
+                let switched = Validated {
+                    post_copy: true,
+                    ..request.clone()
+                };
+                let target = Target::of(self.peers.clone(), &request.destination);
+                let gone = PodRequest {
+                    migration_id: id.to_owned(),
+                    namespace: request.namespace.clone(),
+                    name: copy,
+                };
+                // The first attempt's copy is deleted; the next one takes its name.
+                match self.copy_gone(&target, &gone).await {
+                    Ok(()) => {
+                        result = self.migrate_inner(&switched, id, started).await.map_err(
+                            |mut again| {
+                                again.message = format!(
+                                    "{} (after its completion timeout the move was made again with post-copy)",
+                                    again.message
+                                );
+                                again
+                            },
+                        );
+                    }
+                    Err(why) => e.rollback.push(format!(
+                        "not switched to post-copy: the first attempt's copy is not gone ({})",
+                        why.message
+                    )),
+                }
+            }
+        }
         match &result {
             Ok(report) => {
                 let bytes = report.sidecar["totals"]["contentBytes"]
@@ -562,9 +615,11 @@ impl Coordinator {
         let mut abort = AbortPass::NotAsked;
         let mut again = tokio::time::interval(Duration::from_millis(500));
         // The completion timeout: past it the move is aborted as an operator would.
+        // Not for a post-copy move: once its copy runs, nothing can be rolled back.
         let completion = request
             .completion_timeout_per_gib
             .or(self.completion_timeout_per_gib)
+            .filter(|_| !request.post_copy)
             .map(|per_gib| {
                 Duration::from_secs(per_gib.saturating_mul(memory_gib(&migratable.containers)))
             });
@@ -665,6 +720,13 @@ impl Coordinator {
                     }
                     Err(_) => e.service_runs_at = Some("unknown"),
                 }
+                // Post-copy moves one container of a wrapped pod (not ff's).
+                e.switch_to_post_copy = (timed_out
+                    && e.service_runs_at == Some("source")
+                    && request.allow_post_copy.unwrap_or(self.allow_post_copy)
+                    && migratable.interface != ums_contract::Interface::Ff
+                    && migratable.containers.len() == 1)
+                    .then(|| copy.clone());
                 return Err(e.in_phase("migrating"));
             }
         };

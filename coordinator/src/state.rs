@@ -46,6 +46,9 @@ pub struct Coordinator {
     pub bandwidth_per_migration: Option<u64>,
     /// The default completion timeout, seconds per GiB (`--completion-timeout-per-gib`).
     pub completion_timeout_per_gib: Option<u64>,
+    /// Whether a move past its completion timeout switches to post-copy where it can
+    /// (`--allow-post-copy`).
+    pub allow_post_copy: bool,
     /// How many migrations may run at once, in the cluster and from one node.
     pub slots: crate::queue::Slots,
     /// The pods whose eviction started a migration (`kubectl drain`).
@@ -245,16 +248,24 @@ impl Coordinator {
 
     /// Closes the current phase and opens `phase`.
     pub fn enter(&self, id: &str, phase: &'static str) {
-        self.close_phase(id, phase, None);
-        tracing::info!(migration = id, phase, "migration phase");
-        if phase != "done" {
-            self.announce(
+        if phase == "done" {
+            self.close_phase(id, phase, None);
+            tracing::info!(migration = id, phase, "migration phase");
+        } else {
+            self.enter_saying(
                 id,
-                crate::events::Kind::Normal,
+                phase,
                 &phase_reason(phase),
                 &format!("migration {id}: {phase}"),
             );
         }
+    }
+
+    /// [`Coordinator::enter`], its Event with `reason` and `message` of the caller's.
+    pub fn enter_saying(&self, id: &str, phase: &'static str, reason: &str, message: &str) {
+        self.close_phase(id, phase, None);
+        tracing::info!(migration = id, phase, "migration phase");
+        self.announce(id, crate::events::Kind::Normal, reason, message);
     }
 
     /// Closes the current phase; the migration has failed with `error`.

@@ -128,6 +128,30 @@ impl Coordinator {
         }
     }
 
+    /// Waits (two minutes at most) until the destination holds no copy `request.name` of the
+    /// migration any more: `/delete` is asked until it answers `deleted: false` (it deletes
+    /// a passive copy, and says false once none is there).
+    pub(crate) async fn copy_gone(
+        &self,
+        target: &Target,
+        request: &PodRequest,
+    ) -> Result<(), ApiError> {
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let answer = self.target_delete(target, request).await?;
+            if answer["deleted"] == Value::Bool(false) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > until {
+                return Err(ApiError::conflict(format!(
+                    "pod {}/{} is still there two minutes after its deletion",
+                    request.namespace, request.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// The node of this cluster that takes a copy of a pod running on `source`: `wanted` if
     /// it can, else the least loaded Ready, schedulable other node.
     pub(crate) async fn place_copy(

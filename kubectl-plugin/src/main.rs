@@ -56,6 +56,10 @@ struct Cli {
     /// Seconds per GiB of the pod's memory the move may take before it is aborted.
     #[arg(long)]
     completion_timeout_per_gib: Option<u64>,
+    /// At the completion timeout, switch to post-copy instead of aborting (wrapped pods with
+    /// one container).
+    #[arg(long)]
+    allow_post_copy: bool,
     /// Create the LiveMigration and return.
     #[arg(long)]
     no_wait: bool,
@@ -152,6 +156,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(timeout) = cli.completion_timeout_per_gib {
                 object["spec"]["completionTimeoutPerGiB"] = serde_json::json!(timeout);
+            }
+            if cli.allow_post_copy {
+                object["spec"]["allowPostCopy"] = serde_json::json!(true);
             }
             let object: DynamicObject = serde_json::from_value(object)?;
             let created = api

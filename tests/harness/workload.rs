@@ -63,8 +63,11 @@ pub fn tls_registry_workload_image() -> &'static str {
 }
 
 fn workload_image_in(registry: &Registry) -> String {
-    let local = format!("ums-test/workload-build:{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("ums-workload-{}", std::process::id()));
+    // A directory of its own: the workload binary's (`ums-workload-<pid>`) stays, and two
+    // registries' images may be built at once.
+    let build = crate::unique("ums-workload-image-");
+    let local = format!("ums-test/workload-build:{build}");
+    let dir = std::env::temp_dir().join(&build);
     std::fs::create_dir_all(&dir).unwrap();
     let tar = dir.join("rootfs.tar");
     std::fs::write(&tar, workload_rootfs_tar()).unwrap();
