@@ -69,8 +69,47 @@ fn selected(cluster: &Cluster, app: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The copy `copy` of service `app` runs on `node`, is the one pod its Service selects, and
-/// answers with the memory and a counter past `counter`.
+/// A Service `app` (selector `app: <app>`, port 80 to 8080; applied on first use) reaches
+/// pod `copy` at `ip` and nothing else: its EndpointSlice (the rig's controller writes it as
+/// kube-controller-manager's does) lists `copy` as its only ready endpoint. The endpoint's
+/// `address:port`, what kube-proxy sends the Service's traffic to.
+async fn service_reaches(cluster: &Cluster, app: &str, copy: &str, ip: &str) -> String {
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": app, "namespace": "default"},
+        "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    });
+    cluster.kubectl_with_input(User::Admin, &["apply", "-f", "-"], &service.to_string());
+    poll(
+        &format!("Service {app}'s EndpointSlice to list {copy} ({ip}) alone"),
+        Duration::from_secs(60),
+        || async {
+            let slices = cluster.get_json(&[
+                "endpointslices",
+                "-l",
+                &format!("kubernetes.io/service-name={app}"),
+            ]);
+            let slice = slices["items"].as_array()?.first()?.clone();
+            let ready: Vec<(String, String)> = slice["endpoints"]
+                .as_array()?
+                .iter()
+                .filter(|e| e["conditions"]["ready"] == true)
+                .map(|e| {
+                    (
+                        e["targetRef"]["name"].as_str().unwrap_or("").to_owned(),
+                        e["addresses"][0].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            let port = slice["ports"][0]["port"].as_u64()?;
+            (ready == vec![(copy.to_owned(), ip.to_owned())]).then(|| format!("{ip}:{port}"))
+        },
+    )
+    .await
+}
+
+/// The copy `copy` of service `app` runs on `node`, is the one pod its Service selects and
+/// reaches, and answers there with the memory and a counter past `counter`.
 async fn moved(cluster: &Cluster, app: &str, copy: &str, node: &str, counter: u64, logs: &str) {
     assert_eq!(
         selected(cluster, app),
@@ -80,10 +119,14 @@ async fn moved(cluster: &Cluster, app: &str, copy: &str, node: &str, counter: u6
     let ip = cluster
         .wait_running_and_ready(copy, Duration::from_secs(60))
         .await;
+    let endpoint = service_reaches(cluster, app, copy, &ip).await;
     let answer = poll(
-        &format!("{copy} to answer on {node}"),
+        &format!("{copy} to answer on {node} through its Service's endpoint {endpoint}"),
         Duration::from_secs(30),
-        || async { ask_service(&ip, 8080).await },
+        || async {
+            let (address, port) = endpoint.rsplit_once(':').unwrap();
+            ask_service(address, port.parse().unwrap()).await
+        },
     )
     .await;
     assert!(answer.memory_ok, "{copy}: memory lost in the move");
@@ -399,7 +442,7 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         &logs(),
     )
     .await;
-    wait_events(&cluster, &["svc-dind"], &["MigrationSwitchedToPostCopy"]).await;
+    wait_events(&cluster, &[&back], &["MigrationSwitchedToPostCopy"]).await;
 
     // kubectl describe tells the story: the refused attempt and each move, on the pods and
     // the LiveMigrations.

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -28,10 +29,23 @@ use crate::target::THIS_CLUSTER;
 pub const ANNOTATION_EVICTION_STRATEGY: &str = "migration-eviction-strategy";
 pub const LIVE_MIGRATE: &str = "live-migrate";
 
-/// What became of the migration an eviction started, by pod UID.
+/// What became of the migration an eviction started, by pod UID, and since when. An ended
+/// one (moved, failed) is forgotten after [`REMEMBERED`]: a moved pod is gone by then, and a
+/// pod whose move failed long ago gets a new try at its next eviction.
 #[derive(Debug, Default)]
 pub struct Evacuations {
-    by_uid: Mutex<HashMap<String, Evacuation>>,
+    by_uid: Mutex<HashMap<String, (Evacuation, Instant)>>,
+}
+
+/// How long an ended evacuation is remembered.
+pub const REMEMBERED: Duration = Duration::from_secs(3600);
+
+/// Forgets the ended evacuations older than `keep` at `now` (pure on the map); a moving one
+/// stays until it ends.
+pub fn prune(all: &mut HashMap<String, (Evacuation, Instant)>, now: Instant, keep: Duration) {
+    all.retain(|_, (evacuation, since)| {
+        matches!(evacuation, Evacuation::Moving { .. }) || now.duration_since(*since) < keep
+    });
 }
 
 /// One pod's evacuation.
@@ -115,12 +129,14 @@ pub fn decide(pod: Option<&PodFacts>, known: Option<&Evacuation>, dry_run: bool)
 
 impl Evacuations {
     fn get(&self, uid: &str) -> Option<Evacuation> {
-        self.by_uid.lock().ok()?.get(uid).cloned()
+        let mut all = self.by_uid.lock().ok()?;
+        prune(&mut all, Instant::now(), REMEMBERED);
+        all.get(uid).map(|(e, _)| e.clone())
     }
 
     fn set(&self, uid: &str, evacuation: Evacuation) {
         if let Ok(mut all) = self.by_uid.lock() {
-            all.insert(uid.to_owned(), evacuation);
+            all.insert(uid.to_owned(), (evacuation, Instant::now()));
         }
     }
 
@@ -132,7 +148,10 @@ impl Evacuations {
         if all.contains_key(uid) {
             return false;
         }
-        all.insert(uid.to_owned(), Evacuation::Moving { id: id.to_owned() });
+        all.insert(
+            uid.to_owned(),
+            (Evacuation::Moving { id: id.to_owned() }, Instant::now()),
+        );
         true
     }
 }
@@ -289,6 +308,47 @@ mod tests {
             running: true,
             under_migration: None,
         }
+    }
+
+    #[test]
+    fn ended_evacuations_are_forgotten_after_a_while_moving_ones_never() {
+        let start = Instant::now();
+        let mut all = HashMap::from([
+            (
+                "a".to_owned(),
+                (Evacuation::Moving { id: "m1".into() }, start),
+            ),
+            (
+                "b".to_owned(),
+                (Evacuation::Moved { id: "m2".into() }, start),
+            ),
+            (
+                "c".to_owned(),
+                (
+                    Evacuation::Failed {
+                        id: "m3".into(),
+                        why: "no".into(),
+                    },
+                    start + Duration::from_secs(3000),
+                ),
+            ),
+        ]);
+        prune(&mut all, start + Duration::from_secs(1800), REMEMBERED);
+        assert_eq!(all.len(), 3, "nothing is an hour old yet");
+        prune(&mut all, start + Duration::from_secs(3700), REMEMBERED);
+        let mut left: Vec<&str> = all.keys().map(String::as_str).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["a", "c"],
+            "the move that ended an hour ago is forgotten"
+        );
+        prune(&mut all, start + Duration::from_secs(99_999), REMEMBERED);
+        assert_eq!(
+            all.keys().collect::<Vec<_>>(),
+            ["a"],
+            "a move under way stays"
+        );
     }
 
     #[test]

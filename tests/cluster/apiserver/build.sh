@@ -55,12 +55,12 @@ if [ ! -x "$out/ums-test-apiserver" ]; then
     GOFLAGS= GOCACHE="$cache/go-build" GOTOOLCHAIN=local CGO_ENABLED=0 PATH="$goroot/bin:$PATH"
   # The OpenAPI definitions of the served types, as kube-apiserver generates its own
   # (k8s.io/kubernetes' generated file is not packaged).
-  log "openapi-gen (kube-openapi) for core/v1, admissionregistration/v1, policy/v1 and apimachinery"
+  log "openapi-gen (kube-openapi) for core/v1, admissionregistration/v1, policy/v1, discovery/v1 and apimachinery"
   go build -o "$cache/openapi-gen" k8s.io/kube-openapi/cmd/openapi-gen
   "$cache/openapi-gen" --output-dir "$gopath/src/ums-rs/apiserver/openapi" \
     --output-pkg ums-rs/apiserver/openapi --output-file zz_generated.openapi.go \
     --go-header-file /dev/null --report-filename "$cache/openapi-api-rule-violations.txt" \
-    k8s.io/api/core/v1 k8s.io/api/admissionregistration/v1 k8s.io/api/policy/v1 \
+    k8s.io/api/core/v1 k8s.io/api/admissionregistration/v1 k8s.io/api/policy/v1 k8s.io/api/discovery/v1 \
     k8s.io/apimachinery/pkg/apis/meta/v1 \
     k8s.io/apimachinery/pkg/runtime k8s.io/apimachinery/pkg/version \
     k8s.io/apimachinery/pkg/api/resource k8s.io/apimachinery/pkg/util/intstr

@@ -18,6 +18,7 @@ import (
 	noopoteltrace "go.opentelemetry.io/otel/trace/noop"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -59,6 +60,7 @@ func init() {
 	must(corev1.AddToScheme(Scheme))
 	must(admissionregistrationv1.AddToScheme(Scheme))
 	must(policyv1.AddToScheme(Scheme))
+	must(discoveryv1.AddToScheme(Scheme))
 	internal := func(gv schema.GroupVersion, types ...runtime.Object) {
 		Scheme.AddKnownTypes(schema.GroupVersion{Group: gv.Group, Version: runtime.APIVersionInternal}, types...)
 	}
@@ -78,6 +80,11 @@ func init() {
 		policy = append(policy, r.newFunc(), r.newListFunc())
 	}
 	internal(policyv1.SchemeGroupVersion, policy...)
+	var discovery []runtime.Object
+	for _, r := range discoveryResources {
+		discovery = append(discovery, r.newFunc(), r.newListFunc())
+	}
+	internal(discoveryv1.SchemeGroupVersion, discovery...)
 	// The list/get/delete options of every group, and the unversioned meta types.
 	metav1.AddToGroupVersion(Scheme, schema.GroupVersion{Version: "v1"})
 	Scheme.AddUnversionedTypes(schema.GroupVersion{Group: "", Version: "v1"},
@@ -194,6 +201,7 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 	must(corev1.AddToScheme(external))
 	must(admissionregistrationv1.AddToScheme(external))
 	must(policyv1.AddToScheme(external))
+	must(discoveryv1.AddToScheme(external))
 	namer := openapinamer.NewDefinitionNamer(external)
 	config.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(openapi.GetOpenAPIDefinitions, namer)
 	config.OpenAPIConfig.Info.Title = "ums-test-apiserver"
@@ -220,7 +228,7 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 	config.Authorization.Authorizer = authorizerfactory.NewAlwaysAllowAuthorizer()
 	genericapiserver.AuthorizeClientBearerToken(config.LoopbackClientConfig, &config.Authentication, &config.Authorization)
 
-	storage := storagebackend.NewDefaultConfig(etcdPrefix, Codecs.LegacyCodec(corev1.SchemeGroupVersion, admissionregistrationv1.SchemeGroupVersion, policyv1.SchemeGroupVersion))
+	storage := storagebackend.NewDefaultConfig(etcdPrefix, Codecs.LegacyCodec(corev1.SchemeGroupVersion, admissionregistrationv1.SchemeGroupVersion, policyv1.SchemeGroupVersion, discoveryv1.SchemeGroupVersion))
 	storage.Transport.ServerList = []string{etcdURL}
 	etcdOptions := genericoptions.NewEtcdOptions(storage)
 	if err := etcdOptions.ApplyTo(&config.Config); err != nil {
@@ -316,6 +324,17 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 	policy.VersionedResourcesStorageMap["v1"] = policyStorage
 	if err := server.InstallAPIGroup(&policy); err != nil {
 		return fmt.Errorf("policy/v1: %w", err)
+	}
+	// EndpointSlices, which the rig's endpoints controller (the placing node agent) writes for
+	// Services, as kube-controller-manager's does.
+	discovery := genericapiserver.NewDefaultAPIGroupInfo(discoveryv1.GroupName, Scheme, metav1.ParameterCodec, Codecs)
+	discoveryStorage, err := storageFor(discoveryResources)
+	if err != nil {
+		return err
+	}
+	discovery.VersionedResourcesStorageMap["v1"] = discoveryStorage
+	if err := server.InstallAPIGroup(&discovery); err != nil {
+		return fmt.Errorf("discovery.k8s.io/v1: %w", err)
 	}
 	return nil
 }

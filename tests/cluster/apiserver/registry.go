@@ -11,6 +11,7 @@ import (
 
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
@@ -231,6 +232,13 @@ var coreResources = []resource{
 		newFunc: func() runtime.Object { return &corev1.ServiceAccount{} }, newListFunc: func() runtime.Object { return &corev1.ServiceAccountList{} }},
 	{plural: "events", singular: "event", namespaced: true,
 		newFunc: func() runtime.Object { return &corev1.Event{} }, newListFunc: func() runtime.Object { return &corev1.EventList{} }},
+}
+
+// EndpointSlices (discovery.k8s.io/v1): what kube-proxy reads to reach a Service's pods.
+var discoveryResources = []resource{
+	{group: discoveryv1.GroupName, plural: "endpointslices", singular: "endpointslice", namespaced: true,
+		newFunc:     func() runtime.Object { return &discoveryv1.EndpointSlice{} },
+		newListFunc: func() runtime.Object { return &discoveryv1.EndpointSliceList{} }},
 }
 
 var admissionResources = []resource{

@@ -12,6 +12,7 @@ mod containers;
 mod cri;
 mod cri_node;
 mod docker;
+mod endpoints;
 mod kubelet_api;
 mod network;
 mod node;

@@ -97,10 +97,14 @@ impl<R: Runtime> Node<R> {
             .collect();
         self.runtime.remove_leftovers(&live).await;
         let mut running: HashMap<String, RunningPod> = HashMap::new();
+        let mut slices = HashMap::new();
         loop {
+            // The cluster's control-plane stand-ins: the scheduler's and the EndpointSlice
+            // controller's.
             if self.place_unbound {
                 let all: Vec<Pod> = reader.state().iter().map(|p| (**p).clone()).collect();
                 crate::placement::bind_unbound(&self.client, &all).await;
+                crate::endpoints::sync(&self.client, &all, &mut slices).await;
             }
             let pods: Vec<_> = reader
                 .state()
