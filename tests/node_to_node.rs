@@ -69,6 +69,34 @@ fn selected(cluster: &Cluster, app: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Moves pod `pod` to node `node` by a LiveMigration `name`: it succeeds and says so; the
+/// copy's name (`logs`: what to show if it fails).
+async fn live_move(cluster: &Cluster, name: &str, pod: &str, node: &str, logs: &str) -> String {
+    let status = live_migration(
+        cluster,
+        name,
+        json!({"pod": pod, "destinationNode": node}),
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(status["phase"], "Succeeded", "{status}\n{logs}");
+    assert_eq!(status["destinationNode"], node, "{status}");
+    status["destinationPod"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("default/")
+        .to_owned()
+}
+
+/// A second hop's copy `back` of service `app` is named after the service's first pod, not
+/// after the first copy `copy`.
+fn assert_second_hop(app: &str, copy: &str, back: &str) {
+    assert!(
+        back.starts_with(&format!("{app}-")) && !back.starts_with(copy),
+        "second hop named {back} (first copy {copy})"
+    );
+}
+
 /// A Service `app` (selector `app: <app>`, port 80 to 8080; applied on first use) reaches
 /// pod `copy` at `ip` and nothing else: its EndpointSlice (the rig's controller writes it as
 /// kube-controller-manager's does) lists `copy` as its only ready endpoint. The endpoint's
@@ -230,20 +258,7 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
 
     // pind by a LiveMigration.
     let before = ask_service(&pind_ip, 8080).await.unwrap();
-    let status = live_migration(
-        &cluster,
-        "pind-to-second",
-        json!({"pod": "svc-pind", "destinationNode": second}),
-        Duration::from_secs(300),
-    )
-    .await;
-    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
-    assert_eq!(status["destinationNode"], second.as_str(), "{status}");
-    let pind_copy = status["destinationPod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
+    let pind_copy = live_move(&cluster, "pind-to-second", "svc-pind", &second, &logs()).await;
     moved(
         &cluster,
         "svc-pind",
@@ -259,23 +274,8 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         .wait_running_and_ready(&copy, Duration::from_secs(30))
         .await;
     let before = ask_service(&ip, 8080).await.unwrap();
-    let status = live_migration(
-        &cluster,
-        "dind-back",
-        json!({"pod": copy, "destinationNode": first}),
-        Duration::from_secs(300),
-    )
-    .await;
-    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
-    let back = status["destinationPod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
-    assert!(
-        back.starts_with("svc-dind-") && !back.starts_with(&copy),
-        "second hop named {back} (first copy {copy})"
-    );
+    let back = live_move(&cluster, "dind-back", &copy, &first, &logs()).await;
+    assert_second_hop("svc-dind", &copy, &back);
     moved(&cluster, "svc-dind", &back, &first, before.tick, &logs()).await;
 
     // The kubectl plugin, as Jane: the pind copy back to the first node, with its progress.
@@ -823,23 +823,8 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
 
     // And back to the first node by a LiveMigration (the copy's node part sends it): the
     // second copy is named after the first pod, not after the copy.
-    let status = live_migration(
-        &cluster,
-        "ssu-back",
-        json!({"pod": copy, "destinationNode": first}),
-        Duration::from_secs(300),
-    )
-    .await;
-    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
-    let back = status["destinationPod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
-    assert!(
-        back.starts_with("svc-ssu-") && !back.starts_with(&copy),
-        "second hop named {back} (first copy {copy})"
-    );
+    let back = live_move(&cluster, "ssu-back", &copy, &first, &logs()).await;
+    assert_second_hop("svc-ssu", &copy, &back);
     moved(&cluster, "svc-ssu", &back, &first, before.tick, &logs()).await;
 
     // The service-level pod, by a LiveMigration to the second node.
@@ -854,19 +839,7 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
     .await;
     let journal = journal_ticks(&cluster.empty_dir("svc-ff", "data").join("journal"));
     assert!(!journal.is_empty(), "the journal has lines before the move");
-    let status = live_migration(
-        &cluster,
-        "ff-to-second",
-        json!({"pod": "svc-ff", "destinationNode": second}),
-        Duration::from_secs(300),
-    )
-    .await;
-    assert_eq!(status["phase"], "Succeeded", "{status}\n{}", logs());
-    let copy = status["destinationPod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
+    let copy = live_move(&cluster, "ff-to-second", "svc-ff", &second, &logs()).await;
     moved(&cluster, "svc-ff", &copy, &second, before.tick, &logs()).await;
     let copy_journal = cluster.empty_dir(&copy, "data").join("journal");
     journal_goes_on(&copy_journal, *journal.last().unwrap()).await;

@@ -1083,17 +1083,7 @@ pub fn containers_log(status: &serde_json::Value) -> String {
         else {
             continue;
         };
-        let logs = Command::new("docker")
-            .args(["logs", "--tail", "40", id])
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_else(|e| format!("(docker logs failed: {e})"));
+        let logs = crate::outer::container_log(id, 40);
         text.push_str(&format!("\n--- container {name} ({id:.12}):\n{logs}"));
         if name == "runtime" {
             let engine = Command::new("docker")

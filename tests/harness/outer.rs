@@ -47,6 +47,22 @@ pub fn bridge_gateway() -> &'static str {
     })
 }
 
+/// The last `lines` lines a container of the outer engine printed (stdout, then stderr);
+/// what went wrong when even that fails.
+pub fn container_log(container: &str, lines: usize) -> String {
+    Command::new("docker")
+        .args(["logs", "--tail", &lines.to_string(), container])
+        .output()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_else(|e| format!("(docker logs {container} failed: {e})"))
+}
+
 /// Panics unless the outer engine has `image` (built by images/build.sh).
 pub fn require_image(image: &str) {
     let found = Command::new("docker")

@@ -403,17 +403,7 @@ fn relay_logs(name: &str) -> Option<Child> {
 }
 
 fn container_log(name: &str) -> String {
-    Command::new("docker")
-        .args(["logs", "--tail", "60", name])
-        .output()
-        .map(|o| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        })
-        .unwrap_or_default()
+    crate::outer::container_log(name, 60)
 }
 
 /// The `stdout` text of the sidecar's NDJSON log stream, split into lines.
