@@ -56,7 +56,9 @@ struct Args {
     /// pods' network namespaces), ssu (the orchestrator-level interface, on CRI nodes: once per
     /// size, whatever the engines), ff (the service-level interface, on CRI nodes, likewise),
     /// cluster and node (a dind pod moved by one POST /migrate on its coordinator, to another
-    /// cluster or to another node of its own; once per size; not in the default list).
+    /// cluster or to another node of its own; once per size; not in the default list),
+    /// ssu-node and ff-node (ssu and ff to the other CRI node of the pod's cluster; not in the
+    /// default list).
     #[arg(
         long,
         value_delimiter = ',',
@@ -430,9 +432,13 @@ async fn criu(kind: EngineKind, mib: u32) -> Row {
 
 /// The workload as a pod on one CRI cluster's node (`ff`: built FROM the ff base image and
 /// annotated for the service-level interface; otherwise an ordinary pod, with the node part
-/// deployed), moved to another CRI cluster by one `POST /migrate` on its coordinator; the
-/// coordinator's report, the restored workload's memory checked.
-async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
+/// deployed), moved by one `POST /migrate` on its coordinator to another CRI cluster, or
+/// (`node_to_node`) to the other CRI node of its own; the coordinator's report, the restored
+/// workload's memory checked.
+async fn moved_on_cri_nodes(mib: u32, ff: bool, node_to_node: bool) -> serde_json::Value {
+    if node_to_node {
+        return moved_between_cri_nodes(mib, ff).await;
+    }
     let two = ums_tests::coordinator::TwoClusters::start_with_cri_nodes();
     let image = if ff {
         let image = ums_tests::workload::ff_workload_image();
@@ -444,6 +450,59 @@ async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
         two.edge.deploy_node_part().await;
         ums_tests::workload::tls_registry_workload_image()
     };
+    let report = created_and_moved(&two, &cri_workload_pod(mib, image, ff)).await;
+    restored_memory_ok(&report).await;
+    report
+}
+
+/// [`moved_on_cri_nodes`] inside one cluster of two CRI nodes, to the second node.
+async fn moved_between_cri_nodes(mib: u32, ff: bool) -> serde_json::Value {
+    use ums_tests::cluster::{Cluster, NodeRuntime, User};
+    use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
+    let (cluster, nodes) = Cluster::start_with_nodes_of(NodeRuntime::Cri, 2);
+    let certs = CoordinatorCerts::generate(&cluster);
+    let coordinator = RunningCoordinator::start(&cluster, &certs, &[&certs.ca]);
+    let image = if ff {
+        let image = ums_tests::workload::ff_workload_image();
+        cluster.cri_node_import(image);
+        image
+    } else {
+        cluster.deploy_node_part_on(&nodes[0]).await;
+        ums_tests::workload::tls_registry_workload_image()
+    };
+    let mut pod: serde_json::Value =
+        serde_json::from_str(&cri_workload_pod(mib, image, ff)).unwrap();
+    pod["spec"]["nodeName"] = json!(nodes[0]);
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    cluster
+        .wait_running_and_ready(NAME, Duration::from_secs(600))
+        .await;
+    settle().await;
+    let (status, report) = coordinator
+        .call(
+            &certs.ca,
+            "POST",
+            "/migrate",
+            Some(json!({"name": NAME, "destinationNode": nodes[1]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}\n{}", coordinator.log());
+    restored_memory_ok(&report).await;
+    report
+}
+
+/// The restored workload (at the report's destination) has its memory.
+async fn restored_memory_ok(report: &serde_json::Value) {
+    let ip = report["destination"]["podIp"].as_str().unwrap();
+    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
+    assert!(
+        answer.memory_ok,
+        "the restored workload's memory: {answer:?}"
+    );
+}
+
+/// The workload pod (named NAME) of `mib` MiB running `image`, an ff pod if `ff`.
+fn cri_workload_pod(mib: u32, image: &str, ff: bool) -> String {
     let mut pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": NAME},
@@ -456,14 +515,7 @@ async fn moved_between_cri_clusters(mib: u32, ff: bool) -> serde_json::Value {
     if ff {
         pod["metadata"]["annotations"] = json!({"migration-interface": "ff"});
     }
-    let report = created_and_moved(&two, &pod.to_string()).await;
-    let ip = report["destination"]["podIp"].as_str().unwrap();
-    let answer = ums_tests::service_pod::ask_service(ip, 8080).await.unwrap();
-    assert!(
-        answer.memory_ok,
-        "the restored workload's memory: {answer:?}"
-    );
-    report
+    pod.to_string()
 }
 
 /// Creates `pod` (named NAME) in edge as Jane, waits until its workload listens (its memory
@@ -497,9 +549,10 @@ fn phase_parts(report: &serde_json::Value) -> BTreeMap<String, u64> {
 }
 
 /// The orchestrator-level interface: the workload as an ordinary pod on one CRI cluster's
-/// node, moved to another CRI cluster by one `POST /migrate` on its coordinator.
-async fn ssu(mib: u32) -> Row {
-    let report = moved_between_cri_clusters(mib, false).await;
+/// node, moved to another CRI cluster (or, `node_to_node`, to the other node of its cluster)
+/// by one `POST /migrate` on its coordinator.
+async fn ssu(mib: u32, node_to_node: bool) -> Row {
+    let report = moved_on_cri_nodes(mib, false, node_to_node).await;
     let mut parts = phase_parts(&report);
     let details = &report["sidecar"];
     parts.insert(
@@ -513,7 +566,7 @@ async fn ssu(mib: u32) -> Row {
     Row {
         engine: "containerd".into(),
         mib,
-        method: "ssu",
+        method: if node_to_node { "ssu-node" } else { "ssu" },
         downtime_ms: downtime,
         total_ms: report["totalMs"].as_u64().unwrap_or(0),
         parts,
@@ -525,8 +578,8 @@ async fn ssu(mib: u32) -> Row {
 /// The service-level interface: the workload built FROM the ff base image as an ff pod on one
 /// CRI cluster's node (no privilege), moved to another CRI cluster by one `POST /migrate`; its
 /// ums-ff dumps it from inside the container and streams it to the copy's ums-ff.
-async fn ff(mib: u32) -> Row {
-    let report = moved_between_cri_clusters(mib, true).await;
+async fn ff(mib: u32, node_to_node: bool) -> Row {
+    let report = moved_on_cri_nodes(mib, true, node_to_node).await;
     let details = &report["sidecar"];
     let totals = &details["totals"];
     let ms = |k: &str| totals[k].as_u64().unwrap_or(0);
@@ -543,7 +596,7 @@ async fn ff(mib: u32) -> Row {
     Row {
         engine: "containerd".into(),
         mib,
-        method: "ff",
+        method: if node_to_node { "ff-node" } else { "ff" },
         downtime_ms: ms("downtimeMs"),
         total_ms: report["totalMs"].as_u64().unwrap_or(0),
         parts,
@@ -868,8 +921,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     // Through the coordinator: a dind pod to another cluster and to another node of its own
-    // (Docker nodes); an ordinary pod (ssu) and an ff pod between CRI clusters.
-    for method in ["cluster", "node", "ssu", "ff"] {
+    // (Docker nodes); an ordinary pod (ssu) and an ff pod between CRI clusters, and to the
+    // other CRI node of their cluster.
+    for method in ["cluster", "node", "ssu", "ssu-node", "ff", "ff-node"] {
         if !args.methods.iter().any(|m| m == method) || args.hold {
             continue;
         }
@@ -884,8 +938,10 @@ async fn main() -> anyhow::Result<()> {
             let row = match method {
                 "cluster" => through_coordinator(mib, false).await,
                 "node" => through_coordinator(mib, true).await,
-                "ssu" => ssu(mib).await,
-                _ => ff(mib).await,
+                "ssu" => ssu(mib, false).await,
+                "ssu-node" => ssu(mib, true).await,
+                "ff" => ff(mib, false).await,
+                _ => ff(mib, true).await,
             };
             eprintln!("downtime {} ms, total {} ms", row.downtime_ms, row.total_ms);
             rows.push(row);
