@@ -1217,3 +1217,38 @@ impl Drop for Cluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stop 29's flake: a subnet this machine routes already (a killed test process's CRI
+    /// node route) is never given to a node.
+    #[test]
+    fn a_subnet_this_machine_routes_already_is_skipped() {
+        let first = next_subnet();
+        let third = |subnet: &str| -> u32 { subnet.split('.').nth(2).unwrap().parse().unwrap() };
+        let prefix: Vec<&str> = first.split('.').take(2).collect();
+        let routed = format!("{}.{}.{}.0/24", prefix[0], prefix[1], third(&first) + 1);
+        // What a killed process leaves: a route of that subnet to a container long gone
+        // (here to the loopback device: nothing on this machine uses it).
+        let added = Command::new("ip")
+            .args(["route", "replace", &routed, "dev", "lo"])
+            .output()
+            .expect("run ip (iproute2)");
+        assert!(
+            added.status.success(),
+            "ip route replace {routed} dev lo (the tests run as root): {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let next = next_subnet();
+        let _ = Command::new("ip")
+            .args(["route", "del", &routed, "dev", "lo"])
+            .output();
+        assert_ne!(next, routed, "a routed subnet was given out");
+        assert!(
+            third(&next) > third(&routed),
+            "{next} comes after the routed {routed}"
+        );
+    }
+}
