@@ -732,6 +732,34 @@ fn unwrapped_pod(name: &str, image: &str, node: &str, ff: bool) -> Value {
     pod
 }
 
+/// Creates [`unwrapped_pod`] `name` as Jane and waits until it runs and answers; its answer
+/// and the ticks its emptyDir journal holds by then (some).
+async fn start_unwrapped(
+    cluster: &Cluster,
+    name: &str,
+    image: &str,
+    node: &str,
+    ff: bool,
+) -> (ums_tests::service_pod::ServiceAnswer, Vec<u64>) {
+    let pod = unwrapped_pod(name, image, node, ff);
+    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let ip = cluster
+        .wait_running_and_ready(name, Duration::from_secs(180))
+        .await;
+    let answer = poll(
+        &format!("{name} to answer"),
+        Duration::from_secs(30),
+        || async { ask_service(&ip, 8080).await },
+    )
+    .await;
+    let journal = journal_ticks(&cluster.empty_dir(name, "data").join("journal"));
+    assert!(
+        !journal.is_empty(),
+        "{name}'s journal has lines before the move"
+    );
+    (answer, journal)
+}
+
 /// On a cluster of two CRI nodes (containerd 2.x driven through the CRI, a kubelet endpoint
 /// each): an ordinary pod (orchestrator-level, `ssu`) moves to the other node through the
 /// kubelet's checkpoint API, its checkpoints pushed by the node part into the cluster's own
@@ -756,17 +784,14 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
     cluster.cri_node_import(ff_workload_image());
 
     // The orchestrator-level pod, by POST /migrate to the second node.
-    let pod = unwrapped_pod("svc-ssu", tls_registry_workload_image(), &first, false);
-    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
-    let ip = cluster
-        .wait_running_and_ready("svc-ssu", Duration::from_secs(180))
-        .await;
-    let before = poll("svc-ssu to answer", Duration::from_secs(30), || async {
-        ask_service(&ip, 8080).await
-    })
+    let (before, journal) = start_unwrapped(
+        &cluster,
+        "svc-ssu",
+        tls_registry_workload_image(),
+        &first,
+        false,
+    )
     .await;
-    let journal = journal_ticks(&cluster.empty_dir("svc-ssu", "data").join("journal"));
-    assert!(!journal.is_empty(), "the journal has lines before the move");
     let (status, report) = coordinator
         .call(
             &certs.ca,
@@ -828,17 +853,8 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
     moved(&cluster, "svc-ssu", &back, &first, before.tick, &logs()).await;
 
     // The service-level pod, by a LiveMigration to the second node.
-    let pod = unwrapped_pod("svc-ff", ff_workload_image(), &first, true);
-    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
-    let ip = cluster
-        .wait_running_and_ready("svc-ff", Duration::from_secs(180))
-        .await;
-    let before = poll("svc-ff to answer", Duration::from_secs(30), || async {
-        ask_service(&ip, 8080).await
-    })
-    .await;
-    let journal = journal_ticks(&cluster.empty_dir("svc-ff", "data").join("journal"));
-    assert!(!journal.is_empty(), "the journal has lines before the move");
+    let (before, journal) =
+        start_unwrapped(&cluster, "svc-ff", ff_workload_image(), &first, true).await;
     let copy = live_move(&cluster, "ff-to-second", "svc-ff", &second, &logs()).await;
     moved(&cluster, "svc-ff", &copy, &second, before.tick, &logs()).await;
     let copy_journal = cluster.empty_dir(&copy, "data").join("journal");

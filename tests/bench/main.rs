@@ -457,7 +457,7 @@ async fn moved_on_cri_nodes(mib: u32, ff: bool, node_to_node: bool) -> serde_jso
 
 /// [`moved_on_cri_nodes`] inside one cluster of two CRI nodes, to the second node.
 async fn moved_between_cri_nodes(mib: u32, ff: bool) -> serde_json::Value {
-    use ums_tests::cluster::{Cluster, NodeRuntime, User};
+    use ums_tests::cluster::{Cluster, NodeRuntime};
     use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator};
     let (cluster, nodes) = Cluster::start_with_nodes_of(NodeRuntime::Cri, 2);
     let certs = CoordinatorCerts::generate(&cluster);
@@ -473,7 +473,24 @@ async fn moved_between_cri_nodes(mib: u32, ff: bool) -> serde_json::Value {
     let mut pod: serde_json::Value =
         serde_json::from_str(&cri_workload_pod(mib, image, ff)).unwrap();
     pod["spec"]["nodeName"] = json!(nodes[0]);
-    cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod.to_string());
+    let report =
+        created_and_moved_to_node(&cluster, &coordinator, &certs, &pod.to_string(), &nodes[1])
+            .await;
+    restored_memory_ok(&report).await;
+    report
+}
+
+/// Creates `pod` (named NAME, bound to a node) in `cluster` as Jane, waits until its workload
+/// listens (its memory filled), and moves it to node `to` with one `POST /migrate` on the
+/// cluster's coordinator; the report.
+async fn created_and_moved_to_node(
+    cluster: &ums_tests::cluster::Cluster,
+    coordinator: &ums_tests::coordinator::RunningCoordinator,
+    certs: &ums_tests::coordinator::CoordinatorCerts,
+    pod: &str,
+    to: &str,
+) -> serde_json::Value {
+    cluster.kubectl_with_input(ums_tests::cluster::User::Jane, &["create", "-f", "-"], pod);
     cluster
         .wait_running_and_ready(NAME, Duration::from_secs(600))
         .await;
@@ -483,11 +500,10 @@ async fn moved_between_cri_nodes(mib: u32, ff: bool) -> serde_json::Value {
             &certs.ca,
             "POST",
             "/migrate",
-            Some(json!({"name": NAME, "destinationNode": nodes[1]})),
+            Some(json!({"name": NAME, "destinationNode": to})),
         )
         .await;
     assert_eq!(status, 200, "{report}\n{}", coordinator.log());
-    restored_memory_ok(&report).await;
     report
 }
 
@@ -621,7 +637,7 @@ fn dind_service(name: &str, mib: u32, node: Option<&str>, on_eviction: bool) -> 
 /// Methods `cluster` and `node`: a dind pod moved by one `POST /migrate` on its coordinator,
 /// to another cluster (Docker nodes) or to another node of its cluster.
 async fn through_coordinator(mib: u32, node_to_node: bool) -> Row {
-    use ums_tests::cluster::{Cluster, User};
+    use ums_tests::cluster::Cluster;
     use ums_tests::coordinator::{CoordinatorCerts, RunningCoordinator, TwoClusters};
     let report = if node_to_node {
         let mut cluster = Cluster::start_with_node();
@@ -630,21 +646,7 @@ async fn through_coordinator(mib: u32, node_to_node: bool) -> Row {
         let certs = CoordinatorCerts::generate(&cluster);
         let coordinator = RunningCoordinator::start(&cluster, &certs, &[&certs.ca]);
         let pod = dind_service(NAME, mib, Some(&first), false);
-        cluster.kubectl_with_input(User::Jane, &["create", "-f", "-"], &pod);
-        cluster
-            .wait_running_and_ready(NAME, Duration::from_secs(600))
-            .await;
-        settle().await;
-        let (status, report) = coordinator
-            .call(
-                &certs.ca,
-                "POST",
-                "/migrate",
-                Some(json!({"name": NAME, "destinationNode": second})),
-            )
-            .await;
-        assert_eq!(status, 200, "{report}\n{}", coordinator.log());
-        report
+        created_and_moved_to_node(&cluster, &coordinator, &certs, &pod, &second).await
     } else {
         let two = TwoClusters::start();
         created_and_moved(&two, &dind_service(NAME, mib, None, false)).await
