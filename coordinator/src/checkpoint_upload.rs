@@ -104,7 +104,7 @@ pub fn pull_reference(registry: &CheckpointRegistry, digest: &str) -> String {
 }
 
 impl Coordinator {
-    fn checkpoint_registry(&self) -> Result<&CheckpointRegistry, ApiError> {
+    pub(crate) fn checkpoint_registry(&self) -> Result<&CheckpointRegistry, ApiError> {
         self.checkpoint_registry.as_ref().ok_or_else(|| {
             ApiError::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,

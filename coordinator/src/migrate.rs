@@ -20,7 +20,6 @@ use crate::journal::{keep_patch, unlock_patch, SourceJournal, ANNOTATION_LOCKED_
 use crate::metrics::Outcome;
 use crate::outcome::SourceRef;
 use crate::peer::peer_base_url;
-use crate::placement::{copy_name, original_name, ANNOTATION_ORIGINAL_NAME};
 use crate::pod::{check, destination_pod};
 use crate::state::Coordinator;
 use crate::target::{Target, THIS_CLUSTER};
@@ -438,16 +437,17 @@ impl Coordinator {
             .map_err(|e| e.in_phase("checking"))?;
         // In this cluster the copy needs a node other than the source's, and a name of its
         // own (pods' names are unique in a namespace).
-        let (copy, node) = if request.in_this_cluster() {
-            let node = self
-                .place_copy(source_node.as_deref(), request.node.as_deref())
-                .await
-                .map_err(|e| e.in_phase("checking"))?;
-            let annotations = pod.metadata.annotations.as_ref();
-            (copy_name(&request.name, annotations, id), Some(node))
-        } else {
-            (request.name.clone(), request.node.clone())
-        };
+        let place = self
+            .copy_place(
+                &target,
+                &pod,
+                source_node.as_deref(),
+                request.node.as_deref(),
+                id,
+            )
+            .await
+            .map_err(|e| e.in_phase("checking"))?;
+        let copy = place.name.clone();
         // The sidecar run the pod is checked with: a restart before the state moves is then
         // refused by the sidecar, and one after it is named in the answer.
         let checked = self.sidecar_health(&migratable.ip).await;
@@ -481,20 +481,7 @@ impl Coordinator {
 
         // The passive copy at the destination.
         self.enter(id, "creating");
-        let mut copy_pod = destination_pod(&pod, &migratable.containers, id);
-        if request.in_this_cluster() {
-            let original =
-                original_name(&request.name, pod.metadata.annotations.as_ref()).to_owned();
-            copy_pod.metadata.name = Some(copy.clone());
-            copy_pod
-                .metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(ANNOTATION_ORIGINAL_NAME.to_owned(), original);
-        }
-        if let Some(spec) = copy_pod.spec.as_mut() {
-            spec.node_name = node.clone();
-        }
+        let copy_pod = place.apply(destination_pod(&pod, &migratable.containers, id));
         // The copy asks its source what became of the migration; in this cluster it is
         // this coordinator, asked without a network hop.
         let source_url = if request.in_this_cluster() {
@@ -770,7 +757,7 @@ impl Coordinator {
                 } else {
                     format!("cluster {}", identity.cluster)
                 },
-                node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
+                place.node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
                 sidecar_report["totals"]["downtimeMs"].as_u64().unwrap_or(0),
                 sidecar_report["totals"]["contentBytes"].as_u64().unwrap_or(0),
             ),
@@ -786,7 +773,7 @@ impl Coordinator {
                 cluster: identity.cluster,
                 pod: format!("{}/{}", created.namespace, created.name),
                 pod_ip: created.pod_ip,
-                node,
+                node: place.node,
             },
             source_kept: request.keep,
             phases,

@@ -29,14 +29,14 @@ use ums_contract::ANNOTATION_ID;
 use crate::checkpoint_journal::{
     from_config_map, journal_name, to_config_map, CheckpointJournal, LABEL_JOURNAL,
 };
-use crate::checkpoint_upload::{UploadAnswer, UploadRequest, UploadedImage};
+use crate::checkpoint_upload::{CheckpointRegistry, UploadAnswer, UploadRequest, UploadedImage};
 use crate::destination::{CreateAnswer, CreateRequest};
 use crate::empty_dirs::with_restorer;
 use crate::error::ApiError;
 use crate::journal::ANNOTATION_LOCKED_BY;
 use crate::kubelet::{checkpoint_node, kernel_of, node_of, skew_ms, Checkpoint, CheckpointNode};
 use crate::migrate::{DestinationPod, MigrateReport, Validated};
-use crate::placement::{copy_name, original_name, ANNOTATION_ORIGINAL_NAME};
+use crate::placement::copy_name_at;
 use crate::state::{unix_ms, Coordinator};
 use crate::target::Target;
 
@@ -113,35 +113,29 @@ pub fn pod_to_restore(source: &Pod, restorer_image: &str) -> Pod {
     pod
 }
 
-/// The restored pod as a copy in the source's own cluster (a node-to-node move): named `copy`
-/// (pods' names are unique in a namespace), bound to `node`, remembering the name of the pod
-/// the service first ran in (pure).
-pub fn placed_in_this_cluster(mut pod: Pod, copy: &str, node: &str, original: &str) -> Pod {
-    pod.metadata.name = Some(copy.to_owned());
-    pod.metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(ANNOTATION_ORIGINAL_NAME.to_owned(), original.to_owned());
-    if let Some(spec) = pod.spec.as_mut() {
-        spec.node_name = Some(node.to_owned());
-    }
-    pod
-}
-
-/// The name the copy of `source` has at `target` in migration `id`: the source's own in
-/// another cluster, a name of its own in this one.
+/// The name the copy of `source` has at `target` in migration `id`.
 fn copy_at(target: &Target, source: &Pod, id: &str) -> String {
-    copy_pod_name(matches!(target, Target::ThisCluster), source, id)
+    copy_name_at(matches!(target, Target::ThisCluster), source, id)
 }
 
-/// [`copy_at`], pure: `this_cluster` for a node-to-node move.
-fn copy_pod_name(this_cluster: bool, source: &Pod, id: &str) -> String {
-    let name = source.metadata.name.as_deref().unwrap_or_default();
-    if this_cluster {
-        copy_name(name, source.metadata.annotations.as_ref(), id)
-    } else {
-        name.to_owned()
-    }
+/// The node part's `POST /push` of checkpoint `c` of migration `id` into `registry` (tag: the
+/// migration's and container's, then `suffix`) (pure).
+fn push_body(registry: &CheckpointRegistry, id: &str, c: &Checkpoint, suffix: &str) -> Value {
+    json!({
+        "archive": c.archive,
+        "target": format!("{}:{}{suffix}", registry.pull_repository,
+            crate::checkpoint_upload::image_tag(id, &c.container)),
+        "container": c.container,
+        "caPem": registry.ca_pem,
+        "insecure": registry.insecure,
+    })
+}
+
+/// The image the nodes pull from `registry`, from the node part's answer to `POST /push`
+/// (pure); `None` if it names no digest.
+fn pushed_image(registry: &CheckpointRegistry, answer: &Value) -> Option<String> {
+    let digest = answer["digest"].as_str().filter(|d| !d.is_empty())?;
+    Some(crate::checkpoint_upload::pull_reference(registry, digest))
 }
 
 /// Why a pod cannot move this way now (pure): not running, or a container not running.
@@ -382,19 +376,17 @@ impl Coordinator {
                 ))
             }
         }
-        if self.checkpoint_registry.is_none() {
+        let Some(registry) = &self.checkpoint_registry else {
             return kept("this cluster has no checkpoint registry to restore from".into());
-        }
+        };
         let mut images = BTreeMap::new();
         for c in checkpoints {
-            let Some(body) = self.push_body(id, c, "-source") else {
-                return kept("this cluster has no checkpoint registry to restore from".into());
-            };
+            let body = push_body(registry, id, c, "-source");
             match self
                 .node_part_call(part, reqwest::Method::POST, "/push", Some(body))
                 .await
             {
-                Ok(answer) => match self.pushed_image(&answer) {
+                Ok(answer) => match pushed_image(registry, &answer) {
                     Some(image) => {
                         images.insert(c.container.clone(), image);
                     }
@@ -439,27 +431,6 @@ impl Coordinator {
                 (done, at)
             }
         }
-    }
-
-    /// The node part's `POST /push` of checkpoint `c` into this cluster's checkpoint registry
-    /// (tag: the migration's and container's, then `suffix`); `None` without a registry.
-    fn push_body(&self, id: &str, c: &Checkpoint, suffix: &str) -> Option<Value> {
-        let registry = self.checkpoint_registry.as_ref()?;
-        Some(json!({
-            "archive": c.archive,
-            "target": format!("{}:{}{suffix}", registry.pull_repository,
-                crate::checkpoint_upload::image_tag(id, &c.container)),
-            "container": c.container,
-            "caPem": registry.ca_pem,
-            "insecure": registry.insecure,
-        }))
-    }
-
-    /// The image this cluster's nodes pull, from the node part's answer to `POST /push`.
-    fn pushed_image(&self, answer: &Value) -> Option<String> {
-        let registry = self.checkpoint_registry.as_ref()?;
-        let digest = answer["digest"].as_str().filter(|d| !d.is_empty())?;
-        Some(crate::checkpoint_upload::pull_reference(registry, digest))
     }
 
     /// Stages a migration's emptyDir archive from the node part (`GET /archives/{name}`), for
@@ -727,37 +698,20 @@ impl Coordinator {
             .target_identity(&target)
             .await
             .map_err(|e| e.in_phase("checking"))?;
-        // In this cluster: the copy's node (never the source's) and its own name.
-        let copy = copy_at(&target, &pod, id);
-        let copy_node = match &target {
-            Target::ThisCluster => Some(
-                self.place_copy(Some(&node.name), request.node.as_deref())
-                    .await
-                    .map_err(|e| e.in_phase("checking"))?,
-            ),
-            Target::Peer(_) => request.node.clone(),
-        };
-        let original = original_name(&request.name, pod.metadata.annotations.as_ref()).to_owned();
-        // The pod to restore, where it goes: in this cluster under its own name on the node
-        // chosen; in another, on the node asked for if any (the destination places it else).
-        let place = |mut restored: Pod| match (&target, &copy_node) {
-            (Target::ThisCluster, Some(on)) => {
-                placed_in_this_cluster(restored, &copy, on, &original)
-            }
-            (_, on) => {
-                if let Some(spec) = restored.spec.as_mut() {
-                    spec.node_name = on.clone();
-                }
-                restored
-            }
-        };
+        // The pod to restore, where it goes: in this cluster under its own name on a node
+        // other than the source's; in another, on the node asked for if any (the destination
+        // places it else).
+        let place = self
+            .copy_place(&target, &pod, Some(&node.name), request.node.as_deref(), id)
+            .await
+            .map_err(|e| e.in_phase("checking"))?;
         // The destination's preflight (restore_preflight), before anything is checkpointed:
         // what would make the restore fail there (the namespace and name, a node that restores
         // onto this kernel, the base images, its checkpoint registry) is refused now. In this
         // cluster it runs here; its upload credential goes unused (the node part pushes the
         // checkpoints into this cluster's registry itself).
         let source_kernel = Some(kernel_of(source_node)).filter(|k| !k.is_empty());
-        let mut to_restore = place(pod_to_restore(&pod, &part.image));
+        let mut to_restore = place.apply(pod_to_restore(&pod, &part.image));
         to_restore.metadata.namespace = Some(request.namespace.clone());
         let upload_request = UploadRequest {
             migration_id: id.to_owned(),
@@ -776,6 +730,11 @@ impl Coordinator {
             Target::ThisCluster => self.upload_credential(&upload_request).await,
         }
         .map_err(|e| e.in_phase("checking"))?;
+        // In this cluster the checkpoints go into its registry (the preflight required one).
+        let push_to = matches!(target, Target::ThisCluster)
+            .then(|| self.checkpoint_registry())
+            .transpose()
+            .map_err(|e| e.in_phase("checking"))?;
         let containers: Vec<String> = pod
             .spec
             .iter()
@@ -943,8 +902,9 @@ impl Coordinator {
         self.enter(id, "transferring");
         let ca_pem = self.node_part.peer_ca_pem.clone();
         let sends = futures_util::future::join_all(checkpoints.iter().map(|c| {
-            let (path, body) = match &target {
-                Target::Peer(_) => (
+            let (path, body) = match push_to {
+                Some(registry) => ("/push", push_body(registry, id, c, "")),
+                None => (
                     "/send",
                     json!({
                         "archive": c.archive,
@@ -953,7 +913,6 @@ impl Coordinator {
                         "caPem": ca_pem,
                     }),
                 ),
-                Target::ThisCluster => ("/push", self.push_body(id, c, "").unwrap_or(Value::Null)),
             };
             self.node_part_call(&part, reqwest::Method::POST, path, Some(body))
         }));
@@ -985,9 +944,9 @@ impl Coordinator {
         let mut images = BTreeMap::new();
         let mut transfers = Vec::new();
         for (c, sent) in checkpoints.iter().zip(sends) {
-            match sent {
-                Ok(answer) if matches!(target, Target::ThisCluster) => {
-                    let Some(image) = self.pushed_image(&answer) else {
+            match (sent, push_to) {
+                (Ok(answer), Some(registry)) => {
+                    let Some(image) = pushed_image(registry, &answer) else {
                         let e = ApiError::bad_gateway(format!(
                             "the node part's answer for {} names no digest: {answer}",
                             c.container
@@ -998,7 +957,7 @@ impl Coordinator {
                     images.insert(c.container.clone(), image.clone());
                     transfers.push(json!({"container": c.container, "bytes": answer["archiveBytes"], "sendMs": answer["pushMs"], "image": image}));
                 }
-                Ok(answer) => {
+                (Ok(answer), None) => {
                     let uploaded: Option<UploadedImage> =
                         serde_json::from_value(answer["destination"].clone()).ok();
                     let Some(uploaded) = uploaded else {
@@ -1012,13 +971,13 @@ impl Coordinator {
                     images.insert(c.container.clone(), uploaded.image.clone());
                     transfers.push(json!({"container": c.container, "bytes": answer["bytes"], "sendMs": answer["sendMs"], "image": uploaded.image}));
                 }
-                Err(e) => return Err(restore(e.in_phase("transferring")).await),
+                (Err(e), _) => return Err(restore(e.in_phase("transferring")).await),
             }
         }
 
         self.enter(id, "creating");
         let restored = match restored_pod(&pod, &images, &part.image) {
-            Ok(restored) => place(restored),
+            Ok(restored) => place.apply(restored),
             Err(m) => return Err(restore(ApiError::internal(m).in_phase("creating")).await),
         };
         let create = CreateRequest {
@@ -1069,7 +1028,7 @@ impl Coordinator {
                     Target::ThisCluster => "this cluster".to_owned(),
                     Target::Peer(_) => format!("cluster {}", identity.cluster),
                 },
-                copy_node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
+                place.node.as_deref().map(|n| format!(", node {n}")).unwrap_or_default(),
                 bytes,
             ),
         );
@@ -1084,7 +1043,7 @@ impl Coordinator {
                 cluster: identity.cluster,
                 pod: format!("{}/{}", created.namespace, created.name),
                 pod_ip: created.pod_ip,
-                node: copy_node.clone(),
+                node: place.node.clone(),
             },
             source_kept: false,
             phases,
@@ -1118,6 +1077,7 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::placement::{original_name, CopyPlace};
 
     fn pod(value: Value) -> Pod {
         serde_json::from_value(value).unwrap_or_default()
@@ -1179,7 +1139,12 @@ mod tests {
             "ums-rs/node:1",
         )
         .unwrap_or_default();
-        let placed = placed_in_this_cluster(restored, &copy, "n2", "svc");
+        let placed = CopyPlace {
+            name: copy.clone(),
+            node: Some("n2".into()),
+            original: Some("svc".into()),
+        }
+        .apply(restored);
         assert_eq!(placed.metadata.name.as_deref(), Some("svc-fedcba98"));
         assert_eq!(
             placed.spec.as_ref().and_then(|s| s.node_name.as_deref()),
@@ -1200,7 +1165,7 @@ mod tests {
             "svc"
         );
         assert_eq!(
-            copy_pod_name(false, &source, id),
+            copy_name_at(false, &source, id),
             "svc-1a2b3c4d",
             "another cluster keeps the name"
         );

@@ -1,10 +1,11 @@
 //! Node-to-node moves inside this cluster: which node takes the copy, and what the copy is
-//! called. Pure: the cluster's nodes in, a decision out ([`choose_node`]), and the copy's name
-//! ([`copy_name`]); [`crate::target`] asks the API server and acts on them.
+//! called. Pure: the cluster's nodes in, a decision out ([`choose_node`]), the copy's name
+//! ([`copy_name`]) and the pod made that copy ([`CopyPlace`]); [`crate::target`] asks the API
+//! server and acts on them.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 
 /// On a copy made in the same cluster: the name of the pod the service first ran in (a
 /// second move names its copy after it, not after the first copy).
@@ -152,6 +153,46 @@ pub fn original_name<'a>(
         .filter(|n| !n.is_empty())
         .map(String::as_str)
         .unwrap_or(source)
+}
+
+/// Where and as what a migration's copy is created: in this cluster under a name of its own
+/// on the node chosen, remembering the service's first pod (`original`); in another cluster
+/// under the source's name, on the node asked for (`None`: the destination places it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPlace {
+    pub name: String,
+    pub node: Option<String>,
+    /// The name of the pod the service first ran in; `Some` for a copy in this cluster.
+    pub original: Option<String>,
+}
+
+impl CopyPlace {
+    /// `pod` made this copy: bound to its node and, in this cluster, renamed with the first
+    /// pod's name annotated (pure).
+    pub fn apply(&self, mut pod: Pod) -> Pod {
+        if let Some(original) = &self.original {
+            pod.metadata.name = Some(self.name.clone());
+            pod.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(ANNOTATION_ORIGINAL_NAME.to_owned(), original.clone());
+        }
+        if let Some(spec) = pod.spec.as_mut() {
+            spec.node_name = self.node.clone();
+        }
+        pod
+    }
+}
+
+/// The name the copy of `source` has in migration `id`: in this cluster (`this_cluster`, a
+/// node-to-node move) a name of its own ([`copy_name`]), in another the source's (pure).
+pub fn copy_name_at(this_cluster: bool, source: &Pod, id: &str) -> String {
+    let name = source.metadata.name.as_deref().unwrap_or_default();
+    if this_cluster {
+        copy_name(name, source.metadata.annotations.as_ref(), id)
+    } else {
+        name.to_owned()
+    }
 }
 
 /// The name of a copy in the same cluster (pods' names are unique in a namespace): the

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::destination::{CreateAnswer, CreateRequest, PodRequest};
 use crate::error::ApiError;
 use crate::peer::{Identity, Peer};
-use crate::placement::{choose_node, NodeFacts};
+use crate::placement::{choose_node, copy_name_at, original_name, CopyPlace, NodeFacts};
 use crate::state::Coordinator;
 
 /// A placement refusal as the API answers it.
@@ -150,6 +150,30 @@ impl Coordinator {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// Where migration `id`'s copy of `pod` (running on `source`) is created at `target`: in
+    /// this cluster on [`Coordinator::place_copy`]'s node under a name of its own; in another
+    /// under the pod's name, on `wanted` if asked ([`CopyPlace`]).
+    pub(crate) async fn copy_place(
+        &self,
+        target: &Target,
+        pod: &Pod,
+        source: Option<&str>,
+        wanted: Option<&str>,
+        id: &str,
+    ) -> Result<CopyPlace, ApiError> {
+        let this_cluster = matches!(target, Target::ThisCluster);
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        Ok(CopyPlace {
+            name: copy_name_at(this_cluster, pod, id),
+            node: match this_cluster {
+                true => Some(self.place_copy(source, wanted).await?),
+                false => wanted.map(str::to_owned),
+            },
+            original: this_cluster
+                .then(|| original_name(name, pod.metadata.annotations.as_ref()).to_owned()),
+        })
     }
 
     /// The node of this cluster that takes a copy of a pod running on `source`: `wanted` if
