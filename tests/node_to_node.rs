@@ -81,11 +81,25 @@ async fn live_move(cluster: &Cluster, name: &str, pod: &str, node: &str, logs: &
     .await;
     assert_eq!(status["phase"], "Succeeded", "{status}\n{logs}");
     assert_eq!(status["destinationNode"], node, "{status}");
-    status["destinationPod"]
+    pod_name(&status["destinationPod"])
+}
+
+/// A pod's name from a `namespace/name` the coordinator reports.
+fn pod_name(reported: &Value) -> String {
+    let name = reported
         .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned()
+        .unwrap_or_else(|| panic!("a pod's name reported: {reported}"));
+    name.trim_start_matches("default/").to_owned()
+}
+
+/// Pod `name` (a moved pod's source) is gone from `cluster`.
+fn assert_gone(cluster: &Cluster, name: &str) {
+    assert!(
+        cluster
+            .kubectl_result(User::Admin, &["get", "pod", name])
+            .is_err(),
+        "the source pod {name} is gone"
+    );
 }
 
 /// A second hop's copy `back` of service `app` is named after the service's first pod, not
@@ -239,21 +253,12 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         cluster.name.as_str(),
         "{report}"
     );
-    let copy = report["destination"]["pod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
+    let copy = pod_name(&report["destination"]["pod"]);
     assert!(
         copy.starts_with("svc-dind-") && copy != "svc-dind",
         "{report}"
     );
-    assert!(
-        cluster
-            .kubectl_result(User::Admin, &["get", "pod", "svc-dind"])
-            .is_err(),
-        "the source pod is deleted"
-    );
+    assert_gone(&cluster, "svc-dind");
     moved(&cluster, "svc-dind", &copy, &second, before.tick, &logs()).await;
 
     // pind by a LiveMigration.
@@ -428,11 +433,7 @@ async fn wrapped_pods_move_to_another_node_of_their_cluster() {
         report["sidecar"]["totals"]["postCopyMs"].is_u64(),
         "the move that completed was a post-copy: {report}"
     );
-    let switched_copy = report["destination"]["pod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
+    let switched_copy = pod_name(&report["destination"]["pod"]);
     moved(
         &cluster,
         "svc-dind",
@@ -805,11 +806,7 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
     eprintln!("ssu node-to-node report: {report}");
     assert_eq!(report["migrationInterface"], "ssu", "{report}");
     assert_eq!(report["destination"]["node"], second.as_str(), "{report}");
-    let copy = report["destination"]["pod"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("default/")
-        .to_owned();
+    let copy = pod_name(&report["destination"]["pod"]);
     assert!(
         copy.starts_with("svc-ssu-") && copy != "svc-ssu",
         "the copy has a name of its own: {copy}"
@@ -827,12 +824,7 @@ async fn unwrapped_and_service_level_pods_move_to_another_cri_node() {
             > 0,
         "{report}"
     );
-    assert!(
-        cluster
-            .kubectl_result(User::Admin, &["get", "pod", "svc-ssu"])
-            .is_err(),
-        "the source pod is gone"
-    );
+    assert_gone(&cluster, "svc-ssu");
     moved(&cluster, "svc-ssu", &copy, &second, before.tick, &logs()).await;
     let copy_journal = cluster.empty_dir(&copy, "data").join("journal");
     journal_goes_on(&copy_journal, *journal.last().unwrap()).await;
