@@ -64,27 +64,10 @@ func init() {
 	internal := func(gv schema.GroupVersion, types ...runtime.Object) {
 		Scheme.AddKnownTypes(schema.GroupVersion{Group: gv.Group, Version: runtime.APIVersionInternal}, types...)
 	}
-	var core []runtime.Object
-	for _, r := range coreResources {
-		core = append(core, r.newFunc(), r.newListFunc())
-	}
-	core = append(core, &corev1.Binding{})
-	internal(corev1.SchemeGroupVersion, core...)
-	var admission []runtime.Object
-	for _, r := range admissionResources {
-		admission = append(admission, r.newFunc(), r.newListFunc())
-	}
-	internal(admissionregistrationv1.SchemeGroupVersion, admission...)
-	policy := []runtime.Object{&policyv1.Eviction{}}
-	for _, r := range policyResources {
-		policy = append(policy, r.newFunc(), r.newListFunc())
-	}
-	internal(policyv1.SchemeGroupVersion, policy...)
-	var discovery []runtime.Object
-	for _, r := range discoveryResources {
-		discovery = append(discovery, r.newFunc(), r.newListFunc())
-	}
-	internal(discoveryv1.SchemeGroupVersion, discovery...)
+	internal(corev1.SchemeGroupVersion, kinds(coreResources, &corev1.Binding{})...)
+	internal(admissionregistrationv1.SchemeGroupVersion, kinds(admissionResources)...)
+	internal(policyv1.SchemeGroupVersion, kinds(policyResources, &policyv1.Eviction{})...)
+	internal(discoveryv1.SchemeGroupVersion, kinds(discoveryResources)...)
 	// The list/get/delete options of every group, and the unversioned meta types.
 	metav1.AddToGroupVersion(Scheme, schema.GroupVersion{Version: "v1"})
 	Scheme.AddUnversionedTypes(schema.GroupVersion{Group: "", Version: "v1"},
@@ -104,6 +87,15 @@ func init() {
 			}
 			return "", "", fmt.Errorf("field label not supported: %s", label)
 		}))
+}
+
+// kinds are the object and list types of `resources`, and `others` (kinds that are no
+// resource of their own, such as a pod's Binding or Eviction).
+func kinds(resources []resource, others ...runtime.Object) []runtime.Object {
+	for _, r := range resources {
+		others = append(others, r.newFunc(), r.newListFunc())
+	}
+	return others
 }
 
 func must(err error) {
@@ -275,7 +267,8 @@ func run(listen, etcdURL, etcdPrefix, tokenFile, certDir string, services servic
 	return server.PrepareRun().RunWithContext(ctx)
 }
 
-// install serves the core group at /api and admissionregistration.k8s.io at /apis.
+// install serves the core group at /api, and admissionregistration.k8s.io, policy and
+// discovery.k8s.io at /apis.
 func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTOptionsGetter) error {
 	stores := map[string]*genericregistry.Store{}
 	storageFor := func(resources []resource) (map[string]rest.Storage, error) {
@@ -301,7 +294,15 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 	if err != nil {
 		return err
 	}
-	policy := genericapiserver.NewDefaultAPIGroupInfo(policyv1.GroupName, Scheme, metav1.ParameterCodec, Codecs)
+	// A group served at /apis (version v1) with its storage.
+	installGroup := func(group string, storage map[string]rest.Storage) error {
+		info := genericapiserver.NewDefaultAPIGroupInfo(group, Scheme, metav1.ParameterCodec, Codecs)
+		info.VersionedResourcesStorageMap["v1"] = storage
+		if err := server.InstallAPIGroup(&info); err != nil {
+			return fmt.Errorf("%s/v1: %w", group, err)
+		}
+		return nil
+	}
 	policyStorage, err := storageFor(policyResources)
 	if err != nil {
 		return err
@@ -312,31 +313,23 @@ func install(server *genericapiserver.GenericAPIServer, optsGetter generic.RESTO
 	if err := server.InstallLegacyAPIGroup(genericapiserver.DefaultLegacyAPIPrefix, &core); err != nil {
 		return fmt.Errorf("core/v1: %w", err)
 	}
-	admission := genericapiserver.NewDefaultAPIGroupInfo(admissionregistrationv1.GroupName, Scheme, metav1.ParameterCodec, Codecs)
 	admissionStorage, err := storageFor(admissionResources)
 	if err != nil {
 		return err
 	}
-	admission.VersionedResourcesStorageMap["v1"] = admissionStorage
-	if err := server.InstallAPIGroup(&admission); err != nil {
-		return fmt.Errorf("admissionregistration.k8s.io/v1: %w", err)
+	if err := installGroup(admissionregistrationv1.GroupName, admissionStorage); err != nil {
+		return err
 	}
-	policy.VersionedResourcesStorageMap["v1"] = policyStorage
-	if err := server.InstallAPIGroup(&policy); err != nil {
-		return fmt.Errorf("policy/v1: %w", err)
+	if err := installGroup(policyv1.GroupName, policyStorage); err != nil {
+		return err
 	}
 	// EndpointSlices, which the rig's endpoints controller (the placing node agent) writes for
 	// Services, as kube-controller-manager's does.
-	discovery := genericapiserver.NewDefaultAPIGroupInfo(discoveryv1.GroupName, Scheme, metav1.ParameterCodec, Codecs)
 	discoveryStorage, err := storageFor(discoveryResources)
 	if err != nil {
 		return err
 	}
-	discovery.VersionedResourcesStorageMap["v1"] = discoveryStorage
-	if err := server.InstallAPIGroup(&discovery); err != nil {
-		return fmt.Errorf("discovery.k8s.io/v1: %w", err)
-	}
-	return nil
+	return installGroup(discoveryv1.GroupName, discoveryStorage)
 }
 
 // createNamespaces makes the namespaces every cluster has, once the server answers.
